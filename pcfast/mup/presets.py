@@ -1,0 +1,202 @@
+"""Parametrizations (abc, normalised to a base width) for every algorithm — DESIGN §2.
+
+A ``Parametrization`` records, per linear layer, its init std, its learning-rate multipliers and its
+precision γ_l; ``parametrize`` computes it for a model and re-initialises the weights to match. The
+optimizers turn it into parameter groups, and it survives ``state_dict``.
+
+Width multiplier per layer: ``m = d_1 / base_width`` for the first layer (its fan-out is the width),
+``m = d_{l-1} / base_width`` for the others (their fan-in is). With equal hidden widths M every layer
+has ``m = M / base_width``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..network import MLP, parse_mlp
+
+ALGOS = ("bp", "pc", "tp", "dtp", "gnt")
+PRESETS = ("sp", "mup")
+GROUPS = ("first", "hidden", "last")
+SP_B = {"first": 0.0, "hidden": 0.5, "last": 0.5}
+
+
+def exponents(preset: str, algo: str, gamma_bar: float = 0.0) -> tuple[dict[str, float], dict[str, float], float]:
+    """``(b, c, γ̄_L)`` for a preset and algorithm: init exponents, learning-rate exponents, and the
+    exponent of the output precision ``γ_L = γ · m^{-γ̄_L}`` (PC only; 0 elsewhere)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {PRESETS}, got {preset!r}")
+    if algo not in ALGOS:
+        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
+    if preset == "sp":
+        return dict(SP_B), {"first": 0.0, "hidden": 0.0, "last": 0.0}, 0.0
+    if algo == "bp":
+        return {"first": 0.0, "hidden": 0.5, "last": 1.0}, {"first": -1.0, "hidden": 0.0, "last": 1.0}, 0.0
+    if algo == "pc":
+        gb = float(gamma_bar)
+        if not -1.0 <= gb <= 0.0:
+            raise ValueError(
+                f"gamma_bar: expected a value in [-1, 0] (γ_L = γ·m^(-gamma_bar); below -1 PC is "
+                f"unstable at large width), got {gamma_bar}"
+            )
+        c = {"first": -1.0 - gb, "hidden": -gb, "last": 1.0 - gb}
+        return {"first": 0.0, "hidden": 0.5, "last": 1.0}, c, gb
+    if algo in ("tp", "dtp"):  # the standard last-layer scale b_L = 1/2 is kept
+        return {"first": 0.0, "hidden": 0.5, "last": 0.5}, {"first": 0.0, "hidden": 1.0, "last": 1.0}, 0.0
+    return {"first": 0.0, "hidden": 0.5, "last": 1.0}, {"first": 0.0, "hidden": 1.0, "last": 1.0}, 0.0  # gnt
+
+
+@dataclass(frozen=True)
+class LayerScale:
+    """What the parametrization fixes for one linear layer."""
+
+    group: str  # "first", "hidden" or "last"
+    fan_in: int
+    fan_out: int
+    width_mult: float  # m
+    init_std: float  # σ_l of W_l ~ N(0, σ_l²)
+    lr_mult: float  # η_l / η for W_l
+    bias_lr_mult: float  # η / η for b_l
+    precision: float  # γ_l
+
+
+@dataclass
+class Parametrization:
+    """Per-layer init std, learning-rate multipliers and precisions of one model."""
+
+    preset: str
+    algo: str
+    base_width: int | None
+    gamma_bar: float
+    sigma: float
+    gamma: float
+    layers: list[LayerScale] = field(default_factory=list)
+
+    @property
+    def precisions(self) -> list[float]:
+        return [layer.precision for layer in self.layers]
+
+    @property
+    def lr_mults(self) -> list[float]:
+        return [layer.lr_mult for layer in self.layers]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = asdict(self)
+        state["layers"] = [asdict(layer) for layer in self.layers]
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Parametrization":
+        state = dict(state)
+        layers = [LayerScale(**layer) for layer in state.pop("layers")]
+        return cls(**state, layers=layers)
+
+    def check_matches(self, mlp: MLP) -> None:
+        """Raise ValueError unless this parametrization was made for a model of ``mlp``'s shape."""
+        shapes = [(lin.in_features, lin.out_features) for lin in mlp.linears]
+        mine = [(layer.fan_in, layer.fan_out) for layer in self.layers]
+        if shapes != mine:
+            raise ValueError(
+                f"parametrization: made for layers {mine} (fan_in, fan_out) but the model has "
+                f"{shapes}; call pcfast.parametrize(model, ...) on this model"
+            )
+
+    def __str__(self) -> str:
+        head = f"Parametrization({self.preset}, algo={self.algo}, base_width={self.base_width}"
+        if self.algo == "pc":
+            head += f", gamma_bar={self.gamma_bar}"
+        rows = [
+            f"  layer {l + 1} ({s.group}, {s.fan_in}->{s.fan_out}): m={s.width_mult:g} "
+            f"std={s.init_std:.4g} lr x{s.lr_mult:.4g} bias lr x{s.bias_lr_mult:.4g} gamma={s.precision:.4g}"
+            for l, s in enumerate(self.layers)
+        ]
+        return "\n".join([head + ")"] + rows)
+
+
+def standard(model: nn.Module) -> Parametrization:
+    """Multipliers of one and unit precisions, leaving the weights as they are (no re-init)."""
+    mlp = parse_mlp(model)
+    depth = mlp.depth
+    layers = [
+        LayerScale(_group(l, depth), lin.in_features, lin.out_features, 1.0,
+                   float(lin.weight.detach().float().std()) if lin.weight.numel() > 1 else 0.0, 1.0, 1.0, 1.0)
+        for l, lin in enumerate(mlp.linears)
+    ]
+    return Parametrization("sp", "any", None, 0.0, 1.0, 1.0, layers)
+
+
+def _group(l: int, depth: int) -> str:
+    if l == depth - 1:
+        return "last"
+    return "first" if l == 0 else "hidden"
+
+
+def parametrize(
+    model: nn.Module,
+    preset: str = "mup",
+    *,
+    algo: str = "pc",
+    base_width: int | None = None,
+    gamma_bar: float = 0.0,
+    sigma: float = 1.0,
+    gamma: float = 1.0,
+    init: bool = True,
+    generator: torch.Generator | None = None,
+) -> Parametrization:
+    """Compute the parametrization of ``model`` and (with ``init``) re-initialise its weights to it.
+
+    ``W_l ~ N(0, σ_l²)`` with ``σ_l = sigma · fan_in^{-1/2} · m^{-(b_l − b_l^SP)}``, biases zero;
+    learning-rate multipliers ``m^{-c_l}``; PC output precision ``γ_L = gamma · m^{-gamma_bar}``.
+    At ``m = 1`` every preset equals SP exactly (same init draws, multipliers one).
+
+    Args:
+        model: an ``nn.Sequential`` of ``nn.Linear`` and Tanh/ReLU/Sigmoid/GELU/Identity.
+        preset: ``"sp"`` or ``"mup"``.
+        algo: ``"bp"``, ``"pc"``, ``"tp"``, ``"dtp"`` or ``"gnt"`` — μP differs per algorithm.
+        base_width: the width at which μP equals SP (where you tuned); required for ``"mup"``.
+        gamma_bar: γ̄_L ∈ [−1, 0], PC's output-precision exponent.
+        sigma, gamma: init gain σ and output precision γ at the base width.
+        generator: random generator for the re-initialisation.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
+        >>> par = parametrize(model, "mup", algo="pc", base_width=64)
+    """
+    mlp = parse_mlp(model)
+    b, c, gb = exponents(preset, algo, gamma_bar)
+    depth = mlp.depth
+    if preset == "mup":
+        if depth < 2:
+            raise ValueError("model: μP needs at least one hidden layer (two nn.Linear); use preset='sp'")
+        if base_width is None:
+            raise ValueError(
+                "base_width: required for preset='mup' — the hidden width at which μP equals SP "
+                "(the width where the learning rate was tuned), e.g. base_width=64"
+            )
+    if base_width is not None and (isinstance(base_width, bool) or int(base_width) != base_width or base_width < 1):
+        raise ValueError(f"base_width: expected a positive int, got {base_width!r}")
+    for name, value in (("sigma", sigma), ("gamma", gamma)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    first_c = c["first"]
+    layers = []
+    for l, lin in enumerate(mlp.linears):
+        group = _group(l, depth) if depth > 1 else "first"
+        width = lin.out_features if group == "first" else lin.in_features
+        m = width / base_width if (preset == "mup" and base_width) else 1.0
+        std = sigma * lin.in_features**-0.5 * m ** -(b[group] - SP_B[group])
+        precision = gamma * m**-gb if (algo == "pc" and group == "last") else 1.0
+        # Biases are vector-like: hidden biases move like first-layer weights, the output bias is Θ(1).
+        bias_mult = 1.0 if group == "last" else m**-first_c
+        layers.append(LayerScale(group, lin.in_features, lin.out_features, m, std, m ** -c[group], bias_mult, precision))
+    if init:
+        with torch.no_grad():
+            for lin, scale in zip(mlp.linears, layers):
+                lin.weight.normal_(0.0, scale.init_std, generator=generator)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+    return Parametrization(preset, algo, base_width, gb, float(sigma), float(gamma), layers)

@@ -1,0 +1,93 @@
+"""Backends behind ``pcfast.functional``.
+
+A backend is a module exposing some of ``pc_train_step``, ``tp_train_step`` and ``feedback_grads``
+with the signatures of ``pcfast.reference``:
+
+- ``reference``: ``pcfast.reference``, autograd on the energy — the specification;
+- ``torch``: explicit formulas, no autograd, preallocated buffers, any device (``torch_pc``, ``torch_tp``);
+- ``cpp``: the C++ CPU engine ``pcfast._C`` (``pcfast.ops.cpp``), present when it was built;
+- ``triton``: fused GPU kernels (``pcfast.ops.triton``), on CPU only under ``TRITON_INTERPRET=1``.
+
+``auto`` picks triton on CUDA tensors, cpp on CPU when built, else torch — per op, falling back to
+torch where the chosen backend does not implement it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType, SimpleNamespace
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
+OPS = ("pc_train_step", "tp_train_step", "feedback_grads")
+
+_loaded: dict[str, ModuleType | SimpleNamespace] = {}
+_unavailable: dict[str, str] = {}
+
+
+def _load(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _unavailable:
+        return None
+    try:
+        if name == "reference":
+            module = importlib.import_module("pcfast.reference")
+        elif name == "torch":
+            from . import torch_pc, torch_tp
+
+            module = SimpleNamespace(
+                pc_train_step=torch_pc.pc_train_step,
+                tp_train_step=torch_tp.tp_train_step,
+                feedback_grads=torch_tp.feedback_grads,
+            )
+        elif name == "cpp":
+            module = importlib.import_module("pcfast.ops.cpp")
+        elif name == "triton":
+            module = importlib.import_module("pcfast.ops.triton")
+        else:
+            raise ValueError(name)
+    except (ImportError, OSError, RuntimeError) as exc:
+        _unavailable[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` can run here."""
+    if name == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return _load(name) is not None
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here, besides ``auto``."""
+    return [name for name in BACKENDS[1:] if is_available(name)]
+
+
+def resolve(backend: str, op: str, device: torch.device) -> tuple[str, object]:
+    """The backend name and function that run ``op`` for ``backend`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        order = ["triton", "torch"] if device.type == "cuda" else ["cpp", "torch"]
+        for name in order:
+            if (name != "triton" or is_available(name)) and (module := _load(name)) is not None:
+                fn = getattr(module, op, None)
+                if fn is not None:
+                    return name, fn
+        raise RuntimeError(f"no backend implements {op}")  # unreachable: torch implements all
+    module = _load(backend)
+    if module is None or (backend == "triton" and not is_available("triton")):
+        why = _unavailable.get(backend, "needs a CUDA device or TRITON_INTERPRET=1")
+        hint = {
+            "cpp": "reinstall pcfast with a C++ compiler (pip install --no-build-isolation .) to build pcfast._C",
+            "triton": "install triton (pip install pcfast[triton]) and run on a CUDA device",
+        }.get(backend, "")
+        raise RuntimeError(f"backend={backend!r} is not available here ({why}); {hint}")
+    fn = getattr(module, op, None)
+    if fn is None:
+        raise NotImplementedError(f"backend={backend!r} does not implement {op}; use backend='torch'")
+    return backend, fn

@@ -1,0 +1,87 @@
+"""``pcfast.optim.PC``: predictive coding as a drop-in ``torch.optim.Optimizer``."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .. import functional
+from ..mup.presets import Parametrization
+from ..network import LOSSES, SCHEDULES
+from .base import LocalOptimizer
+
+
+class PC(LocalOptimizer):
+    r"""Predictive coding (DESIGN §3) with μP learning rates and precisions.
+
+    Each ``step(x, y)`` relaxes the latents from the feedforward pass for ``inference_steps`` steps
+    ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l`` (κ = ``inference_lr``), writes the local gradients
+    ``∂F/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` to ``.grad`` and applies SGD with each layer's
+    learning rate ``η_l = lr · m^{-c_l}``. Evaluation is the plain feedforward ``model(x)``.
+
+    Args:
+        model: ``nn.Sequential`` of ``nn.Linear`` and supported activations, linear readout.
+        parametrization: from ``pcfast.parametrize(model, ..., algo="pc")``; None keeps the weights
+            and uses multipliers and precisions of one.
+        lr: base learning rate η. momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        inference_steps: T. inference_lr: κ. schedule: ``"jacobi"`` or ``"sequential"``.
+        fpa: fixed-prediction assumption. loss: ``"mse"`` or ``"ce"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+
+    Returns from ``step``: ``{"loss": mean feedforward loss, "energy": F / B at the final state}``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
+        >>> par = pcfast.parametrize(model, "mup", algo="pc", base_width=64)
+        >>> opt = pcfast.optim.PC(model, par, lr=0.1, inference_steps=20, inference_lr=0.1)
+        >>> for x, y in loader:
+        ...     opt.zero_grad()
+        ...     stats = opt.step(x, y)
+    """
+
+    algo = "pc"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        parametrization: Parametrization | None = None,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        inference_steps: int = 20,
+        inference_lr: float = 0.1,
+        schedule: str = "jacobi",
+        fpa: bool = False,
+        loss: str = "mse",
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or inference_steps < 0:
+            raise ValueError(f"inference_steps: expected an int >= 0, got {inference_steps!r}")
+        if not isinstance(inference_lr, (int, float)) or not 0 < inference_lr < float("inf"):
+            raise ValueError(f"inference_lr: expected a finite number > 0, got {inference_lr!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        super().__init__(
+            model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, backend=backend,
+            inference_steps=inference_steps, inference_lr=float(inference_lr), schedule=schedule,
+            fpa=bool(fpa), loss=loss,
+        )
+
+    def _local_gradients(self, x: Tensor, y: Tensor):
+        weights, biases = self._params()
+        result = functional.pc_train_step(
+            weights, biases, self.mlp.activations, x, y,
+            precisions=self.parametrization.precisions,
+            inference_steps=self._setting("inference_steps"),
+            inference_lr=self._setting("inference_lr"),
+            schedule=self._setting("schedule"),
+            fpa=self._setting("fpa"),
+            loss=self._setting("loss"),
+            backend=self._setting("backend"),
+        )
+        stats = {"loss": result.loss, "energy": result.energy / x.shape[0]}
+        return result.weight_grads, result.bias_grads, stats, {}

@@ -1,0 +1,211 @@
+"""``pcfast.optim.TP`` and ``DTP``: (difference) target propagation with trained feedback maps."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+from ..activations import check_activation
+from ..mup.presets import Parametrization
+from ..network import LOSSES
+from .base import LocalOptimizer, _check_number
+
+FEEDBACK_MODES = ("trained", "ridge")
+
+
+class TP(LocalOptimizer):
+    r"""Target propagation (DESIGN §4) with μP learning rates; ``DTP`` is its difference variant.
+
+    Per ``step(x, y)``:
+
+    1. feedback training — ``feedback_steps`` SGD steps (rate ``feedback_lr``, weight decay
+       ``feedback_weight_decay``) on each reconstruction loss
+       ``½‖g_l(f_l(h_{l-1}+ξ)) − (h_{l-1}+ξ)‖²``, ξ ~ N(0, ``feedback_noise``²), drawn from the
+       optimizer's own generator (``seed``); or, with ``feedback="ridge"`` and ψ = identity, the
+       closed-form ridge solution on the batch with μ = ``feedback_weight_decay``;
+    2. targets ``ĥ_L = f − β ∂ℓ/∂f``, ``ĥ_{l-1} = g_l(ĥ_l)`` (TP) or
+       ``h_{l-1} + g_l(ĥ_l) − g_l(h_l)`` (DTP), and local gradients of ``½‖ĥ_l − h_l‖²`` into ``.grad``;
+    3. SGD with ``η_l = lr · m^{-c_l}``.
+
+    The feedback maps ``g_l(v) = ψ_l(v Q_lᵀ + c_l)`` live in the optimizer (``feedback_weights``,
+    ``feedback_biases``; c_l exists where layer l has a bias) and in its ``state_dict``. Q_l starts
+    as N(0, 1/d_l). Under μP a feedback map from a hidden layer learns at ``feedback_lr / m``.
+
+    Returns from ``step``: ``loss``, ``local_loss`` (Σ_l ½‖ĥ_l − h_l‖² / B) and ``reconstruction``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
+        >>> par = pcfast.parametrize(model, "mup", algo="dtp", base_width=64)
+        >>> opt = pcfast.optim.DTP(model, par, lr=0.1, beta=0.5)
+        >>> for x, y in loader:
+        ...     opt.zero_grad()
+        ...     stats = opt.step(x, y)
+    """
+
+    algo = "tp"
+    difference = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        parametrization: Parametrization | None = None,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        beta: float = 0.5,
+        feedback: str = "trained",
+        feedback_lr: float = 0.01,
+        feedback_steps: int = 1,
+        feedback_noise: float = 0.1,
+        feedback_weight_decay: float = 0.0,
+        feedback_activations: list[str] | None = None,
+        loss: str = "mse",
+        seed: int = 0,
+        backend: str = "auto",
+    ) -> None:
+        _check_number("beta", beta)
+        _check_number("feedback_lr", feedback_lr)
+        _check_number("feedback_noise", feedback_noise)
+        _check_number("feedback_weight_decay", feedback_weight_decay)
+        if isinstance(feedback_steps, bool) or not isinstance(feedback_steps, int) or feedback_steps < 0:
+            raise ValueError(f"feedback_steps: expected an int >= 0, got {feedback_steps!r}")
+        if feedback not in FEEDBACK_MODES:
+            raise ValueError(f"feedback: expected one of {FEEDBACK_MODES}, got {feedback!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        super().__init__(
+            model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, backend=backend, beta=float(beta),
+            feedback=feedback, feedback_lr=float(feedback_lr), feedback_steps=feedback_steps,
+            feedback_noise=float(feedback_noise), feedback_weight_decay=float(feedback_weight_decay),
+            loss=loss,
+        )
+        depth = self.mlp.depth
+        if feedback_activations is None:
+            feedback_activations = ["identity"] * (depth - 1) if feedback == "ridge" else list(self.mlp.activations)
+        if len(feedback_activations) != depth - 1:
+            raise ValueError(f"feedback_activations: expected {depth - 1} names (layers 2 … L), got {len(feedback_activations)}")
+        for k, act in enumerate(feedback_activations):
+            check_activation(act, f"feedback_activations[{k}]")
+        if feedback == "ridge" and any(a != "identity" for a in feedback_activations):
+            raise ValueError("feedback='ridge' needs feedback_activations all 'identity' (the closed form is linear)")
+        self.feedback_activations = list(feedback_activations)
+        first = self.mlp.linears[0].weight
+        self.generator = torch.Generator(device=first.device)
+        self.generator.manual_seed(int(seed))
+        self.feedback_weights: list[Tensor] = []
+        self.feedback_biases: list[Tensor | None] = []
+        self.feedback_lr_mults: list[float] = []
+        for l in range(1, depth):
+            out_dim, in_dim = self.mlp.linears[l - 1].out_features, self.mlp.linears[l].out_features
+            q = torch.randn(out_dim, in_dim, generator=self.generator, dtype=first.dtype, device=first.device)
+            self.feedback_weights.append(q.mul_(in_dim**-0.5))
+            has_bias = self.mlp.linears[l].bias is not None
+            self.feedback_biases.append(torch.zeros(out_dim, dtype=first.dtype, device=first.device) if has_bias else None)
+            # A map reading a hidden layer has a width-sized fan-in: its updates scale like a hidden layer's.
+            hidden_input = l < depth - 1 and self.parametrization.preset == "mup"
+            self.feedback_lr_mults.append(1.0 / self.parametrization.layers[l].width_mult if hidden_input else 1.0)
+
+    # ------------------------------------------------------------------ algorithm
+
+    def _new_feedback(self, x: Tensor) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+        """Feedback weights after this step's feedback training (out of place) and the last loss."""
+        weights, biases = self._params()
+        acts = self.mlp.activations
+        qs = list(self.feedback_weights)
+        cs = list(self.feedback_biases)
+        if self._setting("feedback") == "ridge":
+            new_q, new_c = functional.ridge_feedback(
+                weights, biases, acts, x, ridge=self._setting("feedback_weight_decay"),
+                bias=any(c is not None for c in cs),
+            )
+            new_c = [None if c is None else nc for c, nc in zip(cs, new_c)]
+            result = functional.feedback_grads(weights, biases, acts, new_q, new_c, self.feedback_activations, x,
+                                               backend=self._setting("backend"))
+            return new_q, new_c, result.loss
+        lr, decay, sigma = self._setting("feedback_lr"), self._setting("feedback_weight_decay"), self._setting("feedback_noise")
+        loss = x.new_zeros(())
+        for _ in range(self._setting("feedback_steps")):
+            noise = None
+            if sigma > 0:
+                noise = [
+                    torch.randn(x.shape[0], w.shape[0], generator=self.generator, dtype=x.dtype, device=x.device).mul_(sigma)
+                    for w in weights[:-1]
+                ]
+            result = functional.feedback_grads(weights, biases, acts, qs, cs, self.feedback_activations, x, noise,
+                                               backend=self._setting("backend"))
+            loss = result.loss
+            for k, mult in enumerate(self.feedback_lr_mults):
+                g = result.weight_grads[k].add(qs[k], alpha=decay) if decay else result.weight_grads[k]
+                qs[k] = qs[k].add(g, alpha=-lr * mult)
+                if cs[k] is not None:
+                    cs[k] = cs[k].add(result.bias_grads[k], alpha=-lr * mult)
+        return qs, cs, loss
+
+    def _local_gradients(self, x: Tensor, y: Tensor):
+        qs, cs, reconstruction = self._new_feedback(x)
+        for k, q in enumerate(qs):
+            if not bool(torch.isfinite(q).all()):
+                from ..errors import DivergenceError
+
+                raise DivergenceError(f"feedback weights of layer {k + 2} are not finite: feedback training "
+                                      "diverged (lower feedback_lr); nothing was changed")
+        weights, biases = self._params()
+        result = functional.tp_train_step(
+            weights, biases, self.mlp.activations, qs, cs, self.feedback_activations, x, y,
+            beta=self._setting("beta"), loss=self._setting("loss"), difference=self.difference,
+            backend=self._setting("backend"),
+        )
+        stats = {"loss": result.loss, "local_loss": result.local_loss, "reconstruction": reconstruction}
+        return result.weight_grads, result.bias_grads, stats, {"feedback": (qs, cs)}
+
+    def _commit_extra(self, pending: dict) -> None:
+        if "feedback" in pending:
+            qs, cs = pending["feedback"]
+            for k in range(len(qs)):
+                self.feedback_weights[k] = qs[k]
+                self.feedback_biases[k] = cs[k]
+
+    def _snapshot(self) -> Any:
+        return self.generator.get_state()
+
+    def _restore(self, snapshot: Any) -> None:
+        self.generator.set_state(snapshot)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["feedback"] = {
+            "weights": [q.clone() for q in self.feedback_weights],
+            "biases": [None if c is None else c.clone() for c in self.feedback_biases],
+            "activations": list(self.feedback_activations),
+            "generator": self.generator.get_state(),
+        }
+        return state
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        feedback = state_dict.pop("feedback", None)
+        if feedback is None:
+            raise ValueError("state_dict: has no 'feedback' entry; it was not saved by a TP/DTP optimizer")
+        if len(feedback["weights"]) != len(self.feedback_weights):
+            raise ValueError(f"state_dict: has {len(feedback['weights'])} feedback maps, this optimizer {len(self.feedback_weights)}")
+        for k, (q, mine) in enumerate(zip(feedback["weights"], self.feedback_weights)):
+            if q.shape != mine.shape:
+                raise ValueError(f"state_dict: feedback weight {k} has shape {tuple(q.shape)}, expected {tuple(mine.shape)}")
+        self.feedback_weights = [q.to(mine) for q, mine in zip(feedback["weights"], self.feedback_weights)]
+        self.feedback_biases = [None if c is None else c.to(self.feedback_weights[k])
+                                for k, c in enumerate(feedback["biases"])]
+        self.feedback_activations = list(feedback["activations"])
+        self.generator.set_state(feedback["generator"])
+
+
+class DTP(TP):
+    __doc__ = TP.__doc__
+    algo = "dtp"
+    difference = True

@@ -1,0 +1,231 @@
+"""Predictive coding, the specification (DESIGN §3).
+
+Latents ``z_1 … z_{L-1}`` live in pre-activation space; ``φ(z_0) := x``. The energy, summed over
+the batch, is
+
+    F(z) = Σ_{l<L} γ_l/2 · ‖z_l − φ(z_{l-1}) W_lᵀ − b_l‖² + γ_L · ℓ(φ(z_{L-1}) W_Lᵀ + b_L, y).
+
+Activity gradients come from autograd on F, the relaxation is an explicit loop over steps (and
+layers, for the sequential schedule), and weight gradients are autograd of F / B at the final state.
+Under the fixed-prediction assumption (FPA) predictions and φ' stay at their feedforward values, so
+the dynamics are no longer the gradient of an energy: there the activity gradient is written out.
+Everything works in float64.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..activations import phi, phi_grad
+from ..network import resolve_precisions
+from ..results import PCResult
+from .common import forward, linear, loss_sum, output_error
+
+
+def _presynaptic(activations: Sequence[str], x: Tensor, latents: Sequence[Tensor]) -> list[Tensor]:
+    """``[x, φ(z_1), …, φ(z_{L-1})]``."""
+    return [x] + [phi(act)(z) for act, z in zip(activations, latents)]
+
+
+def _fpa_presynaptic(weights, biases, activations, x) -> tuple[list[Tensor], list[Tensor]]:
+    """Feedforward pre-activations and presynaptic activities, detached: FPA's frozen values."""
+    us, hs = forward(weights, biases, activations, x)
+    return [u.detach() for u in us], [h.detach() for h in hs]
+
+
+def pc_energy(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    latents: Sequence[Tensor],
+    *,
+    precisions: Sequence[float] | float | None = None,
+    loss: str = "mse",
+    fpa: bool = False,
+) -> Tensor:
+    """F(z), summed over the batch. With ``fpa`` each prediction uses the feedforward φ(u_{l-1})."""
+    gammas = resolve_precisions(precisions, len(weights))
+    if fpa:
+        _, pre = _fpa_presynaptic(weights, biases, activations, x)
+    else:
+        pre = _presynaptic(activations, x, latents)
+    energy = x.new_zeros(())
+    for l in range(len(weights) - 1):
+        eps = latents[l] - linear(pre[l], weights[l], biases[l])
+        energy = energy + 0.5 * gammas[l] * (eps**2).sum()
+    f = linear(pre[-1], weights[-1], biases[-1])
+    return energy + gammas[-1] * loss_sum(f, target, loss)
+
+
+def pc_errors(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    latents: Sequence[Tensor],
+    *,
+    loss: str = "mse",
+    fpa: bool = False,
+) -> list[Tensor]:
+    """``[ε_1 … ε_L]``: ``ε_l = z_l − prediction_l`` for l < L, ``ε_L = −∂ℓ/∂f``."""
+    if fpa:
+        us, pre = _fpa_presynaptic(weights, biases, activations, x)
+    else:
+        pre = _presynaptic(activations, x, latents)
+    errors = [latents[l] - linear(pre[l], weights[l], biases[l]) for l in range(len(weights) - 1)]
+    f = us[-1] if fpa else linear(pre[-1], weights[-1], biases[-1])
+    return errors + [output_error(f, target, loss)]
+
+
+def pc_activity_grads(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    latents: Sequence[Tensor],
+    *,
+    precisions: Sequence[float] | float | None = None,
+    loss: str = "mse",
+    fpa: bool = False,
+) -> list[Tensor]:
+    """``[∂F/∂z_1 … ∂F/∂z_{L-1}]``.
+
+    Without FPA: autograd of :func:`pc_energy`. With FPA:
+    ``γ_l ε_l − γ_{l+1} φ'(u_l) ⊙ (ε_{l+1} W_{l+1})`` with frozen predictions and φ'.
+    """
+    gammas = resolve_precisions(precisions, len(weights))
+    if fpa:
+        us, _ = _fpa_presynaptic(weights, biases, activations, x)
+        errors = pc_errors(weights, biases, activations, x, target, latents, loss=loss, fpa=True)
+        return [
+            gammas[l] * errors[l]
+            - gammas[l + 1] * phi_grad(activations[l])(us[l]) * (errors[l + 1] @ weights[l + 1])
+            for l in range(len(weights) - 1)
+        ]
+    with torch.enable_grad():
+        zs = [z.detach().requires_grad_(True) for z in latents]
+        energy = pc_energy(weights, biases, activations, x, target, zs, precisions=gammas, loss=loss)
+        return list(torch.autograd.grad(energy, zs)) if zs else []
+
+
+def pc_relax(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    *,
+    precisions: Sequence[float] | float | None = None,
+    inference_steps: int = 20,
+    inference_lr: float = 0.1,
+    schedule: str = "jacobi",
+    fpa: bool = False,
+    loss: str = "mse",
+    return_trajectory: bool = False,
+) -> tuple[list[Tensor], list[list[Tensor]] | None]:
+    """Relax the latents from their feedforward values; return them (and every step's, if asked).
+
+    Each update is ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l`` with κ = ``inference_lr``. ``jacobi`` updates
+    all layers from the same state; ``sequential`` sweeps l = L−1 … 1, each from the freshest state.
+    """
+    gammas = resolve_precisions(precisions, len(weights))
+    weights = [w.detach() for w in weights]
+    biases = [None if b is None else b.detach() for b in biases]
+    us, _ = forward(weights, biases, activations, x)
+    latents = [u.clone() for u in us[:-1]]
+    trajectory = [[z.clone() for z in latents]] if return_trajectory else None
+    hidden = len(latents)
+
+    def grads():
+        return pc_activity_grads(
+            weights, biases, activations, x, target, latents, precisions=gammas, loss=loss, fpa=fpa
+        )
+
+    for _ in range(inference_steps):
+        if schedule == "jacobi":
+            g = grads()
+            latents = [latents[l] - inference_lr / gammas[l] * g[l] for l in range(hidden)]
+        elif schedule == "sequential":
+            for l in reversed(range(hidden)):
+                g = grads()
+                latents[l] = latents[l] - inference_lr / gammas[l] * g[l]
+        else:
+            raise ValueError(f"schedule: expected 'jacobi' or 'sequential', got {schedule!r}")
+        if trajectory is not None:
+            trajectory.append([z.clone() for z in latents])
+    return latents, trajectory
+
+
+def pc_weight_grads(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    latents: Sequence[Tensor],
+    *,
+    precisions: Sequence[float] | float | None = None,
+    loss: str = "mse",
+    fpa: bool = False,
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """``∂(F/B)/∂W_l`` and ``∂(F/B)/∂b_l`` at the given latents: ``−γ_l ε_lᵀ φ(z_{l-1}) / B``.
+
+    With FPA the presynaptic activity is the feedforward ``φ(u_{l-1})``.
+    """
+    with torch.enable_grad():
+        ws = [w.detach().requires_grad_(True) for w in weights]
+        bs = [None if b is None else b.detach().requires_grad_(True) for b in biases]
+        zs = [z.detach() for z in latents]
+        energy = pc_energy(ws, bs, activations, x, target, zs, precisions=precisions, loss=loss, fpa=fpa)
+        params = ws + [b for b in bs if b is not None]
+        grads = list(torch.autograd.grad(energy / x.shape[0], params))
+    weight_grads = grads[: len(ws)]
+    rest = iter(grads[len(ws) :])
+    bias_grads = [None if b is None else next(rest) for b in bs]
+    return weight_grads, bias_grads
+
+
+def pc_train_step(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    *,
+    precisions: Sequence[float] | float | None = None,
+    inference_steps: int = 20,
+    inference_lr: float = 0.1,
+    schedule: str = "jacobi",
+    fpa: bool = False,
+    loss: str = "mse",
+    return_trajectory: bool = False,
+) -> PCResult:
+    """Relaxation, then local weight gradients at the final state (DESIGN §3)."""
+    gammas = resolve_precisions(precisions, len(weights))
+    latents, trajectory = pc_relax(
+        weights, biases, activations, x, target, precisions=gammas, inference_steps=inference_steps,
+        inference_lr=inference_lr, schedule=schedule, fpa=fpa, loss=loss,
+        return_trajectory=return_trajectory,
+    )
+    weights = [w.detach() for w in weights]
+    biases = [None if b is None else b.detach() for b in biases]
+    kwargs = dict(precisions=gammas, loss=loss, fpa=fpa)
+    weight_grads, bias_grads = pc_weight_grads(weights, biases, activations, x, target, latents, **kwargs)
+    errors = pc_errors(weights, biases, activations, x, target, latents, loss=loss, fpa=fpa)
+    energy = pc_energy(weights, biases, activations, x, target, latents, **kwargs)
+    f0 = forward(weights, biases, activations, x)[0][-1]
+    return PCResult(
+        latents=latents,
+        errors=errors,
+        weight_grads=weight_grads,
+        bias_grads=bias_grads,
+        energy=energy.detach(),
+        loss=(loss_sum(f0, target, loss) / x.shape[0]).detach(),
+        trajectory=trajectory,
+    )
