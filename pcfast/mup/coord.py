@@ -90,8 +90,9 @@ def coord_check(
     gamma_bar: float = 0.0,
     lr: float = 0.1,
     steps: int = 3,
-    seeds: Sequence[int] = (0,),
-    batch_size: int = 64,
+    seeds: Sequence[int] = (0, 1),
+    batch_size: int = 32,
+    readout_scale: float = 0.1,
     input_dim: int = 784,
     num_classes: int = 10,
     hidden_layers: int = 2,
@@ -106,14 +107,19 @@ def coord_check(
 
     Args:
         algo: ``"bp"``, ``"pc"``, ``"tp"`` or ``"dtp"``; preset: ``"sp"`` or ``"mup"``.
-        data: a fixed batch ``(x, y)``; by default Gaussian inputs and random one-hot targets.
+        data: a fixed batch ``(x, y)``; by default pixel-like inputs uniform in [0, 1] and random
+            one-hot targets.
+        readout_scale: factor on the readout init (see ``parametrize``). At the base width μP
+            starts from SP's Θ(1) random output f_0, which then shrinks as m^{-1/2}; its pull on the
+            first gradient makes Δu drift with width at small widths. 0.1 removes that transient
+            without changing any exponent; pass 1.0 to see it.
         make_model: ``width -> nn.Sequential``; by default :func:`make_mlp`.
         progress: called with (done, total) after every model.
         optimizer_kwargs: passed to the optimizer (``inference_steps``, ``beta``, ``loss`` …).
     """
     if data is None:
         gen = torch.Generator().manual_seed(1234)
-        x = torch.randn(batch_size, input_dim, generator=gen, dtype=dtype)
+        x = torch.rand(batch_size, input_dim, generator=gen, dtype=dtype)
         labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
         y = torch.nn.functional.one_hot(labels, num_classes).to(dtype)
     else:
@@ -124,10 +130,9 @@ def coord_check(
         for seed in seeds:
             model = (make_model(width) if make_model else make_mlp(
                 x.shape[1], width, num_classes, hidden_layers=hidden_layers, activation=activation)).to(dtype)
-            par = parametrize(model, preset, algo="dtp" if algo == "tp" else algo, base_width=base_width,
-                              gamma_bar=gamma_bar, generator=torch.Generator().manual_seed(seed))
-            if algo == "tp":
-                par.algo = "tp"
+            par = parametrize(model, preset, algo=algo, base_width=base_width,
+                              gamma_bar=gamma_bar, readout_scale=readout_scale,
+                              generator=torch.Generator().manual_seed(seed))
             opt = make_optimizer(algo, model, par, lr, **optimizer_kwargs)
             weights = [lin.weight for lin in opt.mlp.linears]
             biases = [lin.bias for lin in opt.mlp.linears]

@@ -144,6 +144,7 @@ def parametrize(
     gamma_bar: float = 0.0,
     sigma: float = 1.0,
     gamma: float = 1.0,
+    readout_scale: float = 1.0,
     init: bool = True,
     generator: torch.Generator | None = None,
 ) -> Parametrization:
@@ -160,6 +161,9 @@ def parametrize(
         base_width: the width at which μP equals SP (where you tuned); required for ``"mup"``.
         gamma_bar: γ̄_L ∈ [−1, 0], PC's output-precision exponent.
         sigma, gamma: init gain σ and output precision γ at the base width.
+        readout_scale: a width-independent factor on the readout's init std (σ_L); values below
+            one shrink the random initial output f_0 (as zero-init readouts do in μP practice)
+            without changing any width exponent.
         generator: random generator for the re-initialisation.
 
     Example:
@@ -179,7 +183,7 @@ def parametrize(
             )
     if base_width is not None and (isinstance(base_width, bool) or int(base_width) != base_width or base_width < 1):
         raise ValueError(f"base_width: expected a positive int, got {base_width!r}")
-    for name, value in (("sigma", sigma), ("gamma", gamma)):
+    for name, value in (("sigma", sigma), ("gamma", gamma), ("readout_scale", readout_scale)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a finite number > 0, got {value}")
     first_c = c["first"]
@@ -189,6 +193,8 @@ def parametrize(
         width = lin.out_features if group == "first" else lin.in_features
         m = width / base_width if (preset == "mup" and base_width) else 1.0
         std = sigma * lin.in_features**-0.5 * m ** -(b[group] - SP_B[group])
+        if l == depth - 1:
+            std *= readout_scale
         precision = gamma * m**-gb if (algo == "pc" and group == "last") else 1.0
         # Biases are vector-like: hidden biases move like first-layer weights, the output bias is Θ(1).
         bias_mult = 1.0 if group == "last" else m**-first_c

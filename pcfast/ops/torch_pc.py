@@ -70,7 +70,8 @@ def pc_train_step(
         out = torch.empty(batch, weights[l].shape[0], dtype=x.dtype, device=x.device)
         predictions.append(_affine(out, acts[l], weights[l], biases[l]))
         if l < hidden:
-            acts.append(phis[l](out))
+            act = phis[l](out)
+            acts.append(act.clone() if act is out else act)  # own buffer: refreshed in place later
     latents = [u.clone() for u in predictions[:hidden]]
     f0 = predictions[-1].clone()
     loss_value = _loss_sum(f0, target, loss) / batch

@@ -103,9 +103,10 @@ def feedback_grads(
             h_out = phi(activations[l])(h_out)
         q, c, psi = feedback_weights[l - 1], feedback_biases[l - 1], feedback_activations[l - 1]
         pre = _affine(torch.empty_like(h_in), h_out, q, c)
-        residual = phi(psi)(pre).sub_(h_in)
+        slope = phi_grad(psi)(pre)
+        residual = phi(psi)(pre) - h_in
         total += 0.5 * torch.sum(residual * residual) / batch
-        delta = residual.mul_(phi_grad(psi)(pre))
+        delta = residual.mul_(slope)
         weight_grads.append(torch.mm(delta.T, h_out).mul_(1.0 / batch))
         bias_grads.append(None if c is None else delta.sum(0).mul_(1.0 / batch))
     return FeedbackResult(weight_grads, bias_grads, total)

@@ -100,16 +100,20 @@ class TP(LocalOptimizer):
         self.generator.manual_seed(int(seed))
         self.feedback_weights: list[Tensor] = []
         self.feedback_biases: list[Tensor | None] = []
-        self.feedback_lr_mults: list[float] = []
         for l in range(1, depth):
             out_dim, in_dim = self.mlp.linears[l - 1].out_features, self.mlp.linears[l].out_features
             q = torch.randn(out_dim, in_dim, generator=self.generator, dtype=first.dtype, device=first.device)
             self.feedback_weights.append(q.mul_(in_dim**-0.5))
             has_bias = self.mlp.linears[l].bias is not None
             self.feedback_biases.append(torch.zeros(out_dim, dtype=first.dtype, device=first.device) if has_bias else None)
-            # A map reading a hidden layer has a width-sized fan-in: its updates scale like a hidden layer's.
-            hidden_input = l < depth - 1 and self.parametrization.preset == "mup"
-            self.feedback_lr_mults.append(1.0 / self.parametrization.layers[l].width_mult if hidden_input else 1.0)
+
+    @property
+    def feedback_lr_mults(self) -> list[float]:
+        """Learning-rate multipliers of Q_2 … Q_L: a map reading a hidden layer has a width-sized
+        fan-in, so under μP its updates scale like a hidden layer's (1/m); the readout's map has 1."""
+        depth, par = self.mlp.depth, self.parametrization
+        return [1.0 / par.layers[l].width_mult if (l < depth - 1 and par.preset == "mup") else 1.0
+                for l in range(1, depth)]
 
     # ------------------------------------------------------------------ algorithm
 
@@ -130,6 +134,7 @@ class TP(LocalOptimizer):
             return new_q, new_c, result.loss
         lr, decay, sigma = self._setting("feedback_lr"), self._setting("feedback_weight_decay"), self._setting("feedback_noise")
         loss = x.new_zeros(())
+        mults = self.feedback_lr_mults
         for _ in range(self._setting("feedback_steps")):
             noise = None
             if sigma > 0:
@@ -140,7 +145,7 @@ class TP(LocalOptimizer):
             result = functional.feedback_grads(weights, biases, acts, qs, cs, self.feedback_activations, x, noise,
                                                backend=self._setting("backend"))
             loss = result.loss
-            for k, mult in enumerate(self.feedback_lr_mults):
+            for k, mult in enumerate(mults):
                 g = result.weight_grads[k].add(qs[k], alpha=decay) if decay else result.weight_grads[k]
                 qs[k] = qs[k].add(g, alpha=-lr * mult)
                 if cs[k] is not None:

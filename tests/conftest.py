@@ -1,0 +1,34 @@
+"""Shared fixtures: small random MLPs in any dtype."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def random_mlp(dims, *, bias=True, activation="tanh", dtype=torch.float64, seed=0, scale=1.0):
+    """Weights (out, in) ~ N(0, scale²/fan_in), small biases, one activation name per hidden layer."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [scale * torch.randn(b, a, generator=gen, dtype=dtype) / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
+    biases = [0.1 * torch.randn(b, generator=gen, dtype=dtype) if bias else None for b in dims[1:]]
+    acts = [activation] * (len(dims) - 2) if isinstance(activation, str) else list(activation)
+    return weights, biases, acts
+
+
+def random_batch(dims, batch, loss, *, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dims[0], generator=gen, dtype=dtype)
+    if loss == "ce":
+        y = torch.randint(0, dims[-1], (batch,), generator=gen)
+    else:
+        y = torch.randn(batch, dims[-1], generator=gen, dtype=dtype)
+    return x, y
+
+
+@pytest.fixture
+def mlp_factory():
+    return random_mlp
+
+
+@pytest.fixture
+def batch_factory():
+    return random_batch
