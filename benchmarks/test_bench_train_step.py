@@ -1,0 +1,113 @@
+"""One train step of PC, TP, DTP and BP per provider and configuration.
+
+Providers: ``reference`` (the specification, autograd), ``torch`` (explicit backend), ``cpp`` (the C++
+engine, when built) and ``compile`` (``torch.compile`` of the torch backend). Run with
+
+    pytest benchmarks/test_bench_train_step.py --benchmark-json=bench.json
+    python benchmarks/report.py bench.json
+
+``-k anchor`` etc. selects configurations; the wide one takes minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pcfast import functional as F
+from pcfast import ops
+from pcfast.ops import torch_pc
+
+from .conftest import CONFIGS, Case, record
+
+PROVIDERS = ["reference", "torch", "cpp", "compile"]
+
+
+def network(dims, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(b, a, generator=gen) / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
+    biases = [torch.zeros(b) for b in dims[1:]]
+    return weights, biases, ["tanh"] * (len(dims) - 2)
+
+
+def batch(dims, size, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(size, dims[0], generator=gen), torch.randint(0, dims[-1], (size,), generator=gen)
+
+
+def feedback(dims, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    qs = [torch.randn(dims[l - 1], dims[l], generator=gen) / dims[l] ** 0.5 for l in range(2, len(dims))]
+    return qs, [torch.zeros(dims[l - 1]) for l in range(2, len(dims))]
+
+
+_compiled = {}
+
+
+def step_function(algo: str, provider: str, dims, size):
+    """A zero-argument callable running one train step (gradients + SGD update) for the provider."""
+    weights, biases, acts = network(dims)
+    x, labels = batch(dims, size)
+    y = torch.nn.functional.one_hot(labels, dims[-1]).float()
+    lr = 0.01
+    backend = "torch" if provider == "compile" else provider
+    if provider == "cpp" and not ops.is_available("cpp"):
+        pytest.skip("pcfast._C is not built")
+
+    def sgd(grads):
+        for w, g in zip(weights, grads):
+            w.sub_(g, alpha=lr)
+
+    if algo == "pc":
+        fn = F.pc_train_step
+        if provider == "compile":
+            if "pc" not in _compiled:
+                _compiled["pc"] = torch.compile(torch_pc.pc_train_step, dynamic=False)
+            compiled = _compiled["pc"]
+
+            def run():
+                out = compiled(weights, biases, acts, x, y, precisions=[1.0] * (len(dims) - 1),
+                               inference_steps=Case(dims, size).steps, inference_lr=0.1, schedule="jacobi",
+                               fpa=False, loss="mse")
+                sgd(out.weight_grads)
+            return run
+
+        def run():
+            out = fn(weights, biases, acts, x, y, inference_steps=Case(dims, size).steps, inference_lr=0.1,
+                     backend=backend)
+            sgd(out.weight_grads)
+        return run
+    if algo == "bp":
+        if provider not in ("reference", "torch"):
+            pytest.skip("BP runs on autograd; only the reference provider applies")
+
+        def run():
+            sgd(F.bp_train_step(weights, biases, acts, x, y).weight_grads)
+        return run
+    qs, cs = feedback(dims)
+    if provider == "compile":
+        pytest.skip("torch.compile provider is measured for PC only")
+    noise_gen = torch.Generator().manual_seed(3)
+
+    def run():
+        noise = [0.1 * torch.randn(size, d, generator=noise_gen) for d in dims[1:-1]]
+        fb = F.feedback_grads(weights, biases, acts, qs, cs, None, x, noise, backend=backend)
+        for q, g in zip(qs, fb.weight_grads):
+            q.sub_(g, alpha=lr)
+        out = F.tp_train_step(weights, biases, acts, qs, cs, None, x, y, beta=0.5,
+                              difference=(algo == "dtp"), backend=backend)
+        sgd(out.weight_grads)
+    return run
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("algo", ["pc", "tp", "dtp", "bp"])
+def test_train_step(benchmark, algo, provider, config):
+    dims, size = CONFIGS[config]
+    case = Case(dims, size)
+    run = step_function(algo, provider, dims, size)
+    benchmark.group = f"{algo}-{config}"
+    rounds = 3 if config == "wide" else 10
+    run()  # warm up (and compile)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    record(benchmark, algo, provider, config, case)
