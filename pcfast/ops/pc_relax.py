@@ -1,0 +1,470 @@
+"""Triton kernels of the PC relaxation (DESIGN §3, §6): predictions with the error in the epilogue,
+the top-down GEMM with the latent update in the epilogue, and weight gradients as one GEMM per layer.
+
+Per inference step and layer there are at most two launches:
+
+- ``_pc_error_kernel``: ``pred = φ(a) Wᵀ + b`` with φ applied while ``a`` is loaded (``a`` is x or a
+  latent z_{l-1}, so φ(z) is never materialised) and the error in the epilogue — hidden
+  ``ε = z − pred``, output ``ε = −∂ℓ/∂f`` (MSE ``y − f``; CE ``onehot(y) − softmax(f)`` when the row
+  fits one tile, else ``_ce_error_kernel`` afterwards). The same kernel is the feedforward pass;
+- ``_pc_update_kernel``: ``td = ε_{l+1} W_{l+1}`` with the step
+  ``z_l += κ (γ_{l+1}/γ_l) φ'(z_l) ⊙ td − κ ε_l`` (and ``ε_l +=`` the step) in the epilogue;
+- ``_pc_weight_grad_kernel``: ``∂F/∂W_l = −γ_l/B · ε_lᵀ φ(a_{l-1})`` and the bias row sum in the same pass;
+  a TP variant forms its δ on load (``tp_targets`` uses it).
+
+Every μP constant (κ γ_{l+1}/γ_l, κ, −γ_l/B, β) is a ``tl.float64`` kernel argument, cast once to
+the accumulator dtype (fp32, or fp64 for fp64 tensors). Public functions (no ``_``) are launchers:
+they check shapes, allocate when no ``out`` is given, pick the grid and launch; the schedules
+(which launch when) live in ``pcfast.ops.triton``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._triton_common import (
+    activation_code, as_acc, gemm_configs, grad_configs, input_precision, interpreting, matmul_tile, phi,
+    phi_grad, prune_grad_configs, prune_tile_configs, tile_offsets,
+)
+
+# Epilogues of _pc_error_kernel.
+EPILOGUE_AFFINE = 0  # out = φ_out(pred)
+EPILOGUE_HIDDEN_ERROR = 1  # out = z − pred
+EPILOGUE_MSE = 2  # out = ADD_PRED·pred + scale·(y − pred)
+EPILOGUE_CE = 3  # out = ADD_PRED·pred + scale·(onehot(y) − softmax(pred)); needs BLOCK_N ≥ N
+
+# Widest class count handled inside one tile of _pc_error_kernel; wider rows store logits and run
+# _ce_error_kernel. A module attribute so tests can force either path.
+CE_FUSED_MAX_CLASSES = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pc_error_kernel(
+    # GEMM operands: pred = φ_in(a) Wᵀ + b; a is (M, K), W is (N, K)
+    a_ptr, w_ptr, bias_ptr,
+    # epilogue inputs: latent z (hidden error), target y (float (M, N) for MSE, int64 (M,) for CE)
+    z_ptr, target_ptr,
+    # outputs, (M, N): the prediction (if STORE_PRED) and the epilogue's result
+    pred_ptr, out_ptr,
+    # sizes
+    M, N, K,
+    # strides; z, pred and out share (stride_om, stride_on)
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_tm, stride_tn,
+    # scalars
+    scale: tl.float64,
+    # meta-parameters
+    ACT_IN: tl.constexpr, ACT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+    ADD_PRED: tl.constexpr, STORE_PRED: tl.constexpr, LOAD_PRED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """pred = φ_in(a) Wᵀ + b  (or pred loaded from pred_ptr when LOAD_PRED: layer 1's is constant), then
+
+    EPILOGUE 0:  out = φ_out(pred)                                  (feedforward; φ_out = id gives z = u)
+    EPILOGUE 1:  out = ε = z − pred                                 (hidden error)
+    EPILOGUE 2:  out = ADD_PRED·pred + scale·(y − pred)             (MSE: ε_L, or the TP target f + β ε_L)
+    EPILOGUE 3:  out = ADD_PRED·pred + scale·(onehot(y) − softmax(pred))   (CE; the row is one tile)
+    """
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs_m, offs_n, _ = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_offsets = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+
+    if LOAD_PRED:
+        pred = tl.load(pred_ptr + out_offsets, mask=mask, other=0.0).to(ACC)
+    else:
+        pred = matmul_tile(
+            a_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_wk, stride_wn,
+            ACT_IN, ACC, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        if HAS_BIAS:
+            pred += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+        if STORE_PRED:
+            tl.store(pred_ptr + out_offsets, pred.to(pred_ptr.dtype.element_ty), mask=mask)
+
+    if EPILOGUE == 0:
+        out = phi(pred, ACT_OUT)
+    elif EPILOGUE == 1:
+        out = tl.load(z_ptr + out_offsets, mask=mask, other=0.0).to(ACC) - pred
+    elif EPILOGUE == 2:
+        y = tl.load(target_ptr + offs_m[:, None] * stride_tm + offs_n[None, :] * stride_tn, mask=mask, other=0.0)
+        out = as_acc(scale, ACC) * (y.to(ACC) - pred)
+        if ADD_PRED:
+            out += pred
+    else:
+        # Whole rows: a numerically safe softmax over the valid columns.
+        logits = tl.where(mask_n[None, :], pred, -float("inf"))
+        row_max = tl.max(logits, axis=1)
+        row_max = tl.where(mask_m, row_max, 0.0)
+        e = tl.exp(logits - row_max[:, None])
+        e = tl.where(mask_n[None, :], e, 0.0)
+        softmax = e / tl.sum(e, axis=1)[:, None]
+        labels = tl.load(target_ptr + offs_m * stride_tm, mask=mask_m, other=-1)
+        onehot = tl.where(offs_n[None, :] == labels[:, None], 1.0, 0.0).to(ACC)
+        out = as_acc(scale, ACC) * (onehot - softmax)
+        if ADD_PRED:
+            out += pred
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_error_kernel(
+    # logits f (M, N), int64 labels (M,), output (M, N)
+    f_ptr, labels_ptr, out_ptr,
+    # sizes and strides; f and out share strides
+    M, N, stride_m, stride_n, stride_label,
+    # scalars
+    scale: tl.float64,
+    # meta-parameters
+    ADD_PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = ADD_PRED·f + scale·(onehot(y) − softmax(f)) row by row, for rows wider than one tile:
+    one pass for the running max and normaliser (online softmax), one to write."""
+    ACC: tl.constexpr = tl.float64 if f_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    row_max = tl.full((BLOCK_M,), -float("inf"), ACC)
+    row_sum = tl.zeros((BLOCK_M,), ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + cols
+        mask = mask_m[:, None] & (offs_n < N)[None, :]
+        f = tl.load(f_ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask, other=-float("inf"))
+        f = f.to(ACC)
+        new_max = tl.maximum(row_max, tl.max(f, axis=1))
+        new_max = tl.where(mask_m, new_max, 0.0)
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(f - new_max[:, None]), axis=1)
+        row_max = new_max
+    row_sum = tl.where(mask_m, row_sum, 1.0)
+    labels = tl.load(labels_ptr + offs_m * stride_label, mask=mask_m, other=-1)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + cols
+        mask = mask_m[:, None] & (offs_n < N)[None, :]
+        offsets = offs_m[:, None] * stride_m + offs_n[None, :] * stride_n
+        f = tl.load(f_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        softmax = tl.exp(f - row_max[:, None]) / row_sum[:, None]
+        onehot = tl.where(offs_n[None, :] == labels[:, None], 1.0, 0.0).to(ACC)
+        out = as_acc(scale, ACC) * (onehot - softmax)
+        if ADD_PRED:
+            out += f
+        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pc_update_kernel(
+    # GEMM operands: td = ε_{l+1} W_{l+1}; ε_{l+1} is (M, K), W_{l+1} is (K, N)
+    e_next_ptr, w_next_ptr,
+    # state of layer l, (M, N), updated in place; u: feedforward pre-activation (FPA's φ')
+    z_ptr, e_ptr, u_ptr,
+    # sizes
+    M, N, K,
+    # strides; z, ε and u share (stride_zm, stride_zn)
+    stride_em, stride_ek, stride_wk, stride_wn, stride_zm, stride_zn,
+    # scalars: coefficient = κ γ_{l+1} / γ_l, kappa = κ
+    coefficient: tl.float64, kappa: tl.float64,
+    # meta-parameters
+    ACT: tl.constexpr, FPA: tl.constexpr, UPDATE_ERROR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """z_l ← z_l − (κ/γ_l) ∂F/∂z_l, i.e.
+
+        step = κ (γ_{l+1}/γ_l) φ'(s) ⊙ (ε_{l+1} W_{l+1}) − κ ε_l,   s = u_l (FPA) or z_l
+        z_l += step;   ε_l += step  (UPDATE_ERROR: FPA, or the sequential sweep, where layer l's
+                                     prediction does not depend on z_l)
+    """
+    ACC: tl.constexpr = tl.float64 if w_next_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs_m, offs_n, _ = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    topdown = matmul_tile(
+        e_next_ptr, w_next_ptr, offs_m, offs_n, M, N, K, stride_em, stride_ek, stride_wk, stride_wn,
+        0, ACC, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offsets = offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+    z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    e = tl.load(e_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    if FPA:
+        slope = phi_grad(tl.load(u_ptr + offsets, mask=mask, other=0.0).to(ACC), ACT)
+    else:
+        slope = phi_grad(z, ACT)
+    step = as_acc(coefficient, ACC) * slope * topdown - as_acc(kappa, ACC) * e
+    tl.store(z_ptr + offsets, (z + step).to(z_ptr.dtype.element_ty), mask=mask)
+    if UPDATE_ERROR:
+        tl.store(e_ptr + offsets, (e + step).to(e_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pc_weight_grad_kernel(
+    # δ source: ε (PC), or the target t with the pre-activation u (TP); a: presynaptic activity
+    e_ptr, u_ptr, a_ptr,
+    # outputs: weight gradient (N, K), bias gradient (N,)
+    grad_w_ptr, grad_b_ptr,
+    # sizes: ε and u are (M, N), a is (M, K); the reduction runs over the batch M
+    M, N, K,
+    # strides; u shares ε's
+    stride_em, stride_en, stride_am, stride_ak, stride_gn, stride_gk,
+    # scalars
+    scale: tl.float64,
+    # meta-parameters
+    ACT_A: tl.constexpr, ACT_E: tl.constexpr, HAS_BIAS: tl.constexpr, DELTA_FROM_TARGET: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """g_W[n, k] = scale · Σ_m δ[m, n] φ_A(a[m, k]),   g_b[n] = scale · Σ_m δ[m, n]   (one pass), with
+
+        δ = ε                          (PC: scale = −γ_l / B)
+        δ = (t − φ_E(u)) ⊙ φ_E'(u)     (DELTA_FROM_TARGET, TP local loss: scale = −1 / B)
+    """
+    ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs_n, offs_k, pid_k = tile_offsets(N, K, BLOCK_N, BLOCK_K, GROUP_M)
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    # Rows of W past N and columns past K wrap (in-bounds loads; the store is masked); the batch is masked.
+    e_ptrs = e_ptr + (offs_n % N)[:, None] * stride_en + offs_m[None, :] * stride_em
+    u_ptrs = u_ptr + (offs_n % N)[:, None] * stride_en + offs_m[None, :] * stride_em
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (offs_k % K)[None, :] * stride_ak
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for m0 in range(0, M, BLOCK_M):
+        mask_m = offs_m < M - m0
+        delta = tl.load(e_ptrs, mask=mask_m[None, :], other=0.0)  # δᵀ tile (BLOCK_N, BLOCK_M)
+        if DELTA_FROM_TARGET:
+            u = tl.load(u_ptrs, mask=mask_m[None, :], other=0.0).to(ACC)
+            delta = (delta.to(ACC) - phi(u, ACT_E)) * phi_grad(u, ACT_E)
+            delta = tl.where(mask_m[None, :], delta, 0.0).to(e_ptr.dtype.element_ty)
+        a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+        if ACT_A != 0:
+            a = phi(a.to(ACC), ACT_A).to(a_ptr.dtype.element_ty)
+        acc = tl.dot(delta, a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            bias_acc += tl.sum(delta.to(ACC), axis=1)
+        e_ptrs += BLOCK_M * stride_em
+        u_ptrs += BLOCK_M * stride_em
+        a_ptrs += BLOCK_M * stride_am
+    s = as_acc(scale, ACC)
+    mask = mask_n[:, None] & mask_k[None, :]
+    tl.store(grad_w_ptr + offs_n[:, None] * stride_gn + offs_k[None, :] * stride_gk,
+             (s * acc).to(grad_w_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        # Every column tile computes the row sums; the first stores them.
+        if pid_k == 0:
+            tl.store(grad_b_ptr + offs_n, (s * bias_acc).to(grad_b_ptr.dtype.element_ty), mask=mask_n)
+
+
+_TILE_KEY = ["M", "N", "K"]
+
+_pc_error_kernel_tuned = triton.autotune(
+    configs=gemm_configs(),
+    key=_TILE_KEY + ["ACT_IN", "ACT_OUT", "HAS_BIAS", "EPILOGUE", "ADD_PRED", "STORE_PRED", "LOAD_PRED", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
+)(_pc_error_kernel)
+
+_pc_update_kernel_tuned = triton.autotune(
+    configs=gemm_configs(),
+    key=_TILE_KEY + ["ACT", "FPA", "UPDATE_ERROR", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
+    restore_value=["z_ptr", "e_ptr"],  # benchmarking must not advance the state
+)(_pc_update_kernel)
+
+_pc_weight_grad_kernel_tuned = triton.autotune(
+    configs=grad_configs(),
+    key=_TILE_KEY + ["ACT_A", "ACT_E", "HAS_BIAS", "DELTA_FROM_TARGET", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_grad_configs},
+)(_pc_weight_grad_kernel)
+
+
+def ce_fused_config(classes: int) -> dict:
+    """Meta-parameters of the one-tile CE epilogue: BLOCK_N covers the row."""
+    block_n = max(16, triton.next_power_of_2(classes))
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64 if block_n <= 64 else 32, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=4,
+                num_stages=3)
+
+
+def ce_error_config() -> dict:
+    """Meta-parameters of the row-wise CE kernel."""
+    return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiles(meta: dict, rows: int, cols: int, row_block: str = "BLOCK_M", col_block: str = "BLOCK_N") -> tuple[int]:
+    return (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
+
+
+def _check_matrix(name: str, t: Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+
+
+def _check_state(name: str, t: Tensor, like: Tensor) -> None:
+    """Epilogue tensors share one pair of strides: they must match ``like`` exactly."""
+    if t.shape != like.shape or t.stride() != like.stride() or t.dtype != like.dtype:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, strides {like.stride()}, dtype "
+                         f"{like.dtype}; got {tuple(t.shape)}, {t.stride()}, {t.dtype}")
+
+
+def prediction_error(
+    a: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    act_in: str = "identity",
+    epilogue: int = EPILOGUE_AFFINE,
+    out: Tensor | None = None,
+    pred: Tensor | None = None,
+    latent: Tensor | None = None,
+    target: Tensor | None = None,
+    act_out: str = "identity",
+    scale: float = 1.0,
+    add_pred: bool = False,
+    load_pred: bool = False,
+) -> Tensor:
+    """Launch ``_pc_error_kernel``: ``pred = φ_in(a) Wᵀ + b`` with one of the epilogues (see the
+    kernel); ``pred`` is stored when given (or read, with ``load_pred``). Returns ``out``."""
+    batch, features = a.shape
+    classes = weight.shape[0]
+    _check_matrix("weight", weight, (classes, features), a.dtype)
+    if out is None:
+        out = torch.empty(batch, classes, dtype=a.dtype, device=a.device)
+    _check_matrix("out", out, (batch, classes), a.dtype)
+    for name, t in (("pred", pred), ("latent", latent)):
+        if t is not None:
+            _check_state(name, t, out)
+    if bias is not None:
+        _check_matrix("bias", bias.view(1, -1), (1, classes), a.dtype)
+    if epilogue == EPILOGUE_HIDDEN_ERROR and latent is None:
+        raise ValueError("latent: the hidden-error epilogue needs z")
+    if load_pred and pred is None:
+        raise ValueError("pred: load_pred needs the stored prediction")
+    if epilogue in (EPILOGUE_MSE, EPILOGUE_CE) and target is None:
+        raise ValueError("target: the output-error epilogue needs the target")
+    if epilogue == EPILOGUE_MSE:
+        _check_matrix("target", target, (batch, classes))
+        stride_tm, stride_tn = target.stride()
+    elif epilogue == EPILOGUE_CE:
+        if target.shape != (batch,) or target.dtype != torch.int64:
+            raise ValueError(f"target: expected int64 labels of shape ({batch},), got {target.dtype} {tuple(target.shape)}")
+        stride_tm, stride_tn = target.stride(0), 0
+    else:
+        stride_tm = stride_tn = 0
+
+    if epilogue == EPILOGUE_CE and classes > CE_FUSED_MAX_CLASSES:
+        # The row spans several tiles: store the logits, then the row-wise kernel.
+        logits = pred if pred is not None else torch.empty_like(out)
+        if not load_pred:
+            prediction_error(a, weight, bias, act_in=act_in, out=logits)
+        meta = ce_error_config()
+        _ce_error_kernel[(triton.cdiv(batch, meta["BLOCK_M"]),)](
+            logits, target, out, batch, classes, out.stride(0), out.stride(1), target.stride(0),
+            float(scale), ADD_PRED=add_pred, **meta,
+        )
+        return out
+
+    dummy = out  # never read: its flag is off
+    args = (
+        a, weight, bias if bias is not None else dummy,
+        latent if latent is not None else dummy, target if target is not None else dummy,
+        pred if pred is not None else dummy, out,
+        batch, classes, features,
+        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        stride_tm, stride_tn,
+        float(scale),
+    )
+    flags = dict(
+        ACT_IN=activation_code(act_in), ACT_OUT=activation_code(act_out), HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue, ADD_PRED=add_pred, STORE_PRED=pred is not None and not load_pred,
+        LOAD_PRED=load_pred, INPUT_PRECISION=input_precision(a),
+    )
+    if epilogue == EPILOGUE_CE:
+        meta = ce_fused_config(classes)
+        _pc_error_kernel[(triton.cdiv(batch, meta["BLOCK_M"]),)](*args, **flags, **meta)
+    else:
+        _pc_error_kernel_tuned[lambda meta: _tiles(meta, batch, classes)](*args, **flags)
+    return out
+
+
+def latent_update(
+    latent: Tensor,
+    error: Tensor,
+    error_next: Tensor,
+    weight_next: Tensor,
+    *,
+    act: str,
+    coefficient: float,
+    kappa: float,
+    fpa: bool,
+    update_error: bool,
+    preactivation: Tensor | None = None,
+) -> None:
+    """Launch ``_pc_update_kernel``: one relaxation step of ``latent`` (and ``error``) in place.
+    ``preactivation`` (u_l) supplies φ' under FPA."""
+    batch, width = latent.shape
+    _check_state("error", error, latent)
+    _check_matrix("weight_next", weight_next, (error_next.shape[1], width), latent.dtype)
+    _check_matrix("error_next", error_next, (batch, weight_next.shape[0]), latent.dtype)
+    if fpa:
+        if preactivation is None:
+            raise ValueError("preactivation: FPA takes φ' at the feedforward u_l")
+        _check_state("preactivation", preactivation, latent)
+    _pc_update_kernel_tuned[lambda meta: _tiles(meta, batch, width)](
+        error_next, weight_next, latent, error, preactivation if fpa else latent,
+        batch, width, weight_next.shape[0],
+        error_next.stride(0), error_next.stride(1), weight_next.stride(0), weight_next.stride(1),
+        latent.stride(0), latent.stride(1),
+        float(coefficient), float(kappa),
+        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, INPUT_PRECISION=input_precision(latent),
+    )
+
+
+def weight_grad(
+    delta_source: Tensor,
+    a: Tensor,
+    *,
+    scale: float,
+    act_in: str = "identity",
+    has_bias: bool = True,
+    preactivation: Tensor | None = None,
+    act_delta: str = "identity",
+    grad_weight: Tensor | None = None,
+    grad_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Launch ``_pc_weight_grad_kernel``: ``scale · δᵀ φ_in(a)`` and ``scale · Σ_m δ``.
+
+    ``δ`` is ``delta_source`` (PC's ε), or with ``preactivation`` u the TP local-loss delta
+    ``(t − φ(u)) ⊙ φ'(u)`` where ``delta_source`` is the target t."""
+    batch, rows = delta_source.shape
+    cols = a.shape[1]
+    _check_matrix("a", a, (batch, cols), delta_source.dtype)
+    if preactivation is not None:
+        _check_state("preactivation", preactivation, delta_source)
+    if grad_weight is None:
+        grad_weight = torch.empty(rows, cols, dtype=a.dtype, device=a.device)
+    _check_matrix("grad_weight", grad_weight, (rows, cols), a.dtype)
+    if has_bias and grad_bias is None:
+        grad_bias = torch.empty(rows, dtype=a.dtype, device=a.device)
+    _pc_weight_grad_kernel_tuned[lambda meta: _tiles(meta, rows, cols, "BLOCK_N", "BLOCK_K")](
+        delta_source, preactivation if preactivation is not None else delta_source, a,
+        grad_weight, grad_bias if has_bias else grad_weight,
+        batch, rows, cols,
+        delta_source.stride(0), delta_source.stride(1), a.stride(0), a.stride(1),
+        grad_weight.stride(0), grad_weight.stride(1),
+        float(scale),
+        ACT_A=activation_code(act_in), ACT_E=activation_code(act_delta), HAS_BIAS=has_bias,
+        DELTA_FROM_TARGET=preactivation is not None, INPUT_PRECISION=input_precision(a),
+    )
+    return grad_weight, grad_bias if has_bias else None

@@ -1,0 +1,386 @@
+"""The ``triton`` backend: PC and TP/DTP train steps as a few fused Triton launches per layer.
+
+Loaded by ``pcfast.ops`` on demand (``backend="triton"``, or ``auto`` on CUDA), so ``import pcfast``
+never imports triton. Runs on CUDA tensors, and on CPU under ``TRITON_INTERPRET=1`` (tests).
+Signatures are those of ``pcfast.ops.torch_pc.pc_train_step`` / ``torch_tp.tp_train_step`` /
+``torch_tp.feedback_grads`` (inputs already validated by ``pcfast.functional``), and so is the
+order of every update — the ``torch`` backend is the readable twin of this module.
+
+Launch schedule of one PC step (L layers, T steps; ``pc_relax`` has the kernels):
+- feedforward: L prediction launches (φ applied on load, z_l = u_l stored, ε_L in the epilogue);
+- per step, jacobi: L−1 top-down/update launches bottom-up (under FPA each also moves ε_l, which
+  the layer below has already read), then, without FPA, L error launches;
+- per step, sequential: per layer top-down one error launch (without FPA) then one update launch;
+- weight gradients: L launches (bias row sums in the same pass).
+The scalar energy and loss are torch reductions over the final buffers.
+
+On CUDA the whole step is captured as a CUDA graph the second time a configuration is seen (the
+first call runs eagerly, autotuning and compiling every kernel) and replayed afterwards: inputs are
+copied into static buffers, parameters are read in place (the key holds their addresses, so an
+optimizer's in-place updates are seen), and results are cloned out of the graph's pool.
+Set ``pcfast.ops.triton.CUDA_GRAPHS = False`` to launch eagerly.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..results import FeedbackResult, PCResult, TPResult
+from . import pc_relax, tp_targets
+from ._triton_common import activation_code, input_precision
+from .torch_pc import _loss_sum
+
+CUDA_GRAPHS = True  # capture and replay train steps on CUDA
+GRAPH_CACHE_SIZE = 8  # configurations whose graphs are kept (least recently used goes first)
+
+_graphs: OrderedDict[tuple, object] = OrderedDict()
+_WARM = "warm"  # seen once: the next call captures
+
+
+def _check_supported(activations: Sequence[str], x: Tensor) -> None:
+    for act in activations:
+        activation_code(act)
+    if not x.is_cuda and x.dtype not in (torch.float32, torch.float64):
+        raise NotImplementedError(
+            f"x: the Triton interpreter supports float32 and float64, got {x.dtype}; use backend='torch' on CPU"
+        )
+    if x.is_cuda and x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"x: unsupported dtype {x.dtype} for backend='triton'")
+
+
+def _as_contiguous(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+
+def _clone(result):
+    """A copy of ``result`` whose tensors live outside the graph's static pool."""
+    fields = {}
+    for name, value in vars(result).items():
+        if isinstance(value, Tensor):
+            fields[name] = value.clone()
+        elif isinstance(value, list):
+            fields[name] = [v.clone() if isinstance(v, Tensor) else v for v in value]
+        else:
+            fields[name] = value
+    return type(result)(**fields)
+
+
+def _parameter_key(tensors: Sequence[Tensor | None]) -> tuple:
+    return tuple(
+        None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.data_ptr()) for t in tensors
+    )
+
+
+def _graphed(key: tuple, run: Callable[[Tensor, Tensor], object], x: Tensor, target: Tensor):
+    """``run(x, target)`` through a CUDA graph cached under ``key``: eager on first sight, captured
+    on the second, replayed from then on."""
+    entry = _graphs.get(key)
+    if entry is None:
+        _graphs[key] = _WARM
+        while len(_graphs) > GRAPH_CACHE_SIZE:
+            _graphs.popitem(last=False)
+        return run(x, target)
+    _graphs.move_to_end(key)
+    if entry is _WARM:
+        static_x, static_target = x.clone(), target.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            run(static_x, static_target)  # capture needs compiled, tuned kernels and a warm allocator
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = run(static_x, static_target)
+        entry = (graph, static_x, static_target, static_out)
+        _graphs[key] = entry
+    graph, static_x, static_target, static_out = entry
+    static_x.copy_(x)
+    static_target.copy_(target)
+    graph.replay()
+    return _clone(static_out)
+
+
+def clear_graphs() -> None:
+    """Drop every captured graph (and its memory pool)."""
+    _graphs.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictive coding
+# ---------------------------------------------------------------------------------------------
+
+
+def _pc_step(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    gammas: Sequence[float],
+    kappa: float,
+    inference_steps: int,
+    schedule: str,
+    fpa: bool,
+    loss: str,
+    return_trajectory: bool,
+) -> PCResult:
+    depth, batch = len(weights), x.shape[0]
+    hidden = depth - 1
+    output_epilogue = pc_relax.EPILOGUE_MSE if loss == "mse" else pc_relax.EPILOGUE_CE
+    new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)  # noqa: E731
+
+    # predictions[l]: u_l after the feedforward pass (FPA's frozen values; layer 1's is constant),
+    # the output layer's is refreshed with ε_L. latents[l] = z_l; errors[l] = ε_l.
+    predictions = [new(w.shape[0]) for w in weights]
+    latents = [new(w.shape[0]) for w in weights[:hidden]]
+    errors = [torch.zeros(batch, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
+
+    def presynaptic(l: int, frozen: bool = False) -> tuple[Tensor, str]:
+        """Layer l's input before φ, and φ: x, or z_{l-1} (u_{l-1} when ``frozen``)."""
+        if l == 0:
+            return x, "identity"
+        return (predictions if frozen else latents)[l - 1], activations[l - 1]
+
+    def refresh_error(l: int) -> None:
+        a, act = presynaptic(l)
+        if l < hidden:
+            pc_relax.prediction_error(
+                a, weights[l], biases[l], act_in=act, epilogue=pc_relax.EPILOGUE_HIDDEN_ERROR,
+                out=errors[l], latent=latents[l], pred=predictions[l], load_pred=l == 0,
+            )
+        else:
+            pc_relax.prediction_error(
+                a, weights[l], biases[l], act_in=act, epilogue=output_epilogue, out=errors[l],
+                target=target, pred=predictions[l],
+            )
+
+    def update(l: int, update_error: bool) -> None:
+        pc_relax.latent_update(
+            latents[l], errors[l], errors[l + 1], weights[l + 1], act=activations[l],
+            coefficient=kappa * gammas[l + 1] / gammas[l], kappa=kappa, fpa=fpa,
+            update_error=update_error, preactivation=predictions[l],
+        )
+
+    # Feedforward pass: z_l = u_l (so ε_l = 0 for l < L), ε_L = −∂ℓ/∂f_0.
+    for l in range(hidden):
+        a, act = presynaptic(l)
+        pc_relax.prediction_error(a, weights[l], biases[l], act_in=act, out=latents[l], pred=predictions[l])
+    refresh_error(depth - 1)
+    loss_value = _loss_sum(predictions[-1], target, loss) / batch
+
+    trajectory = [[z.clone() for z in latents]] if return_trajectory else None
+    for _ in range(inference_steps):
+        if schedule == "jacobi":
+            for l in range(hidden):  # bottom-up: layer l moves ε_l after layer l−1 has read it
+                update(l, update_error=fpa)
+            if not fpa:
+                for l in range(depth):
+                    refresh_error(l)
+        else:
+            if not fpa:
+                refresh_error(depth - 1)
+            for l in reversed(range(hidden)):
+                if not fpa:
+                    refresh_error(l)
+                update(l, update_error=True)
+        if trajectory is not None:
+            trajectory.append([z.clone() for z in latents])
+    if not fpa and schedule == "sequential" and inference_steps > 0:
+        for l in range(depth):  # a sweep leaves the errors above each layer stale
+            refresh_error(l)
+
+    # Weight gradients at the final state: −γ_l ε_lᵀ φ(z_{l-1}) / B (FPA: φ(u_{l-1})).
+    weight_grads, bias_grads = [], []
+    for l in range(depth):
+        a, act = presynaptic(l, frozen=fpa)
+        gw, gb = pc_relax.weight_grad(
+            errors[l], a, scale=-gammas[l] / batch, act_in=act, has_bias=biases[l] is not None,
+        )
+        weight_grads.append(gw)
+        bias_grads.append(gb)
+
+    energy = x.new_zeros(())
+    for l in range(hidden):
+        energy += 0.5 * gammas[l] * torch.sum(errors[l] * errors[l])
+    energy += gammas[-1] * _loss_sum(predictions[-1], target, loss)
+    return PCResult(
+        latents=latents, errors=errors, weight_grads=weight_grads, bias_grads=bias_grads,
+        energy=energy, loss=loss_value, trajectory=trajectory,
+    )
+
+
+@torch.no_grad()
+def pc_train_step(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    *,
+    precisions: Sequence[float],
+    inference_steps: int,
+    inference_lr: float,
+    schedule: str,
+    fpa: bool,
+    loss: str,
+    return_trajectory: bool = False,
+) -> PCResult:
+    """PC relaxation and weight gradients (DESIGN §3) with the kernels of ``pc_relax``."""
+    if schedule not in ("jacobi", "sequential"):
+        raise ValueError(f"schedule: expected 'jacobi' or 'sequential', got {schedule!r}")
+    _check_supported(activations, x)
+    x, target = _as_contiguous(x), _as_contiguous(target)
+    gammas, kappa = [float(g) for g in precisions], float(inference_lr)
+
+    def run(x_in: Tensor, target_in: Tensor) -> PCResult:
+        return _pc_step(weights, biases, activations, x_in, target_in, gammas, kappa, inference_steps,
+                        schedule, fpa, loss, return_trajectory)
+
+    if not (CUDA_GRAPHS and x.is_cuda and not return_trajectory):
+        return run(x, target)
+    key = (
+        "pc", _parameter_key(weights), _parameter_key(biases), tuple(activations), tuple(x.shape), x.dtype,
+        x.device, tuple(target.shape), target.dtype, tuple(gammas), kappa, inference_steps, schedule, fpa, loss,
+        input_precision(x),
+    )
+    return _graphed(key, run, x, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Target propagation
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(weights, biases, activations, x, *, target=None, loss="mse", beta=0.0):
+    """Pre-activations [u_1 … u_L] and activities [h_1 … h_{L-1}, f] with one launch per layer;
+    with ``target`` the last launch also returns the output target ``f + β ε_L``."""
+    depth, batch = len(weights), x.shape[0]
+    us, hs = [], []
+    h = x
+    output_target = None
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        u = torch.empty(batch, w.shape[0], dtype=x.dtype, device=x.device)
+        if l < depth - 1:
+            h = pc_relax.prediction_error(h, w, b, pred=u, act_out=activations[l])
+        elif target is None:
+            pc_relax.prediction_error(h, w, b, out=u)
+            h = u
+        else:
+            epilogue = pc_relax.EPILOGUE_MSE if loss == "mse" else pc_relax.EPILOGUE_CE
+            output_target = pc_relax.prediction_error(
+                h, w, b, epilogue=epilogue, pred=u, target=target, scale=beta, add_pred=True,
+            )
+            h = u
+        us.append(u)
+        hs.append(h)
+    return us, hs, output_target
+
+
+def _tp_step(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x, target,
+             beta, loss, difference) -> TPResult:
+    depth, batch = len(weights), x.shape[0]
+    us, activities, output_target = _forward(weights, biases, activations, x, target=target, loss=loss, beta=beta)
+    targets: list[Tensor] = [None] * depth  # type: ignore[list-item]
+    targets[-1] = output_target
+    for l in reversed(range(1, depth)):
+        targets[l - 1] = tp_targets.tp_targets(
+            targets[l], activities[l], _as_contiguous(feedback_weights[l - 1]), feedback_biases[l - 1],
+            activities[l - 1], act=feedback_activations[l - 1], difference=difference,
+        )
+
+    # δ_l = φ'(u_l) ⊙ (ĥ_l − φ(u_l)) formed on load (no φ' on the readout); ∂/∂W_l = −δ_lᵀ h_{l-1} / B.
+    inputs = [x] + activities[:-1]
+    weight_grads, bias_grads = [], []
+    local_loss = x.new_zeros(())
+    for l in range(depth):
+        gw, gb = pc_relax.weight_grad(
+            targets[l], inputs[l], scale=-1.0 / batch, has_bias=biases[l] is not None, preactivation=us[l],
+            act_delta=activations[l] if l < depth - 1 else "identity",
+        )
+        weight_grads.append(gw)
+        bias_grads.append(gb)
+        local_loss += 0.5 * torch.sum((targets[l] - activities[l]) ** 2) / batch
+    return TPResult(
+        targets=targets, activities=activities, weight_grads=weight_grads, bias_grads=bias_grads,
+        loss=_loss_sum(activities[-1], target, loss) / batch, local_loss=local_loss,
+    )
+
+
+@torch.no_grad()
+def tp_train_step(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    feedback_weights: Sequence[Tensor],
+    feedback_biases: Sequence[Tensor | None],
+    feedback_activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    *,
+    beta: float,
+    loss: str,
+    difference: bool,
+) -> TPResult:
+    """TP/DTP targets and local gradients (DESIGN §4) with the kernels of ``tp_targets``/``pc_relax``."""
+    _check_supported(list(activations) + list(feedback_activations), x)
+    x, target = _as_contiguous(x), _as_contiguous(target)
+
+    def run(x_in: Tensor, target_in: Tensor) -> TPResult:
+        return _tp_step(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations,
+                        x_in, target_in, float(beta), loss, difference)
+
+    if not (CUDA_GRAPHS and x.is_cuda):
+        return run(x, target)
+    key = (
+        "tp", _parameter_key(weights), _parameter_key(biases), _parameter_key(feedback_weights),
+        _parameter_key(feedback_biases), tuple(activations), tuple(feedback_activations), tuple(x.shape), x.dtype,
+        x.device, tuple(target.shape), target.dtype, float(beta), loss, difference, input_precision(x),
+    )
+    return _graphed(key, run, x, target)
+
+
+@torch.no_grad()
+def feedback_grads(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    feedback_weights: Sequence[Tensor],
+    feedback_biases: Sequence[Tensor | None],
+    feedback_activations: Sequence[str],
+    x: Tensor,
+    noise: Sequence[Tensor | None] | None = None,
+) -> FeedbackResult:
+    """Gradients of ``½‖g_l(f_l(h_{l-1}+ξ)) − (h_{l-1}+ξ)‖²`` (batch mean) for l = 2 … L.
+
+    Per layer: one launch for h_out = f_l(h_in), one for pre = h_out Q_lᵀ + c_l and ψ(pre), and one
+    gradient launch whose δ = (h_in − ψ(pre)) ⊙ ψ'(pre) is formed on load (scale −1/B flips its sign)."""
+    _check_supported(list(activations) + list(feedback_activations), x)
+    x = _as_contiguous(x)
+    depth, batch = len(weights), x.shape[0]
+    _, activities, _ = _forward(weights, biases, activations, x)
+    weight_grads, bias_grads = [], []
+    total = x.new_zeros(())
+    for l in range(1, depth):
+        xi = None if noise is None else noise[l - 1]
+        h_in = activities[l - 1] if xi is None else activities[l - 1] + xi
+        h_out = pc_relax.prediction_error(
+            h_in, weights[l], biases[l], act_out=activations[l] if l < depth - 1 else "identity",
+        )
+        q, c, psi = _as_contiguous(feedback_weights[l - 1]), feedback_biases[l - 1], feedback_activations[l - 1]
+        pre = torch.empty_like(h_in)
+        reconstruction = pc_relax.prediction_error(h_out, q, c, act_out=psi, pred=pre)
+        gw, gb = pc_relax.weight_grad(
+            h_in, h_out, scale=-1.0 / batch, has_bias=c is not None, preactivation=pre, act_delta=psi,
+        )
+        weight_grads.append(gw)
+        bias_grads.append(gb)
+        total += 0.5 * torch.sum((reconstruction - h_in) ** 2) / batch
+    return FeedbackResult(weight_grads, bias_grads, total)
