@@ -1,0 +1,116 @@
+// Shared declarations of the pcfast C++ CPU engine (pcfast._C).
+//
+// The engine runs a whole PC train step (relaxation + local gradients) or a TP/DTP train step in one
+// call. GEMMs go to ATen's BLAS; the elementwise work between them is a handful of fused,
+// vectorised loops (kernels.h) compiled for several instruction sets and picked at run time.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace pcfast {
+
+// Activation φ by name: the same set, with the same definitions, as pcfast/activations.py.
+enum class Act : int { identity = 0, tanh = 1, relu = 2, sigmoid = 3, gelu = 4 };
+
+// The loss ℓ of the readout: MSE ½‖y − f‖² against float targets, CE against int64 labels.
+enum class Loss : int { mse = 0, ce = 1 };
+
+// How pc_update forms ε and what it writes back (see kernels.h).
+enum class UpdateMode : int {
+  jacobi = 0,      // ε read from err; writes z, φ(z), and err = z_new − base − bias (GEMM finishes it)
+  fpa = 1,         // ε read from err; writes z and err = ε + step (predictions frozen)
+  sequential = 2,  // ε = z − base − bias; writes z, φ(z), and err = ε + step
+};
+
+// Arguments of the fused latent update of one hidden layer, over rows [r0, r1) of a (rows, cols)
+// row-major block. step = (td · φ'(z)) · coef − kappa · ε;  z ← z + step.
+template <typename T>
+struct UpdateArgs {
+  int64_t cols;
+  T* z;             // latents z_l (in/out)
+  const T* td;      // top-down term ε_{l+1} W_{l+1}
+  T* err;           // ε_l (in for jacobi/fpa, out for all)
+  T* post;          // φ(z_l): read for φ'(z_l) (all but gelu), rewritten unless fpa
+  T* slope;         // φ'(z_l), only for gelu (read, rewritten unless fpa); else null
+  const T* base;    // (rows, cols) prediction subtracted from z, or null
+  const T* bias;    // (cols,) subtracted from z, or null
+  T coef;           // κ γ_{l+1} / γ_l
+  T kappa;          // κ
+  Act act;
+  UpdateMode mode;
+};
+
+// The kernel table of one instruction set (see kernels.cpp). Row ranges are [r0, r1).
+template <typename T>
+struct Kernels {
+  void (*pc_update)(const UpdateArgs<T>& a, int64_t r0, int64_t r1);
+  // pre += bias; z = pre (if z); post = φ(pre); slope = φ'(pre) (if slope); err = 0 (if err).
+  void (*hidden_forward)(int64_t cols, T* pre, const T* bias, T* z, T* post, T* slope, T* err, Act act,
+                         int64_t r0, int64_t r1);
+  // err = z − base − bias (base, bias nullable).
+  void (*residual)(int64_t cols, T* err, const T* z, const T* base, const T* bias, int64_t r0, int64_t r1);
+  // out = ψ(pre + bias), or with pre2: out = (ψ(pre + bias) − ψ(pre2 + bias)) + add.
+  void (*feedback_map)(int64_t cols, const T* pre, const T* pre2, const T* bias, const T* add, T* out, Act act,
+                       int64_t r0, int64_t r1);
+  // diff = target − h; delta = diff · φ'(u) (φ' from h or u; identity when act is null-like);
+  // returns Σ diff².
+  double (*tp_delta)(int64_t cols, const T* target, const T* h, const T* u, T* delta, Act act, bool readout,
+                     int64_t r0, int64_t r1);
+  // p = pre + bias; r = ψ(p) − h_in; delta = r · ψ'(p); returns Σ r².
+  double (*feedback_residual)(int64_t cols, const T* pre, const T* bias, const T* h_in, T* delta, Act act,
+                              int64_t r0, int64_t r1);
+};
+
+// Kernels for the best instruction set this CPU supports (chosen once).
+template <typename T>
+const Kernels<T>& kernels();
+
+// Name of the instruction set the kernels use ("avx512", "avx2" or "baseline").
+const char* kernel_isa();
+
+// Rows per parallel chunk for a (rows, cols) elementwise pass.
+int64_t row_grain(int64_t cols);
+
+// Run fn(r0, r1) over [0, rows), in parallel (ATen's thread pool) when the block is large enough.
+template <typename F>
+inline void for_rows(int64_t rows, int64_t cols, const F& fn) {
+  const int64_t grain = row_grain(cols);
+  if (rows <= grain) {
+    fn(int64_t{0}, rows);
+  } else {
+    at::parallel_for(0, rows, grain, fn);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops (registered in pcfast.cpp).
+
+using OptTensorList = c10::List<std::optional<at::Tensor>>;
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, std::vector<at::Tensor>>
+pc_train_step(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
+              const at::Tensor& x, const at::Tensor& target, std::vector<double> precisions,
+              int64_t inference_steps, double inference_lr, std::string schedule, bool fpa, std::string loss,
+              bool return_trajectory);
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor>
+tp_train_step(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
+              at::TensorList feedback_weights, const OptTensorList& feedback_biases,
+              std::vector<std::string> feedback_activations, const at::Tensor& x, const at::Tensor& target,
+              double beta, std::string loss, bool difference);
+
+std::tuple<std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>, at::Tensor>
+feedback_grads(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
+               at::TensorList feedback_weights, const OptTensorList& feedback_biases,
+               std::vector<std::string> feedback_activations, const at::Tensor& x, const OptTensorList& noise);
+
+}  // namespace pcfast
