@@ -172,16 +172,18 @@ INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 def gemm_configs(*, two_accumulators: bool = False) -> list[triton.Config]:
     """Configs of the output-tile GEMMs (prediction/error, top-down/update, DTP targets).
 
-    Wide tiles for batch ≥ 128, narrow BLOCK_M for small batches (PC on MNIST uses batch 64);
-    ``two_accumulators`` (DTP: ĥ and h share each Q tile) drops the 128×128 tile for registers."""
+    Wide tiles (8 warps) for batch ≥ 128, narrow BLOCK_M for small batches (PC on MNIST uses batch
+    64); ``two_accumulators`` (DTP: ĥ and h share each Q tile) drops the 128×128 tile for registers.
+    fp32 runs the dot as 3xTF32, which needs about three times the operand registers of bf16: the
+    wide tiles use 8 warps so that they fit (tests/ops/test_aot_compile.py prints the spills)."""
     if interpreting():
         return [triton.Config(dict(INTERPRETER_BLOCKS, GROUP_M=8), num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
         (128, 128, 32, 3, 8),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
+        (128, 64, 32, 3, 8),
+        (64, 128, 32, 3, 8),
         (64, 64, 32, 4, 4),
-        (32, 64, 64, 4, 4),
+        (32, 64, 32, 4, 4),
         (16, 64, 64, 4, 4),
     ]
     if two_accumulators:
@@ -199,10 +201,10 @@ def grad_configs() -> list[triton.Config]:
         return [triton.Config(dict(INTERPRETER_BLOCKS, GROUP_M=8), num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_N, BLOCK_K, BLOCK_M, stages, warps
         (128, 128, 32, 3, 8),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
+        (128, 64, 32, 3, 8),
+        (64, 128, 32, 3, 8),
         (64, 64, 32, 4, 4),
-        (64, 64, 64, 3, 4),
+        (32, 64, 64, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP_M": 8}, num_stages=st, num_warps=w)
@@ -215,10 +217,11 @@ def _is_fp64(named_args: dict[str, Any]) -> bool:
 
 
 def _fp64_fit(configs: list[triton.Config], rows: str, cols: str) -> list[triton.Config]:
-    """fp64 doubles shared memory and registers: keep ≤ 64×128 output tiles with ≤ 3 stages."""
+    """fp64 doubles shared memory and registers: keep ≤ 32×64 output tiles with ≤ 3 stages (64×64
+    already spills on sm_90)."""
     kept = []
     for config in configs:
-        if config.kwargs[rows] * config.kwargs[cols] > 64 * 128:
+        if config.kwargs[rows] * config.kwargs[cols] > 32 * 64:
             continue
         kept.append(triton.Config(dict(config.kwargs), num_warps=config.num_warps,
                                   num_stages=min(config.num_stages, 3)))

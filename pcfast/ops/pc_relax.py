@@ -282,12 +282,13 @@ _pc_weight_grad_kernel_tuned = triton.autotune(
 
 
 def ce_fused_config(classes: int) -> dict:
-    """Meta-parameters of the one-tile CE epilogue: BLOCK_N covers the row."""
+    """Meta-parameters of the one-tile CE epilogue: BLOCK_N covers the row; the tile gets shorter
+    as the row gets wider so the accumulator stays in registers."""
     block_n = max(16, triton.next_power_of_2(classes))
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64 if block_n <= 64 else 32, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=4,
-                num_stages=3)
+    block_m = 64 if block_n <= 64 else 32 if block_n <= 128 else 16
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 def ce_error_config() -> dict:
