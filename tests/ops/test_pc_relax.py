@@ -1,0 +1,166 @@
+"""The ``triton`` PC kernels (``pcfast/ops/pc_relax.py``) equal ``pcfast.reference`` over whole
+T-step trajectories, in float32 and float64, under the Triton interpreter.
+
+The grid is sampled, not the full product: every schedule × FPA × bias × dtype combination appears,
+and batch {1, 5, 33}, widths {1, 17, 64, 100}, depth 2–4, both losses and every activation are dealt
+across those cases so each value appears several times. The interpreter runs one 32×32×32 tile per
+program (``INTERPRETER_BLOCKS``), so batch 33 and width 64/100 span several tiles and k-iterations.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from pcfast import functional as F  # noqa: E402
+from pcfast import reference  # noqa: E402
+from pcfast.ops import pc_relax  # noqa: E402
+from pcfast.ops import triton as triton_backend  # noqa: E402
+from pcfast.testing import assert_all_close, assert_close  # noqa: E402
+from tests.conftest import random_batch, random_mlp  # noqa: E402
+
+ACTS = ("tanh", "gelu", "relu", "sigmoid", "identity")
+BATCHES = (1, 5, 33)
+WIDTHS = (1, 17, 64, 100)
+DEPTHS = (2, 3, 4)
+STEPS = 3
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+
+
+def _cases():
+    """Two rounds over the 16 combinations of schedule × FPA × bias × dtype, with batch, width, depth,
+    loss and the activations dealt round-robin (cycle lengths 3, 4, 3, 5, 5, shifted between rounds, so
+    they mix), plus awkward extras."""
+    cases = []
+    combos = list(itertools.product(("jacobi", "sequential"), (False, True), (True, False), ("f64", "f32")))
+    for shift in (0, 1):
+        for i, (schedule, fpa, bias, dtype) in enumerate(combos):
+            cases.append(dict(
+                batch=BATCHES[(i + shift) % 3], width=WIDTHS[(i + 2 * shift) % 4], depth=DEPTHS[(i // 2 + shift) % 3],
+                schedule=schedule, fpa=fpa, bias=bias, dtype=dtype,
+                loss="ce" if (i + shift) % 5 in (1, 3) else "mse", act_offset=i + 3 * shift,
+            ))
+    # Width 1 between wide layers, batch 1 with CE, and the deepest net at the widest width in fp32.
+    cases.append(dict(batch=5, width=1, depth=4, schedule="sequential", fpa=False, bias=True, dtype="f64", loss="ce", act_offset=2))
+    cases.append(dict(batch=1, width=100, depth=3, schedule="jacobi", fpa=False, bias=True, dtype="f32", loss="ce", act_offset=1))
+    cases.append(dict(batch=33, width=100, depth=4, schedule="jacobi", fpa=False, bias=True, dtype="f32", loss="mse", act_offset=0))
+    return cases
+
+
+def _case_id(c):
+    return (f"B{c['batch']}-W{c['width']}-L{c['depth']}-T{STEPS}-{c['schedule']}-{'fpa' if c['fpa'] else 'nofpa'}-"
+            f"{'bias' if c['bias'] else 'nobias'}-{c['loss']}-{c['dtype']}")
+
+
+def _network(case, seed=0):
+    width, depth = case["width"], case["depth"]
+    classes = 7 if case["loss"] == "ce" else 3
+    dims = (9, *([width] * (depth - 1)), classes)
+    if depth == 4:
+        dims = (9, width, 17 if width != 17 else 5, width, classes)  # mixed widths
+    acts = [ACTS[(case["act_offset"] + l) % len(ACTS)] for l in range(depth - 1)]
+    weights, biases, acts = random_mlp(dims, bias=case["bias"], activation=acts, dtype=DTYPES[case["dtype"]],
+                                       seed=seed, scale=1.2)
+    return dims, weights, biases, acts
+
+
+def _pc_kwargs(case, depth):
+    return dict(precisions=[1.0, 2.5, 0.5, 1.5][: depth - 1] + [0.8], inference_steps=STEPS, inference_lr=0.2,
+                schedule=case["schedule"], fpa=case["fpa"], loss=case["loss"], return_trajectory=True)
+
+
+def assert_same_pc(out, ref, dtype):
+    for t, (a, e) in enumerate(zip(out.trajectory, ref.trajectory)):
+        assert_all_close(a, e, dtype=dtype, name=f"latents at step {t}")
+    assert len(out.trajectory) == len(ref.trajectory)
+    assert_all_close(out.latents, ref.latents, dtype=dtype, name="latents")
+    assert_all_close(out.errors, ref.errors, dtype=dtype, name="errors")
+    assert_all_close(out.weight_grads, ref.weight_grads, dtype=dtype, name="weight grads")
+    assert_all_close(out.bias_grads, ref.bias_grads, dtype=dtype, name="bias grads")
+    assert_close(out.energy, ref.energy, dtype=dtype, name="energy")
+    assert_close(out.loss, ref.loss, dtype=dtype, name="loss")
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_pc_triton_equals_reference(case):
+    dims, weights, biases, acts = _network(case)
+    dtype = DTYPES[case["dtype"]]
+    x, y = random_batch(dims, case["batch"], case["loss"], dtype=dtype)
+    kwargs = _pc_kwargs(case, case["depth"])
+    ref = reference.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    out = triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    assert_same_pc(out, ref, dtype)
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+def test_pc_triton_ce_row_kernel_equals_reference(schedule, monkeypatch):
+    """Class rows wider than one tile: logits stored, then ``_ce_error_kernel`` (forced here)."""
+    monkeypatch.setattr(pc_relax, "CE_FUSED_MAX_CLASSES", 0)
+    case = dict(batch=5, width=17, depth=3, schedule=schedule, fpa=False, bias=True, dtype="f64", loss="ce", act_offset=0)
+    dims, weights, biases, acts = _network(case)
+    x, y = random_batch(dims, 5, "ce")
+    kwargs = _pc_kwargs(case, 3)
+    assert_same_pc(triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs),
+                   reference.pc_train_step(weights, biases, acts, x, y, **kwargs), torch.float64)
+
+
+def test_pc_triton_through_functional_with_strided_weights():
+    """``backend="triton"`` through the registry; weights that are transposed views (strides, not copies)."""
+    dims = (6, 17, 5)
+    _, biases, acts = random_mlp(dims, activation="tanh")
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(a, b, generator=gen, dtype=torch.float64).T / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
+    assert not weights[0].is_contiguous()
+    x, y = random_batch(dims, 5, "mse")
+    kwargs = dict(precisions=[1.0, 0.8], inference_steps=STEPS, inference_lr=0.2, return_trajectory=True)
+    out = F.pc_train_step(weights, biases, acts, x, y, backend="triton", **kwargs)
+    ref = F.pc_train_step(weights, biases, acts, x, y, backend="reference", **kwargs)
+    assert_same_pc(out, ref, torch.float64)
+
+
+def test_pc_triton_zero_inference_steps_is_forward_state():
+    dims, weights, biases, acts = _network(dict(width=17, depth=3, loss="mse", bias=True, dtype="f64", act_offset=0))
+    x, y = random_batch(dims, 5, "mse")
+    for schedule in ("jacobi", "sequential"):
+        out = triton_backend.pc_train_step(weights, biases, acts, x, y, precisions=[1.0, 1.0, 1.0], inference_steps=0,
+                                           inference_lr=0.1, schedule=schedule, fpa=False, loss="mse")
+        assert all(float(e.abs().max()) == 0.0 for e in out.errors[:-1])
+        ref = reference.pc_train_step(weights, biases, acts, x, y, inference_steps=0, schedule=schedule)
+        assert_all_close(out.weight_grads, ref.weight_grads, name="weight grads")
+
+
+def test_pc_triton_equals_bp_under_fpa():
+    """O2: forward init + FPA + sequential + T = 1 + κ = 1 ⇒ PC weight gradients = γ_L × BP gradients."""
+    dims, weights, biases, acts = _network(dict(width=17, depth=4, loss="mse", bias=True, dtype="f64", act_offset=1))
+    x, y = random_batch(dims, 5, "mse")
+    gamma_out = 0.7
+    out = triton_backend.pc_train_step(weights, biases, acts, x, y, precisions=[1.0, 1.0, 1.0, gamma_out],
+                                       inference_steps=1, inference_lr=1.0, schedule="sequential", fpa=True, loss="mse")
+    bp = reference.bp_train_step(weights, biases, acts, x, y, loss="mse")
+    assert_all_close(out.weight_grads, [gamma_out * g for g in bp.weight_grads], name="weight grads")
+    assert_all_close(out.bias_grads, [gamma_out * g for g in bp.bias_grads], name="bias grads")
+
+
+def test_pc_triton_rejects_half_precision_on_cpu():
+    dims, weights, biases, acts = _network(dict(width=17, depth=2, loss="mse", bias=False, dtype="f32", act_offset=0))
+    x, y = random_batch(dims, 5, "mse", dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="float16"):
+        triton_backend.pc_train_step([w.half() for w in weights], biases, acts, x.half(), y.half(), precisions=[1.0, 1.0],
+                                     inference_steps=1, inference_lr=0.1, schedule="jacobi", fpa=False, loss="mse")
+
+
+def test_import_pcfast_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, pcfast, pcfast.functional; assert 'triton' not in sys.modules, 'pcfast imported triton'"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
