@@ -5,10 +5,14 @@
 
 namespace pcfast {
 
+std::string dtype_name(at::ScalarType dtype) { return "torch." + std::string(c10::getDtypeNames(dtype).first); }
+
 std::string describe(const at::Tensor& t) {
   if (!t.defined()) return "an undefined tensor";
   std::ostringstream out;
-  out << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
+  out << "shape (";
+  for (int64_t d = 0; d < t.dim(); ++d) out << (d ? ", " : "") << t.size(d);
+  out << (t.dim() == 1 ? ",)" : ")") << ", dtype " << dtype_name(t.scalar_type()) << ", device " << t.device();
   if (t.layout() != at::kStrided) out << ", layout " << t.layout();
   return out.str();
 }
@@ -70,7 +74,7 @@ Network check_network(at::TensorList weights, const OptTensorList& biases, const
     const std::string name = "weights[" + std::to_string(l) + "]";
     const at::Tensor& w = weights[l];
     check_cpu_strided(w, name);
-    TORCH_CHECK_TYPE(w.scalar_type() == net.dtype, name, ": expected dtype ", net.dtype,
+    TORCH_CHECK_TYPE(w.scalar_type() == net.dtype, name, ": expected dtype ", dtype_name(net.dtype),
                      " (that of weights[0]), got ", describe(w));
     TORCH_CHECK_VALUE(w.dim() == 2, name, ": expected a 2-D (out, in) matrix, got ", describe(w));
     TORCH_CHECK_VALUE(w.size(0) >= 1 && w.size(1) >= 1, name, ": expected non-empty dimensions, got ", describe(w));
@@ -86,7 +90,7 @@ Network check_network(at::TensorList weights, const OptTensorList& biases, const
     if (b.has_value() && b->defined()) {
       const std::string bname = "biases[" + std::to_string(l) + "]";
       check_cpu_strided(*b, bname);
-      TORCH_CHECK_TYPE(b->scalar_type() == net.dtype, bname, ": expected dtype ", net.dtype, ", got ", describe(*b));
+      TORCH_CHECK_TYPE(b->scalar_type() == net.dtype, bname, ": expected dtype ", dtype_name(net.dtype), ", got ", describe(*b));
       TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == w.size(0), bname, ": expected shape (", w.size(0),
                         ",), got ", describe(*b));
       net.biases.emplace_back(b->contiguous());
@@ -103,7 +107,7 @@ Network check_network(at::TensorList weights, const OptTensorList& biases, const
 at::Tensor check_float(const at::Tensor& t, const std::string& argument, const Network& net,
                        std::initializer_list<int64_t> shape) {
   check_cpu_strided(t, argument);
-  TORCH_CHECK_TYPE(t.scalar_type() == net.dtype, argument, ": expected dtype ", net.dtype, " (the model's), got ",
+  TORCH_CHECK_TYPE(t.scalar_type() == net.dtype, argument, ": expected dtype ", dtype_name(net.dtype), " (the model's), got ",
                    describe(t));
   bool ok = t.dim() == static_cast<int64_t>(shape.size());
   if (ok) {
@@ -118,7 +122,7 @@ at::Tensor check_input(const at::Tensor& x, const Network& net) {
   check_cpu_strided(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == net.widths[0], "x: expected shape (batch >= 1, ",
                     net.widths[0], "), got ", describe(x));
-  TORCH_CHECK_TYPE(x.scalar_type() == net.dtype, "x: expected dtype ", net.dtype, " (the model's), got ", describe(x));
+  TORCH_CHECK_TYPE(x.scalar_type() == net.dtype, "x: expected dtype ", dtype_name(net.dtype), " (the model's), got ", describe(x));
   return x.contiguous();
 }
 

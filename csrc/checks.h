@@ -21,6 +21,7 @@ struct Network {
 };
 
 std::string describe(const at::Tensor& t);
+std::string dtype_name(at::ScalarType dtype);  // "torch.float32"
 
 Act parse_act(const std::string& name, const std::string& argument);
 Loss parse_loss(const std::string& name);

@@ -1,6 +1,7 @@
 // GEMMs for the engine: direct BLAS when libtorch_cpu exports it, ATen otherwise (see gemm.h).
 #include "gemm.h"
 
+#include <atomic>
 #include <climits>
 #include <initializer_list>
 #include <type_traits>
@@ -23,18 +24,23 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace pcfast {
 namespace {
 
-bool blas_enabled() {
-  static const bool enabled = [] {
+bool blas_available() {
 #ifdef PCFAST_WEAK_BLAS
-    const char* env = std::getenv("PCFAST_CPP_GEMM");
-    if (env != nullptr && std::strcmp(env, "aten") == 0) return false;
-    return sgemm_ != nullptr && dgemm_ != nullptr;
+  return sgemm_ != nullptr && dgemm_ != nullptr;
 #else
-    return false;
+  return false;
 #endif
-  }();
-  return enabled;
 }
+
+std::atomic<bool>& blas_slot() {
+  static std::atomic<bool> slot{[] {
+    const char* env = std::getenv("PCFAST_CPP_GEMM");
+    return blas_available() && !(env != nullptr && std::strcmp(env, "aten") == 0);
+  }()};
+  return slot;
+}
+
+bool blas_enabled() { return blas_slot().load(std::memory_order_relaxed); }
 
 bool fits_int(std::initializer_list<int64_t> sizes) {
   for (int64_t s : sizes) {
@@ -62,6 +68,11 @@ void blas(char ta, char tb, int64_t M, int64_t N, int64_t K, double alpha, const
 }  // namespace
 
 const char* gemm_path() { return blas_enabled() ? "blas" : "aten"; }
+
+void set_gemm_path(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "blas" || name == "aten", "gemm: expected 'blas' or 'aten', got '", name, "'");
+  blas_slot().store(name == "blas" && blas_available());
+}
 
 // Row-major X (r×c) is column-major Xᵀ (c×r) with leading dimension c, so each row-major product
 // below is the column-major product of the transposes.

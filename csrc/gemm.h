@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 namespace pcfast {
 
 // C = beta·C + alpha·A·Wᵀ  (A: m×k, W: n×k, C: m×n). beta = 0 ignores C's old contents.
@@ -22,5 +24,8 @@ void gemm_atb(at::Tensor& G, const at::Tensor& E, const at::Tensor& A, double al
 
 // "blas" when the direct BLAS path is in use, else "aten".
 const char* gemm_path();
+
+// Choose the GEMM path: "blas" (when available) or "aten", for tests and benchmarks.
+void set_gemm_path(const std::string& name);
 
 }  // namespace pcfast

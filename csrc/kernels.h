@@ -324,6 +324,18 @@ double feedback_residual(int64_t n, const T* pre, const T* bias, const T* h_in, 
 }
 
 template <typename T>
+void activate(int64_t n, const T* u, T* value, T* slope, Act act) {
+  with_act(act, [&](auto act_c) {
+    constexpr Act A = decltype(act_c)::value;
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = phi<A>(u[i]);
+      value[i] = v;
+      slope[i] = slope_of<A>(v, u[i]);
+    }
+  });
+}
+
+template <typename T>
 Kernels<T> table() {
   Kernels<T> k;
   k.pc_update = &pc_update<T>;
@@ -332,6 +344,7 @@ Kernels<T> table() {
   k.feedback_map = &feedback_map<T>;
   k.tp_delta = &tp_delta<T>;
   k.feedback_residual = &feedback_residual<T>;
+  k.activate = &activate<T>;
   return k;
 }
 

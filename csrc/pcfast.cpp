@@ -29,6 +29,14 @@ namespace pcfast {
 // "avx512/blas": the instruction set of the elementwise kernels and the GEMM path, for benchmarks.
 std::string engine_info() { return std::string(kernel_isa()) + "/" + gemm_path(); }
 
+// Pick the kernels' instruction set and the GEMM path ("" keeps one); returns the new engine_info.
+// For tests and benchmarks; the defaults are the fastest available.
+std::string set_engine(std::string isa, std::string gemm) {
+  if (!isa.empty()) set_kernel_isa(isa);
+  if (!gemm.empty()) set_gemm_path(gemm);
+  return engine_info();
+}
+
 }  // namespace pcfast
 
 TORCH_LIBRARY(pcfast, m) {
@@ -49,5 +57,7 @@ TORCH_LIBRARY(pcfast, m) {
       "Tensor?[] feedback_biases, str[] feedback_activations, Tensor x, Tensor?[] noise) -> "
       "(Tensor[] weight_grads, Tensor?[] bias_grads, Tensor loss)",
       &pcfast::feedback_grads);
+  m.def("activation(Tensor u, str activation) -> (Tensor value, Tensor slope)", &pcfast::activation);
   m.def("engine_info() -> str", &pcfast::engine_info);
+  m.def("set_engine(str isa, str gemm) -> str", &pcfast::set_engine);
 }

@@ -66,14 +66,21 @@ struct Kernels {
   // p = pre + bias; r = ψ(p) − h_in; delta = r · ψ'(p); returns Σ r².
   double (*feedback_residual)(int64_t cols, const T* pre, const T* bias, const T* h_in, T* delta, Act act,
                               int64_t r0, int64_t r1);
+  // value = φ(u), slope = φ'(u) over n elements (for tests of the activation math).
+  void (*activate)(int64_t n, const T* u, T* value, T* slope, Act act);
 };
 
 // Kernels for the best instruction set this CPU supports (chosen once).
 template <typename T>
 const Kernels<T>& kernels();
 
-// Name of the instruction set the kernels use ("avx512", "avx2" or "baseline").
+// Name of the instruction set the kernels use ("avx512", "avx2" or "baseline"): the best the CPU
+// supports, or a lower one named by the environment variable PCFAST_CPP_ISA.
 const char* kernel_isa();
+
+// Switch the kernels to instruction set `name` (capped at what the CPU supports), for tests and
+// benchmarks. Not meant to race with running ops.
+void set_kernel_isa(const std::string& name);
 
 // Rows per parallel chunk for a (rows, cols) elementwise pass.
 int64_t row_grain(int64_t cols);
@@ -107,6 +114,9 @@ tp_train_step(at::TensorList weights, const OptTensorList& biases, std::vector<s
               at::TensorList feedback_weights, const OptTensorList& feedback_biases,
               std::vector<std::string> feedback_activations, const at::Tensor& x, const at::Tensor& target,
               double beta, std::string loss, bool difference);
+
+// (φ(u), φ'(u)) through the engine's kernels, for tests.
+std::tuple<at::Tensor, at::Tensor> activation(const at::Tensor& u, std::string activation);
 
 std::tuple<std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>, at::Tensor>
 feedback_grads(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,

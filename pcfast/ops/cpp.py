@@ -28,12 +28,21 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 _ops = torch.ops.pcfast
 
-__all__ = ["engine_info", "feedback_grads", "pc_train_step", "tp_train_step"]
+__all__ = ["engine_info", "feedback_grads", "pc_train_step", "set_engine", "tp_train_step"]
 
 
 def engine_info() -> str:
-    """``"<isa>/<gemm path>"``: the instruction set of the elementwise kernels and how GEMMs are called."""
+    """``"<isa>/<gemm>"``: the instruction set of the elementwise kernels (``avx512``, ``avx2`` or
+    ``baseline``) and how GEMMs are called (``blas``: straight to libtorch's BLAS; ``aten``: through
+    the dispatcher)."""
     return _ops.engine_info()
+
+
+def set_engine(isa: str | None = None, gemm: str | None = None) -> str:
+    """Choose the kernels' instruction set (capped at what the CPU supports) and the GEMM path, for
+    tests and benchmarks; returns the new :func:`engine_info`. The defaults are the fastest available.
+    The environment variables ``PCFAST_CPP_ISA`` and ``PCFAST_CPP_GEMM=aten`` set them at load time."""
+    return _ops.set_engine(isa or "", gemm or "")
 
 
 def pc_train_step(
