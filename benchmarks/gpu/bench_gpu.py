@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -44,11 +45,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from pcfast import reference  # noqa: E402
-from pcfast.ops import torch_pc, torch_tp  # noqa: E402
-from pcfast.testing import assert_close, assert_close_to_reference, tolerance  # noqa: E402
+from pcfast import reference
+from pcfast.ops import torch_pc, torch_tp
+from pcfast.testing import assert_close, assert_close_to_reference, tolerance
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def macs(dims) -> list[int]:
-    return [a * b for a, b in zip(dims[:-1], dims[1:])]
+    return [a * b for a, b in itertools.pairwise(dims)]
 
 
 def flops(algo: str, dims, batch: int, steps: int) -> float:
@@ -160,7 +161,7 @@ def time_steps(fn, device: torch.device, *, warmup: int = 3, min_reps: int = 5, 
             fn()
             samples.append(1e3 * (time.perf_counter() - t0))
     samples.sort()
-    q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))]  # noqa: E731
+    q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))]
     return {"ms": statistics.median(samples), "p20": q(0.2), "p80": q(0.8), "reps": len(samples)}
 
 
@@ -180,7 +181,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 8192) -> d
 
 def network(dims, dtype, device, seed=0, bias=True):
     gen = torch.Generator().manual_seed(seed)
-    weights = [(torch.randn(b, a, generator=gen) / a**0.5).to(device, dtype) for a, b in zip(dims[:-1], dims[1:])]
+    weights = [(torch.randn(b, a, generator=gen) / a**0.5).to(device, dtype) for a, b in itertools.pairwise(dims)]
     biases = [(0.1 * torch.randn(b, generator=gen)).to(device, dtype) if bias else None for b in dims[1:]]
     return weights, biases
 
@@ -213,7 +214,7 @@ def step_function(algo: str, provider: str, case: Case, dtype, device):
     """A zero-argument callable running one train step (gradients + SGD update) for ``provider``."""
     dims, depth = case.dims, len(case.dims) - 1
     weights, biases = network(dims, dtype, device)
-    x, labels, onehot = inputs(dims, case.batch, dtype, device)
+    x, _labels, onehot = inputs(dims, case.batch, dtype, device)
     acts = ["tanh"] * (depth - 1)
     lr = 1e-3
 
@@ -352,7 +353,7 @@ def _checks_for(precision: str, device: torch.device) -> list[tuple[str, callabl
     def graph_check():
         """Replays equal eager launches bit for bit, also after the weights change in place."""
         with precision_mode(precision) as dtype:
-            weights, biases, qs, cs, x, labels, onehot = net(dtype)
+            weights, biases, qs, cs, x, _labels, onehot = net(dtype)
             kwargs = dict(precisions=[1.0, 2.0, 0.5, 0.8], inference_steps=5, inference_lr=0.2, schedule="jacobi",
                           fpa=False, loss="mse")
             try:
@@ -525,7 +526,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--self-check", action="store_true",
                         help="CPU: run the harness on the tiny case with the CPU providers (no checks)")
     args = parser.parse_args(argv)
-    split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    split = lambda s: [v for v in s.split(",") if v]
     args.cases, args.algos, args.providers = split(args.cases), split(args.algos), split(args.providers)
     args.precisions, args.check_precisions = split(args.precisions), split(args.check_precisions)
     for name, values, known in (("cases", args.cases, CASES), ("algos", args.algos, ALGOS),

@@ -243,7 +243,7 @@ def prune_grad_configs(configs: list[triton.Config], named_args: dict[str, Any],
     return _fp64_fit(configs, "BLOCK_N", "BLOCK_K") if _is_fp64(named_args) else configs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constexpr_names(fn) -> tuple[str, ...]:
     return tuple(fn.arg_names[i] for i in fn.constexprs)
 

@@ -25,8 +25,18 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_common import (
-    activation_code, as_acc, gemm_configs, grad_configs, input_precision, interpreting, matmul_tile, phi,
-    phi_grad, prune_grad_configs, prune_tile_configs, tile_offsets,
+    activation_code,
+    as_acc,
+    gemm_configs,
+    grad_configs,
+    input_precision,
+    interpreting,
+    matmul_tile,
+    phi,
+    phi_grad,
+    prune_grad_configs,
+    prune_tile_configs,
+    tile_offsets,
 )
 
 # Epilogues of _pc_error_kernel.
@@ -253,7 +263,7 @@ def _pc_weight_grad_kernel(
     mask = mask_n[:, None] & mask_k[None, :]
     tl.store(grad_w_ptr + offs_n[:, None] * stride_gn + offs_k[None, :] * stride_gk,
              (s * acc).to(grad_w_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
+    if HAS_BIAS:  # noqa: SIM102 - a constexpr test, then a runtime one: they do not combine in Triton
         # Every column tile computes the row sums; the first stores them.
         if pid_k == 0:
             tl.store(grad_b_ptr + offs_n, (s * bias_acc).to(grad_b_ptr.dtype.element_ty), mask=mask_n)

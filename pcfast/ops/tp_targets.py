@@ -18,7 +18,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_common import (
-    activation_code, gemm_configs, input_precision, phi, prune_tile_configs, tile_offsets,
+    activation_code,
+    gemm_configs,
+    input_precision,
+    phi,
+    prune_tile_configs,
+    tile_offsets,
 )
 
 

@@ -23,7 +23,7 @@ Set ``pcfast.ops.triton.CUDA_GRAPHS = False`` to launch eagerly.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -135,7 +135,7 @@ def _pc_step(
     depth, batch = len(weights), x.shape[0]
     hidden = depth - 1
     output_epilogue = pc_relax.EPILOGUE_MSE if loss == "mse" else pc_relax.EPILOGUE_CE
-    new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)  # noqa: E731
+    new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)
 
     # predictions[l]: u_l after the feedforward pass (FPA's frozen values; layer 1's is constant),
     # the output layer's is refreshed with ε_L. latents[l] = z_l; errors[l] = ε_l.

@@ -10,19 +10,19 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
-import itertools  # noqa: E402
+import itertools
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from pcfast import functional as F  # noqa: E402
-from pcfast import reference  # noqa: E402
-from pcfast.ops import pc_relax  # noqa: E402
-from pcfast.ops import triton as triton_backend  # noqa: E402
-from pcfast.testing import assert_all_close, assert_close  # noqa: E402
-from tests.conftest import random_batch, random_mlp  # noqa: E402
+from pcfast import functional as F
+from pcfast import reference
+from pcfast.ops import pc_relax
+from pcfast.ops import triton as triton_backend
+from pcfast.testing import assert_all_close, assert_close
+from tests.conftest import random_batch, random_mlp
 
 ACTS = ("tanh", "gelu", "relu", "sigmoid", "identity")
 BATCHES = (1, 5, 33)
@@ -117,7 +117,7 @@ def test_pc_triton_through_functional_with_strided_weights():
     dims = (6, 17, 5)
     _, biases, acts = random_mlp(dims, activation="tanh")
     gen = torch.Generator().manual_seed(3)
-    weights = [torch.randn(a, b, generator=gen, dtype=torch.float64).T / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
+    weights = [torch.randn(a, b, generator=gen, dtype=torch.float64).T / a**0.5 for a, b in itertools.pairwise(dims)]
     assert not weights[0].is_contiguous()
     x, y = random_batch(dims, 5, "mse")
     kwargs = dict(precisions=[1.0, 0.8], inference_steps=STEPS, inference_lr=0.2, return_trajectory=True)

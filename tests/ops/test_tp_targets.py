@@ -9,19 +9,19 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
-import itertools  # noqa: E402
+import itertools
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from pcfast import functional as F  # noqa: E402
-from pcfast import reference  # noqa: E402
-from pcfast.ops import pc_relax  # noqa: E402
-from pcfast.ops import triton as triton_backend  # noqa: E402
-from pcfast.testing import assert_all_close, assert_close  # noqa: E402
-from tests.conftest import random_batch, random_mlp  # noqa: E402
+from pcfast import functional as F
+from pcfast import reference
+from pcfast.ops import pc_relax
+from pcfast.ops import triton as triton_backend
+from pcfast.testing import assert_all_close, assert_close
+from tests.conftest import random_batch, random_mlp
 
 ACTS = ("tanh", "gelu", "relu", "sigmoid", "identity")
 BATCHES = (1, 5, 33)
