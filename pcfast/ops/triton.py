@@ -22,6 +22,7 @@ Set ``pcfast.ops.triton.CUDA_GRAPHS = False`` to launch eagerly.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -38,6 +39,7 @@ GRAPH_CACHE_SIZE = 8  # configurations whose graphs are kept (least recently use
 
 _graphs: OrderedDict[tuple, object] = OrderedDict()
 _WARM = "warm"  # seen once: the next call captures
+_EAGER = "eager"  # capture failed: always launch eagerly
 
 
 def _check_supported(activations: Sequence[str], x: Tensor) -> None:
@@ -89,16 +91,24 @@ def _graphed(key: tuple, run: Callable[[Tensor, Tensor], object], x: Tensor, tar
             _graphs.popitem(last=False)
         return run(x, target)
     _graphs.move_to_end(key)
+    if entry is _EAGER:
+        return run(x, target)
     if entry is _WARM:
         static_x, static_target = x.clone(), target.clone()
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            run(static_x, static_target)  # capture needs compiled, tuned kernels and a warm allocator
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = run(static_x, static_target)
+        try:
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                run(static_x, static_target)  # capture needs compiled, tuned kernels and a warm allocator
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = run(static_x, static_target)
+        except RuntimeError as exc:  # capture is an optimisation: fall back to eager launches for good
+            warnings.warn(f"pcfast triton backend: CUDA graph capture failed ({exc}); launching eagerly",
+                          RuntimeWarning, stacklevel=3)
+            _graphs[key] = _EAGER
+            return run(x, target)
         entry = (graph, static_x, static_target, static_out)
         _graphs[key] = entry
     graph, static_x, static_target, static_out = entry
@@ -137,8 +147,9 @@ def _pc_step(
     output_epilogue = pc_relax.EPILOGUE_MSE if loss == "mse" else pc_relax.EPILOGUE_CE
     new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)
 
-    # predictions[l]: u_l after the feedforward pass (FPA's frozen values; layer 1's is constant),
-    # the output layer's is refreshed with ε_L. latents[l] = z_l; errors[l] = ε_l.
+    # predictions[l]: u_l from the feedforward pass (FPA's frozen values and φ'; layer 1's prediction
+    # is constant), except the output layer's, refreshed with ε_L (the energy needs f).
+    # latents[l] = z_l; errors[l] = ε_l.
     predictions = [new(w.shape[0]) for w in weights]
     latents = [new(w.shape[0]) for w in weights[:hidden]]
     errors = [torch.zeros(batch, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
@@ -154,7 +165,7 @@ def _pc_step(
         if l < hidden:
             pc_relax.prediction_error(
                 a, weights[l], biases[l], act_in=act, epilogue=pc_relax.EPILOGUE_HIDDEN_ERROR,
-                out=errors[l], latent=latents[l], pred=predictions[l], load_pred=l == 0,
+                out=errors[l], latent=latents[l], pred=predictions[0] if l == 0 else None, load_pred=l == 0,
             )
         else:
             pc_relax.prediction_error(

@@ -10,6 +10,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
+import contextlib
 import itertools
 
 import pytest
@@ -164,3 +165,52 @@ def test_import_pcfast_does_not_import_triton():
     code = "import sys, pcfast, pcfast.functional; assert 'triton' not in sys.modules, 'pcfast imported triton'"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_cuda_graph_cache_runs_eager_then_captures_then_replays(monkeypatch):
+    """The CUDA-graph cache's bookkeeping, with torch.cuda's graph API faked (no GPU here): first call
+    eager, second captures (warm-up run, then capture, then replay), later calls copy the new inputs
+    into the static buffers and replay; results are copies, never the graph's static buffers."""
+    events = []
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def fake_graph(graph):
+        events.append("capture")
+        yield
+
+    class FakeStream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    triton_backend.clear_graphs()
+
+    def run(x, target):
+        events.append("run")
+        return reference.bp_train_step([torch.ones(2, 3, dtype=torch.float64)], [None], [], x, target, loss="mse")
+
+    x1, x2, x3 = (torch.full((4, 3), float(v), dtype=torch.float64) for v in (1, 2, 3))
+    target = torch.zeros(4, 2, dtype=torch.float64)
+    first = triton_backend._graphed(("key",), run, x1, target)
+    assert events == ["run"]
+    second = triton_backend._graphed(("key",), run, x2, target)
+    assert events == ["run", "run", "capture", "run", "replay"]
+    assert_close(second.loss, run(x2, target).loss)
+    graph, static_x, _, static_out = triton_backend._graphs[("key",)]
+    assert second.weight_grads[0].data_ptr() != static_out.weight_grads[0].data_ptr()
+    events.clear()
+    triton_backend._graphed(("key",), run, x3, target)
+    assert events == ["replay"] and torch.equal(static_x, x3)
+    assert float(first.loss) != float(second.loss)
+    triton_backend.clear_graphs()
