@@ -207,7 +207,7 @@ def test_cuda_graph_cache_runs_eager_then_captures_then_replays(monkeypatch):
     second = triton_backend._graphed(("key",), run, x2, target)
     assert events == ["run", "run", "capture", "run", "replay"]
     assert_close(second.loss, run(x2, target).loss)
-    graph, static_x, _, static_out = triton_backend._graphs[("key",)]
+    _, static_x, _, static_out = triton_backend._graphs[("key",)]
     assert second.weight_grads[0].data_ptr() != static_out.weight_grads[0].data_ptr()
     events.clear()
     triton_backend._graphed(("key",), run, x3, target)
