@@ -32,4 +32,30 @@ def test_help_and_bad_arguments():
     proc = run("train", "--algo", "ep")
     assert proc.returncode == 2 and "invalid choice: 'ep'" in proc.stderr
     proc = run()
-    assert proc.returncode == 2 and "train" in proc.stdout
+    assert proc.returncode == 2
+    assert all(command in proc.stdout for command in ("train", "transfer", "coordcheck", "interp"))
+
+
+@pytest.mark.parametrize("command, option", [
+    ("transfer", "--log2-lr"), ("coordcheck", "--steps"), ("interp", "--gamma-bars"), ("train", "--backend"),
+])
+def test_every_command_documents_its_options_and_defaults(command, option, capsys):
+    from pcfast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert option in text and "(default:" in text
+    if command != "train":
+        assert "--out DIR" in text and "--no-progress" in text
+
+
+def test_diverging_training_is_reported_not_a_traceback(tmp_path):
+    out = tmp_path / "log.json"
+    proc = run("train", "--algo", "bp", "--epochs", "1", "--width", "16", "--lr", "1e30", "--no-progress",
+               "--json", str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "bp: diverged" in proc.stdout
+    log = json.loads(out.read_text())
+    assert log[-1]["diverged"] and "diverged" in log[-1]["error"]

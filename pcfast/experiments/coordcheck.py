@@ -1,0 +1,166 @@
+"""Coordinate check for every algorithm variant × parametrization, as a figure and JSON.
+
+Wraps :func:`pcfast.coord_check` with the settings of the core test
+(``tests/mup/test_parametrize.py``): tanh 784-M-M-10, base width 64, batch 32 of pixel-like inputs,
+lr 0.1, readout init × 0.1, two seeds, the optimizers' default hyperparameters (PC: T = 20, κ = 0.1).
+The slope of log2 Δu_l against log2 width is reported per layer and step; under μP every slope
+must be ≈ 0 (|slope| ≤ 0.15, the test's bound) and under SP some layer's must not (≥ 0.3).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .common import machine, machine_line, parse_variant, progress, pyplot, write_json
+
+MUP_FLAT = 0.15  # the core test's bound on every μP slope at step 1
+SP_STEEP = 0.3  # ... and the least steep SP layer it requires
+
+
+@dataclass
+class CoordSettings:
+    variants: tuple[str, ...] = ("bp", "pc", "pc:-1", "tp", "dtp")
+    parametrizations: tuple[str, ...] = ("sp", "mup")
+    widths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    steps: int = 3
+    seeds: tuple[int, ...] = (0, 1)
+    base_width: int = 64
+    lr: float = 0.1
+    batch_size: int = 32
+    readout_scale: float = 0.1
+    inference_steps: int = 20
+    inference_lr: float = 0.1
+    backend: str = "auto"
+
+
+def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True) -> dict[str, Any]:
+    from ..mup import coord_check
+
+    start = time.perf_counter()
+    variants = [parse_variant(v) for v in settings.variants]
+    jobs = [(v, p) for v in variants for p in settings.parametrizations]
+    per_job = len(settings.widths) * len(settings.seeds)
+    bar = progress(len(jobs) * per_job, "coordcheck", show_progress)
+    panels = []
+    for variant, preset in jobs:
+        bar.set_postfix_str(f"{variant.name} {preset}")
+        kwargs: dict[str, Any] = {}
+        if variant.algo == "pc":
+            kwargs = dict(inference_steps=settings.inference_steps, inference_lr=settings.inference_lr)
+        if variant.algo != "bp":
+            kwargs["backend"] = settings.backend
+        result = coord_check(
+            settings.widths, algo=variant.algo, preset=preset, base_width=settings.base_width,
+            gamma_bar=variant.gamma_bar, lr=settings.lr, steps=settings.steps, seeds=settings.seeds,
+            batch_size=settings.batch_size, readout_scale=settings.readout_scale,
+            progress=lambda done, total: bar.update(),
+            **kwargs)
+        data = result.to_dict()
+        data["variant"] = variant.name
+        data["gamma_bar"] = variant.gamma_bar
+        data["activation_slopes"] = {str(t): result.slopes("activation", t) for t in range(1, settings.steps + 1)}
+        panels.append(data)
+    bar.close()
+    out = {"experiment": "coordcheck", "settings": asdict(settings), "machine": machine(), "panels": panels}
+    out["checks"] = checks(out)
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Step-1 slopes against the parametrization table: flat under μP, not flat under SP.
+
+    PC with γ̄_L = −1 under μP is transitional at these widths (DESIGN §2): recorded, not judged;
+    under SP γ̄_L has no effect, so that panel repeats PC's.
+    """
+    out = []
+    for panel in result["panels"]:
+        slopes = panel["slopes"]["1"]
+        if panel["preset"] == "mup":
+            if panel["variant"].startswith("pc:"):
+                out.append({"check": f"mup {panel['variant']}: step-1 slopes (transitional, recorded only)",
+                            "passed": None, "value": slopes})
+                continue
+            out.append({"check": f"mup {panel['variant']}: every layer's step-1 slope within ±{MUP_FLAT}",
+                        "passed": all(abs(s) <= MUP_FLAT for s in slopes), "value": slopes})
+        else:
+            out.append({"check": f"sp {panel['variant']}: some layer's step-1 |slope| >= {SP_STEEP}",
+                        "passed": max(abs(s) for s in slopes) >= SP_STEEP, "value": slopes})
+    return out
+
+
+def format_coordcheck(result: dict[str, Any]) -> str:
+    lines = ["width slope of log2 Δu per layer (first, hidden, …, last), by step"]
+    for panel in result["panels"]:
+        for step, slopes in panel["slopes"].items():
+            lines.append(f"{panel['variant']:<7}{panel['preset']:<5} step {step}: "
+                         + ", ".join(f"{s:+.2f}" for s in slopes))
+    for c in result["checks"]:
+        mark = {True: "PASS", False: "FAIL", None: "NOTE"}[c["passed"]]
+        lines.append(f"[{mark}] {c['check']}: " + ", ".join(f"{s:+.2f}" for s in c["value"]))
+    return "\n".join(lines)
+
+
+def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
+    """Rows: variants. Columns: Δu under each parametrization, then activation size under each.
+    Log-log; colour = layer, line style = step."""
+    plt = pyplot()
+    from matplotlib import ticker
+
+    settings = result["settings"]
+    variants, presets = settings["variants"], settings["parametrizations"]
+    panels = {(p["variant"], p["preset"]): p for p in result["panels"]}
+    quantities = [("delta_u", "RMS Δu_l"), ("activation", "RMS h_l (f for the readout)")]
+    fig, axes = plt.subplots(len(variants), len(presets) * len(quantities),
+                             figsize=(3.3 * len(presets) * len(quantities), 2.5 * len(variants)), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    colors = plt.get_cmap("tab10")
+    for i, variant in enumerate(variants):
+        for q, (quantity, ylabel) in enumerate(quantities):
+            for j, preset in enumerate(presets):
+                ax = axes[i][q * len(presets) + j]
+                panel = panels[(variant, preset)]
+                widths = panel["widths"]
+                depth = len(panel["slopes"]["1"])
+                steps = sorted({r["step"] for r in panel["records"]})
+                for layer in range(1, depth + 1):
+                    for s, step in enumerate(steps):
+                        ys = []
+                        for width in widths:
+                            vals = [r[quantity] for r in panel["records"]
+                                    if r["width"] == width and r["step"] == step and r["layer"] == layer]
+                            ys.append(sum(vals) / len(vals))
+                        ax.plot(widths, ys, styles[s % len(styles)], color=colors(layer - 1), lw=1.3, marker=".",
+                                label=f"layer {layer}" if s == 0 else None)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=True))
+                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+                ax.grid(alpha=0.3, which="both")
+                slopes = panel["slopes" if quantity == "delta_u" else "activation_slopes"]["1"]
+                short = "Δu" if quantity == "delta_u" else "h"
+                ax.set_title(f"{parse_variant(variant).label} · {'μP' if preset == 'mup' else 'SP'} · {short}\n"
+                             f"step-1 slopes " + " ".join(f"{v:+.2f}" for v in slopes), fontsize=8.5)
+                if i == len(variants) - 1:
+                    ax.set_xlabel("width")
+                if j == 0:
+                    ax.set_ylabel(ylabel, fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    steps = sorted({r["step"] for r in result["panels"][0]["records"]})
+    step_handles = [plt.Line2D([], [], color="0.3", ls=styles[s % len(styles)]) for s in range(len(steps))]
+    fig.legend(handles + step_handles, labels + [f"step {t}" for t in steps], loc="upper right", ncol=2, fontsize=8)
+    fig.suptitle(
+        f"Coordinate check: tanh 784-M-M-10, base width {settings['base_width']}, lr {settings['lr']:g}, "
+        f"batch {settings['batch_size']}, {len(settings['seeds'])} seed(s), mean shown — Δu flat in width under μP\n"
+        f"{machine_line(result['machine'])}", fontsize=9, x=0.4)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write_coordcheck(result: dict[str, Any], out: Path) -> list[Path]:
+    return [write_json(out / "coordcheck.json", result), plot_coordcheck(result, out / "coordcheck.png")]

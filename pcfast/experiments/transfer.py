@@ -1,0 +1,345 @@
+"""μTransfer: does the optimal learning rate stay put as the network widens?
+
+For every algorithm variant × parametrization (``sp``, ``mup``) × width × learning rate on a factor-2
+grid, train a fresh MLP for a few epochs from the same init seed and batch order, then record the
+final train loss (feedforward, over the whole training subset) and the test accuracy. Runs that
+raise ``DivergenceError`` or end non-finite are kept and marked diverged. The summary gives, per
+variant × parametrization, the optimal learning rate per width and its drift in grid steps between
+the smallest and the largest width.
+
+At the base width μP equals SP exactly, and under SP the PC output-precision exponent γ̄_L has no
+effect (γ_L = γ at every width): such runs are identical, so each is trained once and shared.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import (
+    Variant, build, evaluate, machine, machine_line, parse_variant, progress, pyplot, train_run, write_csv,
+    write_json,
+)
+
+# Sensible factor-2 grids (log2 of the base learning rate) per variant, for momentum 0.9 and the
+# embedded MNIST subset: they bracket the optimum at every width and reach the divergence edge.
+DEFAULT_GRIDS = {"bp": (-8, -2), "pc": (-8, -2), "pc:-1": (-8, -2), "tp": (-6, 0), "dtp": (-6, 0)}
+
+
+@dataclass
+class TransferSettings:
+    """Everything a sweep depends on; stored in the JSON next to the results."""
+
+    name: str = "quick"
+    dataset: str = "mnist5k"
+    root: str | None = None
+    fallback_dataset: str | None = None  # used, and said so, when ``dataset``'s files are missing
+    variants: tuple[str, ...] = ("bp", "pc", "pc:-1", "tp", "dtp")
+    parametrizations: tuple[str, ...] = ("sp", "mup")
+    widths: tuple[int, ...] = (64, 256, 1024)
+    grids: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_GRIDS))
+    train_size: int | None = 1024
+    epochs: int = 2
+    batch_size: int = 32
+    momentum: float = 0.9
+    base_width: int = 64
+    hidden_layers: int = 2
+    activation: str = "tanh"
+    loss: str = "mse"
+    readout_scale: float = 1.0
+    inference_steps: int = 5
+    inference_lr: float = 0.2
+    beta: float = 0.5
+    feedback_lr: float = 0.1
+    seed: int = 0
+    backend: str = "auto"
+
+    def grid(self, variant: str) -> list[int]:
+        """log2 learning rates for ``variant`` (integers: a factor-2 grid)."""
+        lo, hi = self.grids.get(variant, self.grids.get(parse_variant(variant).algo, (-8, 0)))
+        return list(range(int(lo), int(hi) + 1))
+
+
+PRESETS: dict[str, TransferSettings] = {
+    # ≤ 5 minutes on 2 CPU cores: 1,024 training images, 2 epochs (64 steps), T = 5 PC steps.
+    "quick": TransferSettings(),
+    # More widths, the whole 4,000-image training split, longer training.
+    "medium": TransferSettings(name="medium", widths=(64, 128, 256, 512, 1024, 2048), train_size=None,
+                               epochs=3, inference_steps=10),
+    # The paper's setting: 3-layer MLP, widths up to 4096, FashionMNIST (when its files exist).
+    "full": TransferSettings(name="full", dataset="fashion_mnist", fallback_dataset="mnist5k", widths=(64, 128, 256, 512, 1024, 2048, 4096),
+                             train_size=None, epochs=10, inference_steps=20, inference_lr=0.1),
+}
+
+
+def settings_for(preset: str, **overrides: Any) -> TransferSettings:
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(PRESETS[preset], **overrides)
+
+
+def _load_data(settings: TransferSettings, say) -> tuple[Any, str | None]:
+    from ..data import DatasetError, load_dataset
+
+    note = None
+    try:
+        data = load_dataset(settings.dataset, root=settings.root)
+    except DatasetError as exc:
+        if settings.fallback_dataset is None:
+            raise
+        note = (f"{settings.dataset} is not available here ({str(exc).splitlines()[0]}); "
+                f"this run uses {settings.fallback_dataset} instead")
+        say(f"note: {note}")
+        data = load_dataset(settings.fallback_dataset)
+    return data, note
+
+
+def _run_key(variant: Variant, par, width: int, log2_lr: int) -> tuple:
+    """Runs with equal keys are the same computation (same init, multipliers, precisions, batches)."""
+    layers = tuple((s.init_std, s.lr_mult, s.bias_lr_mult, s.precision) for s in par.layers)
+    return (variant.algo, width, log2_lr, layers)
+
+
+def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=print) -> dict[str, Any]:
+    """Train every configuration; return the JSON-ready result (settings, machine, rows, summary)."""
+    start = time.perf_counter()
+    data, note = _load_data(settings, say)
+    n = data.num_train if settings.train_size is None else min(settings.train_size, data.num_train)
+    x, labels = data.x_train[:n], data.y_train[:n]
+    variants = [parse_variant(v) for v in settings.variants]
+    configs = [(v, p, w, e) for v in variants for p in settings.parametrizations
+               for w in settings.widths for e in settings.grid(v.name)]
+    cache: dict[tuple, dict] = {}
+    rows = []
+    bar = progress(len(configs), f"transfer {settings.name}", show_progress)
+    for variant, preset, width, log2_lr in configs:
+        bar.set_postfix_str(f"{variant.name} {preset} width {width} lr 2^{log2_lr}")
+        model, par, opt = build(
+            variant, preset, width, input_dim=data.num_features, num_classes=data.num_classes, lr=2.0**log2_lr,
+            base_width=settings.base_width, hidden_layers=settings.hidden_layers, activation=settings.activation,
+            readout_scale=settings.readout_scale, seed=settings.seed, momentum=settings.momentum, loss=settings.loss,
+            inference_steps=settings.inference_steps, inference_lr=settings.inference_lr, beta=settings.beta,
+            feedback_lr=settings.feedback_lr, backend=settings.backend)
+        key = _run_key(variant, par, width, log2_lr)
+        shared = key in cache
+        if not shared:
+            began = time.perf_counter()
+            outcome = train_run(opt, model, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
+                                seed=settings.seed)
+            train_loss = test_accuracy = float("nan")
+            if not outcome["diverged"]:
+                train_loss, _ = evaluate(model, x, labels, settings.loss)
+                _, test_accuracy = evaluate(model, data.x_test, data.y_test, settings.loss)
+            diverged = outcome["diverged"] or not math.isfinite(train_loss)
+            cache[key] = {
+                "train_loss": train_loss if not diverged else None,
+                "test_accuracy": test_accuracy if not diverged else None,
+                "diverged": diverged, "steps": outcome["steps"], "error": outcome["error"],
+                "seconds": round(time.perf_counter() - began, 3),
+            }
+        rows.append({"variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar,
+                     "parametrization": preset, "width": width, "log2_lr": log2_lr, "lr": 2.0**log2_lr,
+                     **cache[key], "shared": shared})
+        bar.update()
+    bar.close()
+    zero_loss = evaluate(lambda t: torch.zeros(t.shape[0], data.num_classes, dtype=t.dtype), x, labels,
+                         settings.loss)[0]
+    result = {
+        "experiment": "transfer", "settings": asdict(settings), "machine": machine(),
+        "data": {"dataset": data.name, "train_size": n, "test_size": data.num_test, "note": note},
+        "zero_output_loss": zero_loss, "rows": rows,
+    }
+    result["summary"] = summarize(result)
+    result["checks"] = checks(result["summary"])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["runs_trained"] = len(cache)
+    return result
+
+
+def _optimum(rows: list[dict]) -> dict | None:
+    finite = [r for r in rows if not r["diverged"]]
+    return min(finite, key=lambda r: (r["train_loss"], r["log2_lr"])) if finite else None
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per variant × parametrization: the optimum per width, its drift and whether wider is better."""
+    settings = result["settings"]
+    widths = list(settings["widths"])
+    out = []
+    for variant in settings["variants"]:
+        for preset in settings["parametrizations"]:
+            mine = [r for r in result["rows"] if r["variant"] == variant and r["parametrization"] == preset]
+            grid = sorted({r["log2_lr"] for r in mine})
+            per_width = []
+            for width in widths:
+                opt = _optimum([r for r in mine if r["width"] == width])
+                per_width.append({
+                    "width": width,
+                    "log2_lr": None if opt is None else opt["log2_lr"],
+                    "train_loss": None if opt is None else opt["train_loss"],
+                    "test_accuracy": None if opt is None else opt["test_accuracy"],
+                    "at_grid_edge": opt is not None and opt["log2_lr"] in (grid[0], grid[-1]),
+                    "diverged_lrs": [r["log2_lr"] for r in mine if r["width"] == width and r["diverged"]],
+                })
+            found = [p for p in per_width if p["log2_lr"] is not None]
+            drift = spread = None
+            wider_better = None
+            if len(found) == len(widths) and found:
+                drift = found[-1]["log2_lr"] - found[0]["log2_lr"]
+                spread = max(p["log2_lr"] for p in found) - min(p["log2_lr"] for p in found)
+                losses = [p["train_loss"] for p in found]
+                wider_better = all(b <= a for a, b in zip(losses, losses[1:]))
+            entry = {
+                "variant": variant, "parametrization": preset, "optimum": per_width,
+                "drift_steps": drift, "spread_steps": spread, "wider_is_better": wider_better,
+                "widest_better_than_smallest": (found[-1]["train_loss"] < found[0]["train_loss"])
+                if len(found) == len(widths) and len(found) > 1 else None,
+            }
+            out.append(entry)
+    # Under SP: what happens to the widest model at the learning rate μP found best for it.
+    by = {(e["variant"], e["parametrization"]): e for e in out}
+    for e in out:
+        if e["parametrization"] != "sp" or (e["variant"], "mup") not in by:
+            continue
+        mup_best = by[(e["variant"], "mup")]["optimum"][-1]["log2_lr"]
+        e["widest_at_mup_optimum"] = None
+        if mup_best is not None:
+            row = next((r for r in result["rows"] if r["variant"] == e["variant"] and r["parametrization"] == "sp"
+                        and r["width"] == widths[-1] and r["log2_lr"] == mup_best), None)
+            if row is not None:
+                e["widest_at_mup_optimum"] = {"log2_lr": mup_best, "diverged": row["diverged"],
+                                              "train_loss": row["train_loss"]}
+    return out
+
+
+def checks(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's acceptance criteria, evaluated on this sweep (recorded, never raised)."""
+    by = {(e["variant"], e["parametrization"]): e for e in summary}
+    out = []
+    for variant in ("bp", "pc", "dtp"):
+        e = by.get((variant, "mup"))
+        if e is None:
+            continue
+        drift = e["drift_steps"]
+        out.append({"check": f"mup {variant}: optimum moves by <= 1 grid step from smallest to largest width",
+                    "passed": drift is not None and abs(drift) <= 1, "value": drift})
+        out.append({"check": f"mup {variant}: wider is better at the optimum",
+                    "passed": bool(e["wider_is_better"]),
+                    "value": [p["train_loss"] for p in e["optimum"]]})
+    e = by.get(("bp", "sp"))
+    if e is not None:
+        at = e.get("widest_at_mup_optimum")
+        diverges = bool(at and at["diverged"])
+        drift = e["drift_steps"]
+        out.append({"check": "sp bp: optimum moves by >= 2 grid steps, or the widest model diverges at the muP optimum",
+                    "passed": (drift is not None and abs(drift) >= 2) or diverges,
+                    "value": {"drift_steps": drift, "widest_diverges_at_mup_optimum": diverges}})
+    return out
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The table printed at the end of a sweep."""
+    widths = result["settings"]["widths"]
+    lines = [f"optimal log2 learning rate per width (train loss at the optimum); drift = largest − smallest width, "
+             f"in factor-2 grid steps",
+             f"{'variant':<8}{'param':<6}" + "".join(f"{w:>16}" for w in widths) + f"{'drift':>7}  wider better"]
+    for e in result["summary"]:
+        cells = []
+        for p in e["optimum"]:
+            if p["log2_lr"] is None:
+                cells.append(f"{'all diverged':>16}")
+            else:
+                edge = "!" if p["at_grid_edge"] else " "
+                cells.append(f"{p['log2_lr']:>6}{edge}({p['train_loss']:.4f})")
+        drift = "—" if e["drift_steps"] is None else f"{e['drift_steps']:+d}"
+        better = {True: "yes", False: "no", None: "—"}[e["wider_is_better"]]
+        lines.append(f"{e['variant']:<8}{e['parametrization']:<6}" + "".join(cells) + f"{drift:>7}  {better}")
+    lines.append("! = optimum at the edge of the grid (widen the grid to locate it)")
+    for c in result["checks"]:
+        lines.append(f"[{'PASS' if c['passed'] else 'FAIL'}] {c['check']}: {c['value']}")
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = ["variant", "algo", "gamma_bar", "parametrization", "width", "log2_lr", "lr", "train_loss",
+               "test_accuracy", "diverged", "steps", "seconds", "shared", "error"]
+
+
+def plot_transfer(result: dict[str, Any], path: Path) -> Path:
+    """One panel per variant × parametrization: train loss against log2 lr, a curve per width."""
+    plt = pyplot()
+    from matplotlib import ticker
+
+    settings = result["settings"]
+    variants, presets, widths = settings["variants"], settings["parametrizations"], settings["widths"]
+    cap = result["zero_output_loss"]  # no better than predicting zero: shown at the cap
+    colors = plt.get_cmap("viridis")([0.1 + 0.8 * k / max(len(widths) - 1, 1) for k in range(len(widths))])
+    fig, axes = plt.subplots(len(variants), len(presets), figsize=(4.2 * len(presets), 2.7 * len(variants)),
+                             squeeze=False)
+    summary = {(e["variant"], e["parametrization"]): e for e in result["summary"]}
+    for i, variant in enumerate(variants):
+        label = parse_variant(variant).label
+        for j, preset in enumerate(presets):
+            ax = axes[i][j]
+            e = summary[(variant, preset)]
+            for k, width in enumerate(widths):
+                mine = sorted((r for r in result["rows"] if r["variant"] == variant and r["parametrization"] == preset
+                               and r["width"] == width), key=lambda r: r["log2_lr"])
+                xs = [r["log2_lr"] for r in mine]
+                ys = [cap if r["diverged"] else min(r["train_loss"], cap) for r in mine]
+                ax.plot(xs, ys, "-", color=colors[k], lw=1.4, label=f"{width}")
+                ok = [(a, b) for a, b, r in zip(xs, ys, mine) if not r["diverged"] and r["train_loss"] < cap]
+                if ok:
+                    ax.plot(*zip(*ok), "o", color=colors[k], ms=3)
+                big = [(a, cap) for a, r in zip(xs, mine) if not r["diverged"] and r["train_loss"] >= cap]
+                if big:
+                    ax.plot(*zip(*big), "^", color=colors[k], ms=6, mfc="none")
+                bad = [(a, cap) for a, r in zip(xs, mine) if r["diverged"]]
+                if bad:
+                    ax.plot(*zip(*bad), "x", color=colors[k], ms=7, mew=1.6)
+                best = e["optimum"][k]
+                if best["log2_lr"] is not None:
+                    ax.plot([best["log2_lr"]], [min(best["train_loss"], cap)], "*", color=colors[k], ms=13, mec="black",
+                            mew=0.8, zorder=5)
+            drift = e["drift_steps"]
+            text = "optimum drift: " + ("—" if drift is None else f"{drift:+d} step" + ("s" if abs(drift) != 1 else ""))
+            ax.text(0.03, 0.04, text, transform=ax.transAxes, fontsize=8,
+                    bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="0.7"))
+            finite = [r["train_loss"] for r in result["rows"] if r["variant"] == variant and not r["diverged"]]
+            low = min(finite, default=0.0)
+            ax.set_ylim(max(0.0, low - 0.08 * (cap - low)), cap + 0.1 * (cap - low))
+            ax.axhline(cap, color="0.6", lw=0.8, ls=":")
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+            ax.set_title(f"{label} · {'μP' if preset == 'mup' else 'SP'}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            if i == len(variants) - 1:
+                ax.set_xlabel("log2 learning rate")
+            if j == 0:
+                ax.set_ylabel("train loss")
+    axes[0][-1].legend(title="width", fontsize=7, title_fontsize=7, loc="upper left")
+    data = result["data"]
+    fig.suptitle(
+        f"μTransfer ({settings['name']}): {data['dataset']}, {data['train_size']} train images, {settings['epochs']} "
+        f"epochs, batch {settings['batch_size']}, momentum {settings['momentum']:g}, base width {settings['base_width']}\n"
+        f"★ optimum · × diverged · △ loss ≥ {cap:.2g} (no better than predicting zero; capped)  —  "
+        f"{machine_line(result['machine'])}",
+        fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_transfer(result: dict[str, Any], out: Path) -> list[Path]:
+    """``transfer_<name>.json``, ``.csv`` and ``.png`` under ``out``."""
+    stem = out / f"transfer_{result['settings']['name']}"
+    return [
+        write_json(stem.with_suffix(".json"), result),
+        write_csv(stem.with_suffix(".csv"), result["rows"], CSV_COLUMNS),
+        plot_transfer(result, stem.with_suffix(".png")),
+    ]
