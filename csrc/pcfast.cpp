@@ -12,7 +12,7 @@
 
 extern "C" {
 // import pcfast._C: an empty module; loading this shared library registers the ops below.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",
