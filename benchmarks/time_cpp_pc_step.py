@@ -62,7 +62,7 @@ def main():
         x = torch.rand(batch, dims[0], generator=gen)
         y = torch.nn.functional.one_hot(torch.randint(0, dims[-1], (batch,), generator=gen), dims[-1]).float()
 
-        def run(provider):
+        def run(provider, weights=weights, biases=biases, acts=acts, x=x, y=y):
             F.pc_train_step(weights, biases, acts, x, y, inference_steps=STEPS, inference_lr=0.1,
                             schedule="jacobi", backend=provider)
 

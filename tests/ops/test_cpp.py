@@ -20,18 +20,13 @@ from pcfast import functional as F
 from pcfast import ops
 from pcfast.testing import assert_all_close, assert_close
 
-if __package__ in (None, ""):  # run as a script by the fuzz test's subprocess
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.conftest import random_batch, random_mlp  # noqa: E402
+from tests.conftest import random_batch, random_mlp
 
 if not ops.is_available("cpp"):
-    pytest.skip(
-        f"pcfast._C is not built ({ops._unavailable.get('cpp', 'unknown reason')}); "
-        "build it with: pip install --no-build-isolation -e .",
-        allow_module_level=True,
-    )
+    pytest.skip(f"the cpp backend is unavailable: {ops._unavailable.get('cpp', 'unknown reason')}",
+                allow_module_level=True)
 
-from pcfast.ops import cpp  # noqa: E402
+from pcfast.ops import cpp
 
 ROOT = Path(__file__).resolve().parents[2]
 HIDDEN = (13, 1, 17, 7)  # primes and a width of one
@@ -510,7 +505,7 @@ def test_fuzz_malformed_calls_raise_and_never_crash():
               "print('\\n'.join(f)); print('FUZZ-DONE', len(f)); sys.exit(1 if f else 0)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode >= 0, f"the process crashed with signal {-proc.returncode}:\n{proc.stderr[-4000:]}"
     assert "FUZZ-DONE" in proc.stdout, f"fuzz did not finish:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, f"malformed calls that did not raise properly:\n{proc.stdout[-4000:]}"
