@@ -171,22 +171,28 @@ def check_batch(
             raise ValueError(f"y: expected shape ({batch}, {classes}), got {_describe(target)}")
         if target.dtype != w0.dtype:
             raise TypeError(f"y: expected dtype {w0.dtype} (the model's), got {target.dtype}")
-        if check_finite and not bool(torch.isfinite(target).all()):
+        if check_finite and not _all_finite(target):
             raise ValueError("y: contains NaN or infinite values")
     else:
         if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"y: expected int64 class labels or float targets, got dtype {target.dtype}")
         if target.shape != (batch,):
             raise ValueError(f"y: expected class labels of shape ({batch},), got {_describe(target)}")
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = (int(v) for v in torch.aminmax(target))
         if lo < 0 or hi >= classes:
             raise ValueError(f"y: class labels must lie in [0, {classes - 1}], got values in [{lo}, {hi}]")
         target = target.long()
         if loss == "mse":
             target = torch.nn.functional.one_hot(target, classes).to(w0.dtype)
-    if check_finite and not bool(torch.isfinite(x).all()):
+    if check_finite and not _all_finite(x):
         raise ValueError("x: contains NaN or infinite values")
     return target
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every element is finite: one summing pass (NaN and ±inf propagate into the sum),
+    confirmed element-wise only when the sum is not finite (it can also overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def resolve_precisions(precisions: Sequence[float] | float | None, depth: int) -> list[float]:

@@ -120,7 +120,7 @@ def pc_train_step(
                     errors[l].add_(step)  # predictions are frozen: ε_l moves with z_l
             if not fpa:
                 refresh_all()
-        else:
+        elif hidden > 0:
             if not fpa:
                 refresh_activity(hidden - 1)
                 refresh_error(depth - 1)

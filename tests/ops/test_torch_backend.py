@@ -90,3 +90,15 @@ def test_tp_torch_equals_reference(case):
     assert_all_close(fb_out.weight_grads, fb_ref.weight_grads, name="feedback weight grads")
     assert_all_close(fb_out.bias_grads, fb_ref.bias_grads, name="feedback bias grads")
     assert_close(fb_out.loss, fb_ref.loss)
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+@pytest.mark.parametrize("fpa", [False, True])
+def test_pc_single_layer_network(schedule, fpa):
+    """Depth 1: no latents, so the relaxation must leave the output error and gradient as at T = 0."""
+    dims, weights, biases, acts = network(1, True)
+    x, y = random_batch(dims, 7, "mse")
+    ref = F.pc_train_step(weights, biases, acts, x, y, inference_steps=3, schedule=schedule, fpa=fpa, backend="reference")
+    out = F.pc_train_step(weights, biases, acts, x, y, inference_steps=3, schedule=schedule, fpa=fpa, backend="torch")
+    assert_all_close(out.weight_grads, ref.weight_grads)
+    assert_close(out.energy, ref.energy)
