@@ -24,7 +24,15 @@ DEFAULT_OUT = Path("experiments/results")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in every option's help, descriptions kept as written."""
+    """Defaults in every option's help (unless the help already says it), descriptions kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action.default, bool) and action.default is False:
+            return text
+        return super()._get_help_string(action)
 
 
 def _widths(text: str) -> int:
@@ -72,18 +80,19 @@ def _train_parser(sub) -> None:
     p.add_argument("--gamma-bar", type=float, default=0.0, help="PC output-precision exponent in [-1, 0]")
     p.add_argument("--width", type=_widths, default=256, help="hidden width")
     p.add_argument("--depth", type=_positive_int, default=2, help="number of hidden layers")
-    p.add_argument("--activation", default="tanh", choices=("tanh", "relu", "sigmoid", "gelu"))
-    p.add_argument("--epochs", type=_positive_int, default=8)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--activation", default="tanh", choices=("tanh", "relu", "sigmoid", "gelu"), help="hidden activation")
+    p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size")
     p.add_argument("--lr", type=float, default=0.03, help="base learning rate")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--loss", choices=("mse", "ce"), default="mse")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--loss", choices=("mse", "ce"), default="mse", help="output loss")
     p.add_argument("--inference-steps", type=int, default=20, help="PC relaxation steps T")
     p.add_argument("--inference-lr", type=float, default=0.2, help="PC inference rate kappa")
     p.add_argument("--beta", type=float, default=0.5, help="TP/DTP output target step")
     p.add_argument("--feedback-lr", type=float, default=0.1, help="TP/DTP feedback learning rate")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton", "reference"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton", "reference"),
+                   help="compute backend")
+    p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch log to this JSON file")
     _add_common(p, out=False)
     p.set_defaults(func=_train)
@@ -115,24 +124,30 @@ def _transfer_parser(sub) -> None:
         "transfer", help="learning-rate x width sweep per algorithm and parametrization (muTransfer)",
         formatter_class=_Formatter,
         description=(
-            "Train every algorithm x parametrization x width x learning rate (factor-2 grid) for a few epochs "
-            "from the same init and batch order; record the final train loss and test accuracy; write "
+            "Train every algorithm x parametrization x width x learning rate (factor-2 grid) for a few epochs, "
+            "once per seed (a seed fixes the init and the batch order); record the final train loss and test "
+            "accuracy, averaged over seeds, with a cosine learning-rate decay; write "
             "transfer_<preset>.csv/.json/.png under --out and print the optimal learning rate per width and its "
             "drift in grid steps.\n\npresets:\n"
             f"  --quick   widths {list(quick.widths)}, {quick.train_size} train images, {quick.epochs} epochs, "
             f"PC T={quick.inference_steps}: <= 5 minutes on 2 CPU cores\n"
-            f"  --medium  widths {list(medium.widths)}, all train images, {medium.epochs} epochs, PC T={medium.inference_steps}\n"
+            f"  --medium  widths {list(medium.widths)}, {medium.train_size} train images, {medium.epochs} epochs, "
+            f"PC T={medium.inference_steps}: about an hour on 2 CPU cores\n"
             f"  --full    the paper's setting: widths {list(full.widths)}, {full.dataset} (falls back to the embedded "
-            f"mnist5k when its files are missing, and says so), {full.epochs} epochs, PC T={full.inference_steps}\n"
+            f"mnist5k when its files are missing, and says so), all train images, {full.epochs} epochs, "
+            f"PC T={full.inference_steps}: days on 2 CPU cores, meant for a GPU\n"
             "Options given explicitly override the preset. Runs that diverge are kept and drawn as x at the cap."))
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the quick preset (default)")
-    which.add_argument("--medium", dest="preset", action="store_const", const="medium", help="the medium preset")
-    which.add_argument("--full", dest="preset", action="store_const", const="full", help="the paper-scale preset")
-    p.set_defaults(preset="quick")
+    which.add_argument("--quick", dest="preset", action="store_const", const="quick", default=argparse.SUPPRESS,
+                       help="the quick preset (the default)")
+    which.add_argument("--medium", dest="preset", action="store_const", const="medium", default=argparse.SUPPRESS,
+                       help="the medium preset")
+    which.add_argument("--full", dest="preset", action="store_const", const="full", default=argparse.SUPPRESS,
+                       help="the paper-scale preset")
     p.add_argument("--algo", nargs="+", type=_variant, default=None, metavar="ALGO",
                    help=f"algorithm variants: {VARIANTS_HELP} (default: bp pc pc:-1 tp dtp)")
-    p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=None, help="(default: sp mup)")
+    p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=None,
+                   help="parametrizations (default: sp mup)")
     p.add_argument("--widths", nargs="+", type=_widths, default=None, help="hidden widths (default: the preset's)")
     p.add_argument("--log2-lr", nargs=2, type=int, default=None, metavar=("LO", "HI"),
                    help="learning-rate grid 2^LO ... 2^HI for every algorithm (default: per algorithm, see "
@@ -140,17 +155,21 @@ def _transfer_parser(sub) -> None:
     p.add_argument("--dataset", default=None, help="mnist5k, digits, mnist, fashion_mnist, cifar10 (default: the preset's)")
     p.add_argument("--root", default=None, help="directory holding dataset files")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on the first N training images (default: the preset's)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="(default: the preset's)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help=f"(default: {quick.batch_size})")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help=f"minibatch size (default: {quick.batch_size})")
     p.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default: {quick.momentum})")
     p.add_argument("--base-width", type=_positive_int, default=None, help=f"width where muP equals SP (default: {quick.base_width})")
-    p.add_argument("--readout-scale", type=float, default=None, help=f"factor on the readout init (default: {quick.readout_scale})")
+    p.add_argument("--readout-scale", type=float, default=None,
+                   help="factor on the readout init for every algorithm (default: per algorithm, "
+                        + ", ".join(f"{k} {v:g}" for k, v in quick.readout_scales.items()) + ")")
     p.add_argument("--inference-steps", type=int, default=None, help="PC relaxation steps T (default: the preset's)")
     p.add_argument("--inference-lr", type=float, default=None, help=f"PC inference rate kappa (default: {quick.inference_lr})")
     p.add_argument("--beta", type=float, default=None, help=f"TP/DTP output target step (default: {quick.beta})")
     p.add_argument("--feedback-lr", type=float, default=None, help=f"TP/DTP feedback learning rate (default: {quick.feedback_lr})")
-    p.add_argument("--seed", type=int, default=None, help="init and batch-order seed (default: 0)")
-    p.add_argument("--backend", default=None, choices=("auto", "torch", "cpp", "triton", "reference"), help="(default: auto)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help=f"init and batch-order seeds; losses are averaged over them (default: {' '.join(map(str, quick.seeds))})")
+    p.add_argument("--backend", default=None, choices=("auto", "torch", "cpp", "triton", "reference"),
+                   help="compute backend (default: auto: cpp on CPU when built, else torch)")
     p.add_argument("--name", default=None, help="file stem transfer_<NAME> (default: the preset's name)")
     _add_common(p)
     p.set_defaults(func=_transfer)
@@ -164,16 +183,21 @@ def _transfer(args) -> int:
         variants=tuple(args.algo) if args.algo else None,
         parametrizations=tuple(args.parametrization) if args.parametrization else None,
         train_size=args.train_size, epochs=args.epochs, batch_size=args.batch_size, momentum=args.momentum,
-        base_width=args.base_width, readout_scale=args.readout_scale, inference_steps=args.inference_steps,
-        inference_lr=args.inference_lr, beta=args.beta, feedback_lr=args.feedback_lr, seed=args.seed,
-        backend=args.backend, name=args.name)
-    settings = settings_for(args.preset, **overrides)
+        base_width=args.base_width, inference_steps=args.inference_steps,
+        inference_lr=args.inference_lr, beta=args.beta, feedback_lr=args.feedback_lr,
+        seeds=tuple(args.seeds) if args.seeds else None, backend=args.backend, name=args.name)
+    preset = getattr(args, "preset", "quick")
+    settings = settings_for(preset, **overrides)
     if args.dataset is not None:
         settings.fallback_dataset = None  # a dataset asked for by name is used, or reported missing
     if args.log2_lr:
         lo, hi = sorted(args.log2_lr)
         settings.grids = {v: (lo, hi) for v in settings.variants}
-    print(f"pcfast transfer ({args.preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
+    if args.readout_scale is not None:
+        if not args.readout_scale > 0:
+            raise ValueError(f"--readout-scale: expected a number > 0, got {args.readout_scale:g}")
+        settings.readout_scales = {v: args.readout_scale for v in settings.variants}
+    print(f"pcfast transfer ({preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
           f"parametrizations x widths {list(settings.widths)}; results in {args.out}/")
     result = run_transfer(settings, show_progress=not args.no_progress)
     paths = write_transfer(result, args.out)
@@ -197,17 +221,19 @@ def _coordcheck_parser(sub) -> None:
                      "across widths (pcfast.coord_check, the core test's settings); write coordcheck.json and "
                      "coordcheck.png under --out and print the width slopes. Under muP every slope should be ~0."))
     p.add_argument("--algo", nargs="+", type=_variant, default=list(d.variants), metavar="ALGO", help=VARIANTS_HELP)
-    p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=list(d.parametrizations))
-    p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths))
+    p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=list(d.parametrizations),
+                   help="parametrizations")
+    p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths), help="hidden widths (at least two)")
     p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps measured")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="init seeds; sizes are averaged")
     p.add_argument("--lr", type=float, default=d.lr, help="base learning rate")
-    p.add_argument("--base-width", type=_positive_int, default=d.base_width)
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--base-width", type=_positive_int, default=d.base_width, help="width at which muP equals SP")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="fixed batch of pixel-like inputs")
     p.add_argument("--readout-scale", type=float, default=d.readout_scale, help="factor on the readout init")
     p.add_argument("--inference-steps", type=int, default=d.inference_steps, help="PC relaxation steps T")
     p.add_argument("--inference-lr", type=float, default=d.inference_lr, help="PC inference rate kappa")
-    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "cpp", "triton", "reference"))
+    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "cpp", "triton", "reference"),
+                   help="compute backend")
     _add_common(p)
     p.set_defaults(func=_coordcheck)
 
@@ -244,12 +270,12 @@ def _interp_parser(sub) -> None:
                      "Gauss-Newton-target direction by cosine, against width, gamma_bar, inference steps and "
                      "gamma; each relaxed update is checked against the closed-form equilibrium. Writes interp.json "
                      "and interp.png under --out."))
-    p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths))
+    p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths), help="hidden widths")
     p.add_argument("--gamma-bars", nargs="+", type=float, default=list(d.gamma_bars), help="values of gamma_bar in [-1, 0]")
     p.add_argument("--gamma", type=float, default=d.gamma, help="output precision at the base width")
     p.add_argument("--gamma-sweep", nargs="+", type=float, default=list(d.gamma_sweep),
                    help="values of gamma for the interpolation panel, at the smallest width")
-    p.add_argument("--base-width", type=_positive_int, default=d.base_width)
+    p.add_argument("--base-width", type=_positive_int, default=d.base_width, help="width at which muP equals SP")
     p.add_argument("--depth", type=_positive_int, default=d.hidden_layers, help="number of hidden layers")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images from mnist5k")
     p.add_argument("--inference-steps", type=_positive_int, default=d.inference_steps, help="PC relaxation steps T")
@@ -257,7 +283,7 @@ def _interp_parser(sub) -> None:
                    help="inference rate kappa = SCALE / (1 + max_l gamma_(l+1) ||W_(l+1)||^2)")
     p.add_argument("--steps-curve", nargs="+", type=int, default=list(d.steps_curve), help="T values of the steps panel")
     p.add_argument("--steps-curve-width", type=_widths, default=d.steps_curve_width, help="width of the steps panel")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="init seeds; cosines are averaged")
     _add_common(p)
     p.set_defaults(func=_interp)
 

