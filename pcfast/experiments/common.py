@@ -77,7 +77,8 @@ def build(
     dtype: torch.dtype = torch.float32,
     **optimizer_kwargs: Any,
 ):
-    """``(model, parametrization, optimizer)`` for one configuration; the init depends only on ``seed``."""
+    """``(model, parametrization, optimizer)`` for one configuration; the init (and TP/DTP's feedback
+    noise) depends only on ``seed``."""
     from ..mup import make_mlp, parametrize
     from ..mup.coord import make_optimizer
 
@@ -94,6 +95,8 @@ def build(
     for key in ("beta", "feedback_lr", "feedback_steps", "feedback_noise", "feedback_weight_decay", "seed"):
         if variant.algo not in ("tp", "dtp"):
             kwargs.pop(key, None)
+    if variant.algo in ("tp", "dtp"):
+        kwargs.setdefault("seed", seed)  # the feedback-noise generator follows the run's seed too
     return model, par, make_optimizer(variant.algo, model, par, lr, **kwargs)
 
 
