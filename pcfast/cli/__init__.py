@@ -93,6 +93,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton", "reference"),
                    help="compute backend")
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
+    p.add_argument("--train-size", type=_positive_int, default=None,
+                   help="train on the first N training images (default: all)")
     p.add_argument("--json", type=Path, default=None, help="write the per-epoch log to this JSON file")
     _add_common(p, out=False)
     p.set_defaults(func=_train)
@@ -106,7 +108,8 @@ def _train(args) -> int:
         gamma_bar=args.gamma_bar, width=args.width, depth=args.depth, activation=args.activation,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, loss=args.loss,
         inference_steps=args.inference_steps, inference_lr=args.inference_lr, beta=args.beta,
-        feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, show_progress=not args.no_progress)
+        feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, train_size=args.train_size,
+        show_progress=not args.no_progress)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(log, indent=1))

@@ -31,6 +31,7 @@ def run_train(
     feedback_lr: float = 0.1,
     backend: str = "auto",
     seed: int = 0,
+    train_size: int | None = None,
     show_progress: bool = True,
     say=print,
 ) -> list[dict[str, Any]]:
@@ -42,6 +43,10 @@ def run_train(
 
     data = load_dataset(dataset, root=root)
     say(f"{data!r}")
+    n = data.num_train if train_size is None else min(int(train_size), data.num_train)
+    x_train, y_train = data.x_train[:n], data.y_train[:n]
+    if n < data.num_train:
+        say(f"training on the first {n} of {data.num_train} training images")
     log: list[dict[str, Any]] = []
     for algo in algos:
         variant = Variant(algo, gamma_bar if algo == "pc" else 0.0)
@@ -51,7 +56,7 @@ def run_train(
             loss=loss, inference_steps=inference_steps, inference_lr=inference_lr, beta=beta,
             feedback_lr=feedback_lr, backend=backend)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        steps_per_epoch = -(-data.num_train // batch_size)
+        steps_per_epoch = -(-n // batch_size)
         bar = progress(epochs * steps_per_epoch, algo, show_progress)
         start = time.perf_counter()
 
@@ -67,7 +72,7 @@ def run_train(
             bar.write(f"{algo:>4} epoch {epoch + 1:>2}/{epochs}: test accuracy {accuracy:.3f}, "
                       + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
 
-        outcome = train_run(opt, model, data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, seed=seed,
+        outcome = train_run(opt, model, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed,
                             scheduler=scheduler, on_step=on_step, on_epoch=on_epoch)
         bar.close()
         if outcome["diverged"]:

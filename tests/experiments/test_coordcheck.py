@@ -30,6 +30,6 @@ def test_coordcheck_writes_slopes_per_layer_and_step(tmp_path, pcfast_cli):
     assert "step 1:" in proc.stdout
 
 
-def test_coordcheck_needs_two_widths(tmp_path, pcfast_cli):
-    proc = pcfast_cli("coordcheck", "--widths", "64", "--out", tmp_path)
-    assert proc.returncode == 2 and "at least two widths" in proc.stderr
+def test_coordcheck_needs_two_widths(tmp_path, pcfast_main):
+    code, _, err = pcfast_main("coordcheck", "--widths", "64", "--out", tmp_path)
+    assert code == 2 and "at least two widths" in err

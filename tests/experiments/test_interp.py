@@ -56,6 +56,8 @@ def test_interp_writes_cosines_and_checks(tmp_path, pcfast_cli):
     assert (tmp_path / "interp.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_interp_rejects_gamma_bar_out_of_range(tmp_path, pcfast_cli):
-    proc = pcfast_cli("interp", "--gamma-bars", "0.5", "--out", tmp_path)
-    assert proc.returncode == 2 and "[-1, 0]" in proc.stderr
+def test_interp_rejects_bad_settings(tmp_path, pcfast_main):
+    code, _, err = pcfast_main("interp", "--gamma-bars", "0.5", "--out", tmp_path)
+    assert code == 2 and "[-1, 0]" in err
+    code, _, err = pcfast_main("interp", "--kappa-scale", "3", "--out", tmp_path)
+    assert code == 2 and "--kappa-scale" in err

@@ -59,17 +59,20 @@ def test_diverged_runs_are_kept_and_marked(tmp_path, pcfast_cli):
     assert (tmp_path / "transfer_blowup.png").stat().st_size > 1000
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path, pcfast_cli):
-    proc = pcfast_cli("transfer", *TINY, "--dataset", "fashion_mnist", "--root", tmp_path / "nowhere", "--out", tmp_path)
-    assert proc.returncode == 1
-    assert "fashion_mnist" in proc.stderr and "Traceback" not in proc.stderr
+def test_missing_dataset_is_a_clear_error(tmp_path, pcfast_main):
+    code, _, err = pcfast_main("transfer", *TINY, "--dataset", "fashion_mnist", "--root", tmp_path / "nowhere",
+                               "--out", tmp_path)
+    assert code == 1
+    assert "fashion_mnist" in err and "Traceback" not in err
 
 
-def test_bad_algorithm_is_rejected(pcfast_cli):
-    proc = pcfast_cli("transfer", "--algo", "pc:-2")
-    assert proc.returncode == 2 and "gamma_bar must lie in [-1, 0]" in proc.stderr
-    proc = pcfast_cli("transfer", "--help")
-    assert proc.returncode == 0 and "--quick" in proc.stdout and "default" in proc.stdout
+def test_bad_algorithm_is_rejected(pcfast_main):
+    code, _, err = pcfast_main("transfer", "--algo", "pc:-2")
+    assert code == 2 and "gamma_bar must lie in [-1, 0]" in err
+    code, _, err = pcfast_main("transfer", "--readout-scale", "0", "--widths", "16")
+    assert code == 2 and "--readout-scale" in err
+    code, out, _ = pcfast_main("transfer", "--help")
+    assert code == 0 and "--quick" in out and "(default:" in out
 
 
 def _rows(table: dict[tuple[str, str, int], list[float | None]], grid=(-3, -2, -1, 0)) -> list[dict]:
