@@ -113,3 +113,14 @@ def test_summary_fails_when_the_optimum_drifts_and_wider_is_worse():
     verdict = {c["check"]: c["passed"] for c in checks([entry])}
     assert verdict["mup bp: optimum moves by <= 1 grid step from smallest to largest width"]
     assert not verdict["mup bp: wider is better at the optimum"]
+
+
+def test_full_preset_falls_back_to_the_embedded_data_and_says_so(tmp_path, pcfast_main, monkeypatch):
+    monkeypatch.setenv("PCFAST_DATA", str(tmp_path / "empty"))
+    code, out, err = pcfast_main("transfer", "--full", *TINY, "--algo", "bp", "--parametrization", "mup",
+                                 "--log2-lr", "-5", "-5", "--out", tmp_path)
+    assert code == 0, err
+    assert "note: fashion_mnist is not available here" in out
+    result = json.loads((tmp_path / "transfer_full.json").read_text())
+    assert result["data"]["dataset"] == "mnist5k" and "fashion_mnist" in result["data"]["note"]
+    assert result["settings"]["widths"] == [16, 32] and result["settings"]["epochs"] == 1
