@@ -179,16 +179,22 @@ def _transfer_parser(sub) -> None:
 
 
 def _transfer(args) -> int:
-    from ..experiments.transfer import format_summary, run_transfer, settings_for, write_transfer
+    from ..experiments.transfer import (
+        format_summary,
+        run_transfer,
+        settings_for,
+        write_transfer,
+    )
 
-    overrides = dict(
-        dataset=args.dataset, root=args.root, widths=tuple(args.widths) if args.widths else None,
-        variants=tuple(args.algo) if args.algo else None,
-        parametrizations=tuple(args.parametrization) if args.parametrization else None,
-        train_size=args.train_size, epochs=args.epochs, batch_size=args.batch_size, momentum=args.momentum,
-        base_width=args.base_width, inference_steps=args.inference_steps,
-        inference_lr=args.inference_lr, beta=args.beta, feedback_lr=args.feedback_lr,
-        seeds=tuple(args.seeds) if args.seeds else None, backend=args.backend, name=args.name)
+    overrides = {
+        "dataset": args.dataset, "root": args.root, "widths": tuple(args.widths) if args.widths else None,
+        "variants": tuple(args.algo) if args.algo else None,
+        "parametrizations": tuple(args.parametrization) if args.parametrization else None,
+        "train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size,
+        "momentum": args.momentum, "base_width": args.base_width, "inference_steps": args.inference_steps,
+        "inference_lr": args.inference_lr, "beta": args.beta, "feedback_lr": args.feedback_lr,
+        "seeds": tuple(args.seeds) if args.seeds else None, "backend": args.backend, "name": args.name,
+    }
     preset = getattr(args, "preset", "quick")
     settings = settings_for(preset, **overrides)
     if args.dataset is not None:
@@ -242,7 +248,12 @@ def _coordcheck_parser(sub) -> None:
 
 
 def _coordcheck(args) -> int:
-    from ..experiments.coordcheck import CoordSettings, format_coordcheck, run_coordcheck, write_coordcheck
+    from ..experiments.coordcheck import (
+        CoordSettings,
+        format_coordcheck,
+        run_coordcheck,
+        write_coordcheck,
+    )
 
     settings = CoordSettings(
         variants=tuple(args.algo), parametrizations=tuple(args.parametrization), widths=tuple(args.widths),
@@ -292,7 +303,12 @@ def _interp_parser(sub) -> None:
 
 
 def _interp(args) -> int:
-    from ..experiments.interp import InterpSettings, format_interp, run_interp, write_interp
+    from ..experiments.interp import (
+        InterpSettings,
+        format_interp,
+        run_interp,
+        write_interp,
+    )
 
     for g in args.gamma_bars:
         if not -1.0 <= g <= 0.0:

@@ -9,10 +9,28 @@ from .common import Variant, parse_variant
 from .coordcheck import CoordSettings, run_coordcheck, write_coordcheck
 from .interp import InterpSettings, closed_form_pc_grads, run_interp, write_interp
 from .train import run_train
-from .transfer import PRESETS, TransferSettings, run_transfer, settings_for, write_transfer
+from .transfer import (
+    PRESETS,
+    TransferSettings,
+    run_transfer,
+    settings_for,
+    write_transfer,
+)
 
 __all__ = [
-    "CoordSettings", "InterpSettings", "PRESETS", "TransferSettings", "Variant", "closed_form_pc_grads",
-    "parse_variant", "run_coordcheck", "run_interp", "run_train", "run_transfer", "settings_for",
-    "write_coordcheck", "write_interp", "write_transfer",
+    "PRESETS",
+    "CoordSettings",
+    "InterpSettings",
+    "TransferSettings",
+    "Variant",
+    "closed_form_pc_grads",
+    "parse_variant",
+    "run_coordcheck",
+    "run_interp",
+    "run_train",
+    "run_transfer",
+    "settings_for",
+    "write_coordcheck",
+    "write_interp",
+    "write_transfer",
 ]

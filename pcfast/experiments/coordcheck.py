@@ -48,7 +48,7 @@ def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True) -> di
         bar.set_postfix_str(f"{variant.name} {preset}")
         kwargs: dict[str, Any] = {}
         if variant.algo == "pc":
-            kwargs = dict(inference_steps=settings.inference_steps, inference_lr=settings.inference_lr)
+            kwargs = {"inference_steps": settings.inference_steps, "inference_lr": settings.inference_lr}
         if variant.algo != "bp":
             kwargs["backend"] = settings.backend
         result = coord_check(

@@ -16,7 +16,6 @@ equilibrium solved in closed form (``closed_form_pc_grads``); the relative diffe
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

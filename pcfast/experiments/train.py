@@ -60,11 +60,12 @@ def run_train(
         bar = progress(epochs * steps_per_epoch, algo, show_progress)
         start = time.perf_counter()
 
-        def on_step(stats: dict) -> None:
+        # Defaults bind this iteration's objects (the callbacks run within it anyway).
+        def on_step(stats: dict, bar=bar) -> None:
             bar.update()
             bar.set_postfix_str(f"loss {stats['loss']:.3f}")
 
-        def on_epoch(epoch: int, means: dict) -> None:
+        def on_epoch(epoch: int, means: dict, bar=bar, model=model, algo=algo, start=start) -> None:
             _, accuracy = evaluate(model, data.x_test, data.y_test, loss)
             entry = {"algo": algo, "epoch": epoch + 1, "test_accuracy": accuracy,
                      "seconds": time.perf_counter() - start, **means}

@@ -17,13 +17,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .common import (
-    Variant, build, evaluate, machine, machine_line, parse_variant, progress, pyplot, train_run, write_csv,
+    Variant,
+    build,
+    evaluate,
+    machine,
+    machine_line,
+    parse_variant,
+    progress,
+    pyplot,
+    train_run,
+    write_csv,
     write_json,
 )
 
@@ -154,7 +164,7 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
                 if settings.schedule == "cosine":
                     total = settings.epochs * -(-n // settings.batch_size)
                     scheduler = torch.optim.lr_scheduler.LambdaLR(
-                        opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total)))
+                        opt, lambda k, total=total: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total)))
                 outcome = train_run(opt, model, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
                                     seed=seed, scheduler=scheduler, scheduler_per_step=True)
                 train_loss = test_accuracy = float("nan")
@@ -234,7 +244,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                 drift = found[-1]["log2_lr"] - found[0]["log2_lr"]
                 spread = max(p["log2_lr"] for p in found) - min(p["log2_lr"] for p in found)
                 losses = [p["train_loss"] for p in found]
-                wider_better = all(b <= a for a, b in zip(losses, losses[1:]))
+                wider_better = all(b <= a for a, b in pairwise(losses))
             entry = {
                 "variant": variant, "parametrization": preset, "optimum": per_width,
                 "drift_steps": drift, "spread_steps": spread, "wider_is_better": wider_better,
@@ -286,8 +296,8 @@ def checks(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_summary(result: dict[str, Any]) -> str:
     """The table printed at the end of a sweep."""
     widths = result["settings"]["widths"]
-    lines = [f"optimal log2 learning rate per width (train loss at the optimum); drift = largest − smallest width, "
-             f"in factor-2 grid steps",
+    lines = [("optimal log2 learning rate per width (train loss at the optimum); drift = largest − smallest width, "
+              "in factor-2 grid steps"),
              f"{'variant':<8}{'param':<6}" + "".join(f"{w:>16}" for w in widths) + f"{'drift':>7}  wider better"]
     for e in result["summary"]:
         cells = []
@@ -349,7 +359,7 @@ def plot_transfer(result: dict[str, Any], path: Path) -> Path:
             drift = e["drift_steps"]
             text = "optimum drift: " + ("—" if drift is None else f"{drift:+d} step" + ("s" if abs(drift) != 1 else ""))
             ax.text(0.03, 0.04, text, transform=ax.transAxes, fontsize=8,
-                    bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="0.7"))
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.7"})
             finite = [r["train_loss"] for r in result["rows"] if r["variant"] == variant and not r["diverged"]]
             low = min(finite, default=0.0)
             ax.set_ylim(max(0.0, low - 0.08 * (cap - low)), cap + 0.1 * (cap - low))

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def pcfast_cli():
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pcfast", *map(str, args)], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "pcfast", *map(str, args)], check=False, capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
 
     return run
