@@ -164,8 +164,8 @@ PCOutputs run(const Network& net, const at::Tensor& x, const at::Tensor& target,
           std::move(err),
           std::move(weight_grads),
           std::move(bias_grads),
-          at::scalar_tensor(energy, opts),
-          at::scalar_tensor(loss0 / static_cast<double>(batch), opts),
+          scalar_result(energy, opts),
+          scalar_result(loss0 / static_cast<double>(batch), opts),
           std::move(trajectory)};
 }
 

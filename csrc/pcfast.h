@@ -16,6 +16,13 @@
 
 namespace pcfast {
 
+// A double accumulated by the engine as a 0-d tensor of ``opts``' dtype. Out-of-range values become
+// ±inf, as a float cast would, instead of the error at::scalar_tensor raises: a diverging step must
+// reach the optimizer's DivergenceError check, not fail inside the engine.
+inline at::Tensor scalar_result(double value, const at::TensorOptions& opts) {
+  return at::scalar_tensor(value, opts.dtype(at::kDouble)).to(opts.dtype());
+}
+
 // Activation φ by name: the same set, with the same definitions, as pcfast/activations.py.
 enum class Act : int { identity = 0, tanh = 1, relu = 2, sigmoid = 3, gelu = 4 };
 

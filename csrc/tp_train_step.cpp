@@ -122,8 +122,8 @@ TPOutputs run_tp(const Network& net, const std::vector<at::Tensor>& qs, const st
           std::move(activities),
           std::move(weight_grads),
           std::move(bias_grads),
-          at::scalar_tensor(loss_total / static_cast<double>(batch), opts),
-          at::scalar_tensor(local, opts)};
+          scalar_result(loss_total / static_cast<double>(batch), opts),
+          scalar_result(local, opts)};
 }
 
 template <typename T>
@@ -176,7 +176,7 @@ FeedbackOutputs run_feedback(const Network& net, const std::vector<at::Tensor>& 
       bias_grads.emplace_back(std::nullopt);
     }
   }
-  return {std::move(weight_grads), std::move(bias_grads), at::scalar_tensor(total, opts)};
+  return {std::move(weight_grads), std::move(bias_grads), scalar_result(total, opts)};
 }
 
 }  // namespace

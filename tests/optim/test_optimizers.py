@@ -181,6 +181,24 @@ def test_divergent_relaxation_raises_before_any_change():
     assert_same_tensors(after[1], grads)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if pcfast.ops.is_available(b)])
+@pytest.mark.parametrize("algo", ["pc", "bp", "dtp"])
+def test_float32_overflow_is_a_divergence_on_every_cpu_backend(algo, backend):
+    """Energies and losses past float32's range (accumulated in double by the C++ engine) must reach
+    the DivergenceError check as inf, not fail inside a backend with another error."""
+    model = make_model(dtype=torch.float32)
+    opt = make_opt(algo, model, backend=backend, loss="mse")
+    x = make_batches(1, dtype=torch.float32)[0][0]
+    y = torch.full((x.shape[0], 4), 1e25)  # finite targets whose ½‖y − f‖² ≈ 1e50 does not fit in float32
+    params, grads, state = snapshot(model, opt)
+    with pytest.raises(pcfast.DivergenceError):
+        opt.step(x, y)
+    after = snapshot(model, opt)
+    assert_same_tensors(after[0], params)
+    assert_same_tensors(after[1], grads)
+    assert_same_tensors(after[2], state)
+
+
 def test_feedback_divergence_rolls_back_feedback_and_noise_generator():
     model = make_model()
     opt = pcfast.optim.DTP(model, lr=0.01, feedback_lr=1e300, feedback_noise=0.5)
