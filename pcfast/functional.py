@@ -173,10 +173,17 @@ def feedback_grads(
     x: Tensor,
     noise: Sequence[Tensor | None] | None = None,
     *,
+    noise_seed: int | None = None,
+    noise_std: float = 0.0,
     backend: str = "auto",
 ) -> FeedbackResult:
     """Gradients of the reconstruction losses ``½‖g_l(f_l(h_{l-1}+ξ_l)) − (h_{l-1}+ξ_l)‖²`` (batch
-    mean) with respect to each Q_l and c_l; ``noise[l-2]`` is ξ_l, shape (B, d_{l-1}), or None."""
+    mean) with respect to each Q_l and c_l; ``noise[l-2]`` is ξ_l, shape (B, d_{l-1}), or None.
+
+    Or ``noise_seed``: ξ_l ~ N(0, ``noise_std``²) drawn from the seed — inside the kernels on the
+    ``triton`` backend (never stored; ``pcfast.ops.tp_targets.gaussian_noise`` gives the same
+    numbers), from a ``torch.Generator`` seeded with it elsewhere. The same seed on the same backend
+    gives the same result; different backends draw different (equally distributed) numbers."""
     _check_network(weights, biases, activations)
     psi = _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
     if x.dim() != 2 or x.shape[1] != weights[0].shape[1]:
@@ -187,7 +194,21 @@ def feedback_grads(
         for k, xi in enumerate(noise):
             if xi is not None and tuple(xi.shape) != (x.shape[0], weights[k].shape[0]):
                 raise ValueError(f"noise[{k}]: expected shape {(x.shape[0], weights[k].shape[0])}, got {tuple(xi.shape)}")
-    _, fn = ops.resolve(backend, "feedback_grads", x.device)
+    if noise_seed is not None:
+        if noise is not None:
+            raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
+        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63:
+            raise ValueError(f"noise_seed: expected an int in [0, 2**63), got {noise_seed!r}")
+        if not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
+            raise ValueError(f"noise_std: expected a finite number >= 0, got {noise_std!r}")
+    name, fn = ops.resolve(backend, "feedback_grads", x.device)
+    if noise_seed is not None:
+        if name == "triton":
+            return fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x,
+                      noise_seed=noise_seed, noise_std=float(noise_std))
+        generator = torch.Generator(device=x.device).manual_seed(noise_seed)
+        noise = [torch.randn(x.shape[0], w.shape[0], generator=generator, dtype=x.dtype, device=x.device).mul_(noise_std)
+                 for w in weights[:-1]]
     return fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x, noise)
 
 

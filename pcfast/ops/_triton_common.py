@@ -114,6 +114,16 @@ def phi_grad(u, ACT: tl.constexpr):
 
 
 @triton.jit
+def gaussian(seed, counter, ACC: tl.constexpr):
+    """Standard normal numbers, a pure function of (seed, counter): Philox via ``tl.randn``.
+
+    Every kernel that needs the noise ξ of an (M, K) operand draws element (m, k) at counter
+    ``offset + m K + k``, so kernels reading the same operand see the same ξ without storing it
+    (``pcfast.ops.tp_targets.gaussian_noise`` materialises it, for tests and other backends)."""
+    return tl.randn(seed, counter).to(ACC)
+
+
+@triton.jit
 def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """int64 row and column offsets of this program's output tile, in grouped order (programs that
     run together share rows of A and columns of B in L2)."""
@@ -134,10 +144,13 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 def matmul_tile(
     a_ptr, b_ptr, offs_m, offs_n, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
-    ACT_A: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    noise_seed, noise_offset, noise_std,
+    ACT_A: tl.constexpr, NOISE: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc[m, n] = Σ_k φ(a[m, k]) b[k, n] over one tile, accumulated in ACC; φ applied on load.
+    """acc[m, n] = Σ_k φ(ã[m, k]) b[k, n] over one tile, accumulated in ACC; φ applied on load, and
+    with NOISE ``ã = a + noise_std · gaussian(noise_seed, noise_offset + m K + k)`` (see
+    :func:`gaussian`), else ã = a.
 
     Rows and columns past M and N wrap around (the tutorials' trick: every load is in bounds and only
     k is masked; the caller masks the store). Out-of-range k read 0 from B, so φ(0) ≠ 0 (sigmoid) in
@@ -151,6 +164,9 @@ def matmul_tile(
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+        if NOISE:
+            counter = noise_offset + rows[:, None] * K + (k0 + offs_k)[None, :]
+            a = (a.to(ACC) + as_acc(noise_std, ACC) * gaussian(noise_seed, counter, ACC)).to(a_ptr.dtype.element_ty)
         if ACT_A != 0:
             a = phi(a.to(ACC), ACT_A).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)

@@ -19,6 +19,8 @@ they check shapes, allocate when no ``out`` is given, pick the grid and launch; 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +29,7 @@ from torch import Tensor
 from ._triton_common import (
     activation_code,
     as_acc,
+    gaussian,
     gemm_configs,
     grad_configs,
     input_precision,
@@ -44,6 +47,18 @@ EPILOGUE_AFFINE = 0  # out = φ_out(pred)
 EPILOGUE_HIDDEN_ERROR = 1  # out = z − pred
 EPILOGUE_MSE = 2  # out = ADD_PRED·pred + scale·(y − pred)
 EPILOGUE_CE = 3  # out = ADD_PRED·pred + scale·(onehot(y) − softmax(pred)); needs BLOCK_N ≥ N
+
+@dataclass(frozen=True)
+class Noise:
+    """Gaussian noise drawn inside a kernel: ``std · ξ`` with ξ element (m, k) of an (M, K) operand
+    at Philox counter ``offset + m K + k`` under ``seed`` (``tp_targets.gaussian_noise`` draws the same)."""
+
+    seed: int
+    std: float
+    offset: int = 0
+
+
+_NO_NOISE = Noise(0, 0.0, 0)
 
 # Widest class count handled inside one tile of _pc_error_kernel; wider rows store logits and run
 # _ce_error_kernel. A module attribute so tests can force either path.
@@ -63,15 +78,21 @@ def _pc_error_kernel(
     z_ptr, target_ptr,
     # outputs, (M, N): the prediction (if STORE_PRED) and the epilogue's result
     pred_ptr, out_ptr,
+    # STACKED: int64 element offsets of layer g's W and b from w_ptr and bias_ptr
+    w_table_ptr, b_table_ptr,
     # sizes
     M, N, K,
-    # strides; z, pred and out share (stride_om, stride_on)
+    # strides; z, pred and out share (stride_om, stride_on); STACKED: a's and z/out's layer strides
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_tm, stride_tn,
+    layer_stride_a, layer_stride_o,
+    # NOISE on a (see matmul_tile): seed and first counter
+    noise_seed, noise_offset,
     # scalars
-    scale: tl.float64,
+    scale: tl.float64, noise_std: tl.float64,
     # meta-parameters
     ACT_IN: tl.constexpr, ACT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-    ADD_PRED: tl.constexpr, STORE_PRED: tl.constexpr, LOAD_PRED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ADD_PRED: tl.constexpr, STORE_PRED: tl.constexpr, LOAD_PRED: tl.constexpr, STACKED: tl.constexpr,
+    NOISE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """pred = φ_in(a) Wᵀ + b  (or pred loaded from pred_ptr when LOAD_PRED: layer 1's is constant), then
@@ -80,8 +101,20 @@ def _pc_error_kernel(
     EPILOGUE 1:  out = ε = z − pred                                 (hidden error)
     EPILOGUE 2:  out = ADD_PRED·pred + scale·(y − pred)             (MSE: ε_L, or the TP target f + β ε_L)
     EPILOGUE 3:  out = ADD_PRED·pred + scale·(onehot(y) − softmax(pred))   (CE; the row is one tile)
+
+    STACKED: grid axis 1 runs over G layers of equal shape in one launch; layer g reads a, z and
+    writes out at ``g·layer_stride`` and finds its W and b through the offset tables (parameters are
+    separate tensors). NOISE: a ← a + noise_std·ξ on load (DTP's feedback loss).
     """
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if STACKED:
+        layer = tl.program_id(1)
+        w_ptr += tl.load(w_table_ptr + layer)
+        if HAS_BIAS:
+            bias_ptr += tl.load(b_table_ptr + layer)
+        a_ptr += layer.to(tl.int64) * layer_stride_a
+        z_ptr += layer.to(tl.int64) * layer_stride_o
+        out_ptr += layer.to(tl.int64) * layer_stride_o
     offs_m, offs_n, _ = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -93,7 +126,7 @@ def _pc_error_kernel(
     else:
         pred = matmul_tile(
             a_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_wk, stride_wn,
-            ACT_IN, ACC, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            noise_seed, noise_offset, noise_std, ACT_IN, NOISE, ACC, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         if HAS_BIAS:
             pred += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
@@ -172,29 +205,46 @@ def _ce_error_kernel(
 def _pc_update_kernel(
     # GEMM operands: td = ε_{l+1} W_{l+1}; ε_{l+1} is (M, K), W_{l+1} is (K, N)
     e_next_ptr, w_next_ptr,
-    # state of layer l, (M, N), updated in place; u: feedforward pre-activation (FPA's φ')
-    z_ptr, e_ptr, u_ptr,
+    # state of layer l, (M, N), updated in place; u: feedforward pre-activation (FPA's φ');
+    # e_out: where ε_l + step goes (e_ptr itself, or the other buffer of a stacked FPA step)
+    z_ptr, e_ptr, u_ptr, e_out_ptr,
+    # STACKED: int64 element offsets of layer g's W_{l+1} from w_next_ptr
+    w_table_ptr,
     # sizes
     M, N, K,
-    # strides; z, ε and u share (stride_zm, stride_zn)
-    stride_em, stride_ek, stride_wk, stride_wn, stride_zm, stride_zn,
+    # strides; z, ε, u and e_out share (stride_zm, stride_zn); STACKED: layer stride of all five
+    stride_em, stride_ek, stride_wk, stride_wn, stride_zm, stride_zn, layer_stride,
     # scalars: coefficient = κ γ_{l+1} / γ_l, kappa = κ
     coefficient: tl.float64, kappa: tl.float64,
     # meta-parameters
-    ACT: tl.constexpr, FPA: tl.constexpr, UPDATE_ERROR: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, FPA: tl.constexpr, UPDATE_ERROR: tl.constexpr, STACKED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """z_l ← z_l − (κ/γ_l) ∂F/∂z_l, i.e.
 
         step = κ (γ_{l+1}/γ_l) φ'(s) ⊙ (ε_{l+1} W_{l+1}) − κ ε_l,   s = u_l (FPA) or z_l
-        z_l += step;   ε_l += step  (UPDATE_ERROR: FPA, or the sequential sweep, where layer l's
-                                     prediction does not depend on z_l)
+        z_l += step;   e_out = ε_l + step  (UPDATE_ERROR: FPA, or the sequential sweep, where layer
+                                           l's prediction does not depend on z_l)
+
+    STACKED: grid axis 1 runs over G consecutive layers of equal width in one launch (a Jacobi
+    step): layer g's state sits at ``g·layer_stride`` from z, ε, u, e_out and ε_{l+1} at the same
+    distance from e_next; W_{l+1} comes from the offset table.
     """
     ACC: tl.constexpr = tl.float64 if w_next_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if STACKED:
+        layer = tl.program_id(1)
+        w_next_ptr += tl.load(w_table_ptr + layer)
+        shift = layer.to(tl.int64) * layer_stride
+        e_next_ptr += shift
+        z_ptr += shift
+        e_ptr += shift
+        u_ptr += shift
+        e_out_ptr += shift
     offs_m, offs_n, _ = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     topdown = matmul_tile(
         e_next_ptr, w_next_ptr, offs_m, offs_n, M, N, K, stride_em, stride_ek, stride_wk, stride_wn,
-        0, ACC, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        0, 0, 0.0, 0, False, ACC, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     offsets = offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
@@ -207,32 +257,47 @@ def _pc_update_kernel(
     step = as_acc(coefficient, ACC) * slope * topdown - as_acc(kappa, ACC) * e
     tl.store(z_ptr + offsets, (z + step).to(z_ptr.dtype.element_ty), mask=mask)
     if UPDATE_ERROR:
-        tl.store(e_ptr + offsets, (e + step).to(e_ptr.dtype.element_ty), mask=mask)
+        tl.store(e_out_ptr + offsets, (e + step).to(e_out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _pc_weight_grad_kernel(
     # δ source: ε (PC), or the target t with the pre-activation u (TP); a: presynaptic activity
     e_ptr, u_ptr, a_ptr,
-    # outputs: weight gradient (N, K), bias gradient (N,)
-    grad_w_ptr, grad_b_ptr,
+    # outputs: weight gradient (N, K), bias gradient (N,); LOSS: Σ_m (t − φ_E(u))² per row n of W
+    grad_w_ptr, grad_b_ptr, sq_ptr,
     # sizes: ε and u are (M, N), a is (M, K); the reduction runs over the batch M
     M, N, K,
-    # strides; u shares ε's
+    # strides; u shares ε's; STACKED: layer strides of ε/u, a, g_W and g_b
     stride_em, stride_en, stride_am, stride_ak, stride_gn, stride_gk,
+    layer_stride_e, layer_stride_a, layer_stride_gw, layer_stride_gb,
+    # NOISE on t (see matmul_tile; t is (M, N), element (m, n) at counter noise_offset + m N + n)
+    noise_seed, noise_offset,
     # scalars
-    scale: tl.float64,
+    scale: tl.float64, noise_std: tl.float64,
     # meta-parameters
     ACT_A: tl.constexpr, ACT_E: tl.constexpr, HAS_BIAS: tl.constexpr, DELTA_FROM_TARGET: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    STACKED: tl.constexpr, NOISE: tl.constexpr, LOSS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """g_W[n, k] = scale · Σ_m δ[m, n] φ_A(a[m, k]),   g_b[n] = scale · Σ_m δ[m, n]   (one pass), with
 
         δ = ε                          (PC: scale = −γ_l / B)
         δ = (t − φ_E(u)) ⊙ φ_E'(u)     (DELTA_FROM_TARGET, TP local loss: scale = −1 / B)
+
+    and, for DELTA_FROM_TARGET, t ← t + noise_std·ξ on load with NOISE (the DTP feedback loss, whose
+    target is the noisy input h + ξ), and with LOSS the first column tile also stores
+    ``sq[n] = Σ_m (t − φ_E(u))²[m, n]`` (the reconstruction loss, summed deterministically outside).
+    STACKED: grid axis 1 runs over G layers of equal shape (PC's equal-width hidden layers).
     """
     ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if STACKED:
+        layer = tl.program_id(1).to(tl.int64)
+        e_ptr += layer * layer_stride_e
+        u_ptr += layer * layer_stride_e
+        a_ptr += layer * layer_stride_a
+        grad_w_ptr += layer * layer_stride_gw
+        grad_b_ptr += layer * layer_stride_gb
     offs_n, offs_k, pid_k = tile_offsets(N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     mask_n = offs_n < N
@@ -243,13 +308,20 @@ def _pc_weight_grad_kernel(
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (offs_k % K)[None, :] * stride_ak
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     bias_acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    sq_acc = tl.zeros((BLOCK_N,), dtype=ACC)
     for m0 in range(0, M, BLOCK_M):
         mask_m = offs_m < M - m0
         delta = tl.load(e_ptrs, mask=mask_m[None, :], other=0.0)  # δᵀ tile (BLOCK_N, BLOCK_M)
         if DELTA_FROM_TARGET:
             u = tl.load(u_ptrs, mask=mask_m[None, :], other=0.0).to(ACC)
-            delta = (delta.to(ACC) - phi(u, ACT_E)) * phi_grad(u, ACT_E)
-            delta = tl.where(mask_m[None, :], delta, 0.0).to(e_ptr.dtype.element_ty)
+            t = delta.to(ACC)
+            if NOISE:
+                counter = noise_offset + (m0 + offs_m)[None, :] * N + (offs_n % N)[:, None]
+                t += as_acc(noise_std, ACC) * gaussian(noise_seed, counter, ACC)
+            residual = tl.where(mask_m[None, :], t - phi(u, ACT_E), 0.0)
+            if LOSS:
+                sq_acc += tl.sum(residual * residual, axis=1)
+            delta = (residual * phi_grad(u, ACT_E)).to(e_ptr.dtype.element_ty)
         a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         if ACT_A != 0:
             a = phi(a.to(ACC), ACT_A).to(a_ptr.dtype.element_ty)
@@ -267,26 +339,30 @@ def _pc_weight_grad_kernel(
         # Every column tile computes the row sums; the first stores them.
         if pid_k == 0:
             tl.store(grad_b_ptr + offs_n, (s * bias_acc).to(grad_b_ptr.dtype.element_ty), mask=mask_n)
+    if LOSS:  # noqa: SIM102
+        if pid_k == 0:
+            tl.store(sq_ptr + offs_n, sq_acc.to(sq_ptr.dtype.element_ty), mask=mask_n)
 
 
 _TILE_KEY = ["M", "N", "K"]
 
 _pc_error_kernel_tuned = triton.autotune(
     configs=gemm_configs(),
-    key=_TILE_KEY + ["ACT_IN", "ACT_OUT", "HAS_BIAS", "EPILOGUE", "ADD_PRED", "STORE_PRED", "LOAD_PRED", "INPUT_PRECISION"],
+    key=_TILE_KEY + ["ACT_IN", "ACT_OUT", "HAS_BIAS", "EPILOGUE", "ADD_PRED", "STORE_PRED", "LOAD_PRED", "STACKED",
+                     "NOISE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
 )(_pc_error_kernel)
 
 _pc_update_kernel_tuned = triton.autotune(
     configs=gemm_configs(),
-    key=_TILE_KEY + ["ACT", "FPA", "UPDATE_ERROR", "INPUT_PRECISION"],
+    key=_TILE_KEY + ["ACT", "FPA", "UPDATE_ERROR", "STACKED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
-    restore_value=["z_ptr", "e_ptr"],  # benchmarking must not advance the state
+    restore_value=["z_ptr", "e_ptr", "e_out_ptr"],  # benchmarking must not advance the state
 )(_pc_update_kernel)
 
 _pc_weight_grad_kernel_tuned = triton.autotune(
     configs=grad_configs(),
-    key=_TILE_KEY + ["ACT_A", "ACT_E", "HAS_BIAS", "DELTA_FROM_TARGET", "INPUT_PRECISION"],
+    key=_TILE_KEY + ["ACT_A", "ACT_E", "HAS_BIAS", "DELTA_FROM_TARGET", "STACKED", "NOISE", "LOSS", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_grad_configs},
 )(_pc_weight_grad_kernel)
 
@@ -322,6 +398,17 @@ def _check_matrix(name: str, t: Tensor, shape: tuple[int, int], dtype: torch.dty
         raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
 
 
+def _check_update(latent: Tensor, fpa: bool, preactivation: Tensor | None, error_out: Tensor | None,
+                  stacked: bool = False) -> None:
+    check = _check_stack if stacked else _check_state
+    if fpa:
+        if preactivation is None:
+            raise ValueError("preactivation: FPA takes φ' at the feedforward u_l")
+        check("preactivation", preactivation, latent)
+    if error_out is not None:
+        check("error_out", error_out, latent)
+
+
 def _check_state(name: str, t: Tensor, like: Tensor) -> None:
     """Epilogue tensors share one pair of strides: they must match ``like`` exactly."""
     if t.shape != like.shape or t.stride() != like.stride() or t.dtype != like.dtype:
@@ -344,9 +431,11 @@ def prediction_error(
     scale: float = 1.0,
     add_pred: bool = False,
     load_pred: bool = False,
+    noise: Noise | None = None,
 ) -> Tensor:
     """Launch ``_pc_error_kernel``: ``pred = φ_in(a) Wᵀ + b`` with one of the epilogues (see the
-    kernel); ``pred`` is stored when given (or read, with ``load_pred``). Returns ``out``."""
+    kernel); ``pred`` is stored when given (or read, with ``load_pred``); with ``noise``, ``a`` is
+    read as ``a + noise.std · ξ`` (ξ from ``noise.seed`` at ``noise.offset``). Returns ``out``."""
     batch, features = a.shape
     classes = weight.shape[0]
     _check_matrix("weight", weight, (classes, features), a.dtype)
@@ -374,6 +463,8 @@ def prediction_error(
     else:
         stride_tm = stride_tn = 0
 
+    if noise is not None and (epilogue == EPILOGUE_CE or load_pred):
+        raise ValueError("noise: supported on the GEMM operand of the affine and error epilogues, not CE or load_pred")
     if epilogue == EPILOGUE_CE and classes > CE_FUSED_MAX_CLASSES:
         # The row spans several tiles: store the logits, then the row-wise kernel.
         logits = pred if pred is not None else torch.empty_like(out)
@@ -387,19 +478,20 @@ def prediction_error(
         return out
 
     dummy = out  # never read: its flag is off
+    noise = noise or _NO_NOISE
     args = (
         a, weight, bias if bias is not None else dummy,
         latent if latent is not None else dummy, target if target is not None else dummy,
-        pred if pred is not None else dummy, out,
+        pred if pred is not None else dummy, out, out, out,
         batch, classes, features,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        stride_tm, stride_tn,
-        float(scale),
+        stride_tm, stride_tn, 0, 0, noise.seed, noise.offset,
+        float(scale), noise.std,
     )
     flags = dict(
         ACT_IN=activation_code(act_in), ACT_OUT=activation_code(act_out), HAS_BIAS=bias is not None,
         EPILOGUE=epilogue, ADD_PRED=add_pred, STORE_PRED=pred is not None and not load_pred,
-        LOAD_PRED=load_pred, INPUT_PRECISION=input_precision(a),
+        LOAD_PRED=load_pred, STACKED=False, NOISE=noise is not _NO_NOISE, INPUT_PRECISION=input_precision(a),
     )
     if epilogue == EPILOGUE_CE:
         meta = ce_fused_config(classes)
@@ -421,24 +513,25 @@ def latent_update(
     fpa: bool,
     update_error: bool,
     preactivation: Tensor | None = None,
+    error_out: Tensor | None = None,
 ) -> None:
     """Launch ``_pc_update_kernel``: one relaxation step of ``latent`` (and ``error``) in place.
-    ``preactivation`` (u_l) supplies φ' under FPA."""
+    ``preactivation`` (u_l) supplies φ' under FPA; ``error_out`` receives ε_l + step instead of
+    ``error`` (a stacked FPA step reads the old errors of every layer while writing the new)."""
     batch, width = latent.shape
     _check_state("error", error, latent)
     _check_matrix("weight_next", weight_next, (error_next.shape[1], width), latent.dtype)
     _check_matrix("error_next", error_next, (batch, weight_next.shape[0]), latent.dtype)
-    if fpa:
-        if preactivation is None:
-            raise ValueError("preactivation: FPA takes φ' at the feedforward u_l")
-        _check_state("preactivation", preactivation, latent)
+    _check_update(latent, fpa, preactivation, error_out)
     _pc_update_kernel_tuned[lambda meta: _tiles(meta, batch, width)](
         error_next, weight_next, latent, error, preactivation if fpa else latent,
+        error if error_out is None else error_out, latent,
         batch, width, weight_next.shape[0],
         error_next.stride(0), error_next.stride(1), weight_next.stride(0), weight_next.stride(1),
-        latent.stride(0), latent.stride(1),
+        latent.stride(0), latent.stride(1), 0,
         float(coefficient), float(kappa),
-        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, INPUT_PRECISION=input_precision(latent),
+        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, STACKED=False,
+        INPUT_PRECISION=input_precision(latent),
     )
 
 
@@ -453,29 +546,166 @@ def weight_grad(
     act_delta: str = "identity",
     grad_weight: Tensor | None = None,
     grad_bias: Tensor | None = None,
+    noise: Noise | None = None,
+    squares: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Launch ``_pc_weight_grad_kernel``: ``scale · δᵀ φ_in(a)`` and ``scale · Σ_m δ``.
 
     ``δ`` is ``delta_source`` (PC's ε), or with ``preactivation`` u the TP local-loss delta
-    ``(t − φ(u)) ⊙ φ'(u)`` where ``delta_source`` is the target t."""
+    ``(t − φ(u)) ⊙ φ'(u)`` where ``delta_source`` is the target t — read as ``t + noise.std · ξ``
+    with ``noise``; ``squares`` (shape (rows,)) then receives ``Σ_m (t − φ(u))²`` per column of δ."""
     batch, rows = delta_source.shape
     cols = a.shape[1]
     _check_matrix("a", a, (batch, cols), delta_source.dtype)
     if preactivation is not None:
         _check_state("preactivation", preactivation, delta_source)
+    elif noise is not None or squares is not None:
+        raise ValueError("noise, squares: only with a target and its preactivation (the TP delta)")
     if grad_weight is None:
         grad_weight = torch.empty(rows, cols, dtype=a.dtype, device=a.device)
     _check_matrix("grad_weight", grad_weight, (rows, cols), a.dtype)
     if has_bias and grad_bias is None:
         grad_bias = torch.empty(rows, dtype=a.dtype, device=a.device)
+    if squares is not None:
+        _check_matrix("squares", squares.view(1, -1), (1, rows), a.dtype)
+    noise = noise or _NO_NOISE
     _pc_weight_grad_kernel_tuned[lambda meta: _tiles(meta, rows, cols, "BLOCK_N", "BLOCK_K")](
         delta_source, preactivation if preactivation is not None else delta_source, a,
-        grad_weight, grad_bias if has_bias else grad_weight,
+        grad_weight, grad_bias if has_bias else grad_weight, grad_weight if squares is None else squares,
         batch, rows, cols,
         delta_source.stride(0), delta_source.stride(1), a.stride(0), a.stride(1),
-        grad_weight.stride(0), grad_weight.stride(1),
-        float(scale),
+        grad_weight.stride(0), grad_weight.stride(1), 0, 0, 0, 0, noise.seed, noise.offset,
+        float(scale), noise.std,
         ACT_A=activation_code(act_in), ACT_E=activation_code(act_delta), HAS_BIAS=has_bias,
-        DELTA_FROM_TARGET=preactivation is not None, INPUT_PRECISION=input_precision(a),
+        DELTA_FROM_TARGET=preactivation is not None, STACKED=False, NOISE=noise is not _NO_NOISE,
+        LOSS=squares is not None, INPUT_PRECISION=input_precision(a),
     )
     return grad_weight, grad_bias if has_bias else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked launchers: G equal-width hidden layers in one launch (grid axis 1)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """Separate, equally shaped tensors (a model's parameters) addressed as one stack: the first
+    tensor, and the int64 element offsets of every tensor from it, on the tensors' device."""
+
+    base: Tensor
+    offsets: Tensor
+
+    @staticmethod
+    def of(tensors: list[Tensor]) -> LayerTable | None:
+        """The table of ``tensors``, or None when they differ in shape, strides, dtype or device."""
+        base = tensors[0]
+        size = base.element_size()
+        offsets = []
+        for t in tensors:
+            if (t.shape, t.stride(), t.dtype, t.device) != (base.shape, base.stride(), base.dtype, base.device):
+                return None
+            distance = t.data_ptr() - base.data_ptr()
+            if distance % size:
+                return None
+            offsets.append(distance // size)
+        return LayerTable(base, torch.tensor(offsets, dtype=torch.int64, device=base.device))
+
+
+def _check_stack(name: str, t: Tensor, like: Tensor) -> None:
+    """Stacked state tensors share shape, strides (including the layer stride) and dtype."""
+    if t.shape != like.shape or t.stride() != like.stride() or t.dtype != like.dtype:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, strides {like.stride()}, dtype "
+                         f"{like.dtype}; got {tuple(t.shape)}, {t.stride()}, {t.dtype}")
+
+
+def stacked_hidden_error(
+    inputs: Tensor, latents: Tensor, out: Tensor, weights: LayerTable, biases: LayerTable | None, *, act_in: str,
+) -> Tensor:
+    """ε_g = z_g − (φ_in(a_g) W_gᵀ + b_g) for G layers in one launch: ``inputs`` (G, B, K),
+    ``latents`` and ``out`` (G, B, N), W_g (N, K) and b_g from the tables."""
+    layers, batch, features = inputs.shape
+    classes = weights.base.shape[0]
+    _check_matrix("weight", weights.base, (classes, features), inputs.dtype)
+    if weights.offsets.numel() != layers or (biases is not None and biases.offsets.numel() != layers):
+        raise ValueError(f"weights, biases: expected tables of {layers} layers")
+    _check_stack("out", out, latents)
+    if tuple(latents.shape) != (layers, batch, classes):
+        raise ValueError(f"latents: expected shape {(layers, batch, classes)}, got {tuple(latents.shape)}")
+    bias = biases.base if biases is not None else out
+    _pc_error_kernel_tuned[lambda meta: (_tiles(meta, batch, classes)[0], layers)](
+        inputs, weights.base, bias, latents, out, out, out, weights.offsets,
+        biases.offsets if biases is not None else weights.offsets,
+        batch, classes, features,
+        inputs.stride(1), inputs.stride(2), weights.base.stride(0), weights.base.stride(1), out.stride(1), out.stride(2),
+        0, 0, inputs.stride(0), out.stride(0), 0, 0,
+        1.0, 0.0,
+        ACT_IN=activation_code(act_in), ACT_OUT=0, HAS_BIAS=biases is not None, EPILOGUE=EPILOGUE_HIDDEN_ERROR,
+        ADD_PRED=False, STORE_PRED=False, LOAD_PRED=False, STACKED=True, NOISE=False,
+        INPUT_PRECISION=input_precision(inputs),
+    )
+    return out
+
+
+def stacked_latent_update(
+    latents: Tensor,
+    errors: Tensor,
+    errors_next: Tensor,
+    weights_next: LayerTable,
+    *,
+    act: str,
+    coefficient: float,
+    kappa: float,
+    fpa: bool,
+    update_error: bool,
+    preactivations: Tensor | None = None,
+    errors_out: Tensor | None = None,
+) -> None:
+    """One Jacobi relaxation step of G equal-width layers in one launch (see ``latent_update``):
+    ``latents``, ``errors``, ``errors_next``, ``preactivations``, ``errors_out`` are (G, B, N) with
+    one layout; W_{l+1} (N, N) from the table. Every layer reads ``errors`` before any writes
+    ``errors_out``, so with ``update_error`` the two must be different buffers."""
+    layers, batch, width = latents.shape
+    _check_matrix("weight_next", weights_next.base, (width, width), latents.dtype)
+    if weights_next.offsets.numel() != layers:
+        raise ValueError(f"weights_next: expected a table of {layers} layers")
+    _check_stack("errors", errors, latents)
+    _check_stack("errors_next", errors_next, latents)
+    _check_update(latents, fpa, preactivations, errors_out, stacked=True)
+    if update_error and (errors_out is None or errors_out.data_ptr() == errors.data_ptr()):
+        raise ValueError("errors_out: a stacked step that moves the errors writes them to another buffer")
+    _pc_update_kernel_tuned[lambda meta: (_tiles(meta, batch, width)[0], layers)](
+        errors_next, weights_next.base, latents, errors, preactivations if fpa else latents,
+        errors if errors_out is None else errors_out, weights_next.offsets,
+        batch, width, width,
+        errors_next.stride(1), errors_next.stride(2), weights_next.base.stride(0), weights_next.base.stride(1),
+        latents.stride(1), latents.stride(2), latents.stride(0),
+        float(coefficient), float(kappa),
+        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, STACKED=True,
+        INPUT_PRECISION=input_precision(latents),
+    )
+
+
+def stacked_weight_grad(
+    errors: Tensor, inputs: Tensor, *, scale: float, act_in: str, has_bias: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``scale · ε_gᵀ φ_in(a_g)`` and ``scale · Σ_m ε_g`` for G layers in one launch: ``errors``
+    (G, B, N), ``inputs`` (G, B, K); returns (G, N, K) and (G, N) gradients."""
+    layers, batch, rows = errors.shape
+    cols = inputs.shape[2]
+    if tuple(inputs.shape[:2]) != (layers, batch) or inputs.dtype != errors.dtype:
+        raise ValueError(f"inputs: expected shape ({layers}, {batch}, K) and dtype {errors.dtype}, "
+                         f"got {tuple(inputs.shape)} {inputs.dtype}")
+    grad_weight = torch.empty(layers, rows, cols, dtype=errors.dtype, device=errors.device)
+    grad_bias = torch.empty(layers, rows, dtype=errors.dtype, device=errors.device) if has_bias else None
+    _pc_weight_grad_kernel_tuned[lambda meta: (_tiles(meta, rows, cols, "BLOCK_N", "BLOCK_K")[0], layers)](
+        errors, errors, inputs, grad_weight, grad_bias if has_bias else grad_weight, grad_weight,
+        batch, rows, cols,
+        errors.stride(1), errors.stride(2), inputs.stride(1), inputs.stride(2), grad_weight.stride(1),
+        grad_weight.stride(2), errors.stride(0), inputs.stride(0), grad_weight.stride(0),
+        grad_bias.stride(0) if has_bias else 0, 0, 0,
+        float(scale), 0.0,
+        ACT_A=activation_code(act_in), ACT_E=0, HAS_BIAS=has_bias, DELTA_FROM_TARGET=False, STACKED=True,
+        NOISE=False, LOSS=False, INPUT_PRECISION=input_precision(inputs),
+    )
+    return grad_weight, grad_bias

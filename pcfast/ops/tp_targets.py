@@ -9,6 +9,11 @@ epilogue without writing either map to memory.
 The feedforward pass, the output target ``ĥ_L = f + β ε_L`` and the local gradients
 ``−(φ'(u_l) ⊙ (ĥ_l − h_l))ᵀ h_{l-1} / B`` reuse ``pc_relax``'s prediction and weight-gradient
 kernels (epilogue ``ADD_PRED`` and the ``DELTA_FROM_TARGET`` flag). ``tp_targets`` below is the launcher.
+
+DTP's feedback loss trains Q_l on noisy inputs h_{l-1} + ξ. With a seed, ξ is drawn inside the kernels
+that read it (``pc_relax.Noise``: the forward GEMM adds it to its operand on load, the gradient
+kernel to its target), as a function of (seed, element), so it is never stored and the same seed
+gives the same result. ``gaussian_noise`` materialises the same numbers (tests, and the oracle).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from torch import Tensor
 
 from ._triton_common import (
     activation_code,
+    as_acc,
+    gaussian,
     gemm_configs,
     input_precision,
     phi,
@@ -123,4 +130,36 @@ def tp_targets(
         ACT=activation_code(act), HAS_BIAS=feedback_bias is not None, DIFFERENCE=difference,
         INPUT_PRECISION=input_precision(target),
     )
+    return out
+
+
+@triton.jit
+def _gaussian_kernel(out_ptr, numel, seed, offset, std: tl.float64, BLOCK: tl.constexpr):
+    """out[i] = std · ξ(seed, offset + i) over a contiguous buffer: the in-kernel noise, stored."""
+    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    values = as_acc(std, ACC) * gaussian(seed, offset + index, ACC)
+    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < numel)
+
+
+def noise_offsets(batch: int, widths: list[int]) -> list[int]:
+    """First Philox counter of each layer's noise: the layers' (batch, width) blocks follow each
+    other, so all of one step's noise is one stream under one seed."""
+    offsets, total = [], 0
+    for width in widths:
+        offsets.append(total)
+        total += batch * width
+    return offsets
+
+
+def gaussian_noise(seed: int, std: float, batch: int, widths: list[int], *, dtype: torch.dtype,
+                   device: torch.device) -> list[Tensor]:
+    """The noise ξ_l (shape (batch, width_l), scaled by ``std``) that the kernels draw in place from
+    ``seed`` for feedback layers with these input widths."""
+    out = []
+    for width, offset in zip(widths, noise_offsets(batch, widths)):
+        xi = torch.empty(batch, width, dtype=dtype, device=device)
+        block = 1024
+        _gaussian_kernel[(triton.cdiv(xi.numel(), block),)](xi, xi.numel(), int(seed), offset, float(std), BLOCK=block)
+        out.append(xi)
     return out

@@ -35,6 +35,7 @@ from ._triton_common import activation_code, input_precision
 from .torch_pc import _loss_sum
 
 CUDA_GRAPHS = True  # capture and replay train steps on CUDA
+STACKED = True  # equal-width hidden layers share launches in Jacobi PC steps (see _stack_plan)
 GRAPH_CACHE_SIZE = 8  # configurations whose graphs are kept (least recently used goes first)
 
 _graphs: OrderedDict[tuple, object] = OrderedDict()
@@ -81,9 +82,10 @@ def _parameter_key(tensors: Sequence[Tensor | None]) -> tuple:
     )
 
 
-def _graphed(key: tuple, run: Callable[[Tensor, Tensor], object], x: Tensor, target: Tensor):
+def _graphed(key: tuple, run: Callable[[Tensor, Tensor], object], x: Tensor, target: Tensor, keep: object = None):
     """``run(x, target)`` through a CUDA graph cached under ``key``: eager on first sight, captured
-    on the second, replayed from then on."""
+    on the second, replayed from then on. ``keep`` (tensors the graph reads, made outside it, e.g.
+    offset tables) lives as long as the graph."""
     entry = _graphs.get(key)
     if entry is None:
         _graphs[key] = _WARM
@@ -109,9 +111,9 @@ def _graphed(key: tuple, run: Callable[[Tensor, Tensor], object], x: Tensor, tar
                           RuntimeWarning, stacklevel=3)
             _graphs[key] = _EAGER
             return run(x, target)
-        entry = (graph, static_x, static_target, static_out)
+        entry = (graph, static_x, static_target, static_out, keep)
         _graphs[key] = entry
-    graph, static_x, static_target, static_out = entry
+    graph, static_x, static_target, static_out, _ = entry
     static_x.copy_(x)
     static_target.copy_(target)
     graph.replay()
@@ -141,18 +143,29 @@ def _pc_step(
     fpa: bool,
     loss: str,
     return_trajectory: bool,
+    stack: tuple[pc_relax.LayerTable, pc_relax.LayerTable | None] | None = None,
 ) -> PCResult:
     depth, batch = len(weights), x.shape[0]
     hidden = depth - 1
     output_epilogue = pc_relax.EPILOGUE_MSE if loss == "mse" else pc_relax.EPILOGUE_CE
     new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)
+    zeros = lambda *shape: torch.zeros(*shape, dtype=x.dtype, device=x.device)
 
     # predictions[l]: u_l from the feedforward pass (FPA's frozen values and φ'; layer 1's prediction
     # is constant), except the output layer's, refreshed with ε_L (the energy needs f).
-    # latents[l] = z_l; errors[l] = ε_l.
-    predictions = [new(w.shape[0]) for w in weights]
-    latents = [new(w.shape[0]) for w in weights[:hidden]]
-    errors = [torch.zeros(batch, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
+    # latents[l] = z_l; errors[l] = ε_l. With a stack (see _stack_plan) the hidden layers' state
+    # are views of (H, B, M) buffers, and FPA keeps a second error buffer to write the next step into.
+    if stack is None:
+        predictions = [new(w.shape[0]) for w in weights]
+        latents = [new(w.shape[0]) for w in weights[:hidden]]
+        errors = [zeros(batch, w.shape[0]) for w in weights]
+    else:
+        width = weights[0].shape[0]
+        stacked_z, stacked_u = (torch.empty(hidden, batch, width, dtype=x.dtype, device=x.device) for _ in range(2))
+        stacked_e = [zeros(hidden, batch, width) for _ in range(2 if fpa else 1)]
+        predictions = list(stacked_u) + [new(weights[-1].shape[0])]
+        latents = list(stacked_z)
+        errors = list(stacked_e[0]) + [zeros(batch, weights[-1].shape[0])]
 
     def presynaptic(l: int, frozen: bool = False) -> tuple[Tensor, str]:
         """Layer l's input before φ, and φ: x, or z_{l-1} (u_{l-1} when ``frozen``)."""
@@ -173,12 +186,38 @@ def _pc_step(
                 target=target, pred=predictions[l],
             )
 
-    def update(l: int, update_error: bool) -> None:
+    def update(l: int, update_error: bool, error_out: Tensor | None = None) -> None:
         pc_relax.latent_update(
             latents[l], errors[l], errors[l + 1], weights[l + 1], act=activations[l],
             coefficient=kappa * gammas[l + 1] / gammas[l], kappa=kappa, fpa=fpa,
-            update_error=update_error, preactivation=predictions[l],
+            update_error=update_error, preactivation=predictions[l], error_out=error_out,
         )
+
+    def stacked_jacobi_step() -> None:
+        """Hidden layers 1 … H−1 (whose W_{l+1} are M × M) in one update launch, layer H alone;
+        then the errors of layers 2 … H in one launch (layer 1's and ε_L's alone)."""
+        weight_table, bias_table = stack
+        coefficient = kappa * gammas[1] / gammas[0]
+        if fpa:  # read this step's errors from stacked_e[0], write the next step's into stacked_e[1]
+            current, following = stacked_e
+            pc_relax.stacked_latent_update(
+                stacked_z[:-1], current[:-1], current[1:], weight_table, act=activations[0],
+                coefficient=coefficient, kappa=kappa, fpa=True, update_error=True,
+                preactivations=stacked_u[:-1], errors_out=following[:-1],
+            )
+            update(hidden - 1, update_error=True, error_out=following[-1])
+            stacked_e.reverse()
+            errors[:hidden] = list(following)
+            return
+        pc_relax.stacked_latent_update(
+            stacked_z[:-1], stacked_e[0][:-1], stacked_e[0][1:], weight_table, act=activations[0],
+            coefficient=coefficient, kappa=kappa, fpa=False, update_error=False,
+        )
+        update(hidden - 1, update_error=False)
+        refresh_error(0)
+        pc_relax.stacked_hidden_error(stacked_z[:-1], stacked_z[1:], stacked_e[0][1:], weight_table, bias_table,
+                                      act_in=activations[0])
+        refresh_error(depth - 1)
 
     # Feedforward pass: z_l = u_l (so ε_l = 0 for l < L), ε_L = −∂ℓ/∂f_0.
     for l in range(hidden):
@@ -189,7 +228,9 @@ def _pc_step(
 
     trajectory = [[z.clone() for z in latents]] if return_trajectory else None
     for _ in range(inference_steps):
-        if schedule == "jacobi":
+        if stack is not None:
+            stacked_jacobi_step()
+        elif schedule == "jacobi":
             for l in range(hidden):  # bottom-up: layer l moves ε_l after layer l−1 has read it
                 update(l, update_error=fpa)
             if not fpa:
@@ -211,12 +252,22 @@ def _pc_step(
     # Weight gradients at the final state: −γ_l ε_lᵀ φ(z_{l-1}) / B (FPA: φ(u_{l-1})).
     weight_grads, bias_grads = [], []
     for l in range(depth):
+        if stack is not None and 0 < l < hidden:
+            continue
         a, act = presynaptic(l, frozen=fpa)
         gw, gb = pc_relax.weight_grad(
             errors[l], a, scale=-gammas[l] / batch, act_in=act, has_bias=biases[l] is not None,
         )
         weight_grads.append(gw)
         bias_grads.append(gb)
+    if stack is not None:  # layers 2 … H in one launch
+        current = stacked_e[0]
+        gw, gb = pc_relax.stacked_weight_grad(
+            current[1:], (stacked_u if fpa else stacked_z)[:-1], scale=-gammas[1] / batch, act_in=activations[0],
+            has_bias=stack[1] is not None,
+        )
+        weight_grads[1:1] = list(gw)
+        bias_grads[1:1] = list(gb) if gb is not None else [None] * (hidden - 1)
 
     energy = x.new_zeros(())
     for l in range(hidden):
@@ -251,9 +302,11 @@ def pc_train_step(
     x, target = _as_contiguous(x), _as_contiguous(target)
     gammas, kappa = [float(g) for g in precisions], float(inference_lr)
 
+    stack = _stack_plan(weights, biases, activations, gammas, schedule)
+
     def run(x_in: Tensor, target_in: Tensor) -> PCResult:
         return _pc_step(weights, biases, activations, x_in, target_in, gammas, kappa, inference_steps,
-                        schedule, fpa, loss, return_trajectory)
+                        schedule, fpa, loss, return_trajectory, stack)
 
     if not (CUDA_GRAPHS and x.is_cuda and not return_trajectory):
         return run(x, target)
@@ -262,7 +315,33 @@ def pc_train_step(
         x.device, tuple(target.shape), target.dtype, tuple(gammas), kappa, inference_steps, schedule, fpa, loss,
         input_precision(x),
     )
-    return _graphed(key, run, x, target)
+    return _graphed(key, run, x, target, keep=stack)
+
+
+def _stack_plan(weights, biases, activations, gammas, schedule):
+    """Offset tables of W_2 … W_H (and b_2 … b_H) when the hidden layers can share launches, else None.
+
+    A Jacobi step reads every layer's state from before the step, so equal-width hidden layers with
+    one activation and one precision run as one launch per pass (grid axis 1 = layer). The
+    sequential sweep is ordered by definition and never stacks."""
+    hidden = len(weights) - 1
+    if not STACKED or schedule != "jacobi" or hidden < 2:
+        return None
+    width = weights[0].shape[0]
+    if any(w.shape[0] != width for w in weights[:hidden]) or len(set(activations[:hidden])) != 1:
+        return None
+    if len(set(gammas[:hidden])) != 1:
+        return None
+    weight_table = pc_relax.LayerTable.of(list(weights[1:hidden]))
+    if weight_table is None:
+        return None
+    inner = list(biases[1:hidden])
+    if all(b is None for b in inner):
+        return weight_table, None
+    if any(b is None for b in inner):
+        return None
+    bias_table = pc_relax.LayerTable.of(inner)
+    return None if bias_table is None else (weight_table, bias_table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,30 +447,42 @@ def feedback_grads(
     feedback_activations: Sequence[str],
     x: Tensor,
     noise: Sequence[Tensor | None] | None = None,
+    *,
+    noise_seed: int | None = None,
+    noise_std: float = 0.0,
 ) -> FeedbackResult:
     """Gradients of ``½‖g_l(f_l(h_{l-1}+ξ)) − (h_{l-1}+ξ)‖²`` (batch mean) for l = 2 … L.
 
-    Per layer: one launch for h_out = f_l(h_in), one for pre = h_out Q_lᵀ + c_l and ψ(pre), and one
-    gradient launch whose δ = (h_in − ψ(pre)) ⊙ ψ'(pre) is formed on load (scale −1/B flips its sign)."""
+    Per layer: one launch for h_out = f_l(h_in), one for pre = h_out Q_lᵀ + c_l, and one gradient
+    launch whose δ = (h_in − ψ(pre)) ⊙ ψ'(pre) is formed on load (scale −1/B flips its sign) and
+    which also sums the squared residuals for the loss. ξ is ``noise`` (tensors), or with
+    ``noise_seed`` drawn inside the first and last launch (``tp_targets.gaussian_noise`` draws the
+    same numbers), or zero."""
     _check_supported(list(activations) + list(feedback_activations), x)
+    if noise is not None and noise_seed is not None:
+        raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
     x = _as_contiguous(x)
     depth, batch = len(weights), x.shape[0]
     _, activities, _ = _forward(weights, biases, activations, x)
+    offsets = tp_targets.noise_offsets(batch, [w.shape[0] for w in weights[:-1]])
     weight_grads, bias_grads = [], []
     total = x.new_zeros(())
     for l in range(1, depth):
         xi = None if noise is None else noise[l - 1]
         h_in = activities[l - 1] if xi is None else activities[l - 1] + xi
+        drawn = None if noise_seed is None else pc_relax.Noise(int(noise_seed), float(noise_std), offsets[l - 1])
         h_out = pc_relax.prediction_error(
-            h_in, weights[l], biases[l], act_out=activations[l] if l < depth - 1 else "identity",
+            h_in, weights[l], biases[l], act_out=activations[l] if l < depth - 1 else "identity", noise=drawn,
         )
         q, c, psi = _as_contiguous(feedback_weights[l - 1]), feedback_biases[l - 1], feedback_activations[l - 1]
         pre = torch.empty_like(h_in)
-        reconstruction = pc_relax.prediction_error(h_out, q, c, act_out=psi, pred=pre)
+        pc_relax.prediction_error(h_out, q, c, out=pre)
+        squares = torch.empty(h_in.shape[1], dtype=x.dtype, device=x.device)
         gw, gb = pc_relax.weight_grad(
-            h_in, h_out, scale=-1.0 / batch, has_bias=c is not None, preactivation=pre, act_delta=psi,
+            h_in, h_out, scale=-1.0 / batch, has_bias=c is not None, preactivation=pre, act_delta=psi, noise=drawn,
+            squares=squares,
         )
         weight_grads.append(gw)
         bias_grads.append(gb)
-        total += 0.5 * torch.sum((reconstruction - h_in) ** 2) / batch
+        total += 0.5 * torch.sum(squares) / batch
     return FeedbackResult(weight_grads, bias_grads, total)

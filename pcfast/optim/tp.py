@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import functional
+from .. import functional, ops
 from ..activations import check_activation
 from ..mup.presets import Parametrization
 from ..network import LOSSES
@@ -135,15 +135,19 @@ class TP(LocalOptimizer):
         lr, decay, sigma = self._setting("feedback_lr"), self._setting("feedback_weight_decay"), self._setting("feedback_noise")
         loss = x.new_zeros(())
         mults = self.feedback_lr_mults
+        backend = self._setting("backend")
+        in_kernel_noise = ops.resolve(backend, "feedback_grads", x.device)[0] == "triton"
         for _ in range(self._setting("feedback_steps")):
-            noise = None
-            if sigma > 0:
+            noise, seed = None, None
+            if sigma > 0 and in_kernel_noise:  # the kernels draw ξ from a seed taken from the generator
+                seed = int(torch.randint(0, 2**62, (), generator=self.generator, device=self.generator.device))
+            elif sigma > 0:
                 noise = [
                     torch.randn(x.shape[0], w.shape[0], generator=self.generator, dtype=x.dtype, device=x.device).mul_(sigma)
                     for w in weights[:-1]
                 ]
             result = functional.feedback_grads(weights, biases, acts, qs, cs, self.feedback_activations, x, noise,
-                                               backend=self._setting("backend"))
+                                               noise_seed=seed, noise_std=sigma, backend=backend)
             loss = result.loss
             for k, mult in enumerate(mults):
                 g = result.weight_grads[k].add(qs[k], alpha=decay) if decay else result.weight_grads[k]

@@ -61,6 +61,10 @@ def _variants(arch: int):
     def precision(dtype, tf32=False):
         return ("tf32" if tf32 else "tf32x3") if dtype == "fp32" else "ieee"
 
+    def ptrs_of(fn, dtype):
+        """Tensors of ``dtype``; offset tables (``*_table_ptr``) are int64."""
+        return {n: "*i64" if n.endswith("_table_ptr") else f"*{dtype}" for n in fn.arg_names if n.endswith("_ptr")}
+
     sweep_dtypes = ("fp32", "bf16") if arch == 90 else ("fp32",)
     flag_variants = arch == 90
     out = []
@@ -71,13 +75,13 @@ def _variants(arch: int):
 
     def error_flags(dtype, tf32=False, **kw):
         flags = dict(ACT_IN=1, ACT_OUT=0, HAS_BIAS=True, EPILOGUE=pc_relax.EPILOGUE_HIDDEN_ERROR, ADD_PRED=False,
-                     STORE_PRED=True, LOAD_PRED=False, INPUT_PRECISION=precision(dtype, tf32))
+                     STORE_PRED=True, LOAD_PRED=False, STACKED=False, NOISE=False,
+                     INPUT_PRECISION=precision(dtype, tf32))
         flags.update(kw)
         return flags
 
     def error_ptrs(dtype, labels=False):
-        return {n: f"*{dtype}" for n in error.fn.arg_names if n.endswith("_ptr")} | (
-            {"target_ptr": "*i64"} if labels else {})
+        return ptrs_of(error.fn, dtype) | ({"target_ptr": "*i64"} if labels else {})
 
     smallest = metas(error.configs)[-1]
     for dtype in sweep_dtypes:
@@ -90,6 +94,8 @@ def _variants(arch: int):
         ("mse-target", dict(EPILOGUE=pc_relax.EPILOGUE_MSE, ACT_IN=3, ADD_PRED=True)),
         ("load-pred", dict(LOAD_PRED=True, STORE_PRED=False, ACT_IN=0, HAS_BIAS=False)),
         ("relu", dict(ACT_IN=2)),
+        ("stacked", dict(STACKED=True, STORE_PRED=False)),
+        ("noise", dict(NOISE=True, EPILOGUE=pc_relax.EPILOGUE_AFFINE, ACT_IN=0, ACT_OUT=1)),
     ) if flag_variants else ():
         out.append(("pc_error", error.fn, smallest, error_flags("fp32", **flags), "fp32", error_ptrs("fp32"), error_units))
     out.append(("pc_error", error.fn, smallest, error_flags("fp32", tf32=True), "fp32", error_ptrs("fp32"), error_units))
@@ -117,10 +123,7 @@ def _variants(arch: int):
     update_units = ("stride_ek", "stride_wn", "stride_zn")
 
     def update_flags(dtype, tf32=False, **kw):
-        return dict(ACT=1, FPA=False, UPDATE_ERROR=True, INPUT_PRECISION=precision(dtype, tf32)) | kw
-
-    def ptrs_of(fn, dtype):
-        return {n: f"*{dtype}" for n in fn.arg_names if n.endswith("_ptr")}
+        return dict(ACT=1, FPA=False, UPDATE_ERROR=True, STACKED=False, INPUT_PRECISION=precision(dtype, tf32)) | kw
 
     for dtype in sweep_dtypes:
         for meta in metas(update.configs):
@@ -128,7 +131,8 @@ def _variants(arch: int):
     for meta in fp64(update.configs, "BLOCK_M", "BLOCK_N"):
         out.append(("pc_update", update.fn, meta, update_flags("fp64"), "fp64", ptrs_of(update.fn, "fp64"), update_units))
     small = metas(update.configs)[-1]
-    flags_list = [update_flags("fp32", FPA=True, ACT=4), update_flags("fp32", UPDATE_ERROR=False, ACT=2)] if flag_variants else []
+    flags_list = [update_flags("fp32", FPA=True, ACT=4), update_flags("fp32", UPDATE_ERROR=False, ACT=2),
+                  update_flags("fp32", STACKED=True, FPA=True)] if flag_variants else []
     for flags in flags_list + [update_flags("fp32", tf32=True)]:
         out.append(("pc_update", update.fn, small, flags, "fp32", ptrs_of(update.fn, "fp32"), update_units))
     for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):
@@ -139,7 +143,8 @@ def _variants(arch: int):
     grad_units = ("stride_en", "stride_ak", "stride_gk")
 
     def grad_flags(dtype, tf32=False, **kw):
-        return dict(ACT_A=1, ACT_E=0, HAS_BIAS=True, DELTA_FROM_TARGET=False, INPUT_PRECISION=precision(dtype, tf32)) | kw
+        return dict(ACT_A=1, ACT_E=0, HAS_BIAS=True, DELTA_FROM_TARGET=False, STACKED=False, NOISE=False, LOSS=False,
+                    INPUT_PRECISION=precision(dtype, tf32)) | kw
 
     for dtype in sweep_dtypes:
         for meta in metas(grad.configs):
@@ -147,7 +152,8 @@ def _variants(arch: int):
     for meta in fp64(grad.configs, "BLOCK_N", "BLOCK_K"):
         out.append(("pc_weight_grad", grad.fn, meta, grad_flags("fp64"), "fp64", ptrs_of(grad.fn, "fp64"), grad_units))
     small = metas(grad.configs)[-1]
-    flags_list = [grad_flags("fp32", DELTA_FROM_TARGET=True, ACT_E=3, ACT_A=0)] if flag_variants else []
+    flags_list = [grad_flags("fp32", DELTA_FROM_TARGET=True, ACT_E=3, ACT_A=0), grad_flags("fp32", STACKED=True),
+                  grad_flags("fp32", DELTA_FROM_TARGET=True, NOISE=True, LOSS=True, ACT_E=1, ACT_A=0)] if flag_variants else []
     for flags in flags_list + [grad_flags("fp32", tf32=True)]:
         out.append(("pc_weight_grad", grad.fn, small, flags, "fp32", ptrs_of(grad.fn, "fp32"), grad_units))
     for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):

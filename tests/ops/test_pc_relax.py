@@ -101,6 +101,100 @@ def test_pc_triton_equals_reference(case):
     assert_same_pc(out, ref, dtype)
 
 
+# The stacked path: equal-width hidden layers with one activation and one hidden precision share one
+# launch per pass in a Jacobi step. Every (FPA, bias, dtype) combination, batch 1/5/33, widths
+# 1/17/64/100, depth 3–5 (1–3 stacked layers), γ_L ≠ γ_hidden; each case also checks the stack ran.
+STACKED_CASES = [
+    dict(batch=b, width=w, depth=d, fpa=fpa, bias=bias, dtype=dt, loss=loss, act=act)
+    for (b, w, d, loss, act), (fpa, bias, dt) in zip(
+        [(5, 17, 3, "mse", "tanh"), (33, 64, 4, "ce", "gelu"), (1, 100, 3, "mse", "relu"), (5, 1, 5, "ce", "sigmoid"),
+         (33, 17, 5, "mse", "tanh"), (1, 64, 4, "mse", "identity"), (5, 100, 4, "ce", "tanh"), (33, 1, 3, "mse", "gelu")],
+        itertools.product((False, True), (True, False), ("f64", "f32")),
+    )
+]
+
+
+def _stacked_id(c):
+    return (f"B{c['batch']}-W{c['width']}-L{c['depth']}-{'fpa' if c['fpa'] else 'nofpa'}-"
+            f"{'bias' if c['bias'] else 'nobias'}-{c['loss']}-{c['act']}-{c['dtype']}")
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("case", STACKED_CASES, ids=[_stacked_id(c) for c in STACKED_CASES])
+def test_pc_triton_stacked_hidden_layers_equal_reference(case, monkeypatch):
+    depth, width = case["depth"], case["width"]
+    classes = 7 if case["loss"] == "ce" else 3
+    dims = (9, *([width] * (depth - 1)), classes)
+    dtype = DTYPES[case["dtype"]]
+    weights, biases, acts = random_mlp(dims, bias=case["bias"], activation=case["act"], dtype=dtype, seed=1, scale=1.2)
+    # Parameters at unrelated addresses, the later layers first: the offset table holds negative offsets.
+    weights = [w.clone() for w in weights[::-1]][::-1]
+    x, y = random_batch(dims, case["batch"], case["loss"], dtype=dtype)
+    kwargs = dict(precisions=[1.3] * (depth - 1) + [0.6], inference_steps=STEPS, inference_lr=0.2, schedule="jacobi",
+                  fpa=case["fpa"], loss=case["loss"], return_trajectory=True)
+    launches = _count_calls(monkeypatch, pc_relax, "stacked_latent_update")
+    out = triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    assert len(launches) == STEPS, "the stacked path did not run"
+    assert_same_pc(out, reference.pc_train_step(weights, biases, acts, x, y, **kwargs), dtype)
+
+
+@pytest.mark.parametrize("change", ["activation", "precision", "width", "sequential", "one bias", "switched off"])
+def test_pc_triton_stack_falls_back_to_per_layer_launches(change, monkeypatch):
+    """Hidden layers that differ (or the sequential sweep, or STACKED = False) run one launch per layer,
+    with the same results."""
+    dims = (9, 17, 17, 17, 3) if change != "width" else (9, 17, 16, 17, 3)
+    weights, biases, acts = random_mlp(dims, activation="tanh", seed=2)
+    precisions = [1.0, 1.0, 1.0, 0.5]
+    schedule = "jacobi"
+    if change == "activation":
+        acts = ["tanh", "gelu", "tanh"]
+    elif change == "precision":
+        precisions[1] = 2.0
+    elif change == "sequential":
+        schedule = "sequential"
+    elif change == "one bias":
+        biases[2] = None
+    elif change == "switched off":
+        monkeypatch.setattr(triton_backend, "STACKED", False)
+    x, y = random_batch(dims, 5, "mse")
+    kwargs = dict(precisions=precisions, inference_steps=STEPS, inference_lr=0.2, schedule=schedule, fpa=False,
+                  loss="mse", return_trajectory=True)
+    launches = _count_calls(monkeypatch, pc_relax, "stacked_latent_update")
+    out = triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    assert launches == []
+    assert_same_pc(out, reference.pc_train_step(weights, biases, acts, x, y, **kwargs), torch.float64)
+
+
+def test_stacked_update_refuses_to_write_errors_it_reads():
+    """A stacked step that moves the errors must write them to another buffer: layer l reads ε_{l+1}
+    while layer l+1 moves it."""
+    z, e = torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4, dtype=torch.float64)
+    table = pc_relax.LayerTable.of([torch.zeros(4, 4, dtype=torch.float64) for _ in range(2)])
+    with pytest.raises(ValueError, match="errors_out"):
+        pc_relax.stacked_latent_update(z, e, e, table, act="tanh", coefficient=1.0, kappa=0.1, fpa=True,
+                                       update_error=True, preactivations=z, errors_out=e)
+
+
+def test_layer_table_rejects_tensors_that_cannot_share_a_launch():
+    a = torch.zeros(4, 4)
+    assert pc_relax.LayerTable.of([a, torch.zeros(4, 5)]) is None
+    assert pc_relax.LayerTable.of([a, torch.zeros(4, 4).T.contiguous().T]) is None  # other strides
+    assert pc_relax.LayerTable.of([a, torch.zeros(4, 4, dtype=torch.float64)]) is None
+    table = pc_relax.LayerTable.of([a, torch.zeros(4, 4)])
+    assert table.offsets[0] == 0 and table.offsets.dtype == torch.int64
+
+
 @pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
 def test_pc_triton_ce_row_kernel_equals_reference(schedule, monkeypatch):
     """Class rows wider than one tile: logits stored, then ``_ce_error_kernel`` (forced here)."""
@@ -207,7 +301,7 @@ def test_cuda_graph_cache_runs_eager_then_captures_then_replays(monkeypatch):
     second = triton_backend._graphed(("key",), run, x2, target)
     assert events == ["run", "run", "capture", "run", "replay"]
     assert_close(second.loss, run(x2, target).loss)
-    _, static_x, _, static_out = triton_backend._graphs[("key",)]
+    _, static_x, _, static_out, _ = triton_backend._graphs[("key",)]
     assert second.weight_grads[0].data_ptr() != static_out.weight_grads[0].data_ptr()
     events.clear()
     triton_backend._graphed(("key",), run, x3, target)
