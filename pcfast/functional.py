@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .activations import check_activation
+from .sgd import LayerSGD, layer_updates
 from .network import SCHEDULES, check_batch, check_params, resolve_precisions
 from .results import FeedbackResult, GradResult, PCResult, TPResult
 
@@ -56,6 +57,7 @@ def pc_train_step(
     fpa: bool = False,
     loss: str = "mse",
     return_trajectory: bool = False,
+    sgd: Sequence[LayerSGD] | None = None,
     backend: str = "auto",
 ) -> PCResult:
     """Relax the PC latents from the feedforward pass for ``inference_steps`` steps of rate κ, then
@@ -66,6 +68,9 @@ def pc_train_step(
         schedule: ``"jacobi"`` (all layers from the same state) or ``"sequential"`` (top-down sweep).
         fpa: fixed-prediction assumption — predictions and φ' frozen at their feedforward values.
         return_trajectory: also return the latents after every step.
+        sgd: one ``pcfast.sgd.LayerSGD`` per layer: also compute that SGD step from the gradients,
+            out of place, into ``result.sgd_updates`` (nothing is modified). The ``triton`` backend
+            applies it inside each layer's gradient launch; the others right after.
     """
     _check_network(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
@@ -75,12 +80,35 @@ def pc_train_step(
     _check_positive("inference_lr", inference_lr)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-    _, fn = ops.resolve(backend, "pc_train_step", x.device)
-    return fn(
-        weights, biases, activations, x, target, precisions=gammas, inference_steps=inference_steps,
-        inference_lr=float(inference_lr), schedule=schedule, fpa=bool(fpa), loss=loss,
-        return_trajectory=return_trajectory,
-    )
+    if sgd is not None:
+        _check_sgd(sgd, weights, biases)
+    name, fn = ops.resolve(backend, "pc_train_step", x.device)
+    kwargs = dict(precisions=gammas, inference_steps=inference_steps, inference_lr=float(inference_lr),
+                  schedule=schedule, fpa=bool(fpa), loss=loss, return_trajectory=return_trajectory)
+    if sgd is not None and name == "triton":
+        return fn(weights, biases, activations, x, target, sgd=list(sgd), **kwargs)
+    result = fn(weights, biases, activations, x, target, **kwargs)
+    if sgd is not None:
+        result.sgd_updates = layer_updates(weights, biases, result.weight_grads, result.bias_grads, sgd)
+    return result
+
+
+def _check_sgd(sgd: Sequence[LayerSGD], weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> None:
+    if len(sgd) != len(weights):
+        raise ValueError(f"sgd: expected one LayerSGD per layer ({len(weights)}), got {len(sgd)}")
+    for l, (step, w, b) in enumerate(zip(sgd, weights, biases)):
+        if not isinstance(step, LayerSGD):
+            raise TypeError(f"sgd[{l}]: expected a pcfast.sgd.LayerSGD, got {type(step).__name__}")
+        step.check(f"sgd[{l}]")
+        for name, buf, param in (("weight_buffer", step.weight_buffer, w), ("bias_buffer", step.bias_buffer, b)):
+            if buf is None:
+                continue
+            if not step.momentum:
+                raise ValueError(f"sgd[{l}].{name}: a momentum buffer without momentum")
+            if param is None or buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device:
+                raise ValueError(f"sgd[{l}].{name}: expected the parameter's shape, dtype and device")
+        if b is not None and step.momentum and (step.weight_buffer is None) != (step.bias_buffer is None):
+            raise ValueError(f"sgd[{l}]: give both momentum buffers or neither")
 
 
 def pc_energy(

@@ -266,6 +266,9 @@ def _pc_weight_grad_kernel(
     e_ptr, u_ptr, a_ptr,
     # outputs: weight gradient (N, K), bias gradient (N,); LOSS: Σ_m (t − φ_E(u))² per row n of W
     grad_w_ptr, grad_b_ptr, sq_ptr,
+    # SGD: W and b, their momentum buffers, where the new values go (all with g_W's / g_b's strides),
+    # and the layer's float64 row (weight_lr, bias_lr, momentum, dampening, weight_decay)
+    w_ptr, w_buf_ptr, new_w_ptr, new_w_buf_ptr, b_ptr, b_buf_ptr, new_b_ptr, new_b_buf_ptr, hyper_ptr,
     # sizes: ε and u are (M, N), a is (M, K); the reduction runs over the batch M
     M, N, K,
     # strides; u shares ε's; STACKED: layer strides of ε/u, a, g_W and g_b
@@ -277,7 +280,8 @@ def _pc_weight_grad_kernel(
     scale: tl.float64, noise_std: tl.float64,
     # meta-parameters
     ACT_A: tl.constexpr, ACT_E: tl.constexpr, HAS_BIAS: tl.constexpr, DELTA_FROM_TARGET: tl.constexpr,
-    STACKED: tl.constexpr, NOISE: tl.constexpr, LOSS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STACKED: tl.constexpr, NOISE: tl.constexpr, LOSS: tl.constexpr, SGD: tl.constexpr, MOMENTUM: tl.constexpr,
+    HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """g_W[n, k] = scale · Σ_m δ[m, n] φ_A(a[m, k]),   g_b[n] = scale · Σ_m δ[m, n]   (one pass), with
@@ -289,6 +293,8 @@ def _pc_weight_grad_kernel(
     target is the noisy input h + ξ), and with LOSS the first column tile also stores
     ``sq[n] = Σ_m (t − φ_E(u))²[m, n]`` (the reconstruction loss, summed deterministically outside).
     STACKED: grid axis 1 runs over G layers of equal shape (PC's equal-width hidden layers).
+    SGD: the same pass applies ``pcfast.sgd``'s rule to W (and b) out of place: new W, new momentum
+    buffer (MOMENTUM; HAS_BUFFER: one exists, else it starts as d), Nesterov.
     """
     ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     if STACKED:
@@ -333,15 +339,47 @@ def _pc_weight_grad_kernel(
         a_ptrs += BLOCK_M * stride_am
     s = as_acc(scale, ACC)
     mask = mask_n[:, None] & mask_k[None, :]
-    tl.store(grad_w_ptr + offs_n[:, None] * stride_gn + offs_k[None, :] * stride_gk,
-             (s * acc).to(grad_w_ptr.dtype.element_ty), mask=mask)
+    offsets = offs_n[:, None] * stride_gn + offs_k[None, :] * stride_gk
+    grad = s * acc
+    tl.store(grad_w_ptr + offsets, grad.to(grad_w_ptr.dtype.element_ty), mask=mask)
+    if SGD:
+        _sgd_store(grad, offsets, mask, w_ptr, w_buf_ptr, new_w_ptr, new_w_buf_ptr, hyper_ptr, 0,
+                   ACC, MOMENTUM, HAS_BUFFER, NESTEROV)
     if HAS_BIAS:  # noqa: SIM102 - a constexpr test, then a runtime one: they do not combine in Triton
         # Every column tile computes the row sums; the first stores them.
         if pid_k == 0:
-            tl.store(grad_b_ptr + offs_n, (s * bias_acc).to(grad_b_ptr.dtype.element_ty), mask=mask_n)
+            grad_b = s * bias_acc
+            tl.store(grad_b_ptr + offs_n, grad_b.to(grad_b_ptr.dtype.element_ty), mask=mask_n)
+            if SGD:
+                _sgd_store(grad_b, offs_n, mask_n, b_ptr, b_buf_ptr, new_b_ptr, new_b_buf_ptr, hyper_ptr, 1,
+                           ACC, MOMENTUM, HAS_BUFFER, NESTEROV)
     if LOSS:  # noqa: SIM102
         if pid_k == 0:
             tl.store(sq_ptr + offs_n, sq_acc.to(sq_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _sgd_store(grad, offsets, mask, p_ptr, buf_ptr, new_p_ptr, new_buf_ptr, hyper_ptr, LR_COLUMN: tl.constexpr,
+               ACC: tl.constexpr, MOMENTUM: tl.constexpr, HAS_BUFFER: tl.constexpr, NESTEROV: tl.constexpr):
+    """``pcfast.sgd.sgd_update`` on one tile: store the new parameter (and momentum buffer)."""
+    lr = tl.load(hyper_ptr + LR_COLUMN).to(ACC)
+    decay = tl.load(hyper_ptr + 4).to(ACC)
+    p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    d = grad + decay * p
+    if MOMENTUM:
+        momentum = tl.load(hyper_ptr + 2).to(ACC)
+        if HAS_BUFFER:
+            dampening = tl.load(hyper_ptr + 3).to(ACC)
+            buf = momentum * tl.load(buf_ptr + offsets, mask=mask, other=0.0).to(ACC) + (1.0 - dampening) * d
+        else:
+            buf = d
+        tl.store(new_buf_ptr + offsets, buf.to(new_buf_ptr.dtype.element_ty), mask=mask)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    new = p - lr * d
+    tl.store(new_p_ptr + offsets, new.to(new_p_ptr.dtype.element_ty), mask=mask)
 
 
 _TILE_KEY = ["M", "N", "K"]
@@ -362,7 +400,8 @@ _pc_update_kernel_tuned = triton.autotune(
 
 _pc_weight_grad_kernel_tuned = triton.autotune(
     configs=grad_configs(),
-    key=_TILE_KEY + ["ACT_A", "ACT_E", "HAS_BIAS", "DELTA_FROM_TARGET", "STACKED", "NOISE", "LOSS", "INPUT_PRECISION"],
+    key=_TILE_KEY + ["ACT_A", "ACT_E", "HAS_BIAS", "DELTA_FROM_TARGET", "STACKED", "NOISE", "LOSS", "SGD", "MOMENTUM",
+                     "HAS_BUFFER", "NESTEROV", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_grad_configs},
 )(_pc_weight_grad_kernel)
 
@@ -548,12 +587,14 @@ def weight_grad(
     grad_bias: Tensor | None = None,
     noise: Noise | None = None,
     squares: Tensor | None = None,
+    sgd: FusedSGD | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Launch ``_pc_weight_grad_kernel``: ``scale · δᵀ φ_in(a)`` and ``scale · Σ_m δ``.
 
     ``δ`` is ``delta_source`` (PC's ε), or with ``preactivation`` u the TP local-loss delta
     ``(t − φ(u)) ⊙ φ'(u)`` where ``delta_source`` is the target t — read as ``t + noise.std · ξ``
-    with ``noise``; ``squares`` (shape (rows,)) then receives ``Σ_m (t − φ(u))²`` per column of δ."""
+    with ``noise``; ``squares`` (shape (rows,)) then receives ``Σ_m (t − φ(u))²`` per column of δ.
+    With ``sgd`` the same pass also writes the SGD step's new parameters and buffers into it."""
     batch, rows = delta_source.shape
     cols = a.shape[1]
     _check_matrix("a", a, (batch, cols), delta_source.dtype)
@@ -568,19 +609,74 @@ def weight_grad(
         grad_bias = torch.empty(rows, dtype=a.dtype, device=a.device)
     if squares is not None:
         _check_matrix("squares", squares.view(1, -1), (1, rows), a.dtype)
+    if sgd is not None:
+        sgd.prepare(grad_weight, grad_bias)
     noise = noise or _NO_NOISE
+    g = grad_weight  # stands in for every pointer whose flag is off
     _pc_weight_grad_kernel_tuned[lambda meta: _tiles(meta, rows, cols, "BLOCK_N", "BLOCK_K")](
         delta_source, preactivation if preactivation is not None else delta_source, a,
-        grad_weight, grad_bias if has_bias else grad_weight, grad_weight if squares is None else squares,
+        grad_weight, grad_bias if has_bias else g, g if squares is None else squares,
+        *(sgd.pointers(g) if sgd is not None else (g,) * 9),
         batch, rows, cols,
         delta_source.stride(0), delta_source.stride(1), a.stride(0), a.stride(1),
         grad_weight.stride(0), grad_weight.stride(1), 0, 0, 0, 0, noise.seed, noise.offset,
         float(scale), noise.std,
         ACT_A=activation_code(act_in), ACT_E=activation_code(act_delta), HAS_BIAS=has_bias,
         DELTA_FROM_TARGET=preactivation is not None, STACKED=False, NOISE=noise is not _NO_NOISE,
-        LOSS=squares is not None, INPUT_PRECISION=input_precision(a),
+        LOSS=squares is not None, SGD=sgd is not None, MOMENTUM=sgd is not None and sgd.momentum,
+        HAS_BUFFER=sgd is not None and sgd.weight_buffer is not None, NESTEROV=sgd is not None and sgd.nesterov,
+        INPUT_PRECISION=input_precision(a),
     )
     return grad_weight, grad_bias if has_bias else None
+
+
+@dataclass
+class FusedSGD:
+    """The SGD step ``weight_grad`` applies in its pass (``pcfast.sgd``'s rule), out of place.
+
+    In: the parameters, their momentum buffers (None on the first step) and ``hyper``, the layer's
+    float64 row of ``pcfast.sgd.HYPER_COLUMNS`` on the device (read by the kernel, so a CUDA graph
+    replays with new rates). Out, set by ``weight_grad``: ``new_weight``, ``new_bias`` and the new
+    buffers (with ``momentum``)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    hyper: Tensor
+    momentum: bool
+    nesterov: bool = False
+    weight_buffer: Tensor | None = None
+    bias_buffer: Tensor | None = None
+    new_weight: Tensor | None = None
+    new_bias: Tensor | None = None
+    new_weight_buffer: Tensor | None = None
+    new_bias_buffer: Tensor | None = None
+
+    def prepare(self, grad_weight: Tensor, grad_bias: Tensor | None) -> None:
+        """Check the inputs against the gradients' layout and allocate the outputs."""
+        for name, t, like in (("weight", self.weight, grad_weight), ("weight_buffer", self.weight_buffer, grad_weight),
+                              ("bias", self.bias, grad_bias), ("bias_buffer", self.bias_buffer, grad_bias)):
+            if t is not None and (like is None or t.shape != like.shape or t.stride() != like.stride() or t.dtype != like.dtype):
+                raise ValueError(f"{name}: the fused SGD step needs the gradient's shape, strides and dtype")
+        if (self.bias is None) != (grad_bias is None):
+            raise ValueError("bias: give it exactly when the layer has one")
+        if self.bias is not None and (self.weight_buffer is None) != (self.bias_buffer is None):
+            raise ValueError("weight_buffer, bias_buffer: give both or neither")
+        if not self.momentum and (self.weight_buffer is not None or self.bias_buffer is not None):
+            raise ValueError("weight_buffer, bias_buffer: momentum buffers without momentum")
+        if self.hyper.dtype != torch.float64 or self.hyper.numel() != 5 or self.hyper.device != grad_weight.device:
+            raise ValueError("hyper: expected 5 float64 values on the gradients' device")
+        self.new_weight = torch.empty_like(grad_weight)
+        self.new_bias = None if grad_bias is None else torch.empty_like(grad_bias)
+        self.new_weight_buffer = torch.empty_like(grad_weight) if self.momentum else None
+        self.new_bias_buffer = torch.empty_like(grad_bias) if self.momentum and grad_bias is not None else None
+
+    def pointers(self, dummy: Tensor) -> tuple[Tensor, ...]:
+        def either(t):
+            return dummy if t is None else t
+
+        return (self.weight, either(self.weight_buffer), self.new_weight, either(self.new_weight_buffer),
+                either(self.bias), either(self.bias_buffer), either(self.new_bias), either(self.new_bias_buffer),
+                self.hyper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,12 +796,14 @@ def stacked_weight_grad(
     grad_bias = torch.empty(layers, rows, dtype=errors.dtype, device=errors.device) if has_bias else None
     _pc_weight_grad_kernel_tuned[lambda meta: (_tiles(meta, rows, cols, "BLOCK_N", "BLOCK_K")[0], layers)](
         errors, errors, inputs, grad_weight, grad_bias if has_bias else grad_weight, grad_weight,
+        *(grad_weight,) * 9,
         batch, rows, cols,
         errors.stride(1), errors.stride(2), inputs.stride(1), inputs.stride(2), grad_weight.stride(1),
         grad_weight.stride(2), errors.stride(0), inputs.stride(0), grad_weight.stride(0),
         grad_bias.stride(0) if has_bias else 0, 0, 0,
         float(scale), 0.0,
         ACT_A=activation_code(act_in), ACT_E=0, HAS_BIAS=has_bias, DELTA_FROM_TARGET=False, STACKED=True,
-        NOISE=False, LOSS=False, INPUT_PRECISION=input_precision(inputs),
+        NOISE=False, LOSS=False, SGD=False, MOMENTUM=False, HAS_BUFFER=False, NESTEROV=False,
+        INPUT_PRECISION=input_precision(inputs),
     )
     return grad_weight, grad_bias

@@ -11,8 +11,19 @@ Launch schedule of one PC step (L layers, T steps; ``pc_relax`` has the kernels)
 - per step, jacobi: L−1 top-down/update launches bottom-up (under FPA each also moves ε_l, which
   the layer below has already read), then, without FPA, L error launches;
 - per step, sequential: per layer top-down one error launch (without FPA) then one update launch;
-- weight gradients: L launches (bias row sums in the same pass).
+- weight gradients: L launches (bias row sums in the same pass); with ``sgd=`` (what the PC
+  optimizer passes) each also applies the layer's SGD step (momentum, Nesterov, weight decay) and
+  writes the new parameters and momentum buffers out of place.
 The scalar energy and loss are torch reductions over the final buffers.
+
+Stacked path (Jacobi schedule, H ≥ 2 hidden layers of one width, activation and precision; see
+``_stack_plan``): the hidden layers' state lives in (H, B, M) buffers and the model's separate
+W_2 … W_H are addressed through an offset table, so each pass is one launch for all of them —
+per step one update launch for layers 1 … H−1 plus one for layer H, and (without FPA) one error
+launch for layers 2 … H plus layer 1's and the output's: 5 launches instead of 2H + 1; under FPA,
+2 instead of H, with the errors written to a second buffer (every layer reads the step's old ε).
+
+DTP's feedback gradients draw their noise ξ inside the kernels from a seed when given one.
 
 On CUDA the whole step is captured as a CUDA graph the second time a configuration is seen (the
 first call runs eagerly, autotuning and compiling every kernel) and replayed afterwards: inputs are
@@ -30,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..results import FeedbackResult, PCResult, TPResult
+from ..sgd import LayerSGD, layer_updates
 from . import pc_relax, tp_targets
 from ._triton_common import activation_code, input_precision
 from .torch_pc import _loss_sum
@@ -70,10 +82,18 @@ def _clone(result):
         if isinstance(value, Tensor):
             fields[name] = value.clone()
         elif isinstance(value, list):
-            fields[name] = [v.clone() if isinstance(v, Tensor) else v for v in value]
+            fields[name] = [_clone_value(v) for v in value]
         else:
             fields[name] = value
     return type(result)(**fields)
+
+
+def _clone_value(value):
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_clone_value(v) for v in value)
+    return value
 
 
 def _parameter_key(tensors: Sequence[Tensor | None]) -> tuple:
@@ -82,40 +102,42 @@ def _parameter_key(tensors: Sequence[Tensor | None]) -> tuple:
     )
 
 
-def _graphed(key: tuple, run: Callable[[Tensor, Tensor], object], x: Tensor, target: Tensor, keep: object = None):
-    """``run(x, target)`` through a CUDA graph cached under ``key``: eager on first sight, captured
-    on the second, replayed from then on. ``keep`` (tensors the graph reads, made outside it, e.g.
-    offset tables) lives as long as the graph."""
+def _graphed(key: tuple, run: Callable[..., object], inputs: tuple[Tensor, ...], keep: object = None):
+    """``run(*inputs)`` through a CUDA graph cached under ``key``: eager on first sight, captured
+    on the second, replayed from then on (``inputs`` are copied into the graph's static copies:
+    the batch, and values such as learning rates that change between calls). ``keep`` (tensors the
+    graph reads, made outside it, e.g. offset tables) lives as long as the graph."""
     entry = _graphs.get(key)
     if entry is None:
         _graphs[key] = _WARM
         while len(_graphs) > GRAPH_CACHE_SIZE:
             _graphs.popitem(last=False)
-        return run(x, target)
+        return run(*inputs)
     _graphs.move_to_end(key)
     if entry is _EAGER:
-        return run(x, target)
+        return run(*inputs)
+    device = inputs[0].device
     if entry is _WARM:
-        static_x, static_target = x.clone(), target.clone()
+        static_inputs = tuple(t.clone() for t in inputs)
         try:
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                run(static_x, static_target)  # capture needs compiled, tuned kernels and a warm allocator
-            torch.cuda.current_stream(x.device).wait_stream(side)
+                run(*static_inputs)  # capture needs compiled, tuned kernels and a warm allocator
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = run(static_x, static_target)
+                static_out = run(*static_inputs)
         except RuntimeError as exc:  # capture is an optimisation: fall back to eager launches for good
             warnings.warn(f"pcfast triton backend: CUDA graph capture failed ({exc}); launching eagerly",
                           RuntimeWarning, stacklevel=3)
             _graphs[key] = _EAGER
-            return run(x, target)
-        entry = (graph, static_x, static_target, static_out, keep)
+            return run(*inputs)
+        entry = (graph, static_inputs, static_out, keep)
         _graphs[key] = entry
-    graph, static_x, static_target, static_out, _ = entry
-    static_x.copy_(x)
-    static_target.copy_(target)
+    graph, static_inputs, static_out, _ = entry
+    for static, new in zip(static_inputs, inputs):
+        static.copy_(new)
     graph.replay()
     return _clone(static_out)
 
@@ -144,6 +166,8 @@ def _pc_step(
     loss: str,
     return_trajectory: bool,
     stack: tuple[pc_relax.LayerTable, pc_relax.LayerTable | None] | None = None,
+    sgd: Sequence[LayerSGD] | None = None,
+    hyper: Tensor | None = None,
 ) -> PCResult:
     depth, batch = len(weights), x.shape[0]
     hidden = depth - 1
@@ -250,17 +274,25 @@ def _pc_step(
             refresh_error(l)
 
     # Weight gradients at the final state: −γ_l ε_lᵀ φ(z_{l-1}) / B (FPA: φ(u_{l-1})).
-    weight_grads, bias_grads = [], []
+    # With sgd, every layer's launch also applies its SGD step (per layer: parameters are separate).
+    weight_grads, bias_grads, fused = [], [], []
     for l in range(depth):
-        if stack is not None and 0 < l < hidden:
+        if stack is not None and sgd is None and 0 < l < hidden:
             continue
         a, act = presynaptic(l, frozen=fpa)
+        step = None
+        if sgd is not None:
+            step = pc_relax.FusedSGD(
+                weights[l], biases[l], hyper[l], momentum=sgd[l].momentum > 0, nesterov=sgd[l].nesterov,
+                weight_buffer=sgd[l].weight_buffer, bias_buffer=sgd[l].bias_buffer,
+            )
+            fused.append(step)
         gw, gb = pc_relax.weight_grad(
-            errors[l], a, scale=-gammas[l] / batch, act_in=act, has_bias=biases[l] is not None,
+            errors[l], a, scale=-gammas[l] / batch, act_in=act, has_bias=biases[l] is not None, sgd=step,
         )
         weight_grads.append(gw)
         bias_grads.append(gb)
-    if stack is not None:  # layers 2 … H in one launch
+    if stack is not None and sgd is None:  # layers 2 … H in one launch
         current = stacked_e[0]
         gw, gb = pc_relax.stacked_weight_grad(
             current[1:], (stacked_u if fpa else stacked_z)[:-1], scale=-gammas[1] / batch, act_in=activations[0],
@@ -273,9 +305,16 @@ def _pc_step(
     for l in range(hidden):
         energy += 0.5 * gammas[l] * torch.sum(errors[l] * errors[l])
     energy += gammas[-1] * _loss_sum(predictions[-1], target, loss)
+    updates = None
+    if sgd is not None:
+        updates = []
+        for step in fused:
+            updates.append((step.new_weight, step.new_weight_buffer))
+            if step.bias is not None:
+                updates.append((step.new_bias, step.new_bias_buffer))
     return PCResult(
         latents=latents, errors=errors, weight_grads=weight_grads, bias_grads=bias_grads,
-        energy=energy, loss=loss_value, trajectory=trajectory,
+        energy=energy, loss=loss_value, trajectory=trajectory, sgd_updates=updates,
     )
 
 
@@ -294,28 +333,41 @@ def pc_train_step(
     fpa: bool,
     loss: str,
     return_trajectory: bool = False,
+    sgd: Sequence[LayerSGD] | None = None,
 ) -> PCResult:
-    """PC relaxation and weight gradients (DESIGN §3) with the kernels of ``pc_relax``."""
+    """PC relaxation and weight gradients (DESIGN §3) with the kernels of ``pc_relax``; with ``sgd``
+    (checked by ``pcfast.functional``) each gradient launch also applies the layer's SGD step."""
     if schedule not in ("jacobi", "sequential"):
         raise ValueError(f"schedule: expected 'jacobi' or 'sequential', got {schedule!r}")
     _check_supported(activations, x)
     x, target = _as_contiguous(x), _as_contiguous(target)
     gammas, kappa = [float(g) for g in precisions], float(inference_lr)
-
+    if sgd is not None and not all(p is None or p.is_contiguous() for p in [*weights, *biases]):
+        # The fused step writes with the gradients' (contiguous) layout: update strided parameters after.
+        result = pc_train_step(weights, biases, activations, x, target, precisions=precisions,
+                               inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule,
+                               fpa=fpa, loss=loss, return_trajectory=return_trajectory)
+        result.sgd_updates = layer_updates(weights, biases, result.weight_grads, result.bias_grads, sgd)
+        return result
     stack = _stack_plan(weights, biases, activations, gammas, schedule)
+    hyper = None if sgd is None else torch.tensor([step.row() for step in sgd], dtype=torch.float64, device=x.device)
 
-    def run(x_in: Tensor, target_in: Tensor) -> PCResult:
+    def run(x_in: Tensor, target_in: Tensor, hyper_in: Tensor | None = None) -> PCResult:
         return _pc_step(weights, biases, activations, x_in, target_in, gammas, kappa, inference_steps,
-                        schedule, fpa, loss, return_trajectory, stack)
+                        schedule, fpa, loss, return_trajectory, stack, sgd, hyper_in)
 
     if not (CUDA_GRAPHS and x.is_cuda and not return_trajectory):
-        return run(x, target)
+        return run(x, target, hyper)
+    sgd_key = None if sgd is None else tuple(
+        (step.momentum > 0, step.nesterov, _parameter_key([step.weight_buffer, step.bias_buffer])) for step in sgd
+    )
     key = (
         "pc", _parameter_key(weights), _parameter_key(biases), tuple(activations), tuple(x.shape), x.dtype,
         x.device, tuple(target.shape), target.dtype, tuple(gammas), kappa, inference_steps, schedule, fpa, loss,
-        input_precision(x),
+        input_precision(x), sgd_key,
     )
-    return _graphed(key, run, x, target, keep=stack)
+    inputs = (x, target) if hyper is None else (x, target, hyper)
+    return _graphed(key, run, inputs, keep=stack)
 
 
 def _stack_plan(weights, biases, activations, gammas, schedule):
@@ -434,7 +486,7 @@ def tp_train_step(
         _parameter_key(feedback_biases), tuple(activations), tuple(feedback_activations), tuple(x.shape), x.dtype,
         x.device, tuple(target.shape), target.dtype, float(beta), loss, difference, input_precision(x),
     )
-    return _graphed(key, run, x, target)
+    return _graphed(key, run, (x, target))
 
 
 @torch.no_grad()

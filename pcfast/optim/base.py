@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization, standard
 from ..network import MLP, check_batch, parse_mlp
+from ..sgd import LayerSGD, sgd_update
 
 
 def _check_number(name: str, value: Any, *, low: float = 0.0, inclusive: bool = True) -> None:
@@ -145,12 +146,15 @@ class LocalOptimizer(torch.optim.Optimizer):
             self._commit_updates(updates)
             return None
         snapshot = self._snapshot()
+        self._stepping = True  # lets _local_gradients ask the backend for the SGD step too (_layer_sgd)
         try:
             weight_grads, bias_grads, stats, pending = self._guarded_gradients(x, y)
-            updates = self._sgd_updates(weight_grads, bias_grads)
+            updates = self._sgd_updates(weight_grads, bias_grads, pending.pop("sgd_updates", None))
         except BaseException:
             self._restore(snapshot)
             raise
+        finally:
+            self._stepping = False
         self._commit_extra(pending)
         self._write_grads(weight_grads, bias_grads)
         self._commit_updates(updates)
@@ -182,29 +186,62 @@ class LocalOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.copy_(g)
 
-    def _sgd_updates(self, weight_grads, bias_grads) -> list[tuple[Tensor, Tensor, dict, Tensor | None]]:
-        """New values (parameter, new parameter, state, new momentum buffer), all out of place."""
-        grads = {}
+    def _layer_sgd(self) -> list[LayerSGD] | None:
+        """Each layer's SGD step (``pcfast.sgd.LayerSGD``) for a backend to compute with the gradients
+        — during ``step(x, y)`` only, and when a layer's weight and bias share their settings and
+        every value is finite (a non-finite rate must reach the DivergenceError check below)."""
+        if not getattr(self, "_stepping", False):
+            return None
+        steps = []
+        for lin in self.mlp.linears:
+            groups = [self._group_of(p) for p in (lin.weight, lin.bias) if p is not None]
+            keys = ("momentum", "dampening", "weight_decay", "nesterov")
+            if any(g[k] != groups[0][k] for g in groups for k in keys):
+                return None
+            first = groups[0]
+            if not all(math.isfinite(g["lr"]) and g["lr"] >= 0 for g in groups):
+                return None
+            buffers = [self.state.get(p, {}).get("momentum_buffer") if first["momentum"] and p is not None else None
+                       for p in (lin.weight, lin.bias)]  # .get: reading must not create state entries
+            steps.append(LayerSGD(
+                weight_lr=first["lr"], bias_lr=groups[-1]["lr"] if lin.bias is not None else 0.0,
+                momentum=first["momentum"], dampening=first["dampening"], weight_decay=first["weight_decay"],
+                nesterov=first["nesterov"], weight_buffer=buffers[0], bias_buffer=buffers[1],
+            ))
+        return steps
+
+    def _group_of(self, p: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not in any group")
+
+    def _sgd_updates(self, weight_grads, bias_grads, computed=None) -> list[tuple[Tensor, Tensor, dict, Tensor | None]]:
+        """New values (parameter, new parameter, state, new momentum buffer), all out of place;
+        ``computed``: (new parameter, new buffer) per parameter in model order, from the backend."""
+        grads, done = {}, {}
+        params = [p for lin in self.mlp.linears for p in (lin.weight, lin.bias) if p is not None]
+        if computed is not None:
+            done = dict(zip(params, computed))
         for lin, gw, gb in zip(self.mlp.linears, weight_grads, bias_grads):
             grads[lin.weight] = gw
             if lin.bias is not None:
                 grads[lin.bias] = gb
         updates = []
         for group in self.param_groups:
-            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
-            decay, nesterov = group["weight_decay"], group["nesterov"]
+            lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
                 g = grads.get(p)
                 if g is None:
                     continue
-                d = g.add(p, alpha=decay) if decay else g
-                buf = None
-                if momentum:
-                    state = self.state[p]
-                    old = state.get("momentum_buffer")
-                    buf = d.clone() if old is None else old.mul(momentum).add_(d, alpha=1 - dampening)
-                    d = d.add(buf, alpha=momentum) if nesterov else buf
-                new = p.add(d, alpha=-lr)
+                if p in done:
+                    new, buf = done[p]
+                else:
+                    new, buf = sgd_update(
+                        p, g, lr=lr, momentum=momentum, dampening=group["dampening"],
+                        weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                        buffer=self.state[p].get("momentum_buffer") if momentum else None,
+                    )
                 if not bool(torch.isfinite(new).all()):
                     raise DivergenceError(f"the update of layer {group['layer'] + 1} {group['kind']} is not finite: "
                                           "the step diverged; nothing was changed")
@@ -216,7 +253,11 @@ class LocalOptimizer(torch.optim.Optimizer):
         for p, new, state, buf in updates:
             p.copy_(new)
             if state is not None:
-                state["momentum_buffer"] = buf
+                old = state.get("momentum_buffer")
+                if old is not None and old.shape == buf.shape and old.dtype == buf.dtype:
+                    old.copy_(buf)  # in place, as torch.optim.SGD: its address (a CUDA graph input) stays
+                else:
+                    state["momentum_buffer"] = buf
 
     # ------------------------------------------------------------------ state
 

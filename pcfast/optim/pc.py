@@ -81,7 +81,9 @@ class PC(LocalOptimizer):
             schedule=self._setting("schedule"),
             fpa=self._setting("fpa"),
             loss=self._setting("loss"),
+            sgd=self._layer_sgd(),  # the triton backend applies SGD inside its gradient launches
             backend=self._setting("backend"),
         )
         stats = {"loss": result.loss, "energy": result.energy / x.shape[0]}
-        return result.weight_grads, result.bias_grads, stats, {}
+        pending = {} if result.sgd_updates is None else {"sgd_updates": result.sgd_updates}
+        return result.weight_grads, result.bias_grads, stats, pending

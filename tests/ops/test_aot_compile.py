@@ -10,7 +10,7 @@ on a compile error or on shared memory beyond what the architecture can give one
 Compile matrix: on both architectures every config of every autotuned kernel in fp32 (the dot's
 input precision is ``tf32x3``, what fp32 runs with on CUDA) and every config that survives the fp64
 pruning in fp64; on sm_90 (what the benchmarks target) also every config in bf16 and the flag
-variants; fp16, TF32 (and bf16 on sm_80) with the smallest config. About 120 compiles, ~1.5 min on
+variants; fp16, TF32 (and bf16 on sm_80) with the smallest config. About 130 compiles, ~1.5 min on
 two cores. Pointers are marked 16-byte aligned
 integer sizes and strides divisible by 16, and unit strides constant 1, as the JIT specialises
 contiguous tensors of 16-divisible widths at run time.
@@ -62,8 +62,10 @@ def _variants(arch: int):
         return ("tf32" if tf32 else "tf32x3") if dtype == "fp32" else "ieee"
 
     def ptrs_of(fn, dtype):
-        """Tensors of ``dtype``; offset tables (``*_table_ptr``) are int64."""
-        return {n: "*i64" if n.endswith("_table_ptr") else f"*{dtype}" for n in fn.arg_names if n.endswith("_ptr")}
+        """Tensors of ``dtype``; offset tables (``*_table_ptr``) are int64, SGD's rates (``hyper_ptr``) float64."""
+        special = {"hyper_ptr": "*fp64"}
+        return {n: "*i64" if n.endswith("_table_ptr") else special.get(n, f"*{dtype}")
+                for n in fn.arg_names if n.endswith("_ptr")}
 
     sweep_dtypes = ("fp32", "bf16") if arch == 90 else ("fp32",)
     flag_variants = arch == 90
@@ -144,7 +146,7 @@ def _variants(arch: int):
 
     def grad_flags(dtype, tf32=False, **kw):
         return dict(ACT_A=1, ACT_E=0, HAS_BIAS=True, DELTA_FROM_TARGET=False, STACKED=False, NOISE=False, LOSS=False,
-                    INPUT_PRECISION=precision(dtype, tf32)) | kw
+                    SGD=False, MOMENTUM=False, HAS_BUFFER=False, NESTEROV=False, INPUT_PRECISION=precision(dtype, tf32)) | kw
 
     for dtype in sweep_dtypes:
         for meta in metas(grad.configs):
@@ -153,7 +155,9 @@ def _variants(arch: int):
         out.append(("pc_weight_grad", grad.fn, meta, grad_flags("fp64"), "fp64", ptrs_of(grad.fn, "fp64"), grad_units))
     small = metas(grad.configs)[-1]
     flags_list = [grad_flags("fp32", DELTA_FROM_TARGET=True, ACT_E=3, ACT_A=0), grad_flags("fp32", STACKED=True),
-                  grad_flags("fp32", DELTA_FROM_TARGET=True, NOISE=True, LOSS=True, ACT_E=1, ACT_A=0)] if flag_variants else []
+                  grad_flags("fp32", DELTA_FROM_TARGET=True, NOISE=True, LOSS=True, ACT_E=1, ACT_A=0),
+                  grad_flags("fp32", SGD=True, MOMENTUM=True, HAS_BUFFER=True, NESTEROV=True),
+                  grad_flags("fp32", SGD=True)] if flag_variants else []
     for flags in flags_list + [grad_flags("fp32", tf32=True)]:
         out.append(("pc_weight_grad", grad.fn, small, flags, "fp32", ptrs_of(grad.fn, "fp32"), grad_units))
     for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):

@@ -296,15 +296,145 @@ def test_cuda_graph_cache_runs_eager_then_captures_then_replays(monkeypatch):
 
     x1, x2, x3 = (torch.full((4, 3), float(v), dtype=torch.float64) for v in (1, 2, 3))
     target = torch.zeros(4, 2, dtype=torch.float64)
-    first = triton_backend._graphed(("key",), run, x1, target)
+    first = triton_backend._graphed(("key",), run, (x1, target))
     assert events == ["run"]
-    second = triton_backend._graphed(("key",), run, x2, target)
+    second = triton_backend._graphed(("key",), run, (x2, target))
     assert events == ["run", "run", "capture", "run", "replay"]
     assert_close(second.loss, run(x2, target).loss)
-    _, static_x, _, static_out, _ = triton_backend._graphs[("key",)]
+    _, (static_x, _), static_out, _ = triton_backend._graphs[("key",)]
     assert second.weight_grads[0].data_ptr() != static_out.weight_grads[0].data_ptr()
     events.clear()
-    triton_backend._graphed(("key",), run, x3, target)
+    triton_backend._graphed(("key",), run, (x3, target))
     assert events == ["replay"] and torch.equal(static_x, x3)
     assert float(first.loss) != float(second.loss)
+    triton_backend.clear_graphs()
+
+
+# Fused SGD: the gradient launch also applies torch.optim.SGD's rule (pcfast.sgd) out of place.
+def test_sgd_update_is_torch_optim_sgd():
+    """Oracle: ``torch.optim.SGD`` over three steps, for each combination of its options."""
+    from pcfast.sgd import sgd_update
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for momentum, dampening, decay, nesterov in [(0, 0, 0, False), (0.9, 0, 0, False), (0.9, 0.3, 0.01, False),
+                                                 (0.8, 0, 0.05, True), (0, 0, 0.1, False)]:
+        param = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+        torch_param = param.clone().requires_grad_(True)
+        opt = torch.optim.SGD([torch_param], lr=0.1, momentum=momentum, dampening=dampening, weight_decay=decay,
+                              nesterov=nesterov)
+        buffer = None
+        for g in grads:
+            torch_param.grad = g.clone()
+            opt.step()
+            param, buffer = sgd_update(param, g, lr=0.1, momentum=momentum, dampening=dampening, weight_decay=decay,
+                                       nesterov=nesterov, buffer=buffer)
+            assert torch.allclose(param, torch_param.detach(), rtol=1e-14, atol=1e-15)
+
+
+SGD_CASES = [  # (momentum, dampening, weight decay, nesterov, with buffers, bias, dtype, depth)
+    (0.0, 0.0, 0.0, False, False, True, "f64", 3),
+    (0.9, 0.0, 0.0, False, False, True, "f32", 4),
+    (0.9, 0.2, 0.01, False, True, False, "f64", 4),
+    (0.8, 0.0, 0.05, True, True, True, "f32", 3),
+]
+
+
+@pytest.mark.parametrize("case", SGD_CASES, ids=[f"mom{c[0]}-damp{c[1]}-wd{c[2]}-{'nest' if c[3] else 'plain'}-"
+                                                  f"{'buf' if c[4] else 'first'}-{'bias' if c[5] else 'nobias'}-{c[6]}-L{c[7]}"
+                                                  for c in SGD_CASES])
+def test_pc_triton_fused_sgd_equals_reference_then_sgd(case):
+    """Oracle: ``reference.pc_train_step`` followed by ``pcfast.sgd.sgd_update`` per parameter. Equal
+    widths, so the fused path also has to give up the stacked gradient launch."""
+    from pcfast.sgd import LayerSGD, sgd_update
+
+    momentum, dampening, decay, nesterov, buffered, bias, dt, depth = case
+    dtype = DTYPES[dt]
+    dims = (9, *([17] * (depth - 1)), 3)
+    weights, biases, acts = random_mlp(dims, bias=bias, activation="tanh", dtype=dtype, seed=3)
+    x, y = random_batch(dims, 33, "mse", dtype=dtype)
+    gen = torch.Generator().manual_seed(4)
+    steps = []
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        buffers = (torch.randn(w.shape, generator=gen, dtype=dtype), None if b is None else torch.randn(b.shape, generator=gen, dtype=dtype))
+        steps.append(LayerSGD(weight_lr=0.05 * (l + 1), bias_lr=0.02 * (l + 1), momentum=momentum, dampening=dampening,
+                              weight_decay=decay, nesterov=nesterov,
+                              weight_buffer=buffers[0] if buffered else None, bias_buffer=buffers[1] if buffered else None))
+    kwargs = dict(precisions=[1.0] * (depth - 1) + [0.7], inference_steps=STEPS, inference_lr=0.2, schedule="jacobi",
+                  fpa=False, loss="mse")
+    before = [w.clone() for w in weights]
+    out = F.pc_train_step(weights, biases, acts, x, y, sgd=steps, backend="triton", **kwargs)
+    ref = reference.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before)), "the fused step must not modify parameters"
+    expected = []
+    for w, b, gw, gb, step in zip(weights, biases, ref.weight_grads, ref.bias_grads, steps):
+        shared = dict(momentum=step.momentum, dampening=step.dampening, weight_decay=step.weight_decay, nesterov=step.nesterov)
+        expected.append(sgd_update(w, gw, lr=step.weight_lr, buffer=step.weight_buffer, **shared))
+        if b is not None:
+            expected.append(sgd_update(b, gb, lr=step.bias_lr, buffer=step.bias_buffer, **shared))
+    assert len(out.sgd_updates) == len(expected)
+    for k, ((new, buf), (new_ref, buf_ref)) in enumerate(zip(out.sgd_updates, expected)):
+        assert_close(new, new_ref, dtype=dtype, name=f"new parameter {k}")
+        assert (buf is None) == (buf_ref is None)
+        if buf is not None:
+            assert_close(buf, buf_ref, dtype=dtype, name=f"new momentum buffer {k}")
+    assert_all_close(out.weight_grads, ref.weight_grads, dtype=dtype, name="weight grads")
+
+
+def test_pc_optimizer_on_triton_fuses_sgd_and_matches_the_torch_backend(monkeypatch):
+    """PC with momentum, Nesterov, weight decay and a cosine schedule: five steps on ``triton`` (SGD
+    inside the gradient launches — counted) equal five on ``torch`` (SGD after)."""
+    import pcfast
+    from torch import nn
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 17), nn.Tanh(), nn.Linear(17, 3)).double()
+        par = pcfast.parametrize(model, "mup", algo="pc", base_width=8, generator=torch.Generator().manual_seed(1))
+        opt = pcfast.optim.PC(model, par, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, inference_steps=4,
+                              backend=backend)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(5):
+            opt.step(torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen))
+            schedule.step()
+        return [p.detach() for p in model.parameters()], opt
+
+    fused = []
+    original = pc_relax.FusedSGD.prepare
+
+    def counted(self, *args):
+        fused.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(pc_relax.FusedSGD, "prepare", counted)
+    triton_params, triton_opt = run("triton")
+    assert len(fused) == 5 * 3, "every layer of every step should run the fused SGD"
+    torch_params, torch_opt = run("torch")
+    assert_all_close(triton_params, torch_params, name="parameters after 5 steps")
+    for p_t, p_r in zip(triton_opt.param_groups, torch_opt.param_groups):
+        buf_t = triton_opt.state[p_t["params"][0]]["momentum_buffer"]
+        buf_r = torch_opt.state[p_r["params"][0]]["momentum_buffer"]
+        assert_close(buf_t, buf_r, name="momentum buffer")
+
+
+def test_cuda_graph_cache_copies_every_input_into_the_static_buffers(monkeypatch):
+    """Rates travel as a graph input (a float64 tensor): a replay with new rates must see them."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("G", (), {"replay": lambda self: seen.append("replay")})())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    stream = type("S", (), {"__init__": lambda self, device=None: None, "wait_stream": lambda self, other: None})
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    triton_backend.clear_graphs()
+
+    def run(x, target, hyper):
+        return reference.bp_train_step([torch.ones(2, 3, dtype=torch.float64)], [None], [], x * hyper[0], target, loss="mse")
+
+    x, target = torch.ones(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
+    for rate in (1.0, 2.0, 3.0):
+        triton_backend._graphed(("hyper",), run, (x, target, torch.tensor([rate], dtype=torch.float64)))
+    _, (_, _, static_hyper), _, _ = triton_backend._graphs[("hyper",)]
+    assert float(static_hyper[0]) == 3.0 and seen == ["replay", "replay"]
     triton_backend.clear_graphs()
