@@ -5,7 +5,8 @@
     python benchmarks/gpu/bench_gpu.py --self-check    # CPU only: the harness on a tiny case
 
 1. **Checks** (fp32, tf32, bf16): the ``triton`` backend on CUDA against ``pcfast.reference`` —
-   PC (both schedules, FPA on/off, MSE and CE), TP/DTP and the feedback gradients. fp32 (3xTF32 dot)
+   PC (both schedules, FPA on/off, MSE and CE; the stacked equal-width path; SGD fused into the
+   gradient launches), TP/DTP and the feedback gradients (also with in-kernel seeded noise). fp32 (3xTF32 dot)
    must meet the float32 tolerance against a float64 reference; tf32 and bf16 follow the low-precision
    rule of ``pcfast.testing`` (fused error ≤ 2 × the torch backend's own error in that precision + atol).
    The CUDA-graph path must replay bit-for-bit what the eager launches compute, also after an
@@ -349,6 +350,66 @@ def _checks_for(precision: str, device: torch.device) -> list[tuple[str, callabl
         high = reference.feedback_grads(as64(weights), as64(biases), CHECK_ACTS, as64(qs), as64(cs), CHECK_ACTS, x.double())
         _compare(precision, fused, low, high, ["weight_grads", "bias_grads", "loss"])
     checks.append(("feedback-grads", feedback_check))
+
+    def stacked_check():
+        """Equal-width hidden layers (the stacked launches), with and without FPA, against reference."""
+        dims, acts = (33, 64, 64, 64, 7), ["tanh"] * 3
+        for fpa in (False, True):
+            with precision_mode(precision) as dtype:
+                weights, biases = network(dims, dtype, device)
+                x, _, onehot = inputs(dims, CHECK_BATCH, dtype, device)
+                kwargs = dict(precisions=[1.0, 1.0, 1.0, 0.5], inference_steps=5, inference_lr=0.2, schedule="jacobi",
+                              fpa=fpa, loss="mse")
+                backend.CUDA_GRAPHS = False
+                assert backend._stack_plan(weights, biases, acts, kwargs["precisions"], "jacobi") is not None
+                fused = backend.pc_train_step(weights, biases, acts, x, onehot, **kwargs)
+                low = torch_pc.pc_train_step(weights, biases, acts, x, onehot, **kwargs)
+            high = reference.pc_train_step(as64(weights), as64(biases), acts, x.double(), onehot.double(), **kwargs)
+            _compare(precision, fused, low, high, pc_names)
+    checks.append(("pc-stacked", stacked_check))
+
+    def fused_sgd_check():
+        """SGD with momentum, Nesterov and weight decay inside the gradient launches vs reference + SGD."""
+        from pcfast.sgd import LayerSGD, layer_updates
+
+        with precision_mode(precision) as dtype:
+            weights, biases, _, _, x, _, onehot = net(dtype)
+            steps = [LayerSGD(weight_lr=0.1, bias_lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True,
+                              weight_buffer=torch.ones_like(w), bias_buffer=torch.ones_like(b))
+                     for w, b in zip(weights, biases)]
+            kwargs = dict(precisions=[1.0, 2.0, 0.5, 0.8], inference_steps=5, inference_lr=0.2, schedule="jacobi",
+                          fpa=False, loss="mse")
+            backend.CUDA_GRAPHS = False
+            fused = backend.pc_train_step(weights, biases, CHECK_ACTS, x, onehot, sgd=steps, **kwargs)
+            low = torch_pc.pc_train_step(weights, biases, CHECK_ACTS, x, onehot, **kwargs)
+            low.sgd_updates = layer_updates(weights, biases, low.weight_grads, low.bias_grads, steps)
+        high = reference.pc_train_step(as64(weights), as64(biases), CHECK_ACTS, x.double(), onehot.double(), **kwargs)
+        steps64 = [LayerSGD(**{**vars(s), "weight_buffer": s.weight_buffer.double(), "bias_buffer": s.bias_buffer.double()})
+                   for s in steps]
+        high.sgd_updates = layer_updates(as64(weights), as64(biases), high.weight_grads, high.bias_grads, steps64)
+        for result in (fused, low, high):
+            result.new_params = [new for new, _ in result.sgd_updates]
+            result.new_buffers = [buf for _, buf in result.sgd_updates]
+        _compare(precision, fused, low, high, ["new_params", "new_buffers"])
+    checks.append(("pc-fused-sgd", fused_sgd_check))
+
+    def noise_check():
+        """DTP feedback gradients with ξ drawn in the kernels: same seed, same result; vs reference
+        given the same ξ (``gaussian_noise``)."""
+        from pcfast.ops import tp_targets
+
+        with precision_mode(precision) as dtype:
+            weights, biases, qs, cs, x, _, _ = net(dtype)
+            runs = [backend.feedback_grads(weights, biases, CHECK_ACTS, qs, cs, CHECK_ACTS, x, noise_seed=11,
+                                           noise_std=0.1) for _ in range(2)]
+            noise = tp_targets.gaussian_noise(11, 0.1, CHECK_BATCH, list(CHECK_DIMS[1:-1]), dtype=dtype, device=device)
+            low = torch_tp.feedback_grads(weights, biases, CHECK_ACTS, qs, cs, CHECK_ACTS, x, noise)
+        high = reference.feedback_grads(as64(weights), as64(biases), CHECK_ACTS, as64(qs), as64(cs), CHECK_ACTS,
+                                        x.double(), as64(noise))
+        for a, b in zip(runs[0].weight_grads, runs[1].weight_grads):
+            assert torch.equal(a, b), "same seed, different feedback gradients"
+        _compare(precision, runs[0], low, high, ["weight_grads", "bias_grads", "loss"])
+    checks.append(("feedback-noise-seed", noise_check))
 
     def graph_check():
         """Replays equal eager launches bit for bit, also after the weights change in place."""
