@@ -784,25 +784,31 @@ def stacked_latent_update(
 
 def stacked_weight_grad(
     errors: Tensor, inputs: Tensor, *, scale: float, act_in: str, has_bias: bool,
+    preactivations: Tensor | None = None, act_delta: str = "identity",
 ) -> tuple[Tensor, Tensor | None]:
-    """``scale · ε_gᵀ φ_in(a_g)`` and ``scale · Σ_m ε_g`` for G layers in one launch: ``errors``
-    (G, B, N), ``inputs`` (G, B, K); returns (G, N, K) and (G, N) gradients."""
+    """``scale · δ_gᵀ φ_in(a_g)`` and ``scale · Σ_m δ_g`` for G layers in one launch: δ = ``errors``
+    (PC's ε), or with ``preactivations`` u the TP delta ``(t − φ(u)) ⊙ φ'(u)`` where ``errors`` holds
+    the targets t; ``errors`` and ``preactivations`` (G, B, N) with one layout, ``inputs`` (G, B, K);
+    returns (G, N, K) and (G, N) gradients."""
     layers, batch, rows = errors.shape
     cols = inputs.shape[2]
     if tuple(inputs.shape[:2]) != (layers, batch) or inputs.dtype != errors.dtype:
         raise ValueError(f"inputs: expected shape ({layers}, {batch}, K) and dtype {errors.dtype}, "
                          f"got {tuple(inputs.shape)} {inputs.dtype}")
+    if preactivations is not None:
+        _check_stack("preactivations", preactivations, errors)
     grad_weight = torch.empty(layers, rows, cols, dtype=errors.dtype, device=errors.device)
     grad_bias = torch.empty(layers, rows, dtype=errors.dtype, device=errors.device) if has_bias else None
     _pc_weight_grad_kernel_tuned[lambda meta: (_tiles(meta, rows, cols, "BLOCK_N", "BLOCK_K")[0], layers)](
-        errors, errors, inputs, grad_weight, grad_bias if has_bias else grad_weight, grad_weight,
-        *(grad_weight,) * 9,
+        errors, errors if preactivations is None else preactivations, inputs, grad_weight,
+        grad_bias if has_bias else grad_weight, grad_weight, *(grad_weight,) * 9,
         batch, rows, cols,
         errors.stride(1), errors.stride(2), inputs.stride(1), inputs.stride(2), grad_weight.stride(1),
         grad_weight.stride(2), errors.stride(0), inputs.stride(0), grad_weight.stride(0),
         grad_bias.stride(0) if has_bias else 0, 0, 0,
         float(scale), 0.0,
-        ACT_A=activation_code(act_in), ACT_E=0, HAS_BIAS=has_bias, DELTA_FROM_TARGET=False, STACKED=True,
+        ACT_A=activation_code(act_in), ACT_E=activation_code(act_delta), HAS_BIAS=has_bias,
+        DELTA_FROM_TARGET=preactivations is not None, STACKED=True,
         NOISE=False, LOSS=False, SGD=False, MOMENTUM=False, HAS_BUFFER=False, NESTEROV=False,
         INPUT_PRECISION=input_precision(inputs),
     )

@@ -401,17 +401,21 @@ def _stack_plan(weights, biases, activations, gammas, schedule):
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(weights, biases, activations, x, *, target=None, loss="mse", beta=0.0):
+def _forward(weights, biases, activations, x, *, target=None, loss="mse", beta=0.0, stacked=False):
     """Pre-activations [u_1 … u_L] and activities [h_1 … h_{L-1}, f] with one launch per layer;
-    with ``target`` the last launch also returns the output target ``f + β ε_L``."""
+    with ``target`` the last launch also returns the output target ``f + β ε_L``; ``stacked``: the
+    hidden layers' u and h are views of (H, B, M) buffers (equal widths), returned as the fourth value."""
     depth, batch = len(weights), x.shape[0]
     us, hs = [], []
     h = x
     output_target = None
+    if stacked:
+        stacked_u, stacked_h = (torch.empty(depth - 1, batch, weights[0].shape[0], dtype=x.dtype, device=x.device)
+                                for _ in range(2))
     for l, (w, b) in enumerate(zip(weights, biases)):
-        u = torch.empty(batch, w.shape[0], dtype=x.dtype, device=x.device)
+        u = stacked_u[l] if stacked and l < depth - 1 else torch.empty(batch, w.shape[0], dtype=x.dtype, device=x.device)
         if l < depth - 1:
-            h = pc_relax.prediction_error(h, w, b, pred=u, act_out=activations[l])
+            h = pc_relax.prediction_error(h, w, b, pred=u, act_out=activations[l], out=stacked_h[l] if stacked else None)
         elif target is None:
             pc_relax.prediction_error(h, w, b, out=u)
             h = u
@@ -423,19 +427,26 @@ def _forward(weights, biases, activations, x, *, target=None, loss="mse", beta=0
             h = u
         us.append(u)
         hs.append(h)
-    return us, hs, output_target
+    return us, hs, output_target, (stacked_u, stacked_h) if stacked else None
 
 
 def _tp_step(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x, target,
              beta, loss, difference) -> TPResult:
     depth, batch = len(weights), x.shape[0]
-    us, activities, output_target = _forward(weights, biases, activations, x, target=target, loss=loss, beta=beta)
+    hidden = depth - 1
+    # Local gradients of equal-width hidden layers 2 … H in one launch: their u, h and ĥ are stacked.
+    stacked = (STACKED and hidden >= 2 and len({w.shape[0] for w in weights[:hidden]}) == 1
+               and len(set(activations[:hidden])) == 1 and len({b is None for b in biases[1:hidden]}) == 1)
+    us, activities, output_target, stacks = _forward(weights, biases, activations, x, target=target, loss=loss,
+                                                     beta=beta, stacked=stacked)
     targets: list[Tensor] = [None] * depth  # type: ignore[list-item]
     targets[-1] = output_target
+    stacked_targets = torch.empty(hidden, batch, weights[0].shape[0], dtype=x.dtype, device=x.device) if stacked else None
     for l in reversed(range(1, depth)):
         targets[l - 1] = tp_targets.tp_targets(
             targets[l], activities[l], _as_contiguous(feedback_weights[l - 1]), feedback_biases[l - 1],
             activities[l - 1], act=feedback_activations[l - 1], difference=difference,
+            out=None if stacked_targets is None else stacked_targets[l - 1],
         )
 
     # δ_l = φ'(u_l) ⊙ (ĥ_l − φ(u_l)) formed on load (no φ' on the readout); ∂/∂W_l = −δ_lᵀ h_{l-1} / B.
@@ -443,13 +454,23 @@ def _tp_step(weights, biases, activations, feedback_weights, feedback_biases, fe
     weight_grads, bias_grads = [], []
     local_loss = x.new_zeros(())
     for l in range(depth):
+        local_loss += 0.5 * torch.sum((targets[l] - activities[l]) ** 2) / batch
+        if stacked and 0 < l < hidden:
+            continue
         gw, gb = pc_relax.weight_grad(
             targets[l], inputs[l], scale=-1.0 / batch, has_bias=biases[l] is not None, preactivation=us[l],
             act_delta=activations[l] if l < depth - 1 else "identity",
         )
         weight_grads.append(gw)
         bias_grads.append(gb)
-        local_loss += 0.5 * torch.sum((targets[l] - activities[l]) ** 2) / batch
+    if stacked:
+        stacked_u, stacked_h = stacks
+        gw, gb = pc_relax.stacked_weight_grad(
+            stacked_targets[1:], stacked_h[:-1], scale=-1.0 / batch, act_in="identity",
+            has_bias=biases[1] is not None, preactivations=stacked_u[1:], act_delta=activations[0],
+        )
+        weight_grads[1:1] = list(gw)
+        bias_grads[1:1] = list(gb) if gb is not None else [None] * (hidden - 1)
     return TPResult(
         targets=targets, activities=activities, weight_grads=weight_grads, bias_grads=bias_grads,
         loss=_loss_sum(activities[-1], target, loss) / batch, local_loss=local_loss,
@@ -515,7 +536,7 @@ def feedback_grads(
         raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
     x = _as_contiguous(x)
     depth, batch = len(weights), x.shape[0]
-    _, activities, _ = _forward(weights, biases, activations, x)
+    _, activities, _, _ = _forward(weights, biases, activations, x)
     offsets = tp_targets.noise_offsets(batch, [w.shape[0] for w in weights[:-1]])
     weight_grads, bias_grads = [], []
     total = x.new_zeros(())

@@ -23,7 +23,8 @@ class TP(LocalOptimizer):
     1. feedback training — ``feedback_steps`` SGD steps (rate ``feedback_lr``, weight decay
        ``feedback_weight_decay``) on each reconstruction loss
        ``½‖g_l(f_l(h_{l-1}+ξ)) − (h_{l-1}+ξ)‖²``, ξ ~ N(0, ``feedback_noise``²), drawn from the
-       optimizer's own generator (``seed``); or, with ``feedback="ridge"`` and ψ = identity, the
+       optimizer's own generator (``seed``; on the ``triton`` backend the generator gives a seed
+       per step and the kernels draw ξ from it); or, with ``feedback="ridge"`` and ψ = identity, the
        closed-form ridge solution on the batch with μ = ``feedback_weight_decay``;
     2. targets ``ĥ_L = f − β ∂ℓ/∂f``, ``ĥ_{l-1} = g_l(ĥ_l)`` (TP) or
        ``h_{l-1} + g_l(ĥ_l) − g_l(h_l)`` (DTP), and local gradients of ``½‖ĥ_l − h_l‖²`` into ``.grad``;

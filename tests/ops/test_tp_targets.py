@@ -246,3 +246,29 @@ def test_dtp_optimizer_on_triton_draws_seeds_and_resumes_bitwise():
         assert torch.equal(a, b)
     for a, b in zip(straight.feedback_weights, resumed.feedback_weights):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", [
+    dict(batch=5, width=17, depth=3, difference=True, bias=True, dtype="f64", loss="mse", act="tanh"),
+    dict(batch=33, width=64, depth=5, difference=False, bias=False, dtype="f32", loss="ce", act="gelu"),
+    dict(batch=1, width=100, depth=4, difference=True, bias=False, dtype="f64", loss="ce", act="sigmoid"),
+    dict(batch=5, width=1, depth=4, difference=False, bias=True, dtype="f32", loss="mse", act="relu"),
+], ids=lambda c: f"B{c['batch']}-W{c['width']}-L{c['depth']}-{'dtp' if c['difference'] else 'tp'}-{c['act']}-{c['dtype']}")
+def test_tp_triton_stacked_local_gradients_equal_reference(case, monkeypatch):
+    """Equal-width hidden layers with one activation: the local gradients of layers 2 … H in one launch."""
+    depth, width = case["depth"], case["width"]
+    classes = 6 if case["loss"] == "ce" else 3
+    dims = (8, *([width] * (depth - 1)), classes)
+    dtype = DTYPES[case["dtype"]]
+    weights, biases, acts = random_mlp(dims, bias=case["bias"], activation=case["act"], dtype=dtype, seed=5, scale=1.2)
+    gen = torch.Generator().manual_seed(6)
+    qs = [torch.randn(dims[l - 1], dims[l], generator=gen, dtype=dtype) / dims[l] ** 0.5 for l in range(2, depth + 1)]
+    cs = [0.1 * torch.randn(dims[l - 1], generator=gen, dtype=dtype) if case["bias"] else None for l in range(2, depth + 1)]
+    x, y = random_batch(dims, case["batch"], case["loss"], dtype=dtype)
+    kwargs = dict(beta=0.3, loss=case["loss"], difference=case["difference"])
+    calls = []
+    original = pc_relax.stacked_weight_grad
+    monkeypatch.setattr(pc_relax, "stacked_weight_grad", lambda *a, **k: calls.append(1) or original(*a, **k))
+    out = triton_backend.tp_train_step(weights, biases, acts, qs, cs, acts, x, y, **kwargs)
+    assert calls == [1], "the stacked launch did not run"
+    assert_same_tp(out, reference.tp_train_step(weights, biases, acts, qs, cs, acts, x, y, **kwargs), dtype)
