@@ -157,7 +157,8 @@ def _variants(arch: int):
     flags_list = [grad_flags("fp32", DELTA_FROM_TARGET=True, ACT_E=3, ACT_A=0), grad_flags("fp32", STACKED=True),
                   grad_flags("fp32", DELTA_FROM_TARGET=True, NOISE=True, LOSS=True, ACT_E=1, ACT_A=0),
                   grad_flags("fp32", SGD=True, MOMENTUM=True, HAS_BUFFER=True, NESTEROV=True),
-                  grad_flags("fp32", SGD=True)] if flag_variants else []
+                  grad_flags("fp32", SGD=True),
+                  grad_flags("fp32", STACKED=True, DELTA_FROM_TARGET=True, ACT_E=1, ACT_A=0)] if flag_variants else []
     for flags in flags_list + [grad_flags("fp32", tf32=True)]:
         out.append(("pc_weight_grad", grad.fn, small, flags, "fp32", ptrs_of(grad.fn, "fp32"), grad_units))
     for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):
