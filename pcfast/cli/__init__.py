@@ -35,6 +35,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+DEVICE_HELP = "where to train: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)"
+
 def _widths(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -92,6 +94,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--feedback-lr", type=float, default=0.1, help="TP/DTP feedback learning rate")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton", "reference"),
                    help="compute backend")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     p.add_argument("--train-size", type=_positive_int, default=None,
                    help="train on the first N training images (default: all)")
@@ -109,7 +112,7 @@ def _train(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, loss=args.loss,
         inference_steps=args.inference_steps, inference_lr=args.inference_lr, beta=args.beta,
         feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, train_size=args.train_size,
-        show_progress=not args.no_progress)
+        device=args.device, show_progress=not args.no_progress)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(log, indent=1))
@@ -172,7 +175,8 @@ def _transfer_parser(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help=f"init and batch-order seeds; losses are averaged over them (default: {' '.join(map(str, quick.seeds))})")
     p.add_argument("--backend", default=None, choices=("auto", "torch", "cpp", "triton", "reference"),
-                   help="compute backend (default: auto: cpp on CPU when built, else torch)")
+                   help="compute backend (default: auto: triton on a GPU, cpp on CPU when built, else torch)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--name", default=None, help="file stem transfer_<NAME> (default: the preset's name)")
     _add_common(p)
     p.set_defaults(func=_transfer)
@@ -194,6 +198,7 @@ def _transfer(args) -> int:
         "momentum": args.momentum, "base_width": args.base_width, "inference_steps": args.inference_steps,
         "inference_lr": args.inference_lr, "beta": args.beta, "feedback_lr": args.feedback_lr,
         "seeds": tuple(args.seeds) if args.seeds else None, "backend": args.backend, "name": args.name,
+        "device": args.device,
     }
     preset = getattr(args, "preset", "quick")
     settings = settings_for(preset, **overrides)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .common import Variant, build, evaluate, progress, train_run
+from .common import Variant, build, evaluate, progress, resolve_device, train_run
 
 
 def run_train(
@@ -32,6 +32,7 @@ def run_train(
     backend: str = "auto",
     seed: int = 0,
     train_size: int | None = None,
+    device: str = "auto",
     show_progress: bool = True,
     say=print,
 ) -> list[dict[str, Any]]:
@@ -41,10 +42,12 @@ def run_train(
     """
     from ..data import load_dataset
 
+    where = resolve_device(device)
     data = load_dataset(dataset, root=root)
     say(f"{data!r}")
     n = data.num_train if train_size is None else min(int(train_size), data.num_train)
-    x_train, y_train = data.x_train[:n], data.y_train[:n]
+    x_train, y_train = data.x_train[:n].to(where), data.y_train[:n].to(where)
+    x_test, y_test = data.x_test.to(where), data.y_test.to(where)
     if n < data.num_train:
         say(f"training on the first {n} of {data.num_train} training images")
     log: list[dict[str, Any]] = []
@@ -54,7 +57,7 @@ def run_train(
             variant, preset, width, input_dim=data.num_features, num_classes=data.num_classes, lr=lr,
             base_width=base_width, hidden_layers=depth, activation=activation, seed=seed, momentum=momentum,
             loss=loss, inference_steps=inference_steps, inference_lr=inference_lr, beta=beta,
-            feedback_lr=feedback_lr, backend=backend)
+            feedback_lr=feedback_lr, backend=backend, device=where)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         steps_per_epoch = -(-n // batch_size)
         bar = progress(epochs * steps_per_epoch, algo, show_progress)
@@ -66,7 +69,7 @@ def run_train(
             bar.set_postfix_str(f"loss {stats['loss']:.3f}")
 
         def on_epoch(epoch: int, means: dict, bar=bar, model=model, algo=algo, start=start) -> None:
-            _, accuracy = evaluate(model, data.x_test, data.y_test, loss)
+            _, accuracy = evaluate(model, x_test, y_test, loss)
             entry = {"algo": algo, "epoch": epoch + 1, "test_accuracy": accuracy,
                      "seconds": time.perf_counter() - start, **means}
             log.append(entry)

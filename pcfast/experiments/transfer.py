@@ -32,6 +32,7 @@ from .common import (
     parse_variant,
     progress,
     pyplot,
+    resolve_device,
     train_run,
     write_csv,
     write_json,
@@ -75,6 +76,7 @@ class TransferSettings:
     seeds: tuple[int, ...] = (0, 1)
     schedule: str = "cosine"  # "cosine": per-step decay from lr to 0, or "constant"
     backend: str = "auto"
+    device: str = "auto"  # "auto": the GPU when there is one (with backend auto: the triton kernels)
 
     def grid(self, variant: str) -> list[int]:
         """log2 learning rates for ``variant`` (integers: a factor-2 grid)."""
@@ -104,6 +106,7 @@ def settings_for(preset: str, **overrides: Any) -> TransferSettings:
     settings = replace(PRESETS[preset], **overrides)
     if settings.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule: expected 'cosine' or 'constant', got {settings.schedule!r}")
+    resolve_device(settings.device)  # a clear error before any data is loaded
     return settings
 
 
@@ -139,7 +142,9 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
     start = time.perf_counter()
     data, note = _load_data(settings, say)
     n = data.num_train if settings.train_size is None else min(settings.train_size, data.num_train)
-    x, labels = data.x_train[:n], data.y_train[:n]
+    device = resolve_device(settings.device)
+    x, labels = data.x_train[:n].to(device), data.y_train[:n].to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     variants = [parse_variant(v) for v in settings.variants]
     configs = [(v, p, w, e) for v in variants for p in settings.parametrizations
                for w in settings.widths for e in settings.grid(v.name)]
@@ -155,7 +160,7 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
                 base_width=settings.base_width, hidden_layers=settings.hidden_layers, activation=settings.activation,
                 readout_scale=settings.readout_scale(variant.name), seed=seed, momentum=settings.momentum,
                 loss=settings.loss, inference_steps=settings.inference_steps, inference_lr=settings.inference_lr,
-                beta=settings.beta, feedback_lr=settings.feedback_lr, backend=settings.backend)
+                beta=settings.beta, feedback_lr=settings.feedback_lr, backend=settings.backend, device=device)
             key = _run_key(variant, par, width, log2_lr, seed)
             shared = key in cache
             if not shared:
@@ -170,7 +175,7 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
                 train_loss = test_accuracy = float("nan")
                 if not outcome["diverged"]:
                     train_loss, _ = evaluate(model, x, labels, settings.loss)
-                    _, test_accuracy = evaluate(model, data.x_test, data.y_test, settings.loss)
+                    _, test_accuracy = evaluate(model, x_test, y_test, settings.loss)
                 diverged = outcome["diverged"] or not math.isfinite(train_loss)
                 cache[key] = {
                     "train_loss": train_loss if not diverged else None,
@@ -201,7 +206,7 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
     zero_loss = evaluate(lambda t: torch.zeros(t.shape[0], data.num_classes, dtype=t.dtype), x, labels,
                          settings.loss)[0]
     result = {
-        "experiment": "transfer", "settings": asdict(settings), "machine": machine(),
+        "experiment": "transfer", "settings": asdict(settings), "machine": {**machine(), "device": str(device)},
         "data": {"dataset": data.name, "train_size": n, "test_size": data.num_test, "note": note},
         "zero_output_loss": zero_loss, "rows": rows,
     }

@@ -177,9 +177,11 @@ class TP(LocalOptimizer):
     def _commit_extra(self, pending: dict) -> None:
         if "feedback" in pending:
             qs, cs = pending["feedback"]
+            # In place: the tensors keep their addresses (the triton backend's CUDA graphs key on them).
             for k in range(len(qs)):
-                self.feedback_weights[k] = qs[k]
-                self.feedback_biases[k] = cs[k]
+                self.feedback_weights[k].copy_(qs[k])
+                if cs[k] is not None:
+                    self.feedback_biases[k].copy_(cs[k])
 
     def _snapshot(self) -> Any:
         return self.generator.get_state()

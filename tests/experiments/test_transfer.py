@@ -37,6 +37,7 @@ def test_transfer_writes_csv_json_png_and_prints_the_drift(tmp_path, pcfast_cli)
     assert "drift_steps" in summary[("dtp", "mup")]
     assert result["data"] == {"dataset": "mnist5k", "train_size": 64, "test_size": 1000, "note": None}
     assert result["machine"]["cores"] >= 1 and result["settings"]["name"] == "quick"
+    assert result["settings"]["device"] == "auto" and result["machine"]["device"] in ("cpu", "cuda")
     assert any("mup bp" in c["check"] for c in result["checks"])
     with (tmp_path / "transfer_quick.csv").open() as handle:
         table = list(csv.DictReader(handle))
@@ -124,3 +125,28 @@ def test_full_preset_falls_back_to_the_embedded_data_and_says_so(tmp_path, pcfas
     result = json.loads((tmp_path / "transfer_full.json").read_text())
     assert result["data"]["dataset"] == "mnist5k" and "fashion_mnist" in result["data"]["note"]
     assert result["settings"]["widths"] == [16, 32] and result["settings"]["epochs"] == 1
+
+
+def test_device_is_checked_before_any_work(tmp_path, pcfast_cli):
+    import torch
+
+    bad = pcfast_cli("transfer", *TINY, "--device", "quantum", "--out", tmp_path)
+    assert bad.returncode != 0 and "device" in bad.stderr and "quantum" in bad.stderr
+    if not torch.cuda.is_available():
+        missing = pcfast_cli("transfer", *TINY, "--device", "cuda", "--out", tmp_path)
+        assert missing.returncode != 0 and "no CUDA device" in missing.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_explicit_cpu_device_gives_the_same_rows_as_auto_on_cpu(tmp_path, pcfast_cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto means the GPU here")
+    runs = {}
+    for device in ("auto", "cpu"):
+        proc = pcfast_cli("transfer", *TINY, "--algo", "bp", "--parametrization", "mup", "--log2-lr", "-4", "-4",
+                          "--device", device, "--name", device, "--out", tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        runs[device] = json.loads((tmp_path / f"transfer_{device}.json").read_text())["rows"]
+    assert [r["train_loss"] for r in runs["auto"]] == [r["train_loss"] for r in runs["cpu"]]
