@@ -138,8 +138,14 @@ def test_pc_triton_stacked_hidden_layers_equal_reference(case, monkeypatch):
     dims = (9, *([width] * (depth - 1)), classes)
     dtype = DTYPES[case["dtype"]]
     weights, biases, acts = random_mlp(dims, bias=case["bias"], activation=case["act"], dtype=dtype, seed=1, scale=1.2)
-    # Parameters at unrelated addresses, the later layers first: the offset table holds negative offsets.
-    weights = [w.clone() for w in weights[::-1]][::-1]
+    # W_2 … W_H laid out in one buffer in reverse order: the offset table holds negative offsets.
+    inner = weights[1:-1]
+    block = torch.empty(len(inner) * width * width, dtype=dtype)
+    for k, w in enumerate(inner):
+        start = (len(inner) - 1 - k) * width * width
+        weights[1 + k] = block[start:start + width * width].view(width, width).copy_(w)
+    if len(inner) > 1:
+        assert pc_relax.LayerTable.of(weights[1:-1]).offsets[1] < 0
     x, y = random_batch(dims, case["batch"], case["loss"], dtype=dtype)
     kwargs = dict(precisions=[1.3] * (depth - 1) + [0.6], inference_steps=STEPS, inference_lr=0.2, schedule="jacobi",
                   fpa=case["fpa"], loss=case["loss"], return_trajectory=True)
