@@ -10,10 +10,16 @@ Per inference step and layer there are at most two launches:
 - ``_pc_update_kernel``: ``td = ε_{l+1} W_{l+1}`` with the step
   ``z_l += κ (γ_{l+1}/γ_l) φ'(z_l) ⊙ td − κ ε_l`` (and ``ε_l +=`` the step) in the epilogue;
 - ``_pc_weight_grad_kernel``: ``∂F/∂W_l = −γ_l/B · ε_lᵀ φ(a_{l-1})`` and the bias row sum in the same pass;
-  a TP variant forms its δ on load (``tp_targets`` uses it).
+  a TP variant forms its δ on load (``tp_targets`` uses it), optionally with noise drawn in the kernel
+  and the squared residuals summed (DTP's feedback loss); optionally the SGD step (``FusedSGD``).
+
+Each kernel also has a STACKED form: grid axis 1 runs over equal-width hidden layers, whose state
+the schedule keeps in (H, B, M) buffers and whose separate parameter tensors are found through an
+offset table (``LayerTable``); ``stacked_*`` are its launchers.
 
 Every μP constant (κ γ_{l+1}/γ_l, κ, −γ_l/B, β) is a ``tl.float64`` kernel argument, cast once to
-the accumulator dtype (fp32, or fp64 for fp64 tensors). Public functions (no ``_``) are launchers:
+the accumulator dtype (fp32, or fp64 for fp64 tensors); SGD's rates, which a schedule changes every
+step, are read from a float64 device row instead, so a captured CUDA graph stays valid. Public functions (no ``_``) are launchers:
 they check shapes, allocate when no ``out`` is given, pick the grid and launch; the schedules
 (which launch when) live in ``pcfast.ops.triton``.
 """
@@ -47,6 +53,7 @@ EPILOGUE_AFFINE = 0  # out = φ_out(pred)
 EPILOGUE_HIDDEN_ERROR = 1  # out = z − pred
 EPILOGUE_MSE = 2  # out = ADD_PRED·pred + scale·(y − pred)
 EPILOGUE_CE = 3  # out = ADD_PRED·pred + scale·(onehot(y) − softmax(pred)); needs BLOCK_N ≥ N
+
 
 @dataclass(frozen=True)
 class Noise:
