@@ -84,6 +84,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, backend=backend, **algo_defaults)
         super().__init__(groups, defaults)
+        self._stepping = False  # True inside step(x, y): see _layer_sgd
 
     # ------------------------------------------------------------------ hyperparameters
 
@@ -190,11 +191,12 @@ class LocalOptimizer(torch.optim.Optimizer):
         """Each layer's SGD step (``pcfast.sgd.LayerSGD``) for a backend to compute with the gradients
         — during ``step(x, y)`` only, and when a layer's weight and bias share their settings and
         every value is finite (a non-finite rate must reach the DivergenceError check below)."""
-        if not getattr(self, "_stepping", False):
+        if not self._stepping:
             return None
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         steps = []
         for lin in self.mlp.linears:
-            groups = [self._group_of(p) for p in (lin.weight, lin.bias) if p is not None]
+            groups = [group_of[id(p)] for p in (lin.weight, lin.bias) if p is not None]
             keys = ("momentum", "dampening", "weight_decay", "nesterov")
             if any(g[k] != groups[0][k] for g in groups for k in keys):
                 return None
@@ -209,12 +211,6 @@ class LocalOptimizer(torch.optim.Optimizer):
                 nesterov=first["nesterov"], weight_buffer=buffers[0], bias_buffer=buffers[1],
             ))
         return steps
-
-    def _group_of(self, p: Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter not in any group")
 
     def _sgd_updates(self, weight_grads, bias_grads, computed=None) -> list[tuple[Tensor, Tensor, dict, Tensor | None]]:
         """New values (parameter, new parameter, state, new momentum buffer), all out of place;
