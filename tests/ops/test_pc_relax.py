@@ -444,3 +444,28 @@ def test_cuda_graph_cache_copies_every_input_into_the_static_buffers(monkeypatch
     _, (_, _, static_hyper), _, _ = triton_backend._graphs[("hyper",)]
     assert float(static_hyper[0]) == 3.0 and seen == ["replay", "replay"]
     triton_backend.clear_graphs()
+
+
+def test_pc_triton_sgd_with_strided_weights_updates_after_the_step():
+    """Parameters that are transposed views cannot take the fused store (it writes in the gradient's
+    layout): the backend applies ``sgd_update`` after the step instead. Oracle: reference + sgd_update."""
+    from pcfast.sgd import LayerSGD, sgd_update
+
+    dims = (6, 17, 5)
+    _, biases, acts = random_mlp(dims, activation="tanh")
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(a, b, generator=gen, dtype=torch.float64).T / a**0.5 for a, b in itertools.pairwise(dims)]
+    assert not weights[0].is_contiguous()
+    x, y = random_batch(dims, 5, "mse")
+    steps = [LayerSGD(weight_lr=0.1, bias_lr=0.05, momentum=0.9, weight_decay=0.01) for _ in weights]
+    kwargs = dict(precisions=[1.0, 0.8], inference_steps=STEPS, inference_lr=0.2, schedule="jacobi", fpa=False, loss="mse")
+    out = F.pc_train_step(weights, biases, acts, x, y, sgd=steps, backend="triton", **kwargs)
+    ref = reference.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    expected = []
+    for w, b, gw, gb, step in zip(weights, biases, ref.weight_grads, ref.bias_grads, steps):
+        shared = dict(momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False, buffer=None)
+        expected += [sgd_update(w, gw, lr=step.weight_lr, **shared), sgd_update(b, gb, lr=step.bias_lr, **shared)]
+    assert len(out.sgd_updates) == len(expected)
+    for k, ((new, buf), (new_ref, buf_ref)) in enumerate(zip(out.sgd_updates, expected)):
+        assert_close(new, new_ref, name=f"new parameter {k}")
+        assert_close(buf, buf_ref, name=f"new momentum buffer {k}")
