@@ -184,3 +184,41 @@ def test_import_does_not_import_triton():
 
     code = "import sys, pcfast; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ("one layer short", ValueError, "one LayerSGD per layer"),
+    ("not a LayerSGD", TypeError, "expected a pcfast.sgd.LayerSGD"),
+    ("negative rate", ValueError, r"sgd\[0\].weight_lr"),
+    ("nan momentum", ValueError, r"sgd\[1\].momentum"),
+    ("nesterov without momentum", ValueError, "nesterov"),
+    ("buffer without momentum", ValueError, "without momentum"),
+    ("buffer of the wrong shape", ValueError, r"sgd\[0\].weight_buffer"),
+    ("one of two buffers", ValueError, "both momentum buffers or neither"),
+])
+def test_pc_train_step_sgd_argument_errors_name_the_layer(change, error, message):
+    from pcfast.sgd import LayerSGD
+
+    m = model()
+    weights = [m[0].weight.detach(), m[2].weight.detach()]
+    biases = [m[0].bias.detach(), m[2].bias.detach()]
+    steps = [LayerSGD(weight_lr=0.1, bias_lr=0.1, momentum=0.9) for _ in weights]
+    if change == "one layer short":
+        steps = steps[:1]
+    elif change == "not a LayerSGD":
+        steps[1] = {"weight_lr": 0.1}
+    elif change == "negative rate":
+        steps[0].weight_lr = -1.0
+    elif change == "nan momentum":
+        steps[1].momentum = float("nan")
+    elif change == "nesterov without momentum":
+        steps[0] = LayerSGD(weight_lr=0.1, nesterov=True)
+    elif change == "buffer without momentum":
+        steps[0] = LayerSGD(weight_lr=0.1, weight_buffer=torch.zeros(8, 6), bias_buffer=torch.zeros(8))
+    elif change == "buffer of the wrong shape":
+        steps[0].weight_buffer, steps[0].bias_buffer = torch.zeros(6, 8), torch.zeros(8)
+    elif change == "one of two buffers":
+        steps[1].weight_buffer = torch.zeros(3, 8)
+    x, y = good_batch()
+    with pytest.raises(error, match=message):
+        F.pc_train_step(weights, biases, ["tanh"], x, y, inference_steps=2, sgd=steps, backend="torch")
