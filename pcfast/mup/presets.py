@@ -50,6 +50,22 @@ def exponents(preset: str, algo: str, gamma_bar: float = 0.0) -> tuple[dict[str,
     return {"first": 0.0, "hidden": 0.5, "last": 1.0}, {"first": 0.0, "hidden": 1.0, "last": 1.0}, 0.0  # gnt
 
 
+def bias_exponent(c: dict[str, float], group: str) -> float:
+    """Learning-rate exponent of a layer's bias, from the scale of its own gradient.
+
+    A bias is a weight on a constant input 1, so its gradient is the batch mean of the layer's local
+    error δ_l (PC: ``−γ_l Σ_b ε_l / B``; BP: ∂L/∂u_l; TP/DTP/GNT: u_l − target_l), with no sum over
+    a fan-in. The weight's one-step change is ``Δu_l = η_l δ_l ‖h_{l-1}‖²`` and
+    ``‖h_{l-1}‖² = Θ(fan-in)``: Θ(1) for the first layer (the input dimension is fixed) and Θ(m)
+    for hidden and output layers. Its exponent ``c_l`` makes that Θ(1), so the bias step
+    ``η_b δ_l`` is Θ(1) with ``c_b = c_l`` for the first layer and ``c_b = c_l − 1`` for the others:
+    hidden biases share the first layer's exponent (``c_hidden − 1 = c_first`` in every preset), and
+    the output bias gets ``c_L − 1`` — 0 for BP, TP, DTP and GNT, and ``−γ̄_L`` for PC, whose output
+    error carries ``γ_L = γ·m^{-γ̄_L}``.
+    """
+    return c[group] if group == "first" else c[group] - 1.0
+
+
 @dataclass(frozen=True)
 class LayerScale:
     """What the parametrization fixes for one linear layer."""
@@ -186,7 +202,6 @@ def parametrize(
     for name, value in (("sigma", sigma), ("gamma", gamma), ("readout_scale", readout_scale)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a finite number > 0, got {value}")
-    first_c = c["first"]
     layers = []
     for l, lin in enumerate(mlp.linears):
         group = _group(l, depth) if depth > 1 else "first"
@@ -196,8 +211,7 @@ def parametrize(
         if l == depth - 1:
             std *= readout_scale
         precision = gamma * m**-gb if (algo == "pc" and group == "last") else 1.0
-        # Biases are vector-like: hidden biases move like first-layer weights, the output bias is Θ(1).
-        bias_mult = 1.0 if group == "last" else m**-first_c
+        bias_mult = m ** -bias_exponent(c, group)
         layers.append(LayerScale(group, lin.in_features, lin.out_features, m, std, m ** -c[group], bias_mult, precision))
     if init:
         with torch.no_grad():
