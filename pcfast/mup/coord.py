@@ -2,8 +2,10 @@
 
 For every width, build the model, parametrize it, take a few optimizer steps on one fixed batch and
 record, per layer l and step t, the RMS size of ``Δu_l = h_{l-1}^{(0)} (W_l^{(t)} − W_l^{(0)})ᵀ`` (the
-pre-activation change the update causes) and of the activity ``h_l^{(t)}``. Under a μP preset every
-layer's Δu is width independent (slope ≈ 0 in log-log); under SP at least one grows or shrinks.
+pre-activation change the weight update causes), of the bias step ``b_l^{(t)} − b_l^{(0)}`` (the
+pre-activation change the bias update causes, the same for every sample) and of the activity
+``h_l^{(t)}``. Under a μP preset every layer's Δu and every bias step is width independent (slope ≈ 0
+in log-log); under SP at least one grows or shrinks.
 """
 from __future__ import annotations
 
@@ -70,15 +72,28 @@ class CoordCheck:
         return max(r["layer"] for r in self.records)
 
     def slopes(self, quantity: str = "delta_u", step: int = 1) -> list[float]:
-        """Per layer, the slope of log2(quantity) against log2(width)."""
-        return [_slope(self.widths, self.series(quantity, step, layer)) for layer in range(1, self.depth + 1)]
+        """Per layer, the slope of log2(quantity) against log2(width).
+
+        ``quantity`` is ``"delta_u"`` (weights), ``"bias_step"`` (biases; layers without a bias are
+        skipped) or ``"activation"``."""
+        layers = [layer for layer in range(1, self.depth + 1)
+                  if all(quantity in r for r in self.records if r["layer"] == layer)]
+        return [_slope(self.widths, self.series(quantity, step, layer)) for layer in layers]
+
+    @property
+    def has_biases(self) -> bool:
+        return any("bias_step" in r for r in self.records)
 
     def to_dict(self) -> dict:
+        """Records and, per step, the slopes of Δu (``slopes``) and of the bias steps (``bias_slopes``)."""
         steps = sorted({r["step"] for r in self.records})
-        return {
+        out = {
             "algo": self.algo, "preset": self.preset, "widths": self.widths, "records": self.records,
             "slopes": {str(t): self.slopes("delta_u", t) for t in steps},
         }
+        if self.has_biases:
+            out["bias_slopes"] = {str(t): self.slopes("bias_step", t) for t in steps}
+        return out
 
 
 def coord_check(
@@ -103,7 +118,11 @@ def coord_check(
     progress: Callable[[int, int], None] | None = None,
     **optimizer_kwargs: Any,
 ) -> CoordCheck:
-    """Measure per-layer Δu and activation sizes across ``widths`` for ``steps`` optimizer steps.
+    """Measure per-layer Δu, bias-step and activation sizes across ``widths`` for ``steps`` optimizer steps.
+
+    Each record holds ``delta_u`` (RMS of ``h_{l-1}^{(0)} (W_l^{(t)} − W_l^{(0)})ᵀ``), ``bias_step``
+    (RMS of ``b_l^{(t)} − b_l^{(0)}``; only for layers with a bias) and ``activation`` (RMS of
+    ``h_l^{(t)}``, the output f for the readout).
 
     Args:
         algo: ``"bp"``, ``"pc"``, ``"tp"`` or ``"dtp"``; preset: ``"sp"`` or ``"mup"``.
@@ -139,6 +158,7 @@ def coord_check(
             acts = opt.mlp.activations
             with torch.no_grad():
                 initial = [w.clone() for w in weights]
+                initial_biases = [None if b is None else b.clone() for b in biases]
                 _, inputs = forward(weights, biases, acts, x)
             for step in range(1, steps + 1):
                 opt.zero_grad()
@@ -148,11 +168,14 @@ def coord_check(
                     for l, (w, w0) in enumerate(zip(weights, initial)):
                         delta = inputs[l] @ (w - w0).T
                         act = hs[l + 1] if l + 1 < len(hs) else us[-1]
-                        result.records.append({
+                        record = {
                             "width": int(width), "seed": int(seed), "step": step, "layer": l + 1,
                             "delta_u": float(delta.pow(2).mean().sqrt()),
                             "activation": float(act.pow(2).mean().sqrt()),
-                        })
+                        }
+                        if biases[l] is not None:
+                            record["bias_step"] = float((biases[l] - initial_biases[l]).pow(2).mean().sqrt())
+                        result.records.append(record)
             done += 1
             if progress is not None:
                 progress(done, total)

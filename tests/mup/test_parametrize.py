@@ -54,26 +54,48 @@ def test_parametrization_state_dict_round_trip():
     assert "layer 3 (last, 96->3)" in str(par)
 
 
-# Widths 64 … 2048, as the parametrization table was measured; seeds averaged; step 1.
+# Widths 64 … 2048, as the parametrization table was measured; seeds averaged.
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
+VARIANTS = [("bp", 0.0), ("pc", 0.0), ("pc", -0.5), ("pc", -1.0), ("tp", 0.0), ("dtp", 0.0)]
 
 
-@pytest.mark.parametrize("algo", ["bp", "pc", "tp", "dtp"])
-def test_coordinate_check_mup_is_width_independent_and_sp_is_not(algo):
-    mup = pcfast.coord_check(WIDTHS, algo=algo, preset="mup", base_width=64, steps=1)
-    sp = pcfast.coord_check(WIDTHS, algo=algo, preset="sp", base_width=64, steps=1)
-    mup_slopes, sp_slopes = mup.slopes(step=1), sp.slopes(step=1)
-    print(f"{algo}: mup slopes {[round(s, 3) for s in mup_slopes]}, sp slopes {[round(s, 3) for s in sp_slopes]}")
-    assert all(abs(s) <= 0.15 for s in mup_slopes), mup_slopes
+@pytest.mark.parametrize("algo, gamma_bar", VARIANTS, ids=[f"{a}{g:+g}" if a == "pc" else a for a, g in VARIANTS])
+def test_coordinate_check_mup_is_width_independent_and_sp_is_not(algo, gamma_bar):
+    """Under μP every weight's Δu and every bias's step stays flat in width for three steps;
+    under SP some layer's step-1 Δu does not."""
+    mup = pcfast.coord_check(WIDTHS, algo=algo, preset="mup", base_width=64, gamma_bar=gamma_bar, steps=3)
+    sp = pcfast.coord_check(WIDTHS, algo=algo, preset="sp", base_width=64, gamma_bar=gamma_bar, steps=1)
+    for step in (1, 2, 3):
+        weights, biases = mup.slopes("delta_u", step), mup.slopes("bias_step", step)
+        print(f"{algo} {gamma_bar:+g} step {step}: mup Δu slopes {[round(s, 3) for s in weights]}, "
+              f"bias slopes {[round(s, 3) for s in biases]}")
+        assert len(weights) == len(biases) == 3
+        assert all(abs(s) <= 0.15 for s in weights), (step, weights)
+        assert all(abs(s) <= 0.15 for s in biases), (step, biases)
+    sp_slopes = sp.slopes("delta_u", 1)
     assert max(abs(s) for s in sp_slopes) >= 0.3, sp_slopes
 
 
-def test_coordinate_check_records_pc_gamma_bar_minus_one():
-    """γ̄_L = −1 is transitional at finite width (DESIGN §2): record, don't assert the limit."""
-    result = pcfast.coord_check((64, 256, 1024), algo="pc", preset="mup", gamma_bar=-1.0, steps=2, seeds=(0,))
+def test_coordinate_check_records_bias_steps_per_layer():
+    result = pcfast.coord_check((64, 128), algo="pc", preset="mup", gamma_bar=-1.0, steps=2, seeds=(0,))
     data = result.to_dict()
-    assert set(data["slopes"]) == {"1", "2"} and len(data["slopes"]["1"]) == 3
-    assert all(r["delta_u"] > 0 and r["activation"] > 0 for r in data["records"])
+    assert set(data["slopes"]) == set(data["bias_slopes"]) == {"1", "2"}
+    assert len(data["slopes"]["1"]) == len(data["bias_slopes"]["1"]) == 3
+    assert all(r["delta_u"] > 0 and r["bias_step"] > 0 and r["activation"] > 0 for r in data["records"])
+    unbiased = pcfast.coord_check((64, 128), algo="bp", preset="mup", steps=1, seeds=(0,),
+                                  make_model=lambda width: make_mlp(784, width, 10, bias=False))
+    assert not unbiased.has_biases and "bias_slopes" not in unbiased.to_dict()
+    assert unbiased.slopes("bias_step", 1) == [] and len(unbiased.slopes("delta_u", 1)) == 3
+
+
+def test_coordinate_check_pc_gamma_bar_minus_one_to_width_4096():
+    """γ̄_L = −1, where the output precision grows fastest, up to the width where an unscaled output
+    bias made training diverge."""
+    mup = pcfast.coord_check((64, 256, 1024, 4096), algo="pc", preset="mup", gamma_bar=-1.0, steps=3, seeds=(0,))
+    for step in (1, 2, 3):
+        for quantity in ("delta_u", "bias_step"):
+            slopes = mup.slopes(quantity, step)
+            assert all(abs(s) <= 0.15 for s in slopes), (step, quantity, slopes)
 
 
 def _pc_output_bias_run(width, gamma_bar, steps=3):
