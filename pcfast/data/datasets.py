@@ -8,12 +8,19 @@ the same way: ``x`` flattened to ``(N, features)`` floats in ``[0, 1]``, ``y`` i
 - ``"digits"``: scikit-learn's 8x8 digits; 1,438 train / 359 test, 64 features.
 - ``"mnist"``, ``"fashion_mnist"``: IDX files (raw or ``.gz``) under ``<root>/<name>/``; official
   60,000 / 10,000 split, 784 features.
-- ``"cifar10"``: python batches under ``<root>/cifar10/cifar-10-batches-py/``; official 50,000 / 10,000
-  split, 3,072 features in the files' channel-major (R plane, G plane, B plane) order.
+- ``"cifar10"``: binary batches under ``<root>/cifar10/cifar-10-batches-bin/`` (what ``download=True``
+  fetches; no unpickling), else python batches under ``<root>/cifar10/cifar-10-batches-py/`` (read by a
+  restricted unpickler); official 50,000 / 10,000 split, 3,072 features in the files' channel-major
+  (R plane, G plane, B plane) order.
 
 ``mnist5k`` and ``digits`` need no files and no network, only ``pip install pcfast[data]``; their
 splits are a seeded permutation, identical on every machine. The other three use their official
 splits and read from ``root`` (default ``$PCFAST_DATA``, else ``~/.pcfast/data``).
+
+Files are checked against the dataset they claim to be before anything is allocated: MNIST-family
+images must be 28x28 uint8 and CIFAR-10 records 3,072 pixel bytes, and no file may declare more items
+than the official split holds (60,000 / 10,000 for MNIST, 10,000 per CIFAR-10 batch). Smaller files
+(subsets) are accepted, so memory never exceeds what the real dataset needs.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 
 from .download import SOURCES, download_dataset
 from .errors import DatasetError
-from .formats import read_cifar_batch, read_idx
+from .formats import CIFAR_BATCH_RECORDS, read_cifar_batch, read_cifar_binary, read_idx
 
 __all__ = ["DATASETS", "Dataset", "default_root", "load_dataset"]
 
@@ -40,7 +47,10 @@ _IDX_FILES = {  # split -> (images, labels), without the optional .gz suffix
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_CIFAR_DIR = "cifar-10-batches-py"
+_IDX_SPLIT_SIZES = {"train": 60_000, "test": 10_000}  # the official MNIST / Fashion-MNIST splits
+_IDX_IMAGE_SHAPE = (28, 28)
+_CIFAR_BIN_DIR = "cifar-10-batches-bin"  # from cifar-10-binary.tar.gz: preferred, no unpickling
+_CIFAR_PY_DIR = "cifar-10-batches-py"  # from cifar-10-python.tar.gz: still read, through a restricted unpickler
 _CIFAR_TRAIN = tuple(f"data_batch_{k}" for k in range(1, 6))
 _CIFAR_TEST = "test_batch"
 
@@ -213,11 +223,9 @@ def _load_idx_dataset(name: str, directory: Path, download: bool, mirror: str | 
     for split, (image_stem, label_stem) in _IDX_FILES.items():
         image_path, label_path = _find_idx(directory, image_stem), _find_idx(directory, label_stem)
         assert image_path is not None and label_path is not None
-        images = read_idx(image_path, expect_ndim=3)
-        labels = read_idx(label_path, expect_ndim=1)
-        if images.dtype != np.uint8 or labels.dtype != np.uint8:
-            raise DatasetError(f"{name}: {image_path.name} and {label_path.name} must hold unsigned bytes, "
-                               f"found {images.dtype} and {labels.dtype}")
+        limit = _IDX_SPLIT_SIZES[split]
+        images = read_idx(image_path, expect_item_shape=_IDX_IMAGE_SHAPE, expect_dtype=np.uint8, max_count=limit)
+        labels = read_idx(label_path, expect_item_shape=(), expect_dtype=np.uint8, max_count=limit)
         if images.shape[0] != labels.shape[0]:
             raise DatasetError(f"{name}: {image_path} holds {images.shape[0]} images but {label_path} "
                                f"holds {labels.shape[0]} labels")
@@ -226,21 +234,34 @@ def _load_idx_dataset(name: str, directory: Path, download: bool, mirror: str | 
     return _tensors(name, x_train, y_train, x_test, y_test, scale=255.0, num_classes=10, dtype=dtype)
 
 
+def _cifar_layouts(directory: Path) -> list[tuple[Path, list[Path]]]:
+    """Each CIFAR-10 layout in order of preference: its folder and its six batch files (train, then test)."""
+    names = (*_CIFAR_TRAIN, _CIFAR_TEST)
+    binary, python = directory / _CIFAR_BIN_DIR, directory / _CIFAR_PY_DIR
+    return [(binary, [binary / f"{n}.bin" for n in names]), (python, [python / n for n in names])]
+
+
 def _load_cifar10(directory: Path, download: bool, mirror: str | None, progress: bool,
                   dtype: torch.dtype) -> Dataset:
-    batches = directory / _CIFAR_DIR
-    names = (*_CIFAR_TRAIN, _CIFAR_TEST)
-    listing = f"{_CIFAR_DIR}/{{{','.join(names)}}} (the extracted cifar-10-python.tar.gz)"
-    missing = [n for n in names if not (batches / n).is_file()]
-    if missing and download:
+    listing = (f"{_CIFAR_BIN_DIR}/{{{','.join(f'{n}.bin' for n in (*_CIFAR_TRAIN, _CIFAR_TEST))}}} "
+               f"(the extracted cifar-10-binary.tar.gz), or the python version's {_CIFAR_PY_DIR}/")
+
+    def complete() -> tuple[Path, list[Path]] | None:
+        return next(((d, files) for d, files in _cifar_layouts(directory) if all(f.is_file() for f in files)), None)
+
+    found = complete()
+    if found is None and download:
         download_dataset("cifar10", directory, mirror=mirror, progress=progress)
-        missing = [n for n in names if not (batches / n).is_file()]
-    if missing:
+        found = complete()
+    if found is None:
         _require_directory("cifar10", directory, listing)
-        absent = ", ".join(str(batches / n) for n in missing)
+        started = [(d, files) for d, files in _cifar_layouts(directory) if d.is_dir()] or _cifar_layouts(directory)[:1]
+        absent = ", ".join(str(f) for f in started[0][1] if not f.is_file())
         raise DatasetError(f"cifar10: missing {absent}. {_how_to_fix('cifar10', directory, listing)}")
-    train = [read_cifar_batch(batches / n) for n in _CIFAR_TRAIN]
-    x_test, y_test = read_cifar_batch(batches / _CIFAR_TEST)
+    folder, files = found
+    read = read_cifar_binary if folder.name == _CIFAR_BIN_DIR else read_cifar_batch
+    train = [read(path, max_records=CIFAR_BATCH_RECORDS) for path in files[:-1]]
+    x_test, y_test = read(files[-1], max_records=CIFAR_BATCH_RECORDS)
     x_train = np.concatenate([images for images, _ in train])
     y_train = np.concatenate([labels for _, labels in train])
     return _tensors("cifar10", x_train, y_train, x_test, y_test, scale=255.0, num_classes=10, dtype=dtype)

@@ -74,6 +74,26 @@ def write_cifar_batches(batch_dir: Path, *, per_batch: int = 2, n_test: int = 3,
     return {"train": (np.concatenate(train_x), np.array(train_y)), "test": test}
 
 
+def write_cifar_binary(batch_dir: Path, *, per_batch: int = 2, n_test: int = 3,
+                       seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write data_batch_1..5.bin and test_batch.bin like the official binary version: records of one
+    label byte then 3,072 pixel bytes."""
+    rng = np.random.default_rng(seed)
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    train_x, train_y = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        (batch_dir / f"{name}.bin").write_bytes(np.concatenate([labels[:, None], images], axis=1).tobytes())
+        if name == "test_batch":
+            test = images, labels.astype(np.int64)
+        else:
+            train_x.append(images)
+            train_y.append(labels.astype(np.int64))
+    return {"train": (np.concatenate(train_x), np.concatenate(train_y)), "test": test}
+
+
 @pytest.fixture
 def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep urllib from routing 127.0.0.1 through a proxy configured in the environment."""
@@ -140,3 +160,8 @@ def make_idx_file() -> Callable[..., Path]:
 @pytest.fixture
 def make_cifar_batches() -> Callable[..., dict[str, tuple[np.ndarray, np.ndarray]]]:
     return write_cifar_batches
+
+
+@pytest.fixture
+def make_cifar_binary() -> Callable[..., dict[str, tuple[np.ndarray, np.ndarray]]]:
+    return write_cifar_binary

@@ -110,21 +110,23 @@ def test_download_file_tries_mirrors_in_order(tmp_path, http_server) -> None:
     assert http_server.requested == ["/absent.bin", "/blob.bin"]
 
 
-def test_download_cifar10_archive_is_extracted(tmp_path, http_server, make_cifar_batches, monkeypatch) -> None:
+def test_download_cifar10_archive_is_extracted(tmp_path, http_server, make_cifar_binary, monkeypatch) -> None:
     staging = tmp_path / "staging"
-    arrays = make_cifar_batches(staging / "cifar-10-batches-py", per_batch=1, n_test=2)
-    (staging / "cifar-10-batches-py" / "batches.meta").write_bytes(b"meta")
-    archive = http_server.root / "cifar10" / "cifar-10-python.tar.gz"
+    arrays = make_cifar_binary(staging / "cifar-10-batches-bin", per_batch=1, n_test=2)
+    (staging / "cifar-10-batches-bin" / "batches.meta.txt").write_bytes(b"airplane\n")
+    archive = http_server.root / "cifar10" / "cifar-10-binary.tar.gz"
     archive.parent.mkdir(parents=True)
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        tar.add(staging / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
         evil = tarfile.TarInfo("../escaped.txt")  # extraction must ignore members it was not asked for
         tar.addfile(evil, io.BytesIO(b""))
     monkeypatch.setitem(SOURCES, "cifar10", _table_for(http_server, "cifar10"))
     data = load_dataset("cifar10", root=tmp_path / "root", download=True, mirror=http_server.url)
     assert torch.equal(data.y_test, torch.from_numpy(arrays["test"][1]))
+    assert torch.equal(data.x_train, torch.from_numpy(arrays["train"][0].astype(np.float32) / 255))
     assert (data.num_train, data.num_test) == (5, 2)
     assert not (tmp_path / "root" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert not (tmp_path / "root" / "cifar10" / "cifar-10-batches-py").exists(), "the binary version is fetched"
 
 
 def test_public_table_is_well_formed(monkeypatch) -> None:
