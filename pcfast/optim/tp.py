@@ -10,7 +10,7 @@ from .. import functional, ops
 from ..activations import check_activation
 from ..mup.presets import Parametrization
 from ..network import LOSSES
-from .base import LocalOptimizer, _check_number
+from .base import LocalOptimizer, _check_number, _describe
 
 FEEDBACK_MODES = ("trained", "ridge")
 
@@ -201,18 +201,68 @@ class TP(LocalOptimizer):
         }
         return state
 
-    def _load_extra(self, state_dict: dict[str, Any]) -> None:
-        feedback = state_dict.pop("feedback", None)
-        if feedback is None:
+    def _check_extra_state(self) -> None:
+        like = self.mlp.linears[0].weight
+        for k, (q, c) in enumerate(zip(self.feedback_weights, self.feedback_biases)):
+            shape = self._feedback_shape(k)
+            has_bias = self.mlp.linears[k + 1].bias is not None
+            if (c is not None) != has_bias:
+                raise ValueError(f"feedback_biases[{k}]: expected {'a tensor' if has_bias else 'None'} (layer {k + 2} "
+                                 f"has {'a' if has_bias else 'no'} bias), got {_describe(c)}")
+            for name, t, expected in (("feedback_weights", q, shape), ("feedback_biases", c, shape[:1])):
+                if t is None and name == "feedback_biases":
+                    continue
+                if not isinstance(t, Tensor) or t.shape != expected or t.dtype != like.dtype or t.device != like.device:
+                    raise ValueError(f"{name}[{k}]: expected shape {tuple(expected)}, dtype {like.dtype}, device "
+                                     f"{like.device} (the model's), got {_describe(t)}; the optimizer state was "
+                                     "corrupted: build a new optimizer or load a state_dict saved for this model")
+
+    def _feedback_shape(self, k: int) -> torch.Size:
+        """Shape of Q_{k+2}: (d_{k+1}, d_{k+2})."""
+        return torch.Size((self.mlp.linears[k].out_features, self.mlp.linears[k + 1].out_features))
+
+    def _check_extra(self, state_dict: dict[str, Any]) -> None:
+        feedback = state_dict.get("feedback")
+        if not isinstance(feedback, dict):
             raise ValueError("state_dict: has no 'feedback' entry; it was not saved by a TP/DTP optimizer")
-        if len(feedback["weights"]) != len(self.feedback_weights):
-            raise ValueError(f"state_dict: has {len(feedback['weights'])} feedback maps, this optimizer {len(self.feedback_weights)}")
-        for k, (q, mine) in enumerate(zip(feedback["weights"], self.feedback_weights)):
-            if q.shape != mine.shape:
-                raise ValueError(f"state_dict: feedback weight {k} has shape {tuple(q.shape)}, expected {tuple(mine.shape)}")
-        self.feedback_weights = [q.to(mine) for q, mine in zip(feedback["weights"], self.feedback_weights)]
-        self.feedback_biases = [None if c is None else c.to(self.feedback_weights[k])
-                                for k, c in enumerate(feedback["biases"])]
+        missing = [k for k in ("weights", "biases", "activations", "generator") if k not in feedback]
+        if missing:
+            raise ValueError(f"state_dict['feedback']: has no {missing} entries")
+        depth, like = self.mlp.depth, self.mlp.linears[0].weight
+        for key in ("weights", "biases", "activations"):
+            value = feedback[key]
+            if not isinstance(value, (list, tuple)) or len(value) != depth - 1:
+                raise ValueError(f"state_dict['feedback']['{key}']: expected {depth - 1} entries (layers 2 … L), "
+                                 f"got {value!r:.200}")
+        for k, (q, c) in enumerate(zip(feedback["weights"], feedback["biases"])):
+            shape = self._feedback_shape(k)
+            if not isinstance(q, Tensor) or q.shape != shape or q.dtype != like.dtype:
+                raise ValueError(f"state_dict['feedback']['weights'][{k}]: expected shape {tuple(shape)}, dtype "
+                                 f"{like.dtype} (the model's), got {_describe(q)}")
+            has_bias = self.mlp.linears[k + 1].bias is not None
+            if not has_bias and c is not None:
+                raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected None (layer {k + 2} has no bias), "
+                                 f"got {_describe(c)}")
+            if has_bias and (not isinstance(c, Tensor) or c.shape != shape[:1] or c.dtype != like.dtype):
+                raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected shape {tuple(shape[:1])}, dtype "
+                                 f"{like.dtype} (the model's), got {_describe(c)}")
+        for k, act in enumerate(feedback["activations"]):
+            check_activation(act, f"state_dict['feedback']['activations'][{k}]")
+        if state_dict["param_groups"][0]["feedback"] == "ridge" and any(a != "identity" for a in feedback["activations"]):
+            raise ValueError("state_dict['feedback']['activations']: feedback='ridge' needs them all 'identity', "
+                             f"got {list(feedback['activations'])}")
+        try:
+            torch.Generator(device=self.generator.device).set_state(feedback["generator"])
+        except (TypeError, RuntimeError, ValueError) as error:
+            raise ValueError(f"state_dict['feedback']['generator']: not a generator state ({error})") from None
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        feedback = state_dict.pop("feedback")
+        # In place: the tensors keep their addresses (the triton backend's CUDA graphs key on them).
+        for k, (q, c) in enumerate(zip(feedback["weights"], feedback["biases"])):
+            self.feedback_weights[k].copy_(q)
+            if c is not None:
+                self.feedback_biases[k].copy_(c)
         self.feedback_activations = list(feedback["activations"])
         self.generator.set_state(feedback["generator"])
 

@@ -100,13 +100,13 @@ def test_bp_matches_torch_sgd_with_momentum_nesterov_and_weight_decay():
 def test_mup_learning_rates_are_parameter_groups_and_schedulers_scale_them():
     model = make_model(width=32)
     opt = make_opt("pc", model)
-    mults = [g["lr"] / 0.05 for g in opt.param_groups if g["kind"] == "weight"]
+    mults = [g["lr"] * g["lr_mult"] / 0.05 for g in opt.param_groups if g["kind"] == "weight"]
     assert mults == pytest.approx([4.0, 1.0, 0.25])  # m = 32/8, c = (−1, 0, 1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     x, y = make_batches(1)[0]
     opt.step(x, y)
     sched.step()
-    assert [g["lr"] / 0.025 for g in opt.param_groups if g["kind"] == "weight"] == pytest.approx(mults)
+    assert [g["lr"] * g["lr_mult"] / 0.025 for g in opt.param_groups if g["kind"] == "weight"] == pytest.approx(mults)
 
 
 @pytest.mark.parametrize("algo", ["pc", "bp", "tp", "dtp"])
