@@ -306,7 +306,7 @@ class _Budget:
 
 def _plain_dtype(value: Any, what: str) -> np.dtype:
     if not isinstance(value, np.dtype) or value.hasobject or value.subdtype is not None or value.names is not None:
-        raise pickle.UnpicklingError(f"{what}: only plain numeric dtypes are allowed, got {value!r}")
+        raise pickle.UnpicklingError(f"{what}: dtype {value!r} is not allowed (only plain numeric dtypes)")
     return value
 
 
@@ -327,10 +327,11 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: eve
       allocation, so repeating a memoized object cannot multiply memory.
     """
 
-    _REFUSED_OPCODES = frozenset(
-        op[0] for op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2,
-                         pickle.EXT4, pickle.PERSID, pickle.BINPERSID, pickle.NEXT_BUFFER)
-    )
+    _REFUSED_OPCODES = {
+        getattr(pickle, name)[0]: name
+        for name in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID",
+                     "NEXT_BUFFER")
+    }
 
     def __init__(self, data: bytes, path: Path) -> None:
         super().__init__(io.BytesIO(data), encoding="latin1")
@@ -356,9 +357,14 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: eve
             return run
 
         overrides = {pickle.REDUCE[0]: type(self)._load_reduce, pickle.BUILD[0]: type(self)._load_build}
-        self.dispatch = {
-            code: counted(overrides.get(code, load)) for code, load in base.items() if code not in self._REFUSED_OPCODES
-        }
+        def refuse(name: str) -> Callable[[pickle._Unpickler], None]:
+            def run(unpickler: pickle._Unpickler) -> None:
+                raise pickle.UnpicklingError(f"pickle opcode {name} is not allowed in a dataset file")
+
+            return run
+
+        self.dispatch = {code: counted(overrides.get(code, load)) for code, load in base.items()}
+        self.dispatch.update({code: refuse(name) for code, name in self._REFUSED_OPCODES.items()})
 
     # Globals -----------------------------------------------------------------------------------------
 
@@ -371,7 +377,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler: eve
 
     def _dtype(self, spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
         if not isinstance(spec, str) or spec not in _PLAIN_DTYPES:
-            raise pickle.UnpicklingError(f"numpy.dtype({spec!r}): only plain numeric dtypes are allowed")
+            raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not allowed (only plain numeric dtypes)")
         return np.dtype(spec, bool(align), bool(copy))
 
     def _reconstruct(self, cls: Any, shape: Any, typecode: Any) -> np.ndarray:
