@@ -3,8 +3,9 @@
 Wraps :func:`pcfast.coord_check` with the settings of the core test
 (``tests/mup/test_parametrize.py``): tanh 784-M-M-10, base width 64, batch 32 of pixel-like inputs,
 lr 0.1, readout init × 0.1, two seeds, the optimizers' default hyperparameters (PC: T = 20, κ = 0.1).
-The slope of log2 Δu_l against log2 width is reported per layer and step; under μP every slope
-must be ≈ 0 (|slope| ≤ 0.15, the test's bound) and under SP some layer's must not (≥ 0.3).
+The slope of log2 Δu_l (each weight's update) and of log2 RMS(b_l^(t) − b_l^(0)) (each bias's update)
+against log2 width is reported per layer and step; under μP every slope must be ≈ 0 at every step
+(|slope| ≤ 0.15, the test's bound) and under SP some layer's step-1 Δu slope must not (≥ 0.3).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from .common import machine, machine_line, parse_variant, progress, pyplot, write_json
 
-MUP_FLAT = 0.15  # the core test's bound on every μP slope at step 1
+MUP_FLAT = 0.15  # the core test's bound on every μP slope (weights and biases, every step)
 SP_STEEP = 0.3  # ... and the least steep SP layer it requires
 
 
@@ -70,21 +71,18 @@ def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True) -> di
 
 
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Step-1 slopes against the parametrization table: flat under μP, not flat under SP.
-
-    PC with γ̄_L = −1 under μP is transitional at these widths (DESIGN §2): recorded, not judged;
-    under SP γ̄_L has no effect, so that panel repeats PC's.
-    """
+    """Slopes against the parametrization table: under μP every weight's and every bias's slope is
+    flat at every measured step (``value``: the steepest one); under SP some layer's step-1 Δu slope
+    is not. (Under SP γ̄_L has no effect, so a ``pc:G`` panel repeats PC's.)"""
     out = []
     for panel in result["panels"]:
         slopes = panel["slopes"]["1"]
         if panel["preset"] == "mup":
-            if panel["variant"].startswith("pc:"):
-                out.append({"check": f"mup {panel['variant']}: step-1 slopes (transitional, recorded only)",
-                            "passed": None, "value": slopes})
-                continue
-            out.append({"check": f"mup {panel['variant']}: every layer's step-1 slope within ±{MUP_FLAT}",
-                        "passed": all(abs(s) <= MUP_FLAT for s in slopes), "value": slopes})
+            every = [s for step in panel["slopes"] for s in panel["slopes"][step]]
+            every += [s for step in panel.get("bias_slopes", {}) for s in panel["bias_slopes"][step]]
+            steepest = max(every, key=abs)
+            out.append({"check": f"mup {panel['variant']}: every weight's and bias's slope within ±{MUP_FLAT} "
+                                 f"at every step", "passed": abs(steepest) <= MUP_FLAT, "value": [steepest]})
         else:
             out.append({"check": f"sp {panel['variant']}: some layer's step-1 |slope| >= {SP_STEEP}",
                         "passed": max(abs(s) for s in slopes) >= SP_STEEP, "value": slopes})
@@ -92,11 +90,13 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_coordcheck(result: dict[str, Any]) -> str:
-    lines = ["width slope of log2 Δu per layer (first, hidden, …, last), by step"]
+    lines = ["width slope of log2 Δu (weights) | of log2 bias step, per layer (first, hidden, …, last), by step"]
     for panel in result["panels"]:
         for step, slopes in panel["slopes"].items():
-            lines.append(f"{panel['variant']:<7}{panel['preset']:<5} step {step}: "
-                         + ", ".join(f"{s:+.2f}" for s in slopes))
+            line = f"{panel['variant']:<7}{panel['preset']:<5} step {step}: " + ", ".join(f"{s:+.2f}" for s in slopes)
+            if step in panel.get("bias_slopes", {}):
+                line += " | bias " + ", ".join(f"{s:+.2f}" for s in panel["bias_slopes"][step])
+            lines.append(line)
     for c in result["checks"]:
         mark = {True: "PASS", False: "FAIL", None: "NOTE"}[c["passed"]]
         lines.append(f"[{mark}] {c['check']}: " + ", ".join(f"{s:+.2f}" for s in c["value"]))
@@ -109,24 +109,29 @@ def _label_125(value: float, _position: int) -> str:
 
 
 def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
-    """Rows: variants. Columns: Δu under each parametrization, then activation size under each.
-    Log-log; colour = layer, line style = step."""
+    """Rows: variants. Columns: weight Δu under each parametrization, then the bias step, then the
+    activation size. Log-log; colour = layer, line style = step."""
     plt = pyplot()
     from matplotlib import ticker
 
     settings = result["settings"]
     variants, presets = settings["variants"], settings["parametrizations"]
     panels = {(p["variant"], p["preset"]): p for p in result["panels"]}
-    quantities = [("delta_u", "RMS Δu_l"), ("activation", "RMS h_l (f for the readout)")]
+    quantities = [("delta_u", "RMS Δu_l (weights)", "slopes", "Δu"),
+                  ("bias_step", "RMS b_l^(t) − b_l^(0)", "bias_slopes", "bias"),
+                  ("activation", "RMS h_l (f for the readout)", "activation_slopes", "h")]
     fig, axes = plt.subplots(len(variants), len(presets) * len(quantities),
-                             figsize=(3.3 * len(presets) * len(quantities), 2.5 * len(variants)), squeeze=False)
+                             figsize=(3.3 * len(presets) * len(quantities), 2.9 * len(variants)), squeeze=False)
     styles = ["-", "--", ":", "-."]
     colors = plt.get_cmap("tab10")
     for i, variant in enumerate(variants):
-        for q, (quantity, ylabel) in enumerate(quantities):
+        for q, (quantity, ylabel, slope_key, short) in enumerate(quantities):
             for j, preset in enumerate(presets):
                 ax = axes[i][q * len(presets) + j]
                 panel = panels[(variant, preset)]
+                if slope_key not in panel:  # a model without biases
+                    ax.axis("off")
+                    continue
                 widths = panel["widths"]
                 depth = len(panel["slopes"]["1"])
                 steps = sorted({r["step"] for r in panel["records"]})
@@ -134,9 +139,9 @@ def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
                     for s, step in enumerate(steps):
                         ys = []
                         for width in widths:
-                            vals = [r[quantity] for r in panel["records"]
-                                    if r["width"] == width and r["step"] == step and r["layer"] == layer]
-                            ys.append(sum(vals) / len(vals))
+                            vals = [r[quantity] for r in panel["records"] if quantity in r
+                                    and r["width"] == width and r["step"] == step and r["layer"] == layer]
+                            ys.append(sum(vals) / len(vals) if vals else float("nan"))
                         ax.plot(widths, ys, styles[s % len(styles)], color=colors(layer - 1), lw=1.3, marker=".",
                                 label=f"layer {layer}" if s == 0 else None)
                 ax.set_xscale("log", base=2)
@@ -148,10 +153,11 @@ def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
                 else:
                     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
                 ax.grid(alpha=0.3, which="both")
-                slopes = panel["slopes" if quantity == "delta_u" else "activation_slopes"]["1"]
-                short = "Δu" if quantity == "delta_u" else "h"
+                first, last = panel[slope_key]["1"], panel[slope_key][str(steps[-1])]
                 ax.set_title(f"{parse_variant(variant).label} · {'μP' if preset == 'mup' else 'SP'} · {short}\n"
-                             f"step-1 slopes " + " ".join(f"{v:+.2f}" for v in slopes), fontsize=8.5)
+                             f"slopes step 1: " + " ".join(f"{v:+.2f}" for v in first)
+                             + (f"\nslopes step {steps[-1]}: " + " ".join(f"{v:+.2f}" for v in last)
+                                if len(steps) > 1 else ""), fontsize=8.5)
                 if i == len(variants) - 1:
                     ax.set_xlabel("width")
                 if j == 0:
@@ -162,11 +168,11 @@ def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
     fig.legend(handles + step_handles, labels + [f"step {t}" for t in steps], loc="upper right", ncol=2, fontsize=8)
     fig.suptitle(
         f"Coordinate check: tanh 784-M-M-10, base width {settings['base_width']}, lr {settings['lr']:g}, "
-        f"batch {settings['batch_size']}, {len(settings['seeds'])} seed(s), mean shown — Δu flat in width under μP\n"
+        f"batch {settings['batch_size']}, {len(settings['seeds'])} seed(s), mean shown — weight Δu and bias steps flat in width under μP\n"
         f"{machine_line(result['machine'])}", fontsize=9, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

@@ -1,7 +1,8 @@
 """Parametrizations (abc, normalised to a base width) for every algorithm — DESIGN §2.
 
 A ``Parametrization`` records, per linear layer, its init std, its learning-rate multipliers and its
-precision γ_l; ``parametrize`` computes it for a model and re-initialises the weights to match. The
+precision γ_l; ``parametrize`` computes it for a model and, by default, re-initialises the weights to
+match (``init=False`` attaches it to trained weights without touching them, for resuming). The
 optimizers turn it into parameter groups, and it survives ``state_dict``.
 
 Width multiplier per layer: ``m = d_1 / base_width`` for the first layer (its fan-out is the width),
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..network import MLP, parse_mlp
+from ..network import MLP, check_bool, parse_mlp
 
 ALGOS = ("bp", "pc", "tp", "dtp", "gnt")
 PRESETS = ("sp", "mup")
@@ -164,11 +165,25 @@ def parametrize(
     init: bool = True,
     generator: torch.Generator | None = None,
 ) -> Parametrization:
-    """Compute the parametrization of ``model`` and (with ``init``) re-initialise its weights to it.
+    """Compute the parametrization of ``model`` and (with ``init=True``, the default) re-initialise
+    its weights to it.
 
     ``W_l ~ N(0, σ_l²)`` with ``σ_l = sigma · fan_in^{-1/2} · m^{-(b_l − b_l^SP)}``, biases zero;
-    learning-rate multipliers ``m^{-c_l}``; PC output precision ``γ_L = gamma · m^{-gamma_bar}``.
+    learning-rate multipliers ``m^{-c_l}`` for weights and ``m^{-c_b}`` for biases (see
+    :func:`bias_exponent`); PC output precision ``γ_L = gamma · m^{-gamma_bar}``.
     At ``m = 1`` every preset equals SP exactly (same init draws, multipliers one).
+
+    **Re-initialisation.** ``init=True`` overwrites every weight and bias of ``model`` — call it on a
+    fresh model, before training. To attach a parametrization to weights you want to keep (resuming
+    from a checkpoint, fine-tuning), pass ``init=False``: the weights stay bitwise as they are and
+    the returned multipliers and precisions are the same as with ``init=True`` (they depend on the
+    shapes only). Resuming::
+
+        model = make_model()
+        model.load_state_dict(checkpoint["model"])
+        par = pcfast.parametrize(model, "mup", algo="pc", base_width=64, init=False)
+        opt = pcfast.optim.PC(model, par, lr=0.03)
+        opt.load_state_dict(checkpoint["optimizer"])
 
     Args:
         model: an ``nn.Sequential`` of ``nn.Linear`` and Tanh/ReLU/Sigmoid/GELU/Identity.
@@ -180,6 +195,7 @@ def parametrize(
         readout_scale: a width-independent factor on the readout's init std (σ_L); values below
             one shrink the random initial output f_0 (as zero-init readouts do in μP practice)
             without changing any width exponent.
+        init: re-initialise the weights (``True``) or leave them untouched (``False``).
         generator: random generator for the re-initialisation.
 
     Example:
@@ -187,6 +203,7 @@ def parametrize(
         >>> par = parametrize(model, "mup", algo="pc", base_width=64)
     """
     mlp = parse_mlp(model)
+    check_bool("init", init)
     b, c, gb = exponents(preset, algo, gamma_bar)
     depth = mlp.depth
     if preset == "mup":

@@ -54,6 +54,59 @@ def test_parametrization_state_dict_round_trip():
     assert "layer 3 (last, 96->3)" in str(par)
 
 
+
+def _train(model, par, steps, x, y, opt_state=None):
+    opt = pcfast.optim.PC(model, par, lr=0.05, momentum=0.9, inference_steps=5)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(x, y)
+    return opt
+
+
+@pytest.mark.parametrize("algo, gamma_bar", [("pc", -1.0), ("bp", 0.0), ("dtp", 0.0)])
+def test_parametrize_without_init_keeps_trained_weights_and_gives_the_same_multipliers(algo, gamma_bar):
+    model = make_mlp(12, 48, 4)
+    fresh = pcfast.parametrize(model, "mup", algo=algo, base_width=16, gamma_bar=gamma_bar,
+                               generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # stand-in for training: every weight and bias moves off its init
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    attached = pcfast.parametrize(model, "mup", algo=algo, base_width=16, gamma_bar=gamma_bar, init=False)
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    assert attached == fresh  # multipliers, precisions and init stds depend on the shapes only
+    pcfast.parametrize(model, "mup", algo=algo, base_width=16, gamma_bar=gamma_bar)  # init=True re-initialises
+    assert not any(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+
+def test_resuming_with_parametrize_init_false_continues_the_run_bitwise():
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.rand(8, 12, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    whole = make_mlp(12, 48, 4)
+    _train(whole, pcfast.parametrize(whole, "mup", algo="pc", base_width=16, gamma_bar=-1.0,
+                                     generator=torch.Generator().manual_seed(0)), 4, x, y)
+    first = make_mlp(12, 48, 4)
+    opt = _train(first, pcfast.parametrize(first, "mup", algo="pc", base_width=16, gamma_bar=-1.0,
+                                           generator=torch.Generator().manual_seed(0)), 2, x, y)
+    checkpoint = {"model": first.state_dict(), "optimizer": opt.state_dict()}
+    resumed = make_mlp(12, 48, 4)
+    resumed.load_state_dict(checkpoint["model"])
+    par = pcfast.parametrize(resumed, "mup", algo="pc", base_width=16, gamma_bar=-1.0, init=False)
+    _train(resumed, par, 2, x, y, opt_state=checkpoint["optimizer"])
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("init", ["false", 0, None])
+def test_parametrize_init_must_be_a_bool(init):
+    model = make_mlp(12, 48, 4)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"init: expected a bool, got"):
+        pcfast.parametrize(model, "mup", algo="pc", base_width=16, init=init)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
 # Widths 64 … 2048, as the parametrization table was measured; seeds averaged.
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
 VARIANTS = [("bp", 0.0), ("pc", 0.0), ("pc", -0.5), ("pc", -1.0), ("tp", 0.0), ("dtp", 0.0)]
