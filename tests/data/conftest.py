@@ -113,6 +113,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client hanging up early (size cap, deadline) is what some tests provoke
+
+
 class LocalServer:
     """A static file server on 127.0.0.1; ``root`` is served as ``url``, ``requested`` logs GET paths."""
 
@@ -122,7 +127,7 @@ class LocalServer:
         handler: Callable[..., http.server.BaseHTTPRequestHandler] = functools.partial(
             type("Handler", (_QuietHandler,), {"requested": self.requested}), directory=str(root)
         )
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _QuietServer(("127.0.0.1", 0), handler)
         self._server.timeout = 5
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
