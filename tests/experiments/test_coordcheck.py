@@ -37,4 +37,4 @@ def test_coordcheck_writes_slopes_per_layer_and_step(tmp_path, pcfast_cli):
 
 def test_coordcheck_needs_two_widths(tmp_path, pcfast_main):
     code, _, err = pcfast_main("coordcheck", "--widths", "64", "--out", tmp_path)
-    assert code == 2 and "at least two widths" in err
+    assert code == 2 and "--widths: need at least 2 distinct values" in err
