@@ -1,11 +1,15 @@
-"""The MLP structure pcfast trains, read off an ``nn.Sequential``, and input validation.
+"""The MLP structure pcfast trains, read off a user's model; the losses; and input validation.
 
 An MLP is ``Linear, act, Linear, act, …, Linear``: L linear layers, an activation after every hidden
-one (two adjacent Linears mean the identity), and a linear readout. ``parse_mlp`` turns a module into
-its linear layers and activation names, raising ``TypeError`` for anything else.
+one (two adjacent Linears mean the identity), and a linear readout. ``parse_mlp`` reads that chain
+from an ``nn.Sequential`` (nested ones included), from a module whose ``forward`` runs such a chain,
+or from inside a ``torch.compile`` wrapper, raising ``TypeError`` for anything else; ``resolve_loss``
+turns a loss name or ``nn.CrossEntropyLoss()`` into pcfast's loss name.
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,6 +20,54 @@ from .activations import MODULE_NAMES, module_activation
 
 LOSSES = ("mse", "ce")
 SCHEDULES = ("jacobi", "sequential")
+
+
+def resolve_loss(loss: str | nn.Module) -> str:
+    """pcfast's name for ``loss``: ``"mse"``, ``"ce"``, or ``"ce"`` for an ``nn.CrossEntropyLoss()``.
+
+    pcfast's losses, per sample and averaged over the batch: ``"mse"`` is ``½‖y − f‖²`` (the paper's
+    convention; its scale also sets PC's output error against the hidden errors) and ``"ce"`` is
+    the cross-entropy of the logits f — exactly ``nn.CrossEntropyLoss()`` with its defaults, which is
+    therefore accepted. Any other setting of it, and ``nn.MSELoss`` (whose mean over B·C elements of
+    ``(y − f)²`` has 2/C times pcfast's gradient), would train a different loss than the object states,
+    so they raise ``ValueError`` saying what to pass instead; other objects raise ``TypeError``.
+    """
+    if isinstance(loss, str):
+        if loss in LOSSES:
+            return loss
+        raise ValueError(f"loss: expected one of {LOSSES} or nn.CrossEntropyLoss(), got {loss!r}")
+    if type(loss) is nn.CrossEntropyLoss:
+        differences = []
+        if loss.reduction != "mean":
+            differences.append(f"reduction={loss.reduction!r} (pcfast averages over the batch)")
+        if loss.weight is not None:
+            differences.append("class weights (pcfast weighs every class alike)")
+        if loss.label_smoothing != 0:
+            differences.append(f"label_smoothing={loss.label_smoothing} (pcfast uses the labels as given)")
+        if loss.ignore_index >= 0:  # negative labels are refused anyway, so a negative index never applies
+            differences.append(f"ignore_index={loss.ignore_index} (pcfast trains on every sample)")
+        if differences:
+            raise ValueError(
+                f"loss: nn.CrossEntropyLoss with {', '.join(differences)} is not pcfast's 'ce', the batch "
+                "mean of the per-sample cross-entropy; pass loss='ce' (equal to nn.CrossEntropyLoss() with "
+                "its defaults)"
+            )
+        return "ce"
+    if type(loss) is nn.MSELoss:
+        per = {"mean": "(1/(B·C)) Σ (y − f)², whose gradient is 2/C times",
+               "sum": "Σ (y − f)² over the batch, whose gradient is 2B times"}.get(loss.reduction)
+        scale = f"is {per} pcfast's" if per else "is not"
+        raise ValueError(
+            f"loss: nn.MSELoss(reduction={loss.reduction!r}) {scale}: pcfast's 'mse' is ½‖y − f‖² per sample "
+            "averaged over the batch (the paper's convention, which also sets the scale of PC's output "
+            "error against its hidden errors), so this object would train a different loss than it states. "
+            "Pass loss='mse' (for the BP step of nn.MSELoss(reduction='mean') at learning rate η, use "
+            "lr = 2η/C with C outputs)"
+        )
+    raise TypeError(
+        f"loss: expected one of {LOSSES} or nn.CrossEntropyLoss(), got {type(loss).__name__}; "
+        "pcfast's local rules are derived for these two losses"
+    )
 
 
 @dataclass(frozen=True)
@@ -43,55 +95,229 @@ class MLP:
 
 def _supported() -> str:
     names = ", ".join(sorted(t.__name__ for t in MODULE_NAMES))
-    return f"nn.Linear and the activations {names} (GELU with approximate='none')"
+    return (
+        f"nn.Linear and the activations {names} (GELU with approximate='none'), "
+        "plus nn.Dropout and nn.Flatten(), in an nn.Sequential or a module whose forward runs them in order"
+    )
+
+
+_TO_DO = "replace it with a supported layer, or train this model with a torch.optim optimizer"
+
+# Normalisation layers: the local rules are written for Linear layers followed by element-wise
+# activations (DESIGN §3-4); a normaliser couples the units of a layer (BatchNorm also the samples of
+# a batch), and PC's energy and TP's targets have no term for it.
+_NORMALISATION: tuple[type, ...] = tuple(
+    t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None), nn.LocalResponseNorm,
+                nn.modules.batchnorm._NormBase)  # _NormBase: BatchNorm*d, SyncBatchNorm, InstanceNorm*d
+    if t is not None
+)
+
+_PROBE_BATCH = 4
+
+
+def _compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper holds, or None. Reading it compiles nothing.
+
+    ``torch._dynamo`` is looked up, not imported: a wrapper exists only once torch.compile loaded it.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    if wrapper is not None and isinstance(module, wrapper):
+        return module._orig_mod
+    return None
+
+
+def _is_leaf_layer(module: nn.Module) -> bool:
+    """A module the chain may contain as it is: a Linear, a supported activation, Dropout or Flatten."""
+    return (type(module) in (nn.Linear, nn.Dropout, nn.Flatten)) or module_activation(module) is not None
+
+
+def _collect(module: nn.Module, name: str, chain: list[tuple[str, nn.Module]], unread: list[str]) -> None:
+    """Append ``(name, layer)`` for each layer of the chain ``module`` computes, in order.
+
+    A plain ``nn.Sequential``'s forward is known; any other container (a module with its own
+    ``forward``, a Sequential subclass overriding it, a ModuleList) contributes its children in the
+    order they were registered, and its name goes to ``unread`` — ``parse_mlp`` then checks with a
+    probe that the model's forward really is that chain. So do modules with forward hooks.
+    """
+    inner = _compiled_inner(module)
+    if inner is not None:
+        _collect(inner, f"{name}._orig_mod", chain, unread)
+        return
+    if module._forward_hooks or module._forward_pre_hooks:
+        unread.append(name)
+    if _is_leaf_layer(module):
+        chain.append((name, module))
+        return
+    if isinstance(module, _NORMALISATION):
+        raise TypeError(
+            f"{name}: {type(module).__name__} is not supported: PC's energy and TP's targets are defined "
+            "for Linear layers followed by element-wise activations, and a normalisation layer couples "
+            "the units of a layer (BatchNorm also the samples of a batch), which those local rules have "
+            "no term for. Remove it (pcfast.parametrize's μP initialisation keeps the activations at "
+            "scale), or train this model with a torch.optim optimizer"
+        )
+    children = [(key, child) for key, child in module._modules.items() if child is not None]  # repeats kept
+    if not children:
+        raise TypeError(f"{name}: unsupported module {module!r}; pcfast supports {_supported()} — {_TO_DO}")
+    known = isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+    if not known:
+        own = [key for key, value in module._parameters.items() if value is not None]
+        if own:
+            raise TypeError(
+                f"{name}: {type(module).__name__} has parameters of its own ({', '.join(own)}) besides its "
+                "submodules; pcfast trains only the nn.Linear layers of a chain — move the computation into "
+                f"supported layers, or train this model with a torch.optim optimizer"
+            )
+        unread.append(name)
+    indexed = isinstance(module, (nn.Sequential, nn.ModuleList))
+    for key, child in children:
+        _collect(child, f"{name}[{key}]" if indexed else f"{name}.{key}", chain, unread)
+
+
+def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]]) -> None:
+    """Raise ``TypeError`` unless ``model(x)`` equals the chain on a small random batch.
+
+    The probe runs in eval mode (Dropout off, restored afterwards) without gradients, on inputs from
+    a private generator (the global random state is untouched). A faithful forward calls the same
+    layers and matches bitwise; the dtype's tolerance (``pcfast.testing``) only admits rewrites of the
+    same function that round differently (``x @ W.T + b`` for ``fc(x)``), while a different function
+    differs by the size of the outputs.
+    """
+    from .testing import TOLERANCES, tolerance
+
+    first = next(module for _, module in chain if type(module) is nn.Linear)
+    gen = torch.Generator(device=first.weight.device).manual_seed(0)
+    x = torch.randn(_PROBE_BATCH, first.in_features, generator=gen,
+                    device=first.weight.device, dtype=first.weight.dtype)
+    layers = ", ".join(f"{key} ({type(module).__name__})" for key, module in chain)
+    what = (f"model: {type(model).__name__}'s forward must compute exactly the chain pcfast reads from its "
+            f"submodules in registration order — {layers} — since pcfast's optimizers train that chain")
+    advice = ("define the model as nn.Sequential(...), or hold one (self.net = nn.Sequential(...)) and "
+              "return self.net(x) from forward, with each activation a module (nn.Tanh(), not torch.tanh)")
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            try:
+                out = model(x)
+            except Exception as exc:
+                raise TypeError(f"{what}; calling it on a probe batch of shape {tuple(x.shape)} raised "
+                                f"{type(exc).__name__}: {exc}. {advice}") from exc
+            expected = x
+            for _, module in chain:
+                expected = module.forward(expected)  # .forward: without hooks, which model(x) runs
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if not isinstance(out, Tensor) or out.shape != expected.shape:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(f"{what}; on a probe batch it returned {got}, the chain gives shape "
+                        f"{tuple(expected.shape)}. {advice}")
+    name = str(out.dtype).removeprefix("torch.")
+    tol = tolerance(name) if name in TOLERANCES else tolerance("float32")
+    if not torch.allclose(out, expected, rtol=tol.rtol, atol=tol.atol, equal_nan=True):
+        gap = float((out.double() - expected.double()).abs().max())
+        raise TypeError(f"{what}; on a probe batch of {_PROBE_BATCH} random inputs they differ by up to "
+                        f"{gap:.3g} (a skip connection, a functional activation or another operation in "
+                        f"forward?). {advice}")
 
 
 def parse_mlp(model: nn.Module) -> MLP:
-    """Read the layers and activations of ``model`` (an ``nn.Sequential`` or a single ``nn.Linear``)."""
-    if isinstance(model, nn.Linear):
-        return MLP((model,), ())
-    if not isinstance(model, nn.Sequential):
+    """Read the layers and activations of ``model``, keeping the user's own ``nn.Linear`` modules.
+
+    Accepted: a single ``nn.Linear``; an ``nn.Sequential`` (nested ones are flattened) of ``nn.Linear``
+    and supported activations ending in a linear readout; any module whose children, in the order
+    they were registered, form such a chain and whose ``forward`` computes exactly that chain (for
+    example ``self.net = nn.Sequential(...)`` with ``forward`` returning ``self.net(x)``) — checked by
+    running ``model`` once on a probe batch of random inputs, as are modules with forward hooks; and
+    a ``torch.compile`` wrapper of any of these (its ``_orig_mod``; nothing is compiled).
+
+    ``nn.Dropout`` is the identity: the local rules train the deterministic network, the one
+    ``model.eval()`` computes (a ``UserWarning`` says so when p > 0). ``nn.Flatten()`` is the identity
+    on the (batch, features) inputs the optimizers take. Anything else — normalisation layers, other
+    modules, activations at the ends, parameters outside the Linears — raises ``TypeError`` saying
+    what is supported and what to do.
+    """
+    top = model
+    while (inner := _compiled_inner(top)) is not None:
+        top = inner
+    if not isinstance(top, (nn.Sequential, nn.Linear)) and not any(True for _ in top.children()):
         raise TypeError(
-            f"model: expected an nn.Sequential of {_supported()}, got {type(model).__name__}"
+            f"model: expected an nn.Sequential of {_supported()}; got {type(top).__name__} — {_TO_DO}"
         )
+    chain: list[tuple[str, nn.Module]] = []
+    unread: list[str] = []
+    _collect(model, "model", chain, unread)
     linears: list[nn.Linear] = []
     activations: list[str] = []
-    pending: str | None = None  # activation seen since the last Linear
-    for index, module in enumerate(model):
-        if isinstance(module, nn.Linear) and type(module) is nn.Linear:
+    pending: tuple[str, str] | None = None  # (where, name) of the activation seen since the last Linear
+    dropouts: list[str] = []
+    for where, module in chain:
+        if type(module) is nn.Linear:
+            if any(module is lin for lin in linears):
+                raise TypeError(
+                    f"{where}: this nn.Linear appears earlier in the model too (shared weights); pcfast "
+                    "trains each layer's own weights — give every layer its own nn.Linear"
+                )
+            for key in ("weight", "bias"):
+                value = getattr(module, key)
+                if value is not None and not isinstance(value, nn.Parameter):
+                    raise TypeError(
+                        f"{where}: its {key} is a {type(value).__name__}, not an nn.Parameter (a "
+                        "reparametrisation such as weight_norm?); pcfast updates plain nn.Linear parameters "
+                        "in place — remove the reparametrisation"
+                    )
             if linears:
-                activations.append(pending or "identity")
+                activations.append(pending[1] if pending else "identity")
                 if module.in_features != linears[-1].out_features:
                     raise ValueError(
-                        f"model[{index}]: Linear expects {module.in_features} inputs but the "
+                        f"{where}: Linear expects {module.in_features} inputs but the "
                         f"previous Linear gives {linears[-1].out_features}"
                     )
-            elif pending not in (None, "identity"):
+            elif pending is not None:
                 raise TypeError(
-                    f"model[{index - 1}]: an activation before the first Linear is not supported; "
-                    "pcfast feeds the input x to the first layer unchanged"
+                    f"{pending[0]}: an activation before the first Linear is not supported; "
+                    "pcfast feeds the input x to the first layer unchanged — apply it to x before the step"
                 )
             linears.append(module)
             pending = None
             continue
+        if type(module) is nn.Dropout:
+            if module.p > 0:
+                dropouts.append(f"{where} (p={module.p:g})")
+            continue
+        if type(module) is nn.Flatten:
+            if (module.start_dim, module.end_dim) != (1, -1):
+                raise TypeError(
+                    f"{where}: nn.Flatten(start_dim={module.start_dim}, end_dim={module.end_dim}) is not "
+                    "supported; pcfast takes x of shape (batch, features) and accepts nn.Flatten() with its "
+                    "defaults (the identity on such x) — flatten x yourself with x.flatten(1)"
+                )
+            continue
         name = module_activation(module)
-        if name is None:
-            raise TypeError(
-                f"model[{index}]: unsupported module {module!r}; pcfast supports {_supported()}"
-            )
         if name == "identity":
             continue
         if pending is not None:
             raise TypeError(
-                f"model[{index}]: two activations in a row ({pending}, {name}) are not supported"
+                f"{where}: two activations in a row ({pending[1]}, {name}) are not supported; keep one"
             )
-        pending = name
+        pending = (where, name)
     if not linears:
         raise TypeError(f"model: contains no nn.Linear; pcfast supports {_supported()}")
     if pending is not None:
         raise TypeError(
-            f"model: ends with an activation ({pending}); pcfast expects a linear readout — "
-            "remove the last activation (use loss='ce' for classification)"
+            f"{pending[0]}: the model ends with an activation ({pending[1]}); pcfast expects a linear "
+            "readout — remove the last activation (use loss='ce' for classification)"
+        )
+    if unread:
+        _check_forward(top, chain)
+    if dropouts:
+        warnings.warn(
+            f"{', '.join(dropouts)}: nn.Dropout is the identity for pcfast's optimizers — the local "
+            "rules train the deterministic network that model.eval() computes, while model(x) in "
+            "training mode still drops units; remove the Dropout (or set p=0) to silence this warning",
+            UserWarning, stacklevel=2,
         )
     return MLP(tuple(linears), tuple(activations))
 

@@ -19,7 +19,7 @@ def good_batch():
 
 
 @pytest.mark.parametrize("module, message", [
-    (nn.Sequential(nn.Linear(6, 8), nn.Dropout(), nn.Linear(8, 3)), r"model\[1\]: unsupported module Dropout"),
+    (nn.Sequential(nn.Linear(6, 8), nn.Softplus(), nn.Linear(8, 3)), r"model\[1\]: unsupported module Softplus"),
     (nn.Sequential(nn.Linear(6, 8), nn.Softmax(dim=1), nn.Linear(8, 3)), "unsupported module Softmax"),
     (nn.Sequential(nn.Linear(6, 8), nn.Tanh()), "ends with an activation"),
     (nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.ReLU(), nn.Linear(8, 3)), "two activations in a row"),

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from ..mup.presets import Parametrization
-from ..network import LOSSES
+from ..network import resolve_loss
 from .base import LocalOptimizer
 
 
@@ -37,8 +37,7 @@ class BP(LocalOptimizer):
         loss: str = "mse",
         backend: str = "auto",
     ) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, backend=backend, loss=loss)
 

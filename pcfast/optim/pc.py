@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from ..mup.presets import Parametrization
-from ..network import LOSSES, SCHEDULES
+from ..network import SCHEDULES, resolve_loss
 from .base import LocalOptimizer
 
 
@@ -62,8 +62,7 @@ class PC(LocalOptimizer):
             raise ValueError(f"inference_lr: expected a finite number > 0, got {inference_lr!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(
             model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
             weight_decay=weight_decay, nesterov=nesterov, backend=backend,

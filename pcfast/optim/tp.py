@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import functional, ops
 from ..activations import check_activation
 from ..mup.presets import Parametrization
-from ..network import LOSSES
+from ..network import resolve_loss
 from .base import LocalOptimizer, _check_number, _describe
 
 FEEDBACK_MODES = ("trained", "ridge")
@@ -77,8 +77,7 @@ class TP(LocalOptimizer):
             raise ValueError(f"feedback_steps: expected an int >= 0, got {feedback_steps!r}")
         if feedback not in FEEDBACK_MODES:
             raise ValueError(f"feedback: expected one of {FEEDBACK_MODES}, got {feedback!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(
             model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
             weight_decay=weight_decay, nesterov=nesterov, backend=backend, beta=float(beta),
