@@ -16,16 +16,23 @@ Example::
 
 Files for ``mnist``, ``fashion_mnist`` and ``cifar10`` live under ``$PCFAST_DATA`` (default
 ``~/.pcfast/data``); ``download=True`` fetches and verifies them, from ``$PCFAST_DATA_MIRROR`` when set.
+
+Broken or hostile files and mirrors fail fast with :class:`DatasetError` and bounded resources: readers
+check declared sizes against the real dataset before allocating and cap every decompression; each
+download is cut at its file's size cap and abandoned after ``$PCFAST_DATA_DEADLINE`` seconds (default
+900); a mirror failing in any way hands over to the next. CIFAR-10 is fetched as its binary version,
+which needs no unpickling.
 """
 
 from .batches import iterate_batches
 from .datasets import DATASETS, Dataset, default_root, load_dataset
-from .download import MIRROR_ENV, SOURCES, download_dataset
+from .download import DEADLINE_ENV, MIRROR_ENV, SOURCES, download_dataset
 from .errors import DatasetError
-from .formats import read_cifar_batch, read_idx
+from .formats import read_cifar_batch, read_cifar_binary, read_idx
 
 __all__ = [
     "DATASETS",
+    "DEADLINE_ENV",
     "MIRROR_ENV",
     "SOURCES",
     "Dataset",
@@ -35,5 +42,6 @@ __all__ = [
     "iterate_batches",
     "load_dataset",
     "read_cifar_batch",
+    "read_cifar_binary",
     "read_idx",
 ]

