@@ -141,6 +141,7 @@ def test_coordinate_check_records_bias_steps_per_layer():
     assert unbiased.slopes("bias_step", 1) == [] and len(unbiased.slopes("delta_u", 1)) == 3
 
 
+@pytest.mark.slow
 def test_coordinate_check_pc_gamma_bar_minus_one_to_width_4096():
     """γ̄_L = −1, where the output precision grows fastest, up to the width where an unscaled output
     bias made training diverge."""
