@@ -37,7 +37,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -272,7 +271,7 @@ def _fetch_once(url: str, partial: Path, algorithms: Sequence[str], progress: bo
                     while chunk := read(_CHUNK):
                         if written + len(chunk) > max_bytes:
                             raise DatasetError(f"{url}: sent more than the cap of {max_bytes} bytes for {label}; "
-                                               f"cut at the cap ({written} bytes kept, nothing more written)")
+                                               f"cut at the cap after {written} bytes, which are deleted")
                         out.write(chunk)
                         for hasher in hashers.values():
                             hasher.update(chunk)

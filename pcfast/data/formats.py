@@ -77,16 +77,11 @@ _PICKLE_MAX_OPS = 200_000  # an official batch takes about 30,000 opcodes (10,00
 def _open_maybe_gzip(path: Path) -> tuple[IO[bytes], bool]:
     """The file opened for streaming reads, through a gzip decoder when it starts with the gzip magic."""
     try:
-        raw = path.open("rb")
+        with path.open("rb") as probe:
+            compressed = probe.read(2) == _GZIP_MAGIC
+        return (gzip.GzipFile(path, "rb") if compressed else path.open("rb")), compressed
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc})") from exc
-    try:
-        compressed = raw.read(2) == _GZIP_MAGIC
-        raw.seek(0)
-    except OSError as exc:
-        raw.close()
-        raise DatasetError(f"{path}: cannot read ({exc})") from exc
-    return (gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw), compressed
 
 
 def _read_at_most(stream: IO[bytes], size: int) -> bytes:

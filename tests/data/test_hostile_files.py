@@ -11,6 +11,7 @@ address space, so a reader that tries a multi-GB allocation gets a MemoryError, 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -40,10 +41,15 @@ def _idx_header(type_byte: int, dims: tuple[int, ...]) -> bytes:
     return bytes([0, 0, type_byte, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
 
 
+@functools.lru_cache(maxsize=1)
+def _zeros_member() -> bytes:
+    """32 MiB of zeros as one gzip member of 32 kB."""
+    return gzip.compress(b"\0" * (32 << 20), compresslevel=9)
+
+
 def _gzip_bomb(header: bytes, zero_mib: int) -> bytes:
-    """``header`` then ``zero_mib`` MiB of zeros, as a multi-member gzip of about zero_mib KB."""
-    member = gzip.compress(b"\0" * (32 << 20), compresslevel=9)
-    return gzip.compress(header) + member * (zero_mib // 32)
+    """``header`` then ``zero_mib`` MiB of zeros, as a multi-member gzip of about zero_mib kB."""
+    return gzip.compress(header) + _zeros_member() * (zero_mib // 32)
 
 
 def _binunicode(text: str) -> bytes:
