@@ -187,6 +187,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         get no ``.grad``.
         """
         self._check_ready()
+        self._check_grads_fit()
         self._warn_if_foreign_grads("compute_gradients")
         snapshot = self._snapshot()
         try:
@@ -259,19 +260,18 @@ class LocalOptimizer(torch.optim.Optimizer):
                     f"model: the {kind} of {self._layer_name(module)} changed shape from {tuple(shape)} to "
                     f"{tuple(param.shape)} after the optimizer was built; build a new optimizer for the changed model"
                 )
-        for i, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                buffer = self.state[p].get("momentum_buffer") if p in self.state else None
-                if buffer is None:
-                    continue
-                if not isinstance(buffer, Tensor) or buffer.shape != p.shape or buffer.dtype != p.dtype \
-                        or buffer.device != p.device:
-                    raise ValueError(
-                        f"optimizer state: the momentum buffer of {self._group_name(i)} has {_describe(buffer)}, "
-                        f"expected {_describe(p)} (its parameter's); reset it with optimizer.state.clear() "
-                        "or load a state_dict saved for this model"
-                    )
-        self._check_grads_fit()
+        for p, entry in self.state.items():
+            buffer = entry.get("momentum_buffer")
+            # (a buffer on another device fails inside the out-of-place update, before any write)
+            if buffer is not None and not (isinstance(buffer, Tensor) and buffer.shape == p.shape
+                                           and buffer.dtype == p.dtype):
+                index = next((i for i, group in enumerate(self.param_groups) if any(q is p for q in group["params"])), None)
+                name = "a parameter in no group" if index is None else self._group_name(index)
+                raise ValueError(
+                    f"optimizer state: the momentum buffer of {name} has {_describe(buffer)}, "
+                    f"expected {_describe(p)} (its parameter's); reset it with optimizer.state.clear() "
+                    "or load a state_dict saved for this model"
+                )
         self._check_extra_state()
 
     def _check_grads_fit(self) -> None:
@@ -333,12 +333,13 @@ class LocalOptimizer(torch.optim.Optimizer):
             for p, g in ((lin.weight, gw), (lin.bias, gb)):
                 if p is None or not p.requires_grad:
                     continue
-                if p.grad is None:
+                grad = p.grad
+                if grad is None or (not accumulate and (grad.shape != g.shape or grad.dtype != g.dtype)):
                     p.grad = g.clone()
                 elif accumulate:
-                    p.grad.add_(g)
+                    grad.add_(g)  # its shape and dtype were checked before the step (_check_grads_fit)
                 else:
-                    p.grad.copy_(g)
+                    grad.copy_(g)
                 self._written_grads[p] = weakref.ref(p.grad)
 
     def _layer_sgd(self) -> list[LayerSGD] | None:

@@ -17,6 +17,11 @@ class PC(LocalOptimizer):
     ``∂F/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` to ``.grad`` and applies SGD with each layer's
     learning rate ``η_l = lr · m^{-c_l}``. Evaluation is the plain feedforward ``model(x)``.
 
+    The torch.optim contract (``LocalOptimizer``): each group's ``lr`` is η and its ``lr_mult`` the
+    multiplier ``m^{-c_l}``; parameters with ``requires_grad=False`` are frozen (no ``.grad``, no
+    update); ``compute_gradients`` adds into ``.grad``; ``step()`` without a batch warns once if
+    ``.grad`` did not come from this optimizer (e.g. ``loss.backward()``: that step is plain SGD).
+
     Args:
         model: ``nn.Sequential`` of ``nn.Linear`` and supported activations, linear readout.
         parametrization: from ``pcfast.parametrize(model, ..., algo="pc")``; None keeps the weights

@@ -28,7 +28,10 @@ class TP(LocalOptimizer):
        closed-form ridge solution on the batch with μ = ``feedback_weight_decay``;
     2. targets ``ĥ_L = f − β ∂ℓ/∂f``, ``ĥ_{l-1} = g_l(ĥ_l)`` (TP) or
        ``h_{l-1} + g_l(ĥ_l) − g_l(h_l)`` (DTP), and local gradients of ``½‖ĥ_l − h_l‖²`` into ``.grad``;
-    3. SGD with ``η_l = lr · m^{-c_l}``.
+    3. SGD with ``η_l = lr · m^{-c_l}`` (each group's ``lr`` is η, its ``lr_mult`` ``m^{-c_l}``).
+
+    Parameters with ``requires_grad=False`` are frozen (no ``.grad``, no update); the rest of the
+    torch.optim contract is ``LocalOptimizer``'s.
 
     The feedback maps ``g_l(v) = ψ_l(v Q_lᵀ + c_l)`` live in the optimizer (``feedback_weights``,
     ``feedback_biases``; c_l exists where layer l has a bias) and in its ``state_dict``. Q_l starts
@@ -95,6 +98,8 @@ class TP(LocalOptimizer):
         if feedback == "ridge" and any(a != "identity" for a in feedback_activations):
             raise ValueError("feedback='ridge' needs feedback_activations all 'identity' (the closed form is linear)")
         self.feedback_activations = list(feedback_activations)
+        self._feedback_shapes = [self._feedback_shape(k) for k in range(depth - 1)]
+        self._feedback_has_bias = [self.mlp.linears[k + 1].bias is not None for k in range(depth - 1)]
         first = self.mlp.linears[0].weight
         self.generator = torch.Generator(device=first.device)
         self.generator.manual_seed(int(seed))
@@ -201,20 +206,21 @@ class TP(LocalOptimizer):
         return state
 
     def _check_extra_state(self) -> None:
-        like = self.mlp.linears[0].weight
+        dtype = self.mlp.linears[0].weight.dtype
         for k, (q, c) in enumerate(zip(self.feedback_weights, self.feedback_biases)):
-            shape = self._feedback_shape(k)
-            has_bias = self.mlp.linears[k + 1].bias is not None
-            if (c is not None) != has_bias:
-                raise ValueError(f"feedback_biases[{k}]: expected {'a tensor' if has_bias else 'None'} (layer {k + 2} "
-                                 f"has {'a' if has_bias else 'no'} bias), got {_describe(c)}")
-            for name, t, expected in (("feedback_weights", q, shape), ("feedback_biases", c, shape[:1])):
-                if t is None and name == "feedback_biases":
-                    continue
-                if not isinstance(t, Tensor) or t.shape != expected or t.dtype != like.dtype or t.device != like.device:
-                    raise ValueError(f"{name}[{k}]: expected shape {tuple(expected)}, dtype {like.dtype}, device "
-                                     f"{like.device} (the model's), got {_describe(t)}; the optimizer state was "
-                                     "corrupted: build a new optimizer or load a state_dict saved for this model")
+            shape = self._feedback_shapes[k]
+            if not (isinstance(q, Tensor) and q.shape == shape and q.dtype == dtype):
+                self._raise_corrupted(f"feedback_weights[{k}]", f"shape {tuple(shape)}, dtype {dtype}", q)
+            if not self._feedback_has_bias[k]:
+                if c is not None:
+                    self._raise_corrupted(f"feedback_biases[{k}]", f"None (layer {k + 2} has no bias)", c)
+            elif not (isinstance(c, Tensor) and c.shape == shape[:1] and c.dtype == dtype):
+                self._raise_corrupted(f"feedback_biases[{k}]", f"shape {tuple(shape[:1])}, dtype {dtype}", c)
+
+    @staticmethod
+    def _raise_corrupted(name: str, expected: str, value: Any) -> None:
+        raise ValueError(f"{name}: expected {expected} (the model's), got {_describe(value)}; the optimizer state "
+                         "was corrupted: build a new optimizer or load a state_dict saved for this model")
 
     def _feedback_shape(self, k: int) -> torch.Size:
         """Shape of Q_{k+2}: (d_{k+1}, d_{k+2})."""
