@@ -149,6 +149,13 @@ def _collect(module: nn.Module, name: str, chain: list[tuple[str, nn.Module]], u
     if _is_leaf_layer(module):
         chain.append((name, module))
         return
+    if isinstance(module, nn.Linear):  # a subclass: parametrized (weight_norm, spectral_norm), LoRA, …
+        raise TypeError(
+            f"{name}: {type(module).__name__} is a subclass of nn.Linear (a parametrization such as "
+            "weight_norm, or another layer whose forward pcfast cannot read); pcfast trains plain nn.Linear "
+            "layers in place — use nn.Linear (torch.nn.utils.parametrize.remove_parametrizations removes "
+            "a parametrization), or train this model with a torch.optim optimizer"
+        )
     if isinstance(module, _NORMALISATION):
         raise TypeError(
             f"{name}: {type(module).__name__} is not supported: PC's energy and TP's targets are defined "

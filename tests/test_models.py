@@ -275,7 +275,11 @@ WHAT_TO_DO = "define the model as nn.Sequential"
     (lambda: nn.Sequential(nn.Flatten(0), nn.Linear(5, 3)), r"model\[0\]: nn.Flatten\(start_dim=0, end_dim=-1\) is not supported.*x.flatten\(1\)"),
     (lambda: nn.Sequential(nn.Linear(5, 7), nn.Dropout1d(), nn.Linear(7, 3)), r"model\[1\]: unsupported module Dropout1d"),
     (lambda: (lambda lin: nn.Sequential(lin, nn.Tanh(), lin))(nn.Linear(5, 5)), r"model\[2\]: this nn.Linear appears earlier .*shared weights"),
-    (lambda: nn.utils.weight_norm(nn.Linear(5, 3)), r"unsupported module|not an nn.Parameter"),
+    (lambda: nn.utils.weight_norm(nn.Linear(5, 3)), r"model: its weight is a Tensor, not an nn.Parameter .*remove the"),
+    (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(5, 3))),
+     r"model\[0\]: ParametrizedLinear is a subclass of nn.Linear .*remove_parametrizations"),
+    (lambda: nn.Sequential(nn.modules.linear.NonDynamicallyQuantizableLinear(5, 3)),
+     r"model\[0\]: NonDynamicallyQuantizableLinear is a subclass of nn.Linear .*use nn.Linear"),
     (lambda: nn.Sequential(nn.Tanh(), nn.Linear(5, 3)), r"model\[0\]: an activation before the first Linear"),
     (lambda: nn.Sequential(nn.Sequential(nn.Linear(5, 3), nn.Tanh())), r"model\[0\]\[1\]: the model ends with an activation"),
 ])
