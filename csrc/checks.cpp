@@ -35,6 +35,10 @@ Loss parse_loss(const std::string& name) {
 
 namespace {
 
+// The values of `t` in contiguous memory: lazy conjugate/negative bits applied (the kernels read raw
+// memory, which does not carry them), then any strides, offset or expansion laid out densely.
+at::Tensor dense(const at::Tensor& t) { return t.resolve_conj().resolve_neg().contiguous(); }
+
 // Defined, strided, on the CPU: what every tensor argument must be before its dtype and shape.
 void check_cpu_strided(const at::Tensor& t, const std::string& argument) {
   TORCH_CHECK_VALUE(t.defined(), argument, ": expected a tensor, got an undefined tensor");
@@ -85,7 +89,7 @@ Network check_network(at::TensorList weights, const OptTensorList& biases, const
                         " input features to match weights[", l - 1, "], got ", describe(w));
     }
     net.widths.push_back(w.size(0));
-    net.weights.push_back(w.contiguous());
+    net.weights.push_back(dense(w));
     const std::optional<at::Tensor> b = biases.get(l);
     if (b.has_value() && b->defined()) {
       const std::string bname = "biases[" + std::to_string(l) + "]";
@@ -93,7 +97,7 @@ Network check_network(at::TensorList weights, const OptTensorList& biases, const
       TORCH_CHECK_TYPE(b->scalar_type() == net.dtype, bname, ": expected dtype ", dtype_name(net.dtype), ", got ", describe(*b));
       TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == w.size(0), bname, ": expected shape (", w.size(0),
                         ",), got ", describe(*b));
-      net.biases.emplace_back(b->contiguous());
+      net.biases.emplace_back(dense(*b));
     } else {
       net.biases.emplace_back(std::nullopt);
     }
@@ -115,7 +119,7 @@ at::Tensor check_float(const at::Tensor& t, const std::string& argument, const N
     for (int64_t s : shape) ok = ok && t.size(d++) == s;
   }
   TORCH_CHECK_VALUE(ok, argument, ": expected shape ", shape_string(shape), ", got ", describe(t));
-  return t.contiguous();
+  return dense(t);
 }
 
 at::Tensor check_input(const at::Tensor& x, const Network& net) {
@@ -123,7 +127,7 @@ at::Tensor check_input(const at::Tensor& x, const Network& net) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == net.widths[0], "x: expected shape (batch >= 1, ",
                     net.widths[0], "), got ", describe(x));
   TORCH_CHECK_TYPE(x.scalar_type() == net.dtype, "x: expected dtype ", dtype_name(net.dtype), " (the model's), got ", describe(x));
-  return x.contiguous();
+  return dense(x);
 }
 
 at::Tensor check_target(const at::Tensor& target, Loss loss, const Network& net, int64_t batch) {
@@ -138,7 +142,7 @@ at::Tensor check_target(const at::Tensor& target, Loss loss, const Network& net,
                    batch, ",), got ", describe(target));
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == batch, "target: expected class labels of shape (", batch,
                     ",), got ", describe(target));
-  at::Tensor labels = target.contiguous();
+  at::Tensor labels = dense(target);
   const int64_t* data = labels.const_data_ptr<int64_t>();
   int64_t lo = data[0], hi = data[0];
   for (int64_t i = 1; i < batch; ++i) {

@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> activation(const at::Tensor& u, std::string a
                     "u: expected a dense CPU tensor");
   TORCH_CHECK_TYPE(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
                    "u: expected dtype float32 or float64, got ", u.scalar_type());
-  const at::Tensor uc = u.contiguous();
+  const at::Tensor uc = u.resolve_conj().resolve_neg().contiguous();  // raw reads: apply lazy bits
   at::Tensor value = at::empty_like(uc), slope = at::empty_like(uc);
   AT_DISPATCH_FLOATING_TYPES(uc.scalar_type(), "activation", [&] {
     kernels<scalar_t>().activate(uc.numel(), uc.const_data_ptr<scalar_t>(), value.mutable_data_ptr<scalar_t>(),

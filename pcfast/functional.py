@@ -10,7 +10,6 @@ Targets: for ``loss="mse"`` a float (B, C) tensor or int64 labels (B,) (one-hot 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -18,8 +17,12 @@ from torch import Tensor
 
 from . import ops, reference
 from .activations import check_activation
+from .errors import DivergenceError
 from .sgd import LayerSGD, layer_updates
-from .network import SCHEDULES, check_batch, check_params, resolve_precisions
+from .network import (
+    SCHEDULES, _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params,
+    check_sequence, check_tensor, resolve_precisions,
+)
 from .results import FeedbackResult, GradResult, PCResult, TPResult
 
 __all__ = [
@@ -28,19 +31,87 @@ __all__ = [
 ]
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    value = float(value)
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value}")
-    return value
-
-
 def _check_network(weights, biases, activations) -> None:
     check_params(weights, biases, activations)
     for l, act in enumerate(activations):
         check_activation(act, f"activations[{l}]")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def _readable(t: Tensor | None) -> Tensor | None:
+    """``t`` with its lazy negative/conjugate bits applied (a copy only when one is set): the fused
+    backends read memory through raw pointers, which do not see those bits. Strides are kept."""
+    if t is None:
+        return None
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t
+
+
+def _readable_all(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    return [_readable(t) for t in tensors]
+
+
+def _check_input(name: str, x, weights: Sequence[Tensor]) -> None:
+    """``x``: a finite (batch >= 1, d_0) tensor of the model's dtype and device."""
+    check_tensor(name, x)
+    d0 = weights[0].shape[1]
+    if x.dim() != 2 or x.shape[1] != d0 or x.shape[0] == 0:
+        raise ValueError(f"{name}: expected shape (batch >= 1, {d0}), got shape {tuple(x.shape)}")
+    check_like(name, x, weights[0], tuple(x.shape))
+    if not _all_finite(x):
+        raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def _inputs(**groups) -> list[tuple[str, Tensor]]:
+    """(name, tensor) pairs of the named arguments: a tensor, or a list of tensors/None."""
+    pairs = []
+    for name, value in groups.items():
+        if isinstance(value, Tensor):
+            pairs.append((name, value))
+        elif value is not None:
+            pairs.extend((f"{name}[{k}]", t) for k, t in enumerate(value) if t is not None)
+    return pairs
+
+
+def _check_finite_result(op: str, values: dict[str, Tensor | Sequence[Tensor | None]],
+                         inputs: list[tuple[str, Tensor]]) -> None:
+    """Raise unless every result tensor in ``values`` is finite: ``ValueError`` naming the input
+    that holds NaN/inf if one does, else ``DivergenceError`` (the computation itself overflowed).
+    One reduction and one host sync when everything is finite."""
+    named = []
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            named.append((name, value))
+        elif value is not None:
+            named.extend((f"{name}[{k}]", t) for k, t in enumerate(value) if t is not None)
+    with torch.no_grad():
+        total = torch.stack([t.detach().sum().to(torch.float64) for _, t in named]).sum()
+        if bool(torch.isfinite(total)):
+            return
+        bad = [name for name, t in named if not bool(torch.isfinite(t.detach()).all())]
+        if not bad:
+            return  # the float64 sum overflowed; every element is finite
+    _raise_non_finite(op, f"{bad[0]} is not finite", inputs)
+
+
+def _raise_non_finite(op: str, what: str, inputs: list[tuple[str, Tensor]]) -> None:
+    """``ValueError`` naming the first input holding NaN/inf, else ``DivergenceError``."""
+    with torch.no_grad():
+        for name, t in inputs:
+            if t.is_floating_point() and not _all_finite(t.detach()):
+                raise ValueError(f"{name}: contains NaN or infinite values ({op}: {what})")
+    raise DivergenceError(
+        f"{op}: {what}: the computation diverged (lower inference_lr, the learning rates or the scale "
+        "of the inputs)"
+    )
 
 
 def pc_train_step(
@@ -75,34 +146,51 @@ def pc_train_step(
     _check_network(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
     gammas = resolve_precisions(precisions, len(weights))
-    if isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or inference_steps < 0:
-        raise ValueError(f"inference_steps: expected an int >= 0, got {inference_steps!r}")
-    _check_positive("inference_lr", inference_lr)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    check_int("inference_steps", inference_steps)
+    inference_lr = check_number("inference_lr", inference_lr)
+    _check_choice("schedule", schedule, SCHEDULES)
+    check_bool("fpa", fpa)
+    check_bool("return_trajectory", return_trajectory)
     if sgd is not None:
         _check_sgd(sgd, weights, biases)
-    name, fn = ops.resolve(backend, "pc_train_step", x.device)
-    kwargs = dict(precisions=gammas, inference_steps=inference_steps, inference_lr=float(inference_lr),
-                  schedule=schedule, fpa=bool(fpa), loss=loss, return_trajectory=return_trajectory)
+    name, fn = ops.resolve(backend, "pc_train_step", x.device, weights[0].dtype)
+    inputs = _inputs(weights=weights, biases=biases)
+    weights, biases, x, target = _readable_all(weights), _readable_all(biases), _readable(x), _readable(target)
+    kwargs = dict(precisions=gammas, inference_steps=inference_steps, inference_lr=inference_lr,
+                  schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
     if sgd is not None and name == "triton":
-        return fn(weights, biases, activations, x, target, sgd=list(sgd), **kwargs)
-    result = fn(weights, biases, activations, x, target, **kwargs)
-    if sgd is not None:
-        result.sgd_updates = layer_updates(weights, biases, result.weight_grads, result.bias_grads, sgd)
+        result = fn(weights, biases, activations, x, target, sgd=list(sgd), **kwargs)
+    else:
+        result = fn(weights, biases, activations, x, target, **kwargs)
+        if sgd is not None:
+            result.sgd_updates = layer_updates(weights, biases, result.weight_grads, result.bias_grads, sgd)
+    updates = None if result.sgd_updates is None else [new for new, _ in result.sgd_updates]
+    _check_finite_result("pc_train_step", {"energy": result.energy, "loss": result.loss,
+                                           "weight_grads": result.weight_grads, "bias_grads": result.bias_grads,
+                                           "sgd_updates": updates}, inputs)
     return result
 
 
 def _check_sgd(sgd: Sequence[LayerSGD], weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> None:
+    check_sequence("sgd", sgd)
     if len(sgd) != len(weights):
         raise ValueError(f"sgd: expected one LayerSGD per layer ({len(weights)}), got {len(sgd)}")
+    largest = torch.finfo(weights[0].dtype).max
     for l, (step, w, b) in enumerate(zip(sgd, weights, biases)):
         if not isinstance(step, LayerSGD):
             raise TypeError(f"sgd[{l}]: expected a pcfast.sgd.LayerSGD, got {type(step).__name__}")
         step.check(f"sgd[{l}]")
+        check_bool(f"sgd[{l}].nesterov", step.nesterov)
+        for field in ("weight_lr", "bias_lr", "momentum", "dampening", "weight_decay"):
+            if getattr(step, field) > largest:
+                raise DivergenceError(
+                    f"sgd[{l}].{field}: {getattr(step, field)!r} exceeds the largest {weights[0].dtype} "
+                    f"({largest:g}); the update would not be finite"
+                )
         for name, buf, param in (("weight_buffer", step.weight_buffer, w), ("bias_buffer", step.bias_buffer, b)):
             if buf is None:
                 continue
+            check_tensor(f"sgd[{l}].{name}", buf)
             if not step.momentum:
                 raise ValueError(f"sgd[{l}].{name}: a momentum buffer without momentum")
             if param is None or buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device:
@@ -126,24 +214,34 @@ def pc_energy(
     """The PC energy F(z), summed over the batch (the reference definition; differentiable)."""
     _check_network(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
+    check_sequence("latents", latents)
     if len(latents) != len(weights) - 1:
-        raise ValueError(f"latents: expected {len(weights) - 1} tensors (z_1 … z_(L-1)), got {len(latents)}")
+        raise ValueError(f"latents: expected {len(weights) - 1} tensors (z_1 … z_(L-1) of weights' layers), "
+                         f"got {len(latents)}")
     for l, z in enumerate(latents):
-        if z.shape != (x.shape[0], weights[l].shape[0]):
-            raise ValueError(f"latents[{l}]: expected shape {(x.shape[0], weights[l].shape[0])}, got {tuple(z.shape)}")
-    return reference.pc_energy(
+        check_tensor(f"latents[{l}]", z)
+        check_like(f"latents[{l}]", z, weights[0], (x.shape[0], weights[l].shape[0]))
+    resolve_precisions(precisions, len(weights))
+    check_bool("fpa", fpa)
+    energy = reference.pc_energy(
         weights, biases, activations, x, target, latents, precisions=precisions, loss=loss, fpa=fpa
     )
+    _check_finite_result("pc_energy", {"energy": energy},
+                         _inputs(weights=weights, biases=biases, latents=latents))
+    return energy
 
 
 def _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations):
     depth = len(weights)
+    check_sequence("feedback_weights", feedback_weights)
+    check_sequence("feedback_biases", feedback_biases)
     if len(feedback_weights) != depth - 1 or len(feedback_biases) != depth - 1:
         raise ValueError(
-            f"feedback_weights/feedback_biases: expected {depth - 1} entries (layers 2 … L), "
+            f"feedback_weights/feedback_biases: expected {depth - 1} entries (layers 2 … L of weights), "
             f"got {len(feedback_weights)} and {len(feedback_biases)}"
         )
     for k, q in enumerate(feedback_weights):
+        check_tensor(f"feedback_weights[{k}]", q)
         expected = (weights[k].shape[0], weights[k + 1].shape[0])
         if tuple(q.shape) != expected or q.dtype != weights[0].dtype or q.device != weights[0].device:
             raise ValueError(
@@ -151,13 +249,21 @@ def _check_feedback(weights, feedback_weights, feedback_biases, feedback_activat
                 f"{weights[0].device}, got shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}"
             )
         c = feedback_biases[k]
-        if c is not None and tuple(c.shape) != (expected[0],):
-            raise ValueError(f"feedback_biases[{k}]: expected shape ({expected[0]},), got {tuple(c.shape)}")
+        check_tensor(f"feedback_biases[{k}]", c, optional=True)
+        if c is not None and (tuple(c.shape) != (expected[0],) or c.dtype != weights[0].dtype
+                              or c.device != weights[0].device):
+            raise ValueError(
+                f"feedback_biases[{k}]: expected shape ({expected[0]},), dtype {weights[0].dtype} on "
+                f"{weights[0].device}, got shape {tuple(c.shape)}, dtype {c.dtype} on {c.device}"
+            )
     if feedback_activations is None:
         return reference.default_feedback_activations(activations)
+    check_sequence("feedback_activations", feedback_activations)
     if len(feedback_activations) != depth - 1:
         raise ValueError(f"feedback_activations: expected {depth - 1} names, got {len(feedback_activations)}")
     for k, act in enumerate(feedback_activations):
+        if not isinstance(act, str):
+            raise TypeError(f"feedback_activations[{k}]: expected an activation name (str), got {type(act).__name__}")
         check_activation(act, f"feedback_activations[{k}]")
     return list(feedback_activations)
 
@@ -183,12 +289,20 @@ def tp_train_step(
     _check_network(weights, biases, activations)
     psi = _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
     target = check_batch(x, y, weights, loss)
-    _check_positive("beta", beta, allow_zero=True)
-    _, fn = ops.resolve(backend, "tp_train_step", x.device)
-    return fn(
-        weights, biases, activations, feedback_weights, feedback_biases, psi, x, target,
-        beta=float(beta), loss=loss, difference=bool(difference),
+    beta = check_number("beta", beta, allow_zero=True)
+    check_bool("difference", difference)
+    _, fn = ops.resolve(backend, "tp_train_step", x.device, weights[0].dtype)
+    inputs = _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
+                     feedback_biases=feedback_biases)
+    result = fn(
+        _readable_all(weights), _readable_all(biases), activations, _readable_all(feedback_weights),
+        _readable_all(feedback_biases), psi, _readable(x), _readable(target),
+        beta=beta, loss=loss, difference=difference,
     )
+    _check_finite_result("tp_train_step", {"loss": result.loss, "local_loss": result.local_loss,
+                                           "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
+                         inputs)
+    return result
 
 
 def feedback_grads(
@@ -214,30 +328,43 @@ def feedback_grads(
     gives the same result; different backends draw different (equally distributed) numbers."""
     _check_network(weights, biases, activations)
     psi = _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
-    if x.dim() != 2 or x.shape[1] != weights[0].shape[1]:
-        raise ValueError(f"x: expected shape (batch, {weights[0].shape[1]}), got {tuple(x.shape)}")
+    _check_input("x", x, weights)
     if noise is not None:
+        check_sequence("noise", noise)
         if len(noise) != len(weights) - 1:
             raise ValueError(f"noise: expected {len(weights) - 1} entries, got {len(noise)}")
         for k, xi in enumerate(noise):
-            if xi is not None and tuple(xi.shape) != (x.shape[0], weights[k].shape[0]):
-                raise ValueError(f"noise[{k}]: expected shape {(x.shape[0], weights[k].shape[0])}, got {tuple(xi.shape)}")
+            check_tensor(f"noise[{k}]", xi, optional=True)
+            if xi is not None:
+                check_like(f"noise[{k}]", xi, weights[0], (x.shape[0], weights[k].shape[0]))
+                if not _all_finite(xi):
+                    raise ValueError(f"noise[{k}]: contains NaN or infinite values")
+    noise_std = check_number("noise_std", noise_std, allow_zero=True)
     if noise_seed is not None:
         if noise is not None:
             raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
-        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63:
+        check_int("noise_seed", noise_seed)
+        if noise_seed >= 2**63:
             raise ValueError(f"noise_seed: expected an int in [0, 2**63), got {noise_seed!r}")
-        if not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
-            raise ValueError(f"noise_std: expected a finite number >= 0, got {noise_std!r}")
-    name, fn = ops.resolve(backend, "feedback_grads", x.device)
-    if noise_seed is not None:
-        if name == "triton":
-            return fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x,
-                      noise_seed=noise_seed, noise_std=float(noise_std))
-        generator = torch.Generator(device=x.device).manual_seed(noise_seed)
-        noise = [torch.randn(x.shape[0], w.shape[0], generator=generator, dtype=x.dtype, device=x.device).mul_(noise_std)
-                 for w in weights[:-1]]
-    return fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x, noise)
+    name, fn = ops.resolve(backend, "feedback_grads", x.device, weights[0].dtype)
+    inputs = _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
+                     feedback_biases=feedback_biases)
+    weights, biases, x = _readable_all(weights), _readable_all(biases), _readable(x)
+    feedback_weights, feedback_biases = _readable_all(feedback_weights), _readable_all(feedback_biases)
+    if noise_seed is not None and name == "triton":
+        result = fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x,
+                    noise_seed=noise_seed, noise_std=noise_std)
+    else:
+        if noise_seed is not None:
+            generator = torch.Generator(device=x.device).manual_seed(noise_seed)
+            noise = [torch.randn(x.shape[0], w.shape[0], generator=generator, dtype=x.dtype, device=x.device)
+                     .mul_(noise_std) for w in weights[:-1]]
+        else:
+            noise = None if noise is None else _readable_all(noise)
+        result = fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x, noise)
+    _check_finite_result("feedback_grads", {"loss": result.loss, "weight_grads": result.weight_grads,
+                                            "bias_grads": result.bias_grads}, inputs)
+    return result
 
 
 def ridge_feedback(
@@ -251,8 +378,16 @@ def ridge_feedback(
 ) -> tuple[list[Tensor], list[Tensor | None]]:
     """Closed-form linear feedback weights (ψ = identity) on a batch; see ``reference.ridge_feedback``."""
     _check_network(weights, biases, activations)
-    _check_positive("ridge", ridge, allow_zero=True)
-    return reference.ridge_feedback(weights, biases, activations, x, ridge=ridge, bias=bias)
+    _check_input("x", x, weights)
+    ridge = check_number("ridge", ridge, allow_zero=True)
+    check_bool("bias", bias)
+    inputs = _inputs(weights=weights, biases=biases)
+    try:
+        qs, cs = reference.ridge_feedback(weights, biases, activations, x, ridge=ridge, bias=bias)
+    except torch.linalg.LinAlgError as exc:  # a singular system from non-finite activities
+        _raise_non_finite("ridge_feedback", f"the ridge system cannot be solved ({exc})", inputs)
+    _check_finite_result("ridge_feedback", {"feedback_weights": qs, "feedback_biases": cs}, inputs)
+    return qs, cs
 
 
 def bp_train_step(
@@ -267,7 +402,10 @@ def bp_train_step(
     """Backprop gradients of the mean loss (autograd; the baseline)."""
     _check_network(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
-    return reference.bp_train_step(weights, biases, activations, x, target, loss=loss)
+    result = reference.bp_train_step(weights, biases, activations, x, target, loss=loss)
+    _check_finite_result("bp_train_step", {"loss": result.loss, "weight_grads": result.weight_grads,
+                                           "bias_grads": result.bias_grads}, _inputs(weights=weights, biases=biases))
+    return result
 
 
 def gnt_train_step(
@@ -283,4 +421,12 @@ def gnt_train_step(
     """Local gradients toward the Gauss–Newton targets ``Δu_l = −β J_l⁺ ∂ℓ/∂f`` (reference only)."""
     _check_network(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
-    return reference.gnt_train_step(weights, biases, activations, x, target, beta=beta, loss=loss)
+    beta = check_number("beta", beta, allow_zero=True)
+    inputs = _inputs(weights=weights, biases=biases)
+    try:
+        result = reference.gnt_train_step(weights, biases, activations, x, target, beta=beta, loss=loss)
+    except torch.linalg.LinAlgError as exc:  # the pseudo-inverse of a non-finite Jacobian
+        _raise_non_finite("gnt_train_step", f"the Gauss–Newton targets cannot be computed ({exc})", inputs)
+    _check_finite_result("gnt_train_step", {"loss": result.loss, "weight_grads": result.weight_grads,
+                                            "bias_grads": result.bias_grads}, inputs)
+    return result

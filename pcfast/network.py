@@ -8,6 +8,7 @@ turns a loss name or ``nn.CrossEntropyLoss()`` into pcfast's loss name.
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -337,16 +338,81 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def check_sequence(name: str, value, *, length: int | None = None) -> None:
+    """``value`` is a list or tuple (of ``length`` entries when given)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple, got {type(value).__name__}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name}: expected {length} entries, got {len(value)}")
+
+
+def check_tensor(name: str, value, *, optional: bool = False) -> None:
+    """``value`` is a dense ``torch.Tensor`` (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {value.layout}")
+
+
+def check_like(name: str, t: Tensor, like: Tensor, shape: tuple[int, ...], what: str = "the model's") -> None:
+    """``t`` has ``shape`` and the dtype and device of ``like``."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {_describe(t)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} ({what}), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} ({what}), got {t.device}")
+
+
+def check_int(name: str, value, *, low: int = 0) -> int:
+    """``value`` is an int (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` is a bool (``"false"``, 0 or None are not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_number(name: str, value, *, allow_zero: bool = False) -> float:
+    """``value`` is a finite int or float (not a bool), > 0 (>= 0 with ``allow_zero``)."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a finite number {bound}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value}")
+    return value
+
+
 def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str]) -> None:
-    """Check that weights, biases and activations describe one MLP."""
+    """Check that weights, biases and activations describe one MLP (types, shapes, dtypes, devices)."""
+    check_sequence("weights", weights)
+    check_sequence("biases", biases)
+    check_sequence("activations", activations)
     if len(weights) == 0:
         raise ValueError("weights: expected at least one layer, got none")
     if len(biases) != len(weights):
-        raise ValueError(f"biases: expected {len(weights)} entries (None for no bias), got {len(biases)}")
+        raise ValueError(
+            f"biases: expected {len(weights)} entries, one per layer of weights (None for no bias), got {len(biases)}"
+        )
     if len(activations) != len(weights) - 1:
         raise ValueError(
-            f"activations: expected {len(weights) - 1} (one per hidden layer), got {len(activations)}"
+            f"activations: expected {len(weights) - 1} (one per hidden layer), got {len(activations)}; "
+            f"weights has {len(weights)} layers"
         )
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        check_tensor(f"weights[{l}]", w)
+        check_tensor(f"biases[{l}]", b, optional=True)
     ref = weights[0]
     if not ref.is_floating_point():
         raise TypeError(f"weights[0]: expected a floating-point tensor, got {ref.dtype}")
@@ -363,8 +429,12 @@ def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], act
         b = biases[l]
         if b is not None and (b.shape != (w.shape[0],) or b.dtype != w.dtype or b.device != w.device):
             raise ValueError(
-                f"biases[{l}]: expected shape ({w.shape[0]},), dtype {w.dtype} on {w.device}, got {_describe(b)}"
+                f"biases[{l}]: expected shape ({w.shape[0]},), dtype {w.dtype} on {w.device} (as weights[{l}]), "
+                f"got {_describe(b)}"
             )
+    for l, act in enumerate(activations):
+        if not isinstance(act, str):
+            raise TypeError(f"activations[{l}]: expected an activation name (str), got {type(act).__name__} {act!r}")
 
 
 def check_batch(
@@ -384,10 +454,8 @@ def check_batch(
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
     w0, wl = weights[0], weights[-1]
     d0, classes = w0.shape[1], wl.shape[0]
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"y: expected a torch.Tensor, got {type(target).__name__}")
+    check_tensor("x", x)
+    check_tensor("y", target)
     if x.dim() != 2 or x.shape[1] != d0 or x.shape[0] == 0:
         raise ValueError(f"x: expected shape (batch >= 1, {d0}), got {_describe(x)}")
     if x.dtype != w0.dtype:
@@ -401,7 +469,8 @@ def check_batch(
         if loss == "ce":
             raise TypeError(f"y: loss='ce' expects int64 class labels of shape ({batch},), got {_describe(target)}")
         if target.shape != (batch, classes):
-            raise ValueError(f"y: expected shape ({batch}, {classes}), got {_describe(target)}")
+            raise ValueError(f"y: expected shape ({batch}, {classes}), got {_describe(target)} "
+                             f"(one row per row of x, one column per output of weights[-1])")
         if target.dtype != w0.dtype:
             raise TypeError(f"y: expected dtype {w0.dtype} (the model's), got {target.dtype}")
         if check_finite and not _all_finite(target):
@@ -410,7 +479,8 @@ def check_batch(
         if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"y: expected int64 class labels or float targets, got dtype {target.dtype}")
         if target.shape != (batch,):
-            raise ValueError(f"y: expected class labels of shape ({batch},), got {_describe(target)}")
+            raise ValueError(f"y: expected class labels of shape ({batch},), got {_describe(target)} "
+                             f"(one label per row of x)")
         lo, hi = (int(v) for v in torch.aminmax(target))
         if lo < 0 or hi >= classes:
             raise ValueError(f"y: class labels must lie in [0, {classes - 1}], got values in [{lo}, {hi}]")
@@ -432,13 +502,20 @@ def resolve_precisions(precisions: Sequence[float] | float | None, depth: int) -
     """Per-layer precisions ``[γ_1 … γ_L]``: None means all ones, a number sets γ_L alone."""
     if precisions is None:
         return [1.0] * depth
-    if isinstance(precisions, (int, float)):
-        values = [1.0] * (depth - 1) + [float(precisions)]
+    if isinstance(precisions, (int, float)) and not isinstance(precisions, bool):
+        values = [1.0] * (depth - 1) + [precisions]
+        names = [f"precisions[{l}]" for l in range(depth - 1)] + ["precisions"]
+    elif isinstance(precisions, (list, tuple)):
+        values = list(precisions)
+        names = [f"precisions[{l}]" for l in range(len(values))]
     else:
-        values = [float(p) for p in precisions]
+        raise TypeError(f"precisions: expected None, a number or a list of numbers, got {type(precisions).__name__}")
     if len(values) != depth:
         raise ValueError(f"precisions: expected {depth} values (γ_1 … γ_L), got {len(values)}")
-    for l, value in enumerate(values):
+    for name, value in zip(names, values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a finite positive number, got {type(value).__name__} {value!r}")
         if not (value > 0 and value < float("inf")):
-            raise ValueError(f"precisions[{l}]: expected a finite positive number, got {value}")
+            raise ValueError(f"{name}: expected a finite positive number, got {value}")
+    values = [float(value) for value in values]
     return values

@@ -1,6 +1,8 @@
 """Bad input gets a clear exception naming the argument, the expected and the actual value."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -222,3 +224,243 @@ def test_pc_train_step_sgd_argument_errors_name_the_layer(change, error, message
     x, y = good_batch()
     with pytest.raises(error, match=message):
         F.pc_train_step(weights, biases, ["tanh"], x, y, inference_steps=2, sgd=steps, backend="torch")
+
+
+# ------------------------------------------------------------------------------------------------
+# Every public function of pcfast.functional: strict types, the argument named, non-finite results
+# refused (ValueError naming the non-finite input, or DivergenceError when the computation itself
+# overflowed).
+
+
+def functional_problem(bias=True):
+    m = model(bias)
+    weights = [m[0].weight.detach(), m[2].weight.detach()]
+    biases = [None if lin.bias is None else lin.bias.detach() for lin in (m[0], m[2])]
+    x, labels = good_batch()
+    y = torch.nn.functional.one_hot(labels, 3).float()
+    gen = torch.Generator().manual_seed(3)
+    feedback = [torch.randn(8, 3, generator=gen) / 3**0.5], [torch.zeros(8)]
+    return weights, biases, x, y, feedback
+
+
+def test_gnt_train_step_rejects_a_nan_beta():
+    w, b, x, y, _ = functional_problem()
+    with pytest.raises(ValueError, match="beta: expected a finite number >= 0, got nan"):
+        F.gnt_train_step(w, b, ["tanh"], x, y, beta=float("nan"))
+    with pytest.raises(TypeError, match="beta: expected a finite number >= 0, got str"):
+        F.gnt_train_step(w, b, ["tanh"], x, y, beta="1.0")
+
+
+@pytest.mark.parametrize("backend", pcfast.available_backends())
+def test_feedback_grads_rejects_a_nan_x(backend):
+    w, b, x, _, (q, c) = functional_problem()
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="x: contains NaN or infinite values"):
+        F.feedback_grads(w, b, ["tanh"], q, c, None, x, backend=backend)
+    noise = [torch.zeros(4, 8)]
+    noise[0][0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"noise\[0\]: contains NaN or infinite values"):
+        F.feedback_grads(w, b, ["tanh"], q, c, None, x.nan_to_num(), noise, backend=backend)
+
+
+def test_ridge_feedback_rejects_an_empty_batch_and_a_bad_x():
+    w, b, x, _, _ = functional_problem()
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch >= 1, 6\), got shape \(0, 6\)"):
+        F.ridge_feedback(w, b, ["tanh"], x[:0])
+    with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
+        F.ridge_feedback(w, b, ["tanh"], x.double())
+    with pytest.raises(TypeError, match="bias: expected a bool, got str"):
+        F.ridge_feedback(w, b, ["tanh"], x, bias="false")
+
+
+def _call(name, w, b, x, y, feedback, backend="torch", **kwargs):
+    q, c = feedback
+    acts = ["tanh"]
+    if name == "pc_train_step":
+        return F.pc_train_step(w, b, acts, x, y, backend=backend, **kwargs)
+    if name == "tp_train_step":
+        return F.tp_train_step(w, b, acts, q, c, None, x, y, backend=backend, **kwargs)
+    if name == "feedback_grads":
+        return F.feedback_grads(w, b, acts, q, c, None, x, backend=backend, **kwargs)
+    if name == "ridge_feedback":
+        return F.ridge_feedback(w, b, acts, x, **kwargs)
+    if name == "bp_train_step":
+        return F.bp_train_step(w, b, acts, x, y, **kwargs)
+    if name == "gnt_train_step":
+        return F.gnt_train_step(w, b, acts, x, y, **kwargs)
+    return F.pc_energy(w, b, acts, x, y, [torch.zeros(4, 8)], **kwargs)
+
+
+FUNCTIONS = ["pc_train_step", "tp_train_step", "feedback_grads", "ridge_feedback", "bp_train_step",
+             "gnt_train_step", "pc_energy"]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("where", ["weights[1]", "biases[0]"])
+def test_nan_parameters_are_named_not_returned(name, where):
+    w, b, x, y, feedback = functional_problem()
+    w, b = [t.clone() for t in w], [t.clone() for t in b]
+    (w if where.startswith("weights") else b)[int(where[-2])].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=re.escape(where) + ": contains NaN or infinite"):
+        _call(name, w, b, x, y, feedback)
+
+
+@pytest.mark.parametrize("backend", pcfast.available_backends())
+def test_a_too_large_inference_step_is_a_divergence(backend):
+    w, b, x, y, _ = functional_problem()
+    with pytest.raises(pcfast.DivergenceError, match="pc_train_step: .* is not finite"):
+        F.pc_train_step(w, b, ["tanh"], x * 30, y, inference_lr=1e3, inference_steps=60, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bfloat16, torch.float64])
+def test_pc_energy_latents_need_the_models_dtype(dtype):
+    w, b, x, y, _ = functional_problem()
+    with pytest.raises(TypeError, match=rf"latents\[0\]: expected dtype torch.float32 \(the model's\), got {dtype}"):
+        F.pc_energy(w, b, ["tanh"], x, y, [torch.zeros(4, 8, dtype=dtype)])
+    with pytest.raises(TypeError, match=r"latents\[0\]: expected a torch.Tensor, got list"):
+        F.pc_energy(w, b, ["tanh"], x, y, [[[0.0] * 8] * 4])
+
+
+@pytest.mark.parametrize("backend", pcfast.available_backends())
+@pytest.mark.parametrize("bad", ["float64", "bfloat16", "numpy", "wrong shape"])
+def test_feedback_biases_are_checked_alike_on_every_backend(backend, bad):
+    import numpy as np
+
+    w, b, x, y, (q, c) = functional_problem()
+    c = {"float64": [c[0].double()], "bfloat16": [c[0].bfloat16()], "numpy": [np.zeros(8, dtype=np.float32)],
+         "wrong shape": [torch.zeros(3)]}[bad]
+    error = TypeError if bad == "numpy" else ValueError
+    with pytest.raises(error, match=r"feedback_biases\[0\]: expected"):
+        F.feedback_grads(w, b, ["tanh"], q, c, None, x, backend=backend)
+    with pytest.raises(error, match=r"feedback_biases\[0\]: expected"):
+        F.tp_train_step(w, b, ["tanh"], q, c, None, x, y, backend=backend)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("pc_train_step", {"fpa": "false"}, "fpa: expected a bool, got str 'false'"),
+    ("pc_train_step", {"fpa": 0}, "fpa: expected a bool, got int 0"),
+    ("pc_train_step", {"return_trajectory": None}, "return_trajectory: expected a bool, got NoneType"),
+    ("pc_train_step", {"inference_steps": 2.0}, "inference_steps: expected an int >= 0, got float 2.0"),
+    ("pc_train_step", {"inference_steps": True}, "inference_steps: expected an int >= 0, got bool True"),
+    ("pc_train_step", {"inference_lr": "0.1"}, "inference_lr: expected a finite number > 0, got str"),
+    ("pc_train_step", {"precisions": True}, "precisions: expected None, a number or a list"),
+    ("pc_train_step", {"precisions": [1.0, "2"]}, r"precisions\[1\]: expected a finite positive number, got str"),
+    ("pc_train_step", {"schedule": None}, "schedule: expected one of"),
+    ("pc_train_step", {"backend": None}, "backend: expected one of"),
+    ("tp_train_step", {"difference": "yes"}, "difference: expected a bool, got str"),
+    ("tp_train_step", {"beta": True}, "beta: expected a finite number >= 0, got bool"),
+    ("feedback_grads", {"noise_seed": 1.0}, "noise_seed: expected an int >= 0, got float"),
+    ("feedback_grads", {"noise_seed": 3, "noise_std": "0.1"}, "noise_std: expected a finite number >= 0, got str"),
+    ("ridge_feedback", {"ridge": None}, "ridge: expected a finite number >= 0, got NoneType"),
+    ("pc_energy", {"fpa": "no"}, "fpa: expected a bool, got str"),
+])
+def test_functional_options_are_type_checked(name, kwargs, message):
+    w, b, x, y, feedback = functional_problem()
+    with pytest.raises((TypeError, ValueError), match=message) as info:
+        _call(name, w, b, x, y, feedback, **kwargs)
+    if "expected a bool" in message or "got bool" in message:
+        assert info.type is TypeError
+
+
+def _takes(name, where):
+    if where == "y":
+        return name not in ("feedback_grads", "ridge_feedback")
+    if where.startswith("feedback"):
+        return name in ("tp_train_step", "feedback_grads")
+    return True
+
+
+@pytest.mark.parametrize("name, where", [
+    (name, where) for name in FUNCTIONS
+    for where in ["weights", "weights[0]", "biases[1]", "x", "y", "activations", "activations[0]",
+                  "feedback_weights[0]", "feedback_biases"] if _takes(name, where)
+])
+def test_non_tensor_arguments_are_named(name, where):
+    w, b, x, y, (q, c) = functional_problem()
+    if where == "weights":
+        w = None
+    elif where == "weights[0]":
+        w = [None, w[1]]
+    elif where == "biases[1]":
+        b = [b[0], b[1].tolist()]
+    elif where == "x":
+        x = x.numpy()
+    elif where == "y":
+        y = y.tolist()
+    elif where == "feedback_weights[0]":
+        q = [None]
+    elif where == "feedback_biases":
+        c = None
+    acts = ["tanh"]
+    if where == "activations":
+        acts = "tanh"
+    elif where == "activations[0]":
+        acts = [None]
+    pattern = where.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(TypeError, match=rf"^{pattern}: expected"):
+        if acts != ["tanh"]:
+            F.pc_train_step(w, b, acts, x, y) if name == "pc_train_step" else F.bp_train_step(w, b, acts, x, y)
+        else:
+            _call(name, w, b, x, y, (q, c))
+
+
+@pytest.mark.parametrize("backend", pcfast.available_backends())
+def test_float32_rates_past_the_dtype_are_a_divergence_in_functional_sgd(backend):
+    from pcfast.sgd import LayerSGD
+
+    w, b, x, y, _ = functional_problem()
+    steps = [LayerSGD(weight_lr=1e300, bias_lr=0.1), LayerSGD(weight_lr=0.1, bias_lr=0.1)]
+    with pytest.raises(pcfast.DivergenceError, match=r"sgd\[0\].weight_lr: 1e\+300 exceeds the largest torch.float32"):
+        F.pc_train_step(w, b, ["tanh"], x, y, sgd=steps, backend=backend)
+    # A rate that fits in float32 but an update that does not: |W| ~ 0.1, so |η λ W| ~ 3e39.
+    steps = [LayerSGD(weight_lr=3e38, bias_lr=0.1, weight_decay=100.0), LayerSGD(weight_lr=0.1, bias_lr=0.1)]
+    with pytest.raises(pcfast.DivergenceError, match=r"sgd_updates\[0\] is not finite"):
+        F.pc_train_step(w, b, ["tanh"], x, y, sgd=steps, backend=backend)
+
+
+@pytest.mark.parametrize("algo", ["pc"])  # BP, TP and DTP apply pcfast.sgd.sgd_update themselves
+@pytest.mark.parametrize("settings", [{"lr": 1e300}, {"lr": 1e300, "momentum": 0.9, "weight_decay": 1e-4},
+                                      {"lr": 0.1, "weight_decay": 1e300}])
+def test_optimizer_rates_past_float32_are_a_divergence(algo, settings):
+    m = model()
+    opt = {"pc": pcfast.optim.PC, "bp": pcfast.optim.BP, "tp": pcfast.optim.TP, "dtp": pcfast.optim.DTP}[algo](
+        m, **settings)
+    x, y = good_batch()
+    before = [p.detach().clone() for p in m.parameters()]
+    state = {k: v for k, v in opt.state_dict().items()}
+    with pytest.raises(pcfast.DivergenceError):
+        opt.step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+    assert all(p.grad is None for p in m.parameters())
+    assert opt.state_dict()["state"] == state["state"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Low precision: backend="auto" picks a backend that computes in the model's dtype; an explicit
+# backend that cannot says which can.
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_backend_runs_low_precision_models_on_cpu(dtype):
+    w, b, x, y, (q, c) = functional_problem()
+    w, b, x, y = [t.to(dtype) for t in w], [t.to(dtype) for t in b], x.to(dtype), y.to(dtype)
+    q, c = [t.to(dtype) for t in q], [t.to(dtype) for t in c]
+    assert pcfast.ops.resolve("auto", "pc_train_step", x.device, dtype)[0] == "torch"
+    auto = F.pc_train_step(w, b, ["tanh"], x, y, inference_steps=3)
+    explicit = F.pc_train_step(w, b, ["tanh"], x, y, inference_steps=3, backend="torch")
+    assert auto.energy.dtype == dtype and torch.equal(auto.energy, explicit.energy)
+    F.tp_train_step(w, b, ["tanh"], q, c, None, x, y)
+    F.feedback_grads(w, b, ["tanh"], q, c, None, x)
+    m = model().to(dtype)
+    opt = pcfast.optim.PC(m, lr=0.1)
+    stats = opt.step(x, y)
+    assert all(map(lambda v: v == v, stats.values()))
+
+
+@pytest.mark.parametrize("backend", [name for name in ("cpp", "triton") if pcfast.ops.is_available(name)])
+def test_explicit_backend_dtype_error_names_the_backends_that_support_it(backend):
+    w, b, x, y, _ = functional_problem()
+    w, b, x, y = [t.bfloat16() for t in w], [t.bfloat16() for t in b], x.bfloat16(), y.bfloat16()
+    with pytest.raises(TypeError, match=rf"backend='{backend}' does not support dtype torch.bfloat16 on cpu; "
+                                        r"backends that do: 'reference', 'torch'"):
+        F.pc_train_step(w, b, ["tanh"], x, y, backend=backend)

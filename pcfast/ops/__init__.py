@@ -8,8 +8,8 @@ with the signatures of ``pcfast.reference``:
 - ``cpp``: the C++ CPU engine ``pcfast._C`` (``pcfast.ops.cpp``), present when it was built;
 - ``triton``: fused GPU kernels (``pcfast.ops.triton``), on CPU only under ``TRITON_INTERPRET=1``.
 
-``auto`` picks triton on CUDA tensors, cpp on CPU when built, else torch — per op, falling back to
-torch where the chosen backend does not implement it.
+``auto`` picks triton on CUDA tensors, cpp on CPU when built, else torch — per op and dtype, falling
+back to torch where the chosen backend does not implement the op or the dtype (``supports_dtype``).
 """
 from __future__ import annotations
 
@@ -67,13 +67,36 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS[1:] if is_available(name)]
 
 
-def resolve(backend: str, op: str, device: torch.device) -> tuple[str, object]:
-    """The backend name and function that run ``op`` for ``backend`` on ``device``."""
-    if backend not in BACKENDS:
+def supports_dtype(name: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether backend ``name`` computes in ``dtype`` on ``device``: ``cpp`` in float32 and float64;
+    ``triton`` also in float16 and bfloat16 on CUDA (the interpreter: float32 and float64 only);
+    ``reference`` and ``torch`` in every floating dtype torch has."""
+    if name == "cpp":
+        return dtype in (torch.float32, torch.float64)
+    if name == "triton":
+        wide = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        return dtype in (wide if device.type == "cuda" else (torch.float32, torch.float64))
+    return dtype.is_floating_point
+
+
+def _dtype_error(backend: str, dtype: torch.dtype, device: torch.device) -> TypeError:
+    able = [name for name in BACKENDS[1:] if supports_dtype(name, dtype, device)]
+    return TypeError(
+        f"backend={backend!r} does not support dtype {dtype} on {device.type}; backends that do: "
+        f"{', '.join(repr(name) for name in able)} (or backend='auto', which picks one)"
+    )
+
+
+def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, object]:
+    """The backend name and function that run ``op`` for ``backend`` on ``device`` (in ``dtype``,
+    when given: ``auto`` then skips backends that do not support it)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         order = ["triton", "torch"] if device.type == "cuda" else ["cpp", "torch"]
         for name in order:
+            if dtype is not None and not supports_dtype(name, dtype, device):
+                continue
             if (name != "triton" or is_available(name)) and (module := _load(name)) is not None:
                 fn = getattr(module, op, None)
                 if fn is not None:
@@ -90,4 +113,6 @@ def resolve(backend: str, op: str, device: torch.device) -> tuple[str, object]:
     fn = getattr(module, op, None)
     if fn is None:
         raise NotImplementedError(f"backend={backend!r} does not implement {op}; use backend='torch'")
+    if dtype is not None and not supports_dtype(backend, dtype, device):
+        raise _dtype_error(backend, dtype, device)
     return backend, fn

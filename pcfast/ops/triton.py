@@ -67,7 +67,27 @@ def _check_supported(activations: Sequence[str], x: Tensor) -> None:
 
 
 def _as_contiguous(t: Tensor) -> Tensor:
+    """``t`` as a contiguous tensor whose memory holds its values (negative/conjugate bits applied)."""
+    t = _resolved(t)
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _resolved(t: Tensor) -> Tensor:
+    """``t`` with its lazy negative/conjugate bits applied: the kernels read raw memory."""
+    if t.is_conj():
+        t = t.resolve_conj()
+    return t.resolve_neg() if t.is_neg() else t
+
+
+def _kernel_layout(weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> tuple[list, list, bool]:
+    """Parameters as the kernels read them: matrices through their strides (any layout, read in
+    place), vectors (biases) contiguous, lazy negative/conjugate bits applied. Returns the weights,
+    the biases and whether any of them had to be copied (a copy's address means nothing to a CUDA
+    graph, so such a call runs eagerly)."""
+    new_weights = [_resolved(w) for w in weights]
+    new_biases = [None if b is None else _as_contiguous(b) for b in biases]
+    copied = any(n is not o for n, o in zip([*new_weights, *new_biases], [*weights, *biases]))
+    return new_weights, new_biases, copied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,9 +361,13 @@ def pc_train_step(
         raise ValueError(f"schedule: expected 'jacobi' or 'sequential', got {schedule!r}")
     _check_supported(activations, x)
     x, target = _as_contiguous(x), _as_contiguous(target)
+    weights, biases, copied = _kernel_layout(weights, biases)
     gammas, kappa = [float(g) for g in precisions], float(inference_lr)
-    if sgd is not None and not all(p is None or p.is_contiguous() for p in [*weights, *biases]):
-        # The fused step writes with the gradients' (contiguous) layout: update strided parameters after.
+    buffers = [] if sgd is None else [t for step in sgd for t in (step.weight_buffer, step.bias_buffer)]
+    if sgd is not None and not all(t is None or (t.is_contiguous() and not t.is_neg() and not t.is_conj())
+                                   for t in [*weights, *biases, *buffers]):
+        # The fused step reads and writes with the gradients' (contiguous) layout: update strided
+        # parameters or buffers after, with torch ops.
         result = pc_train_step(weights, biases, activations, x, target, precisions=precisions,
                                inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule,
                                fpa=fpa, loss=loss, return_trajectory=return_trajectory)
@@ -356,7 +380,7 @@ def pc_train_step(
         return _pc_step(weights, biases, activations, x_in, target_in, gammas, kappa, inference_steps,
                         schedule, fpa, loss, return_trajectory, stack, sgd, hyper_in)
 
-    if not (CUDA_GRAPHS and x.is_cuda and not return_trajectory):
+    if not (CUDA_GRAPHS and x.is_cuda and not return_trajectory) or copied:
         return run(x, target, hyper)
     sgd_key = None if sgd is None else tuple(
         (step.momentum > 0, step.nesterov, _parameter_key([step.weight_buffer, step.bias_buffer])) for step in sgd
@@ -495,12 +519,14 @@ def tp_train_step(
     """TP/DTP targets and local gradients (DESIGN §4) with the kernels of ``tp_targets``/``pc_relax``."""
     _check_supported(list(activations) + list(feedback_activations), x)
     x, target = _as_contiguous(x), _as_contiguous(target)
+    weights, biases, copied = _kernel_layout(weights, biases)
+    feedback_weights, feedback_biases, copied_feedback = _kernel_layout(feedback_weights, feedback_biases)
 
     def run(x_in: Tensor, target_in: Tensor) -> TPResult:
         return _tp_step(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations,
                         x_in, target_in, float(beta), loss, difference)
 
-    if not (CUDA_GRAPHS and x.is_cuda):
+    if not (CUDA_GRAPHS and x.is_cuda) or copied or copied_feedback:
         return run(x, target)
     key = (
         "tp", _parameter_key(weights), _parameter_key(biases), _parameter_key(feedback_weights),
@@ -535,6 +561,8 @@ def feedback_grads(
     if noise is not None and noise_seed is not None:
         raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
     x = _as_contiguous(x)
+    weights, biases, _ = _kernel_layout(weights, biases)
+    feedback_weights, feedback_biases, _ = _kernel_layout(feedback_weights, feedback_biases)
     depth, batch = len(weights), x.shape[0]
     _, activities, _, _ = _forward(weights, biases, activations, x)
     offsets = tp_targets.noise_offsets(batch, [w.shape[0] for w in weights[:-1]])
@@ -542,7 +570,7 @@ def feedback_grads(
     total = x.new_zeros(())
     for l in range(1, depth):
         xi = None if noise is None else noise[l - 1]
-        h_in = activities[l - 1] if xi is None else activities[l - 1] + xi
+        h_in = activities[l - 1] if xi is None else (activities[l - 1] + xi).contiguous()
         drawn = None if noise_seed is None else pc_relax.Noise(int(noise_seed), float(noise_std), offsets[l - 1])
         h_out = pc_relax.prediction_error(
             h_in, weights[l], biases[l], act_out=activations[l] if l < depth - 1 else "identity", noise=drawn,
