@@ -67,3 +67,125 @@ def test_diverging_training_is_reported_not_a_traceback(tmp_path, capsys):
     assert "bp: diverged" in stdout
     log = json.loads(out.read_text())
     assert log[-1]["diverged"] and "diverged" in log[-1]["error"]
+
+
+def test_version_names_the_package_version(capsys):
+    import pcfast
+
+    code, out, _ = _main(capsys, "--version")
+    assert code == 0 and out.strip() == f"pcfast {pcfast.__version__}"
+
+
+class _Computed(Exception):
+    """Raised by the experiments in place of any work: an error reported after it came too late."""
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every experiment entry point raises ``_Computed``: a user mistake must be reported before."""
+    import pcfast.experiments
+    import pcfast.experiments.coordcheck
+    import pcfast.experiments.interp
+    import pcfast.experiments.transfer
+
+    def refuse(*args, **kwargs):
+        raise _Computed("computation started")
+
+    for module, name in ((pcfast.experiments, "run_train"), (pcfast.experiments.transfer, "run_transfer"),
+                         (pcfast.experiments.coordcheck, "run_coordcheck"), (pcfast.experiments.interp, "run_interp")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def _mistakes(tmp):
+    """(argv, a fragment the error must name) for mistakes a user makes."""
+    afile = tmp / "afile"
+    taken = tmp / "taken"  # a directory where a result file is to go
+    return [
+        (["train", "--json", afile / "log.json"], "is not a directory"),
+        (["train", "--json", tmp], "is a directory"),
+        (["train", "--save", tmp], "--save"),
+        (["train", "--save", afile / "ck.pt"], "--save"),
+        (["train", "--resume", afile], "not a pcfast train checkpoint"),
+        (["train", "--resume", tmp / "missing.pt"], "is not a file"),
+        (["train", "--resume", afile, "--lr", "0.1"], "drop --lr"),
+        (["train", "--seed", str(2**63)], "--seed"),
+        (["train", "--seed", "-1"], "--seed"),
+        (["train", "--seed", "1e3"], "--seed"),
+        (["train", "--lr", "nan"], "--lr"),
+        (["train", "--lr", "-0.1"], "--lr"),
+        (["train", "--momentum", "1"], "--momentum"),
+        (["train", "--gamma-bar", "5"], "--gamma-bar"),
+        (["train", "--inference-steps", "-3"], "--inference-steps"),
+        (["train", "--device", "quantum"], "quantum"),
+        (["transfer", "--log2-lr", "2000", "2001", "--out", tmp / "t"], "--log2-lr"),
+        (["transfer", "--log2-lr", "-2000", "0", "--out", tmp / "t"], "--log2-lr"),
+        (["transfer", "--widths", "16", "16", "--out", tmp / "t"], "--widths"),
+        (["transfer", "--seeds", "0", str(2**64), "--out", tmp / "t"], "--seeds"),
+        (["transfer", "--seeds", "3", "3", "--out", tmp / "t"], "--seeds"),
+        (["transfer", "--out", afile], "is not a directory"),
+        (["transfer", "--out", afile / "sub"], "--out"),
+        (["transfer", "--out", tmp, "--name", "taken"], "is a directory"),
+        (["transfer", "--name", "../elsewhere", "--out", tmp / "t"], "--name"),
+        (["coordcheck", "--widths", "16", "16", "--out", tmp / "c"], "--widths"),
+        (["coordcheck", "--widths", "16", "--out", tmp / "c"], "at least 2"),
+        (["coordcheck", "--out", afile], "is not a directory"),
+        (["interp", "--widths", "32", "32", "--out", tmp / "i"], "--widths"),
+        (["interp", "--out", afile], "is not a directory"),
+        (["plot", tmp / "missing.json"], "is not a file"),
+        (["plot", afile], "cannot read"),
+    ], afile, taken
+
+
+def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys, no_work):
+    """Each mistake: exit status 2, one ``pcfast COMMAND: error:`` line naming the option, no traceback,
+    and nothing computed (the experiments refuse to run here) or written."""
+    cases, afile, taken = _mistakes(tmp_path)
+    afile.write_text("not a checkpoint")
+    (tmp_path / "transfer_taken.png").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    for argv, fragment in cases:
+        code, _, err = _main(capsys, *map(str, argv))
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert code == 2, (argv, code, err)
+        assert "Traceback" not in err and "computation started" not in err, (argv, err)
+        assert last.startswith(f"pcfast {argv[0]}: error:") and fragment in last, (argv, err)
+    created = [p for p in sorted(tmp_path.rglob("*")) if p not in before]
+    assert all(p.is_dir() for p in created), created  # --out directories are made before the work, no files
+
+
+def test_triton_backend_without_a_gpu_is_a_usage_error(tmp_path, capsys, no_work, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the triton backend can run")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for argv in (["train", "--algo", "pc", "--backend", "triton"],
+                 ["transfer", "--backend", "triton", "--out", str(tmp_path)],
+                 ["coordcheck", "--backend", "triton", "--out", str(tmp_path)]):
+        code, _, err = _main(capsys, *argv)
+        assert code == 2 and "--backend triton" in err and "CUDA" in err and "Traceback" not in err, (argv, err)
+
+
+def test_an_unexpected_failure_is_one_line_with_exit_status_3(capsys, monkeypatch):
+    import pcfast.experiments
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(pcfast.experiments, "run_train", broken)
+    monkeypatch.delenv("PCFAST_DEBUG", raising=False)
+    code, _, err = _main(capsys, "train", "--algo", "bp")
+    assert code == 3 and "Traceback" not in err
+    assert err.strip().startswith("pcfast train: error: unexpected RuntimeError: something inside broke")
+    monkeypatch.setenv("PCFAST_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="something inside broke"):
+        _main(capsys, "train", "--algo", "bp")
+
+
+def test_a_mistake_is_reported_without_a_traceback_by_the_console_command(tmp_path):
+    """The console entry point end to end: the process's stderr is one error line."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    proc = run("coordcheck", "--widths", "16", "16", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["pcfast coordcheck: error: --widths: 16 is given twice; give each value once"]

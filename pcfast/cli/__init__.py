@@ -4,23 +4,43 @@
     pcfast transfer    learning-rate × width sweep per algorithm and parametrization (μTransfer)
     pcfast coordcheck  per-layer update size against width (the coordinate check)
     pcfast interp      PC's update between GD and Gauss–Newton in deep linear networks
+    pcfast plot        draw the figure of a results JSON again, without recomputing anything
 
 Every subcommand shows progress bars on long work (``--no-progress`` turns them off), writes its
 results under ``--out`` and lists every option with its default in ``--help``. The work itself lives
-in :mod:`pcfast.experiments`; this module only parses arguments and reports.
+in :mod:`pcfast.experiments`; this module only parses arguments, checks them and reports.
+
+A user's mistake never ends in a traceback: every option value is checked when it is parsed, and
+every output path (``--out``, ``--json``, ``--save``) is created and test-written, the backend and
+device checked, before any computation. Exit status (``EXIT_*``): 0 done; 1 the run finished
+but failed (a training run diverged, an acceptance check of ``interp`` failed) or its data or files
+could not be read or written; 2 a usage error (nothing was computed); 3 an unexpected internal
+error (one line; ``PCFAST_DEBUG=1`` shows the traceback); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ALGOS = ("bp", "pc", "tp", "dtp")
 VARIANTS_HELP = "bp, pc (PC with gamma_bar 0), pc:G (PC with gamma_bar G in [-1, 0], e.g. pc:-1), tp, dtp"
 DEFAULT_OUT = Path("experiments/results")
+BACKENDS = ("auto", "torch", "cpp", "triton", "reference")
+SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; int64 everywhere they travel
+LOG2_LR_RANGE = (-126, 127)  # 2^LO … 2^HI stays a normal float32 number
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """A mistake in the command line found before any computation: reported in one line, exit 2."""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -37,18 +57,74 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 DEVICE_HELP = "where to train: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)"
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _widths(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"widths must be positive, got {value}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2^63 - 1 = {SEED_MAX}], got {value}")
+    return value
+
+
+def _log2_lr(text: str) -> int:
+    value = _int(text)
+    lo, hi = LOG2_LR_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"expected an exponent in [{lo}, {hi}] (learning rates 2^{lo} ... 2^{hi}, the float32 range), got {value}")
+    return value
+
+
+def _real(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite float in the interval, with a message that states the interval."""
+    left, right = "(" if low_open or low is None else "[", ")" if high_open or high is None else "]"
+    interval = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
+            and (high is None or (value < high if high_open else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"expected a finite number in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_positive = _real(0.0, low_open=True)
+_non_negative = _real(0.0)
+_momentum = _real(0.0, 1.0, high_open=True)
+_gamma_bar = _real(-1.0, 0.0)
 
 
 def _variant(text: str) -> str:
@@ -66,57 +142,179 @@ def _add_common(p, *, out: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+# ------------------------------------------------------------------------------ checks before any work
+
+
+def _distinct(values, option: str, *, at_least: int = 1) -> None:
+    """``values`` (an option's list; ``None`` when not given) holds no repeats and at least
+    ``at_least`` entries."""
+    if values is None:
+        return
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise UsageError(f"{option}: {v} is given twice; give each value once")
+        seen.add(v)
+    if len(seen) < at_least:
+        raise UsageError(f"{option}: need at least {at_least} distinct values, got {len(seen)} ({' '.join(map(str, values))})")
+
+
+def prepare_output_dir(directory: Path, files: list[str] = (), option: str = "--out") -> None:
+    """Create ``directory`` (with its parents) and prove it writable by creating and removing a
+    temporary file in it; check that none of ``files`` (the result files to be written there) is a
+    directory or a read-only file. ``UsageError`` naming ``option`` otherwise."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{option}: {directory} exists and is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot write in {directory} ({exc.strerror or exc})") from None
+    for name in files:
+        target = directory / name
+        if target.is_dir():
+            raise UsageError(f"{option}: {target} is a directory, but a result file of that name is to be written")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise UsageError(f"{option}: {target} exists and is not writable")
+
+
+def prepare_output_file(path: Path, option: str) -> None:
+    """The file ``path`` can be written: its directory is created and test-written (see
+    ``prepare_output_dir``), and the path itself is not a directory or a read-only file."""
+    path = Path(path)
+    if path.is_dir() or str(path).endswith(("/", os.sep)):
+        raise UsageError(f"{option}: {path} is a directory; give a file name")
+    prepare_output_dir(path.parent, [path.name], option)
+
+
+def check_backend(backend: str | None, device: str | None) -> None:
+    """``backend`` can run on ``device`` here: ``--backend triton`` needs a CUDA device (or
+    ``TRITON_INTERPRET=1``) and triton, ``--backend cpp`` the built C++ engine."""
+    if backend in (None, "auto"):
+        return
+    from ..ops import is_available
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "triton":
+        import torch
+
+        if not (torch.cuda.is_available() or interpreted):
+            raise UsageError("--backend triton: needs a CUDA GPU, and torch sees none here; use --backend auto "
+                             "(the C++ engine or torch on the CPU), or set TRITON_INTERPRET=1 to run the kernels "
+                             "slowly under the triton interpreter")
+        if not interpreted and device is not None and device.startswith("cpu"):
+            raise UsageError("--backend triton: the kernels run on CUDA tensors, not with --device cpu; use "
+                             "--device cuda, or --backend auto on the CPU")
+    if not is_available(backend):
+        hint = {"triton": "install triton (pip install 'pcfast[triton]')",
+                "cpp": "reinstall pcfast with a C++ compiler (pip install --no-build-isolation .) to build "
+                       "pcfast._C, or use --backend torch"}.get(backend, "use --backend auto")
+        raise UsageError(f"--backend {backend}: not available here; {hint}")
+
+
+def check_device(device: str | None) -> None:
+    if device is None:
+        return
+    from ..experiments.common import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+
+
+def check_plotting() -> None:
+    """Figures need matplotlib: say so before the work, not after it."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("figures need matplotlib, which is not installed: pip install matplotlib "
+                         "(or pip install 'pcfast[plot]')")
+
+
 # ---------------------------------------------------------------------------------------------- train
+
+
+TRAIN_SETTINGS = ("algo", "dataset", "root", "preset", "base_width", "gamma_bar", "width", "depth", "activation",
+                  "epochs", "batch_size", "lr", "momentum", "loss", "inference_steps", "inference_lr", "beta",
+                  "feedback_lr", "backend", "seed", "train_size")
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train one or more algorithms on a dataset and report accuracy",
                        formatter_class=_Formatter,
                        description="Train an MLP with PC, TP, DTP or BP under SP or muP in a plain loop (cosine "
-                                   "learning-rate schedule); log loss, accuracy and energy per epoch.")
+                                   "learning-rate schedule); log loss, accuracy and energy per epoch, and a warning "
+                                   "naming the setting most likely at fault when a run collapses (accuracy at "
+                                   "chance, loss or reconstruction loss exploding). --save PATH writes a checkpoint "
+                                   "after every epoch (model and optimizer state_dict, scheduler, settings, log); "
+                                   "--resume PATH continues that run where it stopped, with the same result as an "
+                                   "uninterrupted run.")
     p.add_argument("--algo", nargs="+", choices=ALGOS, default=["pc", "bp"], help="algorithms to train")
     p.add_argument("--dataset", default="mnist5k", help="mnist5k (embedded), digits (embedded), mnist, fashion_mnist, cifar10")
     p.add_argument("--root", default=None, help="directory holding dataset files (mnist, fashion_mnist, cifar10)")
     p.add_argument("--preset", choices=("sp", "mup"), default="mup", help="parametrization")
     p.add_argument("--base-width", type=_positive_int, default=64, help="width at which muP equals SP")
-    p.add_argument("--gamma-bar", type=float, default=0.0, help="PC output-precision exponent in [-1, 0]")
+    p.add_argument("--gamma-bar", type=_gamma_bar, default=0.0, help="PC output-precision exponent in [-1, 0]")
     p.add_argument("--width", type=_widths, default=256, help="hidden width")
     p.add_argument("--depth", type=_positive_int, default=2, help="number of hidden layers")
     p.add_argument("--activation", default="tanh", choices=("tanh", "relu", "sigmoid", "gelu"), help="hidden activation")
     p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size")
-    p.add_argument("--lr", type=float, default=0.03, help="base learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--lr", type=_positive, default=0.03, help="base learning rate")
+    p.add_argument("--momentum", type=_momentum, default=0.9, help="SGD momentum in [0, 1)")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse", help="output loss")
-    p.add_argument("--inference-steps", type=int, default=20, help="PC relaxation steps T")
-    p.add_argument("--inference-lr", type=float, default=0.2, help="PC inference rate kappa")
-    p.add_argument("--beta", type=float, default=0.5, help="TP/DTP output target step")
-    p.add_argument("--feedback-lr", type=float, default=0.1, help="TP/DTP feedback learning rate")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton", "reference"),
-                   help="compute backend")
+    p.add_argument("--inference-steps", type=_count, default=20, help="PC relaxation steps T")
+    p.add_argument("--inference-lr", type=_positive, default=0.2, help="PC inference rate kappa")
+    p.add_argument("--beta", type=_non_negative, default=0.5, help="TP/DTP output target step")
+    p.add_argument("--feedback-lr", type=_positive, default=0.1, help="TP/DTP feedback learning rate")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="compute backend")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
+    p.add_argument("--seed", type=_seed, default=0, help="init and batch-order seed, in [0, 2^63 - 1]")
     p.add_argument("--train-size", type=_positive_int, default=None,
                    help="train on the first N training images (default: all)")
-    p.add_argument("--json", type=Path, default=None, help="write the per-epoch log to this JSON file")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the per-epoch log to this JSON file")
+    p.add_argument("--save", type=Path, default=None, metavar="PATH",
+                   help="write a checkpoint to this file after every epoch (torch.save; resume with --resume)")
+    p.add_argument("--resume", type=Path, default=None, metavar="PATH",
+                   help="continue the run saved in this checkpoint (its settings are used; the checkpoint keeps "
+                        "being updated there unless --save names another file)")
     _add_common(p, out=False)
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, parser=p)
 
 
 def _train(args) -> int:
     from ..experiments import run_train
+    from ..experiments.train import load_checkpoint
 
+    resume = None
+    if args.resume is not None:
+        given = [f"--{dest.replace('_', '-')}" for dest in TRAIN_SETTINGS
+                 if getattr(args, dest) != args.parser.get_default(dest)]
+        if given:
+            raise UsageError(f"--resume takes every training setting from the checkpoint; drop {' '.join(given)}")
+        try:
+            resume = load_checkpoint(args.resume)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    save = args.save if args.save is not None else args.resume  # a resumed run keeps its checkpoint current
+    for option, path in (("--json", args.json), ("--save" if args.save is not None else "--resume", save)):
+        if path is not None:
+            prepare_output_file(path, option)
+    check_device(args.device)
+    check_backend(resume["settings"].get("backend", "auto") if resume else args.backend, args.device)
     log = run_train(
         args.algo, dataset=args.dataset, root=args.root, preset=args.preset, base_width=args.base_width,
         gamma_bar=args.gamma_bar, width=args.width, depth=args.depth, activation=args.activation,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, loss=args.loss,
         inference_steps=args.inference_steps, inference_lr=args.inference_lr, beta=args.beta,
         feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, train_size=args.train_size,
-        device=args.device, show_progress=not args.no_progress)
+        device=args.device, show_progress=not args.no_progress, save=save, resume=resume)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(log, indent=1))
-    return 1 if any(e.get("diverged") for e in log) else 0
+    if save is not None:
+        print(f"checkpoint: {save}")
+    return EXIT_FAILED if any(e.get("diverged") for e in log) else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------- transfer
@@ -155,29 +353,30 @@ def _transfer_parser(sub) -> None:
     p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=None,
                    help="parametrizations (default: sp mup)")
     p.add_argument("--widths", nargs="+", type=_widths, default=None, help="hidden widths (default: the preset's)")
-    p.add_argument("--log2-lr", nargs=2, type=int, default=None, metavar=("LO", "HI"),
-                   help="learning-rate grid 2^LO ... 2^HI for every algorithm (default: per algorithm, see "
-                        "pcfast.experiments.transfer.DEFAULT_GRIDS)")
+    p.add_argument("--log2-lr", nargs=2, type=_log2_lr, default=None, metavar=("LO", "HI"),
+                   help=f"learning-rate grid 2^LO ... 2^HI for every algorithm, LO and HI in {list(LOG2_LR_RANGE)} "
+                        "(default: per algorithm, see pcfast.experiments.transfer.DEFAULT_GRIDS)")
     p.add_argument("--dataset", default=None, help="mnist5k, digits, mnist, fashion_mnist, cifar10 (default: the preset's)")
     p.add_argument("--root", default=None, help="directory holding dataset files")
     p.add_argument("--train-size", type=_positive_int, default=None, help="train on the first N training images (default: the preset's)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the preset's)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help=f"minibatch size (default: {quick.batch_size})")
-    p.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default: {quick.momentum})")
+    p.add_argument("--momentum", type=_momentum, default=None, help=f"SGD momentum in [0, 1) (default: {quick.momentum})")
     p.add_argument("--base-width", type=_positive_int, default=None, help=f"width where muP equals SP (default: {quick.base_width})")
-    p.add_argument("--readout-scale", type=float, default=None,
+    p.add_argument("--readout-scale", type=_positive, default=None,
                    help="factor on the readout init for every algorithm (default: per algorithm, "
                         + ", ".join(f"{k} {v:g}" for k, v in quick.readout_scales.items()) + ")")
-    p.add_argument("--inference-steps", type=int, default=None, help="PC relaxation steps T (default: the preset's)")
-    p.add_argument("--inference-lr", type=float, default=None, help=f"PC inference rate kappa (default: {quick.inference_lr})")
-    p.add_argument("--beta", type=float, default=None, help=f"TP/DTP output target step (default: {quick.beta})")
-    p.add_argument("--feedback-lr", type=float, default=None, help=f"TP/DTP feedback learning rate (default: {quick.feedback_lr})")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
+    p.add_argument("--inference-steps", type=_count, default=None, help="PC relaxation steps T (default: the preset's)")
+    p.add_argument("--inference-lr", type=_positive, default=None, help=f"PC inference rate kappa (default: {quick.inference_lr})")
+    p.add_argument("--beta", type=_non_negative, default=None, help=f"TP/DTP output target step (default: {quick.beta})")
+    p.add_argument("--feedback-lr", type=_positive, default=None, help=f"TP/DTP feedback learning rate (default: {quick.feedback_lr})")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=None,
                    help=f"init and batch-order seeds; losses are averaged over them (default: {' '.join(map(str, quick.seeds))})")
-    p.add_argument("--backend", default=None, choices=("auto", "torch", "cpp", "triton", "reference"),
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="compute backend (default: auto: triton on a GPU, cpp on CPU when built, else torch)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
-    p.add_argument("--name", default=None, help="file stem transfer_<NAME> (default: the preset's name)")
+    p.add_argument("--name", default=None, help="file stem transfer_<NAME>: letters, digits, '-', '_', '.' "
+                                                "(default: the preset's name)")
     _add_common(p)
     p.set_defaults(func=_transfer)
 
@@ -200,16 +399,24 @@ def _transfer(args) -> int:
         "seeds": tuple(args.seeds) if args.seeds else None, "backend": args.backend, "name": args.name,
         "device": args.device,
     }
+    for option, values in (("--widths", args.widths), ("--seeds", args.seeds), ("--algo", args.algo),
+                           ("--parametrization", args.parametrization)):
+        _distinct(values, option)
+    if args.name is not None and not _is_file_stem(args.name):
+        raise UsageError(f"--name: expected a plain file stem (letters, digits, '-', '_', '.'), got {args.name!r}")
     preset = getattr(args, "preset", "quick")
+    check_device(args.device)
     settings = settings_for(preset, **overrides)
+    check_backend(settings.backend, args.device)
+    stem = f"transfer_{settings.name}"
+    prepare_output_dir(args.out, [f"{stem}.json", f"{stem}.csv", f"{stem}.png"])
+    check_plotting()
     if args.dataset is not None:
         settings.fallback_dataset = None  # a dataset asked for by name is used, or reported missing
     if args.log2_lr:
         lo, hi = sorted(args.log2_lr)
         settings.grids = {v: (lo, hi) for v in settings.variants}
     if args.readout_scale is not None:
-        if not args.readout_scale > 0:
-            raise ValueError(f"--readout-scale: expected a number > 0, got {args.readout_scale:g}")
         settings.readout_scales = {v: args.readout_scale for v in settings.variants}
     print(f"pcfast transfer ({preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
           f"parametrizations x widths {list(settings.widths)}; results in {args.out}/")
@@ -218,7 +425,11 @@ def _transfer(args) -> int:
     print(format_summary(result))
     print(f"{result['runs_trained']} runs trained ({len(result['rows'])} configurations) in {result['seconds']:.0f} s; "
           "wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return EXIT_OK
+
+
+def _is_file_stem(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "-_." for c in name)
 
 
 # ----------------------------------------------------------------------------------------- coordcheck
@@ -239,15 +450,14 @@ def _coordcheck_parser(sub) -> None:
                    help="parametrizations")
     p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths), help="hidden widths (at least two)")
     p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps measured")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="init seeds; sizes are averaged")
-    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=list(d.seeds), help="init seeds; sizes are averaged")
+    p.add_argument("--lr", type=_positive, default=d.lr, help="base learning rate")
     p.add_argument("--base-width", type=_positive_int, default=d.base_width, help="width at which muP equals SP")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="fixed batch of pixel-like inputs")
-    p.add_argument("--readout-scale", type=float, default=d.readout_scale, help="factor on the readout init")
-    p.add_argument("--inference-steps", type=int, default=d.inference_steps, help="PC relaxation steps T")
-    p.add_argument("--inference-lr", type=float, default=d.inference_lr, help="PC inference rate kappa")
-    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "cpp", "triton", "reference"),
-                   help="compute backend")
+    p.add_argument("--readout-scale", type=_positive, default=d.readout_scale, help="factor on the readout init")
+    p.add_argument("--inference-steps", type=_count, default=d.inference_steps, help="PC relaxation steps T")
+    p.add_argument("--inference-lr", type=_positive, default=d.inference_lr, help="PC inference rate kappa")
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS, help="compute backend")
     _add_common(p)
     p.set_defaults(func=_coordcheck)
 
@@ -260,13 +470,17 @@ def _coordcheck(args) -> int:
         write_coordcheck,
     )
 
+    _distinct(args.widths, "--widths", at_least=2)  # a slope against width needs two widths
+    for option, values in (("--seeds", args.seeds), ("--algo", args.algo), ("--parametrization", args.parametrization)):
+        _distinct(values, option)
+    check_backend(args.backend, None)
+    prepare_output_dir(args.out, ["coordcheck.json", "coordcheck.png"])
+    check_plotting()
     settings = CoordSettings(
         variants=tuple(args.algo), parametrizations=tuple(args.parametrization), widths=tuple(args.widths),
         steps=args.steps, seeds=tuple(args.seeds), base_width=args.base_width, lr=args.lr,
         batch_size=args.batch_size, readout_scale=args.readout_scale, inference_steps=args.inference_steps,
         inference_lr=args.inference_lr, backend=args.backend)
-    if len(settings.widths) < 2:
-        raise ValueError("--widths: need at least two widths to measure a slope")
     result = run_coordcheck(settings, show_progress=not args.no_progress)
     paths = write_coordcheck(result, args.out)
     print(format_coordcheck(result))
@@ -290,19 +504,19 @@ def _interp_parser(sub) -> None:
                      "gamma; each relaxed update is checked against the closed-form equilibrium. Writes interp.json "
                      "and interp.png under --out."))
     p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths), help="hidden widths")
-    p.add_argument("--gamma-bars", nargs="+", type=float, default=list(d.gamma_bars), help="values of gamma_bar in [-1, 0]")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="output precision at the base width")
-    p.add_argument("--gamma-sweep", nargs="+", type=float, default=list(d.gamma_sweep),
+    p.add_argument("--gamma-bars", nargs="+", type=_gamma_bar, default=list(d.gamma_bars), help="values of gamma_bar in [-1, 0]")
+    p.add_argument("--gamma", type=_positive, default=d.gamma, help="output precision at the base width")
+    p.add_argument("--gamma-sweep", nargs="+", type=_positive, default=list(d.gamma_sweep),
                    help="values of gamma for the interpolation panel, at the smallest width")
     p.add_argument("--base-width", type=_positive_int, default=d.base_width, help="width at which muP equals SP")
     p.add_argument("--depth", type=_positive_int, default=d.hidden_layers, help="number of hidden layers")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images from mnist5k")
     p.add_argument("--inference-steps", type=_positive_int, default=d.inference_steps, help="PC relaxation steps T")
-    p.add_argument("--kappa-scale", type=float, default=d.kappa_scale,
+    p.add_argument("--kappa-scale", type=_real(0.0, 2.0, low_open=True, high_open=True), default=d.kappa_scale,
                    help="inference rate kappa = SCALE / (1 + max_l gamma_(l+1) ||W_(l+1)||^2)")
-    p.add_argument("--steps-curve", nargs="+", type=int, default=list(d.steps_curve), help="T values of the steps panel")
+    p.add_argument("--steps-curve", nargs="+", type=_count, default=list(d.steps_curve), help="T values of the steps panel")
     p.add_argument("--steps-curve-width", type=_widths, default=d.steps_curve_width, help="width of the steps panel")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="init seeds; cosines are averaged")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=list(d.seeds), help="init seeds; cosines are averaged")
     _add_common(p)
     p.set_defaults(func=_interp)
 
@@ -315,13 +529,11 @@ def _interp(args) -> int:
         write_interp,
     )
 
-    for g in args.gamma_bars:
-        if not -1.0 <= g <= 0.0:
-            raise ValueError(f"--gamma-bars: every value must lie in [-1, 0], got {g:g}")
-    if not 0.0 < args.kappa_scale < 2.0:
-        raise ValueError(f"--kappa-scale: expected a value in (0, 2) for a stable relaxation, got {args.kappa_scale:g}")
-    if any(t < 0 for t in args.steps_curve):
-        raise ValueError("--steps-curve: step counts must be >= 0")
+    for option, values in (("--widths", args.widths), ("--gamma-bars", args.gamma_bars), ("--seeds", args.seeds),
+                           ("--gamma-sweep", args.gamma_sweep), ("--steps-curve", args.steps_curve)):
+        _distinct(values, option)
+    prepare_output_dir(args.out, ["interp.json", "interp.png"])
+    check_plotting()
     widths = tuple(sorted(args.widths))
     curve_width = args.steps_curve_width if args.steps_curve_width in widths else widths[len(widths) // 2]
     settings = InterpSettings(
@@ -333,48 +545,123 @@ def _interp(args) -> int:
     paths = write_interp(result, args.out)
     print(format_interp(result))
     print(f"done in {result['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    failed = [c for c in result["checks"] if not c["passed"]]
+    if failed:
+        print(f"pcfast interp: {len(failed)} acceptance check(s) failed (see the hints above)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser(
+        "plot", help="draw the figure of a results JSON again (transfer, interp, coordcheck), without recomputing",
+        formatter_class=_Formatter,
+        description=("Read a results file written by pcfast transfer, interp or coordcheck and draw its figure "
+                     "again: the figure is a function of the JSON alone. Writes the PNG next to the JSON, with the "
+                     "same stem, or under --out."))
+    p.add_argument("result", type=Path, metavar="RESULT.json", help="a results JSON")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="directory for the PNG (default: the JSON's)")
+    p.set_defaults(func=_plot)
+
+
+def _plot(args) -> int:
+    from ..experiments.coordcheck import plot_coordcheck
+    from ..experiments.interp import plot_interp
+    from ..experiments.transfer import plot_transfer
+
+    path = args.result
+    if not path.is_file():
+        raise UsageError(f"RESULT.json: {path} is not a file")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"RESULT.json: cannot read {path} as JSON ({exc})") from None
+    plotters = {"transfer": plot_transfer, "interp": plot_interp, "coordcheck": plot_coordcheck}
+    kind = result.get("experiment") if isinstance(result, dict) else None
+    if kind not in plotters:
+        raise UsageError(f"RESULT.json: {path} is not a result of {', '.join(plotters)} "
+                         f"(its 'experiment' is {kind!r})")
+    out = args.out if args.out is not None else path.parent
+    target = path.with_suffix(".png").name
+    prepare_output_dir(out, [target])
+    check_plotting()
+    try:
+        written = plotters[kind](result, out / target)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise UsageError(f"RESULT.json: {path} lacks what the {kind} figure needs "
+                         f"({type(exc).__name__}: {exc})") from None
+    print(f"wrote {written}")
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="pcfast", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Local learning rules under muP: train, sweep and check.",
-        epilog="Run 'pcfast COMMAND --help' for a command's options and defaults.")
+        epilog="Run 'pcfast COMMAND --help' for a command's options and defaults.\n\nexit status: 0 done; 1 the "
+               "run finished but failed (a training run diverged, an interp check failed) or its data or files "
+               "could not be read or written; 2 a usage error (nothing computed); 3 an internal error; 130 "
+               "interrupted.")
+    parser.add_argument("--version", action="version", version=f"pcfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
     _transfer_parser(sub)
     _coordcheck_parser(sub)
     _interp_parser(sub)
+    _plot_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``pcfast`` command: the exit status (``EXIT_*``); one ``pcfast COMMAND: error: …`` line on
+    stderr for every failure, never a traceback (``PCFAST_DEBUG=1`` re-raises instead)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     from ..data import DatasetError
+    from ..errors import DivergenceError
 
+    debug = bool(os.environ.get("PCFAST_DEBUG"))
     began = time.perf_counter()
+    prefix = f"pcfast {args.command}: error:"
     try:
         code = args.func(args)
-    except DatasetError as exc:
-        print(f"pcfast {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError) as exc:
-        if os.environ.get("PCFAST_DEBUG"):
-            raise
-        print(f"pcfast {args.command}: error: {exc} (set PCFAST_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"pcfast {args.command}: interrupted after {time.perf_counter() - began:.0f} s", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except UsageError as exc:
+        print(f"{prefix} {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if debug:
+            raise
+        if isinstance(exc, (DatasetError, DivergenceError)):
+            print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, OSError):
+            print(f"{prefix} {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, (ValueError, TypeError)):
+            print(f"{prefix} {_one_line(exc)} (set PCFAST_DEBUG=1 for the traceback)", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{prefix} unexpected {type(exc).__name__}: {_one_line(exc)} (a bug in pcfast: set PCFAST_DEBUG=1 "
+              "for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
     return code
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -129,11 +129,14 @@ def train_run(
     scheduler_per_step: bool = False,
     on_step: Callable[[dict], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    start_epoch: int = 0,
 ) -> dict[str, Any]:
-    """Train for ``epochs``; the batch order depends only on ``seed`` and the epoch, so every
-    configuration of a sweep sees the same batches. ``scheduler`` steps once per epoch, or once
-    per batch with ``scheduler_per_step``. Stops at the first ``DivergenceError`` (or
-    non-finite loss) and reports it instead of raising.
+    """Train epochs ``start_epoch … epochs − 1``; the batch order depends only on ``seed`` and the
+    epoch, so every configuration of a sweep sees the same batches and a run resumed at
+    ``start_epoch`` sees the batches the uninterrupted run would have. ``scheduler`` steps once per
+    epoch, or once per batch with ``scheduler_per_step``; ``on_epoch(epoch, mean_stats)`` runs after the epoch's
+    scheduler step. Stops at the first ``DivergenceError``
+    (or non-finite loss) and reports it instead of raising.
 
     Returns ``{"diverged": bool, "steps": int, "error": str | None, "mean_stats": {…}}``.
     """
@@ -141,10 +144,12 @@ def train_run(
     from ..errors import DivergenceError
 
     steps = 0
-    for epoch in range(epochs):
+    means: dict[str, float] = {}
+    for epoch in range(start_epoch, epochs):
         totals: dict[str, float] = {}
         count = 0
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        # Reduced modulo 2^64, the range torch seeds take: any integer seed gives a valid batch order.
+        generator = torch.Generator().manual_seed((seed * 1000 + epoch) % 2**64)
         for xb, yb in iterate_batches(x, labels, batch_size, generator=generator):
             opt.zero_grad()
             try:
@@ -164,9 +169,85 @@ def train_run(
         if scheduler is not None and not scheduler_per_step:
             scheduler.step()
         means = {k: v / max(count, 1) for k, v in totals.items()}
-        if on_epoch is not None:
+        if on_epoch is not None:  # after the scheduler's step: the state a resumed run starts from
             on_epoch(epoch, means)
-    return {"diverged": False, "steps": steps, "error": None, "mean_stats": means if epochs else {}}
+    return {"diverged": False, "steps": steps, "error": None, "mean_stats": means}
+
+
+# A run is *collapsing* — not merely learning slowly — when, after an epoch, one of these holds:
+CHANCE_FACTOR = 1.5  # test accuracy ≤ 1.5 / classes (chance level) from the second epoch and
+CHANCE_MIN_STEPS = 100  # this many optimizer steps on (fewer is too short a run to judge by accuracy)
+ACCURACY_DROP = 0.25  # test accuracy ≥ 0.25 below the best earlier epoch
+LOSS_RISE = 2.0  # epoch-mean train loss ≥ 2 × the lowest earlier epoch mean
+RECONSTRUCTION_RISE = 10.0  # TP/DTP: reconstruction loss ≥ 10 × its lowest earlier value while the loss rose
+
+
+def collapse_symptoms(history: list[dict[str, Any]], num_classes: int) -> dict[str, str]:
+    """What in a run's per-epoch log says that it is collapsing, as ``{kind: description}``;
+    empty while it trains normally.
+
+    ``history`` holds one entry per finished epoch with ``test_accuracy``, the optimizer ``steps``
+    taken so far and the epoch means of the step statistics (``loss``; TP/DTP also
+    ``reconstruction``). Kinds: ``"chance"`` (accuracy at chance level from the second epoch and
+    ``CHANCE_MIN_STEPS`` steps on), ``"accuracy_drop"``, ``"loss_rise"`` and ``"reconstruction_rise"``
+    (the feedback maps no longer invert the forward layers), with the thresholds ``CHANCE_FACTOR``,
+    ``ACCURACY_DROP``, ``LOSS_RISE`` and ``RECONSTRUCTION_RISE``. A first epoch alone never counts:
+    slow starters sit near chance there and recover.
+    """
+    if len(history) < 2:
+        return {}
+    *earlier, last = history
+    found: dict[str, str] = {}
+    accuracy = last.get("test_accuracy")
+    if accuracy is not None:
+        chance = 1.0 / num_classes
+        if accuracy <= CHANCE_FACTOR * chance and last.get("steps", CHANCE_MIN_STEPS) >= CHANCE_MIN_STEPS:
+            found["chance"] = f"test accuracy {accuracy:.3f}, chance is {chance:.3f}"
+        best = max((e["test_accuracy"] for e in earlier if e.get("test_accuracy") is not None), default=None)
+        if best is not None and accuracy <= best - ACCURACY_DROP:
+            found["accuracy_drop"] = f"test accuracy fell from {best:.3f} to {accuracy:.3f}"
+    losses = [e["loss"] for e in earlier if e.get("loss") is not None and math.isfinite(e["loss"])]
+    loss = last.get("loss")
+    if loss is not None and losses and not loss < LOSS_RISE * min(losses):  # a NaN loss counts too
+        found["loss_rise"] = f"train loss rose from {min(losses):.4g} to {loss:.4g}"
+    recon = [e["reconstruction"] for e in earlier if e.get("reconstruction") is not None]
+    value = last.get("reconstruction")
+    rose = loss is not None and earlier[-1].get("loss") is not None and not loss < earlier[-1]["loss"]
+    if value is not None and recon and rose and not value < RECONSTRUCTION_RISE * min(recon):
+        found["reconstruction_rise"] = f"reconstruction loss rose from {min(recon):.4g} to {value:.4g}"
+    return found
+
+
+def likely_cause(symptoms: dict[str, str], history: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    """The setting most likely behind a collapse, with the value to try, from the symptoms and the
+    run's settings (``algo``, ``lr``; for TP/DTP ``feedback_lr``, ``activation``, ``loss``, ``beta``)."""
+    algo, lr = settings["algo"], settings["lr"]
+    if algo in ("tp", "dtp") and "reconstruction_rise" in symptoms:
+        cause = (f"--lr {lr:g} is too fast for the feedback weights to keep inverting the forward layers: "
+                 f"try --lr {lr / 4:g}, or a larger --feedback-lr than {settings['feedback_lr']:g}")
+    elif set(symptoms) == {"chance"} and history[-1].get("loss") is not None \
+            and history[-1]["loss"] < history[0].get("loss", math.inf):
+        cause = (f"--lr {lr:g} is too small to learn in this many epochs (the loss falls slowly: "
+                 f"{history[0]['loss']:.4g} to {history[-1]['loss']:.4g}): try --lr {lr * 4:g}")
+    else:
+        cause = f"--lr {lr:g} is too high: try --lr {lr / 4:g}"
+    also = []
+    if algo in ("tp", "dtp") and settings.get("activation") == "relu":
+        also.append("--activation relu (dead units leave the feedback inverses ill-posed; tanh is the tested setting)")
+    if algo in ("tp", "dtp") and settings.get("loss") == "ce":
+        also.append(f"--loss ce with --beta {settings.get('beta', 0.5):g} (targets follow the softmax gradient; "
+                    "mse is the tested setting)")
+    return cause + ("; also implicated: " + "; ".join(also) if also else "")
+
+
+def collapse_warning(history: list[dict[str, Any]], num_classes: int, settings: dict[str, Any]) -> str | None:
+    """One log line saying that the run in ``history`` is collapsing and which setting is most
+    likely at fault, or ``None`` while it trains normally (see ``collapse_symptoms``)."""
+    symptoms = collapse_symptoms(history, num_classes)
+    if not symptoms:
+        return None
+    return (f"warning: {settings['algo']} is collapsing at epoch {len(history)} ({'; '.join(symptoms.values())}); "
+            f"most likely {likely_cause(symptoms, history, settings)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -265,6 +346,30 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# Figures are drawn for print: 150 dpi and fonts legible at 100% zoom.
+FIGURE_DPI = 150
+FIGURE_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+                "ytick.labelsize": 10, "legend.fontsize": 10, "legend.title_fontsize": 10}
+
+
+def stack_legends_below(fig, legends: list[dict[str, Any]], gap: float = 0.006) -> list:
+    """Figure legends (``fig.legend`` keyword sets) centred below the panels, one under the other.
+
+    Each is anchored by its upper edge under the lowest of the axes and the legends before it,
+    after a draw has fixed the layout; saving with ``bbox_inches="tight"`` then widens the canvas
+    to hold them, so none overlaps a panel or another legend and none is clipped."""
+    fig.canvas.draw()
+    inverse = fig.transFigure.inverted()
+    top = min(ax.get_tightbbox().transformed(inverse).y0 for ax in fig.axes) - gap
+    placed = []
+    for spec in legends:
+        legend = fig.legend(loc="upper center", bbox_to_anchor=(0.5, top), frameon=True, **spec)
+        fig.canvas.draw()
+        top = legend.get_window_extent().transformed(inverse).y0 - gap
+        placed.append(legend)
+    return placed
 
 
 def progress(total: int, desc: str, enabled: bool = True):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .common import machine, machine_line, progress, pyplot, write_json
+from .common import FIGURE_DPI, FIGURE_STYLE, machine, machine_line, progress, pyplot, write_json
 
 
 @dataclass
@@ -223,6 +223,8 @@ def run_interp(settings: InterpSettings, *, show_progress: bool = True) -> dict[
 
 
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The acceptance checks of the theory on this run; each carries a ``hint`` naming the setting
+    that usually makes a failed one pass (``pcfast interp`` prints it and exits 1)."""
     summary = result["summary"]
     widths = result["settings"]["widths"]
     out = []
@@ -230,16 +232,22 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     if zero:
         series = [e["cos_pc_gd"] for e in zero]
         out.append({"check": "gamma_bar 0: cos(PC, GD) rises toward 1 with width (widest >= 0.99 and above the smallest)",
-                    "passed": series[-1] >= 0.99 and series[-1] > series[0], "value": series})
+                    "passed": series[-1] >= 0.99 and series[-1] > series[0], "value": series,
+                    "hint": "PC reaches GD only at large width: include wider networks (--widths up to 2048), "
+                            "or a smaller --gamma"})
     minus = [e for e in summary if e["gamma_bar"] == -1.0 and e["width"] == widths[0]]
     if minus:
         e = minus[0]
         out.append({"check": "gamma_bar -1, smallest width: cos(PC, GNT) > cos(PC, GD)",
                     "passed": e["cos_pc_gnt"] > e["cos_pc_gd"],
-                    "value": {"cos_pc_gnt": e["cos_pc_gnt"], "cos_pc_gd": e["cos_pc_gd"], "width": e["width"]}})
+                    "value": {"cos_pc_gnt": e["cos_pc_gnt"], "cos_pc_gd": e["cos_pc_gd"], "width": e["width"]},
+                    "hint": "PC leans toward Gauss-Newton when the output precision dominates: raise --gamma "
+                            "(e.g. 10), or let the smallest width equal --base-width"})
     worst = max(e["max_rel_error_vs_closed_form"] for e in summary + result.get("gamma_summary", []))
     out.append({"check": "relaxed PC update matches the closed-form equilibrium (relative error < 1e-3)",
-                "passed": worst < 1e-3, "value": worst})
+                "passed": worst < 1e-3, "value": worst,
+                "hint": "the relaxation has not settled: raise --inference-steps (e.g. 400), or --kappa-scale "
+                        "toward 1"})
     return out
 
 
@@ -254,18 +262,31 @@ def format_interp(result: dict[str, Any]) -> str:
                      f"cos(PC,GD) {e['cos_pc_gd']:.4f}, cos(PC,GNT) {e['cos_pc_gnt']:.4f}")
     for c in result["checks"]:
         lines.append(f"[{'PASS' if c['passed'] else 'FAIL'}] {c['check']}: {c['value']}")
+        if not c["passed"] and c.get("hint"):
+            lines.append(f"       hint: {c['hint']}")
     return "\n".join(lines)
 
 
 def plot_interp(result: dict[str, Any], path: Path) -> Path:
     """Four panels: 1 − cos(PC, GD) against width; cos(PC, GNT) − cos(PC, GD) against width; both
-    cosines against inference steps; per-layer cosines against the output precision γ_L."""
+    cosines against inference steps; per-layer cosines against the output precision γ_L.
+
+    A function of ``result`` (the JSON ``run_interp`` writes) alone: ``pcfast plot interp.json``
+    draws it again. Print resolution, legends under their panels, constrained layout (nothing
+    clipped)."""
     plt = pyplot()
+    with plt.rc_context(FIGURE_STYLE):
+        return _plot_interp(plt, result, path)
+
+
+def _plot_interp(plt, result: dict[str, Any], path: Path) -> Path:
     settings = result["settings"]
     summary = result["summary"]
     gamma_bars = settings["gamma_bars"]
     colors = plt.get_cmap("plasma")([0.1 + 0.7 * k / max(len(gamma_bars) - 1, 1) for k in range(len(gamma_bars))])
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.3))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 11), layout="constrained")
+    axes = list(grid.flat)
+    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.15)}
     ax = axes[0]
     for k, gb in enumerate(gamma_bars):
         mine = [e for e in summary if e["gamma_bar"] == gb]
@@ -278,8 +299,8 @@ def plot_interp(result: dict[str, Any], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("width")
     ax.set_ylabel("1 − cosine (mean over layers, seeds)")
-    ax.set_title("distance of the PC update from GD", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("distance of the PC update from GD")
+    ax.legend(ncols=2, **below)
     ax = axes[1]
     for k, gb in enumerate(gamma_bars):
         mine = [e for e in summary if e["gamma_bar"] == gb]
@@ -289,8 +310,8 @@ def plot_interp(result: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("width")
     ax.set_ylabel("cos(PC, GNT) − cos(PC, GD)")
-    ax.set_title("> 0: PC closer to Gauss–Newton than to GD", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("> 0: PC closer to Gauss–Newton than to GD")
+    ax.legend(ncols=3, **below)
     ax = axes[2]
     for record in result["records"]:
         if "curve" not in record:
@@ -305,14 +326,14 @@ def plot_interp(result: dict[str, Any], path: Path) -> Path:
                for v in (_mean(p["gd"]), _mean(p["gnt"]))]
     if settled:  # T < L − 1 leaves some layers without an error (cosine 0): keep them off the scale
         low = min(settled)
-        ax.set_ylim(low - 0.15 * (1.0 - low), 1.0 + 0.45 * (1.0 - low))  # headroom for the legend
+        ax.set_ylim(low - 0.15 * (1.0 - low), 1.0 + 0.15 * (1.0 - low))
         ax.text(0.03, 0.04, "T = 0, 1: only the top layers have errors\n(mean cosine ⅓, ⅔; below the axis)",
-                transform=ax.transAxes, fontsize=7)
+                transform=ax.transAxes, fontsize=10)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("inference steps T (T = 0 drawn at 0.5)")
     ax.set_ylabel("cosine (mean over layers)")
-    ax.set_title(f"relaxation, width {settings['steps_curve_width']} (layer l learns from T ≥ L − l)", fontsize=10)
-    ax.legend(fontsize=6.5, ncol=2, loc="upper right")
+    ax.set_title(f"relaxation, width {settings['steps_curve_width']} (layer l learns from T ≥ L − l)")
+    ax.legend(ncols=2, **below)
     ax = axes[3]
     records = result.get("gamma_records", [])
     if records:
@@ -328,19 +349,19 @@ def plot_interp(result: dict[str, Any], path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("output precision γ_L")
         ax.set_ylabel("cosine per layer")
-        ax.set_title(f"interpolation by γ_L, width {records[0]['width']} (last layer: GD = GNT)", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_title(f"interpolation by γ_L, width {records[0]['width']} (last layer: GD = GNT)")
+        ax.legend(ncols=2, **below)
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
     data = result["data"]
+    seeds = len(settings["seeds"])
     fig.suptitle(
-        f"PC in deep linear networks: {settings['hidden_layers'] + 1} layers, {data['dataset']} batch {data['batch_size']}, "
-        f"μP base width {settings['base_width']}, γ_L = {settings['gamma']:g}·m^(−γ̄_L), T = {settings['inference_steps']} "
-        f"(checked against the closed-form equilibrium), {len(settings['seeds'])} seed(s) — "
-        f"{machine_line(result['machine'])}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+        f"PC in deep linear networks: {settings['hidden_layers'] + 1} layers, {data['dataset']} batch "
+        f"{data['batch_size']}, μP base width {settings['base_width']}, γ_L = {settings['gamma']:g}·m^(−γ̄_L)\n"
+        f"T = {settings['inference_steps']} (checked against the closed-form equilibrium), {seeds} "
+        f"seed{'s' if seeds != 1 else ''} — {machine_line(result['machine'])}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path
 

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from .common import (
+    FIGURE_DPI,
+    FIGURE_STYLE,
     Variant,
     build,
     evaluate,
@@ -33,6 +35,7 @@ from .common import (
     progress,
     pyplot,
     resolve_device,
+    stack_legends_below,
     train_run,
     write_csv,
     write_json,
@@ -132,6 +135,21 @@ def _run_key(variant: Variant, par, width: int, log2_lr: int, seed: int) -> tupl
     return (variant.algo, width, log2_lr, seed, layers)
 
 
+def _planned_key(settings: TransferSettings, variant: Variant, preset: str, width: int, log2_lr: int, seed: int,
+                 input_dim: int, num_classes: int) -> tuple:
+    """``_run_key`` of a configuration without building it: the parametrization of a model whose
+    parameters live on the meta device (no memory, no init), so a sweep knows before training
+    which runs are shared and how many it will train."""
+    from ..mup import make_mlp, parametrize
+
+    with torch.device("meta"):
+        model = make_mlp(input_dim, width, num_classes, hidden_layers=settings.hidden_layers,
+                         activation=settings.activation)
+    par = parametrize(model, preset, algo=variant.algo, base_width=settings.base_width, gamma_bar=variant.gamma_bar,
+                      readout_scale=settings.readout_scale(variant.name), init=False)
+    return _run_key(variant, par, width, log2_lr, seed)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -148,22 +166,30 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
     variants = [parse_variant(v) for v in settings.variants]
     configs = [(v, p, w, e) for v in variants for p in settings.parametrizations
                for w in settings.widths for e in settings.grid(v.name)]
+    keys = {(variant, preset, width, log2_lr, seed): _planned_key(settings, variant, preset, width, log2_lr, seed,
+                                                                  data.num_features, data.num_classes)
+            for variant, preset, width, log2_lr in configs for seed in settings.seeds}
     cache: dict[tuple, dict] = {}
     rows = []
-    bar = progress(len(configs) * len(settings.seeds), f"transfer {settings.name}", show_progress)
+    # The bar counts runs trained: a run shared with an identical earlier one costs nothing.
+    bar = progress(len(set(keys.values())), f"transfer {settings.name}", show_progress)
     for variant, preset, width, log2_lr in configs:
         mine = []
         for seed in settings.seeds:
-            bar.set_postfix_str(f"{variant.name} {preset} width {width} lr 2^{log2_lr} seed {seed}")
-            model, par, opt = build(
-                variant, preset, width, input_dim=data.num_features, num_classes=data.num_classes, lr=2.0**log2_lr,
-                base_width=settings.base_width, hidden_layers=settings.hidden_layers, activation=settings.activation,
-                readout_scale=settings.readout_scale(variant.name), seed=seed, momentum=settings.momentum,
-                loss=settings.loss, inference_steps=settings.inference_steps, inference_lr=settings.inference_lr,
-                beta=settings.beta, feedback_lr=settings.feedback_lr, backend=settings.backend, device=device)
-            key = _run_key(variant, par, width, log2_lr, seed)
+            key = keys[(variant, preset, width, log2_lr, seed)]
             shared = key in cache
             if not shared:
+                bar.set_postfix_str(f"{variant.name} {preset} width {width} lr 2^{log2_lr} seed {seed}")
+                model, par, opt = build(
+                    variant, preset, width, input_dim=data.num_features, num_classes=data.num_classes,
+                    lr=2.0**log2_lr, base_width=settings.base_width, hidden_layers=settings.hidden_layers,
+                    activation=settings.activation, readout_scale=settings.readout_scale(variant.name), seed=seed,
+                    momentum=settings.momentum, loss=settings.loss, inference_steps=settings.inference_steps,
+                    inference_lr=settings.inference_lr, beta=settings.beta, feedback_lr=settings.feedback_lr,
+                    backend=settings.backend, device=device)
+                if _run_key(variant, par, width, log2_lr, seed) != key:  # the plan and the build must agree
+                    raise RuntimeError(f"transfer: planned and built parametrizations differ for {variant.name} "
+                                       f"{preset} width {width}")
                 began = time.perf_counter()
                 scheduler = None
                 if settings.schedule == "cosine":
@@ -183,11 +209,11 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
                     "diverged": diverged, "steps": outcome["steps"], "error": outcome["error"],
                     "seconds": round(time.perf_counter() - began, 3),
                 }
+                bar.update()
             run = {"variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar,
                    "parametrization": preset, "width": width, "log2_lr": log2_lr, "lr": 2.0**log2_lr, "seed": seed,
                    **cache[key], "shared": shared}
             mine.append(run)
-            bar.update()
         diverged = any(r["diverged"] for r in mine)
         rows.append({
             "variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar, "parametrization": preset,
@@ -274,7 +300,8 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def checks(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's acceptance criteria, evaluated on this sweep (recorded, never raised)."""
+    """The acceptance criteria, evaluated on this sweep (recorded, never raised: they are findings
+    about the sweep, not errors of the command, so they leave its exit status alone)."""
     by = {(e["variant"], e["parametrization"]): e for e in summary}
     out = []
     for variant in ("bp", "pc", "dtp"):
@@ -316,6 +343,8 @@ def format_summary(result: dict[str, Any]) -> str:
         better = {True: "yes", False: "no", None: "—"}[e["wider_is_better"]]
         lines.append(f"{e['variant']:<8}{e['parametrization']:<6}" + "".join(cells) + f"{drift:>7}  {better}")
     lines.append("! = optimum at the edge of the grid (widen the grid to locate it)")
+    if result["checks"]:
+        lines.append("acceptance checks (findings of this sweep, also in the JSON; they do not change the exit status):")
     for c in result["checks"]:
         lines.append(f"[{'PASS' if c['passed'] else 'FAIL'}] {c['check']}: {c['value']}")
     return "\n".join(lines)
@@ -326,69 +355,87 @@ CSV_COLUMNS = ["variant", "algo", "gamma_bar", "parametrization", "width", "log2
 
 
 def plot_transfer(result: dict[str, Any], path: Path) -> Path:
-    """One panel per variant × parametrization: train loss against log2 lr, a curve per width."""
+    """One panel per variant × parametrization: train loss against log2 lr, a curve per width.
+
+    A function of ``result`` (the JSON ``run_transfer`` writes) alone, so ``pcfast plot
+    transfer_<name>.json`` draws it again without training. One legend, below the panels and outside
+    them, names the widths and the markers; the layout is constrained so that no title, label or
+    legend is clipped.
+    """
     plt = pyplot()
     from matplotlib import ticker
+    from matplotlib.lines import Line2D
 
     settings = result["settings"]
     variants, presets, widths = settings["variants"], settings["parametrizations"], settings["widths"]
     cap = result["zero_output_loss"]  # no better than predicting zero: shown at the cap
-    colors = plt.get_cmap("viridis")([0.1 + 0.8 * k / max(len(widths) - 1, 1) for k in range(len(widths))])
-    fig, axes = plt.subplots(len(variants), len(presets), figsize=(4.2 * len(presets), 2.7 * len(variants)),
-                             squeeze=False)
-    summary = {(e["variant"], e["parametrization"]): e for e in result["summary"]}
-    for i, variant in enumerate(variants):
-        label = parse_variant(variant).label
-        for j, preset in enumerate(presets):
-            ax = axes[i][j]
-            e = summary[(variant, preset)]
-            for k, width in enumerate(widths):
-                mine = sorted((r for r in result["rows"] if r["variant"] == variant and r["parametrization"] == preset
-                               and r["width"] == width), key=lambda r: r["log2_lr"])
-                xs = [r["log2_lr"] for r in mine]
-                ys = [cap if r["diverged"] else min(r["train_loss"], cap) for r in mine]
-                ax.plot(xs, ys, "-", color=colors[k], lw=1.4, label=f"{width}")
-                ok = [(a, b) for a, b, r in zip(xs, ys, mine) if not r["diverged"] and r["train_loss"] < cap]
-                if ok:
-                    ax.plot(*zip(*ok), "o", color=colors[k], ms=3)
-                big = [(a, cap) for a, r in zip(xs, mine) if not r["diverged"] and r["train_loss"] >= cap]
-                if big:
-                    ax.plot(*zip(*big), "^", color=colors[k], ms=6, mfc="none")
-                bad = [(a, cap) for a, r in zip(xs, mine) if r["diverged"]]
-                if bad:
-                    ax.plot(*zip(*bad), "x", color=colors[k], ms=7, mew=1.6)
-                best = e["optimum"][k]
-                if best["log2_lr"] is not None:
-                    ax.plot([best["log2_lr"]], [min(best["train_loss"], cap)], "*", color=colors[k], ms=13, mec="black",
-                            mew=0.8, zorder=5)
-            drift = e["drift_steps"]
-            text = "optimum drift: " + ("—" if drift is None else f"{drift:+d} step" + ("s" if abs(drift) != 1 else ""))
-            ax.text(0.03, 0.04, text, transform=ax.transAxes, fontsize=8,
-                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.7"})
+    with plt.rc_context(FIGURE_STYLE):
+        colors = plt.get_cmap("viridis")([0.1 + 0.8 * k / max(len(widths) - 1, 1) for k in range(len(widths))])
+        fig, axes = plt.subplots(len(variants), len(presets), figsize=(4.8 * len(presets) + 0.6, 3.1 * len(variants) + 1.8),
+                                 squeeze=False, layout="constrained")
+        summary = {(e["variant"], e["parametrization"]): e for e in result["summary"]}
+        for i, variant in enumerate(variants):
+            label = parse_variant(variant).label
             finite = [r["train_loss"] for r in result["rows"] if r["variant"] == variant and not r["diverged"]]
             low = min(finite, default=0.0)
-            ax.set_ylim(max(0.0, low - 0.08 * (cap - low)), cap + 0.1 * (cap - low))
-            ax.axhline(cap, color="0.6", lw=0.8, ls=":")
-            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-            ax.set_title(f"{label} · {'μP' if preset == 'mup' else 'SP'}", fontsize=10)
-            ax.grid(alpha=0.3, which="both")
-            if i == len(variants) - 1:
-                ax.set_xlabel("log2 learning rate")
-            if j == 0:
-                ax.set_ylabel("train loss")
-    axes[0][-1].legend(title="width", fontsize=7, title_fontsize=7, loc="upper left")
-    data = result["data"]
-    fig.suptitle(
-        f"μTransfer ({settings['name']}): {data['dataset']}, {data['train_size']} train images, {settings['epochs']} "
-        f"epochs, batch {settings['batch_size']}, momentum {settings['momentum']:g}, base width {settings['base_width']}, "
-        f"PC T={settings['inference_steps']}, mean of {len(settings['seeds'])} seed(s)\n"
-        f"★ optimum · × diverged · △ loss ≥ {cap:.2g} (no better than predicting zero; capped)  —  "
-        f"{machine_line(result['machine'])}",
-        fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=75)
-    plt.close(fig)
+            for j, preset in enumerate(presets):
+                ax = axes[i][j]
+                e = summary[(variant, preset)]
+                for k, width in enumerate(widths):
+                    mine = sorted((r for r in result["rows"] if r["variant"] == variant
+                                   and r["parametrization"] == preset and r["width"] == width),
+                                  key=lambda r: r["log2_lr"])
+                    xs = [r["log2_lr"] for r in mine]
+                    ys = [cap if r["diverged"] else min(r["train_loss"], cap) for r in mine]
+                    ax.plot(xs, ys, "-", color=colors[k], lw=1.8)
+                    ok = [(a, b) for a, b, r in zip(xs, ys, mine) if not r["diverged"] and r["train_loss"] < cap]
+                    if ok:
+                        ax.plot(*zip(*ok), "o", color=colors[k], ms=4)
+                    big = [(a, cap) for a, r in zip(xs, mine) if not r["diverged"] and r["train_loss"] >= cap]
+                    if big:
+                        ax.plot(*zip(*big), "^", color=colors[k], ms=8, mfc="none", mew=1.5)
+                    bad = [(a, cap) for a, r in zip(xs, mine) if r["diverged"]]
+                    if bad:
+                        ax.plot(*zip(*bad), "x", color=colors[k], ms=9, mew=2.0)
+                    best = e["optimum"][k]
+                    if best["log2_lr"] is not None:
+                        ax.plot([best["log2_lr"]], [min(best["train_loss"], cap)], "*", color=colors[k], ms=16,
+                                mec="black", mew=0.9, zorder=5)
+                drift = e["drift_steps"]
+                text = "optimum drift: " + ("—" if drift is None else f"{drift:+d} step" + ("s" if abs(drift) != 1 else ""))
+                ax.text(0.03, 0.05, text, transform=ax.transAxes, fontsize=10,
+                        bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.7"})
+                ax.set_ylim(max(0.0, low - 0.08 * (cap - low)), cap + 0.1 * (cap - low))
+                ax.axhline(cap, color="0.5", lw=1.0, ls=":")
+                ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+                ax.set_title(f"{label} · {'μP' if preset == 'mup' else 'SP'}")
+                ax.grid(alpha=0.3, which="both")
+                if i == len(variants) - 1:
+                    ax.set_xlabel("log2 learning rate")
+                if j == 0:
+                    ax.set_ylabel("train loss")
+        width_handles = [Line2D([], [], color=colors[k], lw=2.2, marker="o", ms=5, label=f"{w}")
+                         for k, w in enumerate(widths)]
+        key_handles = [
+            Line2D([], [], ls="none", marker="*", ms=15, color="0.6", mec="black", mew=0.9,
+                   label="optimum (lowest loss per width)"),
+            Line2D([], [], ls="none", marker="x", ms=9, mew=2.0, color="0.3", label="diverged (drawn at the cap)"),
+            Line2D([], [], ls="none", marker="^", ms=8, mfc="none", mew=1.5, color="0.3",
+                   label=f"loss ≥ {cap:.2g} (drawn at the cap)"),
+            Line2D([], [], ls=":", lw=1.2, color="0.5", label=f"cap: loss of the zero output, {cap:.2g}"),
+        ]
+        stack_legends_below(fig, [dict(handles=width_handles, title="width", ncols=len(widths)),
+                                  dict(handles=key_handles, ncols=2)])
+        data = result["data"]
+        seeds = len(settings["seeds"])
+        fig.suptitle(
+            f"μTransfer ({settings['name']}): train loss after {settings['epochs']} epochs against learning rate\n"
+            f"{data['dataset']}, {data['train_size']} train images, batch {settings['batch_size']}, momentum "
+            f"{settings['momentum']:g}, base width {settings['base_width']}, PC T={settings['inference_steps']}, "
+            f"mean of {seeds} seed{'s' if seeds != 1 else ''}\n{machine_line(result['machine'])}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight", pad_inches=0.15)
+        plt.close(fig)
     return path
 
 

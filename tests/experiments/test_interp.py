@@ -31,8 +31,14 @@ def test_interp_writes_cosines_and_checks(tmp_path, pcfast_cli):
                       "--gamma-sweep", "0.01", "10", "--batch-size", "16", "--inference-steps", "200",
                       "--steps-curve", "0", "1", "10", "--steps-curve-width", "32", "--seeds", "0", "--no-progress",
                       "--out", tmp_path)
-    assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "interp.json").read_text())
+    # Widths up to 128 leave cos(PC, GD) below 0.99 at γ̄ = 0: that check fails, exits 1 and says what fixes it.
+    verdict = {c["check"].split(":")[0]: c["passed"] for c in result["checks"]}
+    assert verdict == {"gamma_bar 0": False, "gamma_bar -1, smallest width": True, "relaxed PC update matches the "
+                       "closed-form equilibrium (relative error < 1e-3)": True}
+    assert proc.returncode == 1, proc.stderr
+    assert "[FAIL] gamma_bar 0" in proc.stdout and "hint: PC reaches GD only at large width" in proc.stdout
+    assert "1 acceptance check(s) failed" in proc.stderr and "Traceback" not in proc.stderr
     assert len(result["records"]) == 2 * 2
     summary = {(e["gamma_bar"], e["width"]): e for e in result["summary"]}
     assert set(summary) == {(0.0, 32), (0.0, 128), (-1.0, 32), (-1.0, 128)}
@@ -61,3 +67,18 @@ def test_interp_rejects_bad_settings(tmp_path, pcfast_main):
     assert code == 2 and "[-1, 0]" in err
     code, _, err = pcfast_main("interp", "--kappa-scale", "3", "--out", tmp_path)
     assert code == 2 and "--kappa-scale" in err
+
+
+@pytest.mark.parametrize("passed, status", [(True, 0), (False, 1)])
+def test_interp_exit_status_follows_its_checks(tmp_path, pcfast_main, monkeypatch, passed, status):
+    from pcfast.experiments import interp
+
+    check = {"check": "relaxed PC update matches the closed-form equilibrium (relative error < 1e-3)",
+             "passed": passed, "value": 0.5, "hint": "the relaxation has not settled: raise --inference-steps"}
+    monkeypatch.setattr(interp, "run_interp", lambda settings, show_progress=True: {"checks": [check], "seconds": 0.0})
+    monkeypatch.setattr(interp, "write_interp", lambda result, out: [])
+    original = interp.format_interp
+    monkeypatch.setattr(interp, "format_interp", lambda result: original({"summary": [], **result}))
+    code, out, _ = pcfast_main("interp", "--out", tmp_path)
+    assert code == status
+    assert ("hint: the relaxation has not settled" in out) is (not passed)

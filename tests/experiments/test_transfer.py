@@ -170,3 +170,91 @@ def test_transfer_on_the_triton_backend_matches_the_torch_backend(tmp_path, pcfa
         assert not fused["diverged"] and 0 < fused["train_loss"] < 1
         if fused["variant"] == "pc":  # the shared float32 tolerance (pcfast.testing)
             assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=tolerance("float32").rtol)
+
+
+def test_the_progress_bar_counts_the_runs_trained_not_the_shared_ones(monkeypatch):
+    """3 variants × 2 parametrizations × 2 widths × 1 rate = 12 runs, 7 of them trained: at the base
+    width μP is SP (shared), and under SP or at the base width PC's γ̄_L changes nothing."""
+    from pcfast.experiments import transfer
+    from pcfast.experiments.common import _NoBar
+
+    bars = []
+
+    class Recorder(_NoBar):
+        def __init__(self, total, desc, enabled=True):
+            self.total, self.updates = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates += n
+
+    monkeypatch.setattr(transfer, "progress", Recorder)
+    settings = transfer.settings_for("quick", widths=(16, 32), base_width=16, train_size=64, epochs=1, batch_size=32,
+                                     inference_steps=2, seeds=(0,), variants=("bp", "pc", "pc:-1"))
+    settings.grids = {v: (-5, -5) for v in settings.variants}
+    result = transfer.run_transfer(settings, say=lambda *a: None)
+    (bar,) = bars
+    assert len(result["rows"]) == 12 and sum(r["shared"] for r in result["rows"]) == 5
+    assert bar.total == bar.updates == result["runs_trained"] == 7
+
+
+def _small_result() -> dict:
+    """A results JSON as ``run_transfer`` writes it, for one variant at two widths (made up)."""
+    settings = {"name": "small", "variants": ["bp"], "parametrizations": ["sp", "mup"], "widths": [64, 1024],
+                "epochs": 2, "batch_size": 32, "momentum": 0.9, "base_width": 64, "inference_steps": 5, "seeds": [0, 1]}
+    result = {"experiment": "transfer", "settings": settings, "zero_output_loss": 0.5,
+              "data": {"dataset": "mnist5k", "train_size": 1024, "test_size": 1000, "note": None},
+              "machine": {"cpu": "a CPU", "cores": 2, "torch": "2", "gpu": None},
+              "rows": _rows({("bp", "mup", 64): [0.5, 0.3, 0.4, None], ("bp", "mup", 1024): [0.4, 0.3, 0.2, None],
+                             ("bp", "sp", 64): [0.5, 0.3, 0.4, None], ("bp", "sp", 1024): [0.25, 0.6, None, None]})}
+    result["summary"] = summarize(result)
+    return result
+
+
+def test_plot_draws_the_figure_again_from_the_json_alone(tmp_path, pcfast_main):
+    """``pcfast plot`` on a results JSON: a print-resolution PNG next to it, the same bytes every time."""
+    from PIL import Image
+
+    source = tmp_path / "transfer_small.json"
+    source.write_text(json.dumps(_small_result()))
+    for out in ("a", "b"):
+        code, stdout, err = pcfast_main("plot", source, "--out", tmp_path / out)
+        assert code == 0, err
+        assert f"wrote {tmp_path / out / 'transfer_small.png'}" in stdout
+    image = Image.open(tmp_path / "a" / "transfer_small.png")
+    assert image.info["dpi"][0] == pytest.approx(150, abs=1) and image.size[0] >= 1400
+    assert (tmp_path / "a" / "transfer_small.png").read_bytes() == (tmp_path / "b" / "transfer_small.png").read_bytes()
+    code, _, err = pcfast_main("plot", source)  # next to the JSON by default
+    assert code == 0 and (tmp_path / "transfer_small.png").read_bytes() == (tmp_path / "a" / "transfer_small.png").read_bytes()
+    (tmp_path / "bad.json").write_text(json.dumps({"experiment": "transfer"}))
+    code, _, err = pcfast_main("plot", tmp_path / "bad.json")
+    assert code == 2 and "lacks what the transfer figure needs" in err
+
+
+def test_the_figure_keeps_every_label_and_legend_inside_the_image(tmp_path):
+    """Every title, label and legend of the figure lies inside the saved canvas (nothing clipped), and
+    the two legends (widths, marker key) sit below every panel, one under the other."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pcfast.experiments.transfer import plot_transfer
+
+    captured = {}
+    close = plt.close
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt, "close", lambda fig=None: captured.setdefault("fig", fig))
+        plot_transfer(_small_result(), tmp_path / "t.png")
+    fig = captured["fig"]
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.get_tightbbox(renderer)  # what bbox_inches="tight" saved, in inches
+    texts = [fig._suptitle, *fig.legends] + [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    assert len(fig.legends) == 2
+    for artist in texts:
+        box = artist.get_window_extent(renderer).transformed(fig.dpi_scale_trans.inverted())
+        assert canvas.x0 - 1e-6 <= box.x0 and box.x1 <= canvas.x1 + 1e-6, artist
+        assert canvas.y0 - 1e-6 <= box.y0 and box.y1 <= canvas.y1 + 1e-6, artist
+    widths, key = (legend.get_window_extent(renderer) for legend in fig.legends)
+    assert all(widths.y1 <= ax.get_tightbbox(renderer).y0 + 1 for ax in fig.axes) and key.y1 <= widths.y0
+    close(fig)
