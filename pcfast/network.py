@@ -146,7 +146,7 @@ def _collect(module: nn.Module, name: str, chain: list[tuple[str, nn.Module]], u
         _collect(inner, f"{name}._orig_mod", chain, unread)
         return
     if module._forward_hooks or module._forward_pre_hooks:
-        unread.append(name)
+        unread.append(f"the forward hooks of {name}")
     if _is_leaf_layer(module):
         chain.append((name, module))
         return
@@ -175,15 +175,15 @@ def _collect(module: nn.Module, name: str, chain: list[tuple[str, nn.Module]], u
             raise TypeError(
                 f"{name}: {type(module).__name__} has parameters of its own ({', '.join(own)}) besides its "
                 "submodules; pcfast trains only the nn.Linear layers of a chain — move the computation into "
-                f"supported layers, or train this model with a torch.optim optimizer"
+                "supported layers, or train this model with a torch.optim optimizer"
             )
-        unread.append(name)
+        unread.append(f"the forward of {name}")
     indexed = isinstance(module, (nn.Sequential, nn.ModuleList))
     for key, child in children:
         _collect(child, f"{name}[{key}]" if indexed else f"{name}.{key}", chain, unread)
 
 
-def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]]) -> None:
+def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]], unread: list[str]) -> None:
     """Raise ``TypeError`` unless ``model(x)`` equals the chain on a small random batch.
 
     The probe runs in eval mode (Dropout off, restored afterwards) without gradients, on inputs from
@@ -200,9 +200,11 @@ def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]]) -> None
                     device=first.weight.device, dtype=first.weight.dtype)
     layers = ", ".join(f"{key} ({type(module).__name__})" for key, module in chain)
     what = (f"model: {type(model).__name__}'s forward must compute exactly the chain pcfast reads from its "
-            f"submodules in registration order — {layers} — since pcfast's optimizers train that chain")
-    advice = ("define the model as nn.Sequential(...), or hold one (self.net = nn.Sequential(...)) and "
-              "return self.net(x) from forward, with each activation a module (nn.Tanh(), not torch.tanh)")
+            f"submodules in registration order — {layers} — since pcfast's optimizers train that chain "
+            f"(it cannot read {', '.join(unread)}, so it ran the model once to compare)")
+    advice = ("Define the model as nn.Sequential(...), or hold one (self.net = nn.Sequential(...)) and "
+              "return self.net(x) from forward, with each activation a module (nn.Tanh(), not torch.tanh) "
+              "and no forward hook that changes outputs")
     modes = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
@@ -319,7 +321,7 @@ def parse_mlp(model: nn.Module) -> MLP:
             "readout — remove the last activation (use loss='ce' for classification)"
         )
     if unread:
-        _check_forward(top, chain)
+        _check_forward(top, chain, unread)
     if dropouts:
         warnings.warn(
             f"{', '.join(dropouts)}: nn.Dropout is the identity for pcfast's optimizers — the local "

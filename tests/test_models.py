@@ -197,6 +197,31 @@ def test_dropout_is_the_identity_and_warns():
     assert torch.equal(model.eval()(x), nn.Sequential(*layers())(x))
 
 
+class LoopsModuleList(nn.Module):
+    def __init__(self, modules):
+        super().__init__()
+        self.layers = nn.ModuleList(modules)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("algo", ["pc", "dtp"])
+def test_module_list_and_observing_hook_are_accepted(algo):
+    """A ModuleList looped in forward is a chain too; a hook that only records passes the probe
+    (which calls it once, as documented)."""
+    assert_trained_like_bare(LoopsModuleList(layers()), algo, "torch")
+    seen = []
+    model = nn.Sequential(*layers())
+    model[2].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    assert_trained_like_bare(model, algo, "torch")
+    seen.clear()
+    parse_mlp(model)
+    assert seen == [torch.Size([4, 6])]  # one probe batch of 4 per parse
+
+
 def test_probe_restores_training_mode_and_global_random_state():
     model = HoldsSequential([*layers()[:2], nn.Dropout(0.5), *layers()[2:]])
     model.net[1].eval()  # a mixed state must come back as it was
@@ -252,15 +277,16 @@ def _hooked():
     return model
 
 
-WHAT_TO_DO = "define the model as nn.Sequential"
+WHAT_TO_DO = "Define the model as nn.Sequential"
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: Residual(layers()), rf"model: Residual's forward must compute exactly the chain .*differ by up to .*{WHAT_TO_DO}"),
+    (lambda: Residual(layers()), rf"model: Residual's forward must compute exactly the chain .*cannot read the forward of model,"
+                                 rf".*differ by up to .*{WHAT_TO_DO}"),
     (lambda: FunctionalActivation(), rf"FunctionalActivation's forward .* model.fc1 \(Linear\), model.fc2 \(Linear\).*nn.Tanh\(\), not torch.tanh"),
     (lambda: ReturnsTuple(layers()), rf"ReturnsTuple's forward .*returned tuple.*{WHAT_TO_DO}"),
     (lambda: NeedsImages(layers()), rf"NeedsImages's forward .*raised RuntimeError.*{WHAT_TO_DO}"),
-    (_hooked, rf"model: Sequential's forward .*differ by up to.*{WHAT_TO_DO}"),
+    (_hooked, rf"model: Sequential's forward .*cannot read the forward hooks of model\[4\].*differ by up to.*{WHAT_TO_DO}"),
     (lambda: Scaled(layers()), r"model: Scaled has parameters of its own \(scale\).*train this model with a torch.optim"),
     (lambda: nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)),
      r"model\[1\]: LayerNorm is not supported: .*couples the units of a layer.*Remove it"),
