@@ -20,8 +20,8 @@ from .activations import check_activation
 from .errors import DivergenceError
 from .sgd import LayerSGD, layer_updates
 from .network import (
-    SCHEDULES, _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params,
-    check_sequence, check_tensor, resolve_precisions,
+    _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params, check_pc_options,
+    check_sequence, check_tensor, check_tp_options, resolve_precisions,
 )
 from .results import FeedbackResult, GradResult, PCResult, TPResult
 
@@ -35,12 +35,6 @@ def _check_network(weights, biases, activations) -> None:
     check_params(weights, biases, activations)
     for l, act in enumerate(activations):
         check_activation(act, f"activations[{l}]")
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
 
 
 def _readable(t: Tensor | None) -> Tensor | None:
@@ -146,11 +140,9 @@ def pc_train_step(
     _check_network(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
     gammas = resolve_precisions(precisions, len(weights))
-    check_int("inference_steps", inference_steps)
-    inference_lr = check_number("inference_lr", inference_lr)
-    _check_choice("schedule", schedule, SCHEDULES)
-    check_bool("fpa", fpa)
-    check_bool("return_trajectory", return_trajectory)
+    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
+                     return_trajectory=return_trajectory)
+    inference_lr = float(inference_lr)
     if sgd is not None:
         _check_sgd(sgd, weights, biases)
     name, fn = ops.resolve(backend, "pc_train_step", x.device, weights[0].dtype)
@@ -289,8 +281,8 @@ def tp_train_step(
     _check_network(weights, biases, activations)
     psi = _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
     target = check_batch(x, y, weights, loss)
-    beta = check_number("beta", beta, allow_zero=True)
-    check_bool("difference", difference)
+    check_tp_options(beta=beta, difference=difference)
+    beta = float(beta)
     _, fn = ops.resolve(backend, "tp_train_step", x.device, weights[0].dtype)
     inputs = _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
                      feedback_biases=feedback_biases)

@@ -396,6 +396,23 @@ def check_number(name: str, value, *, allow_zero: bool = False) -> float:
     return value
 
 
+def check_pc_options(*, inference_steps, inference_lr, schedule, fpa, return_trajectory=False) -> None:
+    """The scalar settings of a PC step, strictly typed — checked by ``pcfast.functional`` and by
+    every backend's ``pc_train_step`` (which may be called directly)."""
+    check_int("inference_steps", inference_steps)
+    check_number("inference_lr", inference_lr)
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    check_bool("fpa", fpa)
+    check_bool("return_trajectory", return_trajectory)
+
+
+def check_tp_options(*, beta, difference) -> None:
+    """The scalar settings of a TP/DTP step (see ``check_pc_options``)."""
+    check_number("beta", beta, allow_zero=True)
+    check_bool("difference", difference)
+
+
 def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str]) -> None:
     """Check that weights, biases and activations describe one MLP (types, shapes, dtypes, devices)."""
     check_sequence("weights", weights)

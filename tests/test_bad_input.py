@@ -464,3 +464,43 @@ def test_explicit_backend_dtype_error_names_the_backends_that_support_it(backend
     with pytest.raises(TypeError, match=rf"backend='{backend}' does not support dtype torch.bfloat16 on cpu; "
                                         r"backends that do: 'reference', 'torch'"):
         F.pc_train_step(w, b, ["tanh"], x, y, backend=backend)
+
+
+def _raw_backends():
+    import importlib
+
+    raw = {"reference": "pcfast.reference", "torch": None, "cpp": "pcfast.ops.cpp", "triton": "pcfast.ops.triton"}
+    for name, module in raw.items():
+        if not pcfast.ops.is_available(name):
+            continue
+        if name == "torch":
+            from pcfast.ops import torch_pc, torch_tp
+
+            yield name, torch_pc.pc_train_step, torch_tp.tp_train_step
+        else:
+            mod = importlib.import_module(module)
+            yield name, mod.pc_train_step, mod.tp_train_step
+
+
+@pytest.mark.parametrize("backend, pc_step, tp_step", [pytest.param(*r, id=r[0]) for r in _raw_backends()])
+@pytest.mark.parametrize("change, message", [
+    ({"inference_steps": 2.0}, "inference_steps: expected an int >= 0, got float 2.0"),
+    ({"inference_steps": 2.5}, "inference_steps: expected an int >= 0, got float 2.5"),
+    ({"inference_steps": True}, "inference_steps: expected an int >= 0, got bool"),
+    ({"fpa": "false"}, "fpa: expected a bool, got str"),
+    ({"inference_lr": "0.1"}, "inference_lr: expected a finite number > 0, got str"),
+    ({"beta": "0.1"}, "beta: expected a finite number >= 0, got str"),
+    ({"difference": 1}, "difference: expected a bool, got int"),
+])
+def test_raw_backend_ops_check_their_settings(backend, pc_step, tp_step, change, message):
+    """The backends behind pcfast.functional, called directly, refuse the same settings."""
+    w, b, x, y, (q, c) = functional_problem()
+    if "beta" in change or "difference" in change:
+        kwargs = {"beta": 0.1, "loss": "mse", "difference": True, **change}
+        with pytest.raises(TypeError, match=message):
+            tp_step(w, b, ["tanh"], q, c, ["tanh"], x, y, **kwargs)
+        return
+    kwargs = dict(precisions=[1.0, 1.0], inference_steps=2, inference_lr=0.1, schedule="jacobi", fpa=False, loss="mse")
+    kwargs.update(change)
+    with pytest.raises(TypeError, match=message):
+        pc_step(w, b, ["tanh"], x, y, **kwargs)

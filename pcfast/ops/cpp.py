@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..network import resolve_precisions
+from ..network import check_pc_options, check_tp_options, resolve_precisions
 from ..results import FeedbackResult, PCResult, TPResult
 
 try:
@@ -61,6 +61,8 @@ def pc_train_step(
     return_trajectory: bool = False,
 ) -> PCResult:
     """PC relaxation and local gradients in C++; see :func:`pcfast.reference.pc_train_step`."""
+    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
+                     return_trajectory=return_trajectory)
     gammas = resolve_precisions(precisions, len(weights))
     latents, errors, weight_grads, bias_grads, energy, loss_value, stacked = _ops.pc_train_step(
         list(weights), list(biases), list(activations), x, target, gammas, int(inference_steps),
@@ -97,6 +99,7 @@ def tp_train_step(
     difference: bool,
 ) -> TPResult:
     """TP/DTP targets and local gradients in C++; see :func:`pcfast.reference.tp_train_step`."""
+    check_tp_options(beta=beta, difference=difference)
     targets, activities, weight_grads, bias_grads, loss_value, local_loss = _ops.tp_train_step(
         list(weights), list(biases), list(activations), list(feedback_weights), list(feedback_biases),
         list(feedback_activations), x, target, float(beta), loss, bool(difference),

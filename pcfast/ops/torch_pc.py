@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
+from ..network import check_pc_options
 from ..results import PCResult
 
 
@@ -54,6 +55,8 @@ def pc_train_step(
     loss: str,
     return_trajectory: bool = False,
 ) -> PCResult:
+    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
+                     return_trajectory=return_trajectory)
     depth, batch = len(weights), x.shape[0]
     hidden = depth - 1
     gammas, kappa = list(precisions), float(inference_lr)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
+from ..network import check_tp_options
 from ..results import FeedbackResult, TPResult
 from .torch_pc import _affine, _loss_sum, _output_error
 
@@ -41,6 +42,7 @@ def tp_train_step(
     loss: str,
     difference: bool,
 ) -> TPResult:
+    check_tp_options(beta=beta, difference=difference)
     depth, batch = len(weights), x.shape[0]
     us, activities = _forward(weights, biases, activations, x)
     f = activities[-1]

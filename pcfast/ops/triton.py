@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..network import check_pc_options, check_tp_options
 from ..results import FeedbackResult, PCResult, TPResult
 from ..sgd import LayerSGD, layer_updates
 from . import pc_relax, tp_targets
@@ -357,8 +358,8 @@ def pc_train_step(
 ) -> PCResult:
     """PC relaxation and weight gradients (DESIGN §3) with the kernels of ``pc_relax``; with ``sgd``
     (checked by ``pcfast.functional``) each gradient launch also applies the layer's SGD step."""
-    if schedule not in ("jacobi", "sequential"):
-        raise ValueError(f"schedule: expected 'jacobi' or 'sequential', got {schedule!r}")
+    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
+                     return_trajectory=return_trajectory)
     _check_supported(activations, x)
     x, target = _as_contiguous(x), _as_contiguous(target)
     weights, biases, copied = _kernel_layout(weights, biases)
@@ -517,6 +518,7 @@ def tp_train_step(
     difference: bool,
 ) -> TPResult:
     """TP/DTP targets and local gradients (DESIGN §4) with the kernels of ``tp_targets``/``pc_relax``."""
+    check_tp_options(beta=beta, difference=difference)
     _check_supported(list(activations) + list(feedback_activations), x)
     x, target = _as_contiguous(x), _as_contiguous(target)
     weights, biases, copied = _kernel_layout(weights, biases)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
-from ..network import resolve_precisions
+from ..network import check_pc_options, resolve_precisions
 from ..results import PCResult
 from .common import forward, linear, loss_sum, output_error
 
@@ -207,6 +207,8 @@ def pc_train_step(
     return_trajectory: bool = False,
 ) -> PCResult:
     """Relaxation, then local weight gradients at the final state (DESIGN §3)."""
+    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
+                     return_trajectory=return_trajectory)
     gammas = resolve_precisions(precisions, len(weights))
     latents, trajectory = pc_relax(
         weights, biases, activations, x, target, precisions=gammas, inference_steps=inference_steps,

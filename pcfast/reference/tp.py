@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..activations import phi
+from ..network import check_tp_options
 from ..results import FeedbackResult, TPResult
 from .common import forward, linear, loss_sum, output_error
 
@@ -76,6 +77,7 @@ def tp_train_step(
     difference: bool = True,
 ) -> TPResult:
     """Targets, then each layer's local gradient (autograd of its local loss, batch mean)."""
+    check_tp_options(beta=beta, difference=difference)
     targets, activities = tp_targets(
         weights, biases, activations, feedback_weights, feedback_biases, feedback_activations,
         x, target, beta=beta, loss=loss, difference=difference,
