@@ -105,6 +105,9 @@ def _mistakes(tmp):
         (["train", "--json", tmp], "is a directory"),
         (["train", "--save", tmp], "--save"),
         (["train", "--save", afile / "ck.pt"], "--save"),
+        (["train", "--save", tmp / "same", "--json", tmp / "same"], "also the checkpoint"),
+        (["train", "--algo", "ep"], "invalid choice: 'ep'"),
+        (["train", "--width", "0"], "--width"),
         (["train", "--resume", afile], "not a pcfast train checkpoint"),
         (["train", "--resume", tmp / "missing.pt"], "is not a file"),
         (["train", "--resume", afile, "--lr", "0.1"], "drop --lr"),
@@ -145,8 +148,9 @@ def test_user_mistakes_are_one_line_errors_before_any_work(tmp_path, capsys, no_
     before = sorted(tmp_path.rglob("*"))
     for argv, fragment in cases:
         code, _, err = _main(capsys, *map(str, argv))
-        last = err.strip().splitlines()[-1] if err.strip() else ""
-        assert code == 2, (argv, code, err)
+        lines = err.strip().splitlines()
+        last = lines[-1] if lines else ""
+        assert code == 2 and len(lines) == 1, (argv, code, err)
         assert "Traceback" not in err and "computation started" not in err, (argv, err)
         assert last.startswith(f"pcfast {argv[0]}: error:") and fragment in last, (argv, err)
     created = [p for p in sorted(tmp_path.rglob("*")) if p not in before]
@@ -189,3 +193,24 @@ def test_a_mistake_is_reported_without_a_traceback_by_the_console_command(tmp_pa
     proc = run("coordcheck", "--widths", "16", "16", "--out", str(tmp_path / "c"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["pcfast coordcheck: error: --widths: 16 is given twice; give each value once"]
+
+
+def test_a_learning_rate_beyond_float32_is_a_reported_divergence(capsys):
+    """lr = 1e308 on float32 parameters: torch refuses the step size; the run is reported as diverged
+    (exit 1, one line in the log), not an internal error."""
+    code, out, err = _main(capsys, "train", "--algo", "dtp", "bp", "--lr", "1e308", "--width", "16", "--epochs", "1",
+                           "--train-size", "64", "--no-progress")
+    assert code == 1 and "Traceback" not in err and "unexpected" not in err
+    assert "dtp: diverged after 0 steps" in out and "bp: diverged after 0 steps" in out
+
+
+def test_running_out_of_memory_names_the_settings_to_shrink(capsys, monkeypatch):
+    import pcfast.experiments
+
+    def huge(*args, **kwargs):
+        raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 3136000000000 bytes")
+
+    monkeypatch.setattr(pcfast.experiments, "run_train", huge)
+    code, _, err = _main(capsys, "train", "--width", "1000000000")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("pcfast train: error: out of memory") and "--width" in err

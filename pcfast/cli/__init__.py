@@ -43,6 +43,13 @@ class UsageError(Exception):
     """A mistake in the command line found before any computation: reported in one line, exit 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: ``pcfast COMMAND: error: … (see … --help)``."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in every option's help (unless the help already says it), descriptions kept as written."""
 
@@ -298,6 +305,8 @@ def _train(args) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     save = args.save if args.save is not None else args.resume  # a resumed run keeps its checkpoint current
+    if args.json is not None and save is not None and args.json.resolve() == save.resolve():
+        raise UsageError(f"--json: {args.json} is also the checkpoint file; give the log another name")
     for option, path in (("--json", args.json), ("--save" if args.save is not None else "--resume", save)):
         if path is not None:
             prepare_output_file(path, option)
@@ -311,7 +320,9 @@ def _train(args) -> int:
         feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, train_size=args.train_size,
         device=args.device, show_progress=not args.no_progress, save=save, resume=resume)
     if args.json:
-        args.json.write_text(json.dumps(log, indent=1))
+        from ..experiments.common import _clean
+
+        args.json.write_text(json.dumps(_clean(log), indent=1))  # a non-finite value is written as null
     if save is not None:
         print(f"checkpoint: {save}")
     return EXIT_FAILED if any(e.get("diverged") for e in log) else EXIT_OK
@@ -603,7 +614,7 @@ def _plot(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pcfast", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Local learning rules under muP: train, sweep and check.",
         epilog="Run 'pcfast COMMAND --help' for a command's options and defaults.\n\nexit status: 0 done; 1 the "
@@ -647,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(exc, (DatasetError, DivergenceError)):
             print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
+                text in str(exc) for text in ("can't allocate memory", "out of memory"))):
+            print(f"{prefix} out of memory ({_one_line(exc)[:160]}); use a smaller --width, --batch-size or "
+                  "--train-size", file=sys.stderr)
             return EXIT_FAILED
         if isinstance(exc, OSError):
             print(f"{prefix} {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)

@@ -136,7 +136,8 @@ def train_run(
     ``start_epoch`` sees the batches the uninterrupted run would have. ``scheduler`` steps once per
     epoch, or once per batch with ``scheduler_per_step``; ``on_epoch(epoch, mean_stats)`` runs after the epoch's
     scheduler step. Stops at the first ``DivergenceError``
-    (or non-finite loss) and reports it instead of raising.
+    (or non-finite loss, or torch's refusal of a step size beyond the parameters' dtype) and
+    reports it instead of raising.
 
     Returns ``{"diverged": bool, "steps": int, "error": str | None, "mean_stats": {…}}``.
     """
@@ -156,6 +157,13 @@ def train_run(
                 stats = opt.step(xb, yb)
             except DivergenceError as exc:
                 return {"diverged": True, "steps": steps, "error": str(exc), "mean_stats": {}}
+            except RuntimeError as exc:
+                if "without overflow" not in str(exc):
+                    raise
+                # torch refuses a step size beyond the parameters' dtype (alpha = 1e308 on float32):
+                # a learning rate that large diverges, and is reported as such.
+                return {"diverged": True, "steps": steps, "mean_stats": {},
+                        "error": f"the update overflows the parameters' dtype, so it diverged ({exc})"}
             if not all(math.isfinite(v) for v in stats.values()):
                 return {"diverged": True, "steps": steps, "error": f"non-finite statistics {stats}", "mean_stats": {}}
             steps += 1

@@ -242,7 +242,7 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "passed": e["cos_pc_gnt"] > e["cos_pc_gd"],
                     "value": {"cos_pc_gnt": e["cos_pc_gnt"], "cos_pc_gd": e["cos_pc_gd"], "width": e["width"]},
                     "hint": "PC leans toward Gauss-Newton when the output precision dominates: raise --gamma "
-                            "(e.g. 10), or let the smallest width equal --base-width"})
+                            "(e.g. 10), or keep the smallest width at or above --base-width"})
     worst = max(e["max_rel_error_vs_closed_form"] for e in summary + result.get("gamma_summary", []))
     out.append({"check": "relaxed PC update matches the closed-form equilibrium (relative error < 1e-3)",
                 "passed": worst < 1e-3, "value": worst,
