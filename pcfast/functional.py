@@ -1,7 +1,10 @@
 """Stateless public functions, one per algorithm step, with a ``backend=`` switch.
 
-Each function validates its inputs once (shapes, dtypes, devices, finiteness, hyperparameters),
-normalises the target, and hands the work to a backend (``pcfast.ops``):
+Each function validates its inputs once (types — a bool is a bool, an int an int —, shapes, dtypes,
+devices, finiteness, hyperparameters), normalises the target, applies lazy negative/conjugate bits
+(the fused backends read raw memory; strides are theirs to handle), hands the work to a backend
+(``pcfast.ops``) and checks that the results are finite: a ``ValueError`` names a non-finite weight
+or bias, ``pcfast.DivergenceError`` reports a computation that overflowed. The backends:
 ``"reference"`` (the specification), ``"torch"``, ``"cpp"``, ``"triton"`` or ``"auto"``.
 Signatures match ``pcfast.reference``. Math: DESIGN §3–4.
 
