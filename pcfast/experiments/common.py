@@ -231,8 +231,8 @@ def likely_cause(symptoms: dict[str, str], history: list[dict[str, Any]], settin
     run's settings (``algo``, ``lr``; for TP/DTP ``feedback_lr``, ``activation``, ``loss``, ``beta``)."""
     algo, lr = settings["algo"], settings["lr"]
     if algo in ("tp", "dtp") and "reconstruction_rise" in symptoms:
-        cause = (f"--lr {lr:g} is too fast for the feedback weights to keep inverting the forward layers: "
-                 f"try --lr {lr / 4:g}, or a larger --feedback-lr than {settings['feedback_lr']:g}")
+        cause = (f"--lr {lr:g} is too fast for the feedback weights (--feedback-lr {settings['feedback_lr']:g}) to "
+                 f"keep inverting the forward layers: try --lr {lr / 4:g}")
     elif set(symptoms) == {"chance"} and history[-1].get("loss") is not None \
             and history[-1]["loss"] < history[0].get("loss", math.inf):
         cause = (f"--lr {lr:g} is too small to learn in this many epochs (the loss falls slowly: "

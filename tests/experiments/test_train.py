@@ -49,7 +49,7 @@ def test_exploding_reconstruction_blames_the_learning_rate_against_the_feedback_
     history = _history([0.27, 0.19], [2.29, 285.6], [78.0, 5.4e17])
     assert set(collapse_symptoms(history, 10)) == {"loss_rise", "reconstruction_rise"}
     warning = collapse_warning(history, 10, settings)
-    assert "--lr 0.1 is too fast for the feedback weights" in warning and "--feedback-lr than 0.01" in warning
+    assert "--lr 0.1 is too fast for the feedback weights (--feedback-lr 0.01)" in warning and "try --lr 0.025" in warning
     assert "--activation relu" in warning and "--loss ce with --beta 0.5" in warning
     assert "\n" not in warning
 
