@@ -105,10 +105,8 @@ def _raise_non_finite(op: str, what: str, inputs: list[tuple[str, Tensor]]) -> N
         for name, t in inputs:
             if t.is_floating_point() and not _all_finite(t.detach()):
                 raise ValueError(f"{name}: contains NaN or infinite values ({op}: {what})")
-    raise DivergenceError(
-        f"{op}: {what}: the computation diverged (lower inference_lr, the learning rates or the scale "
-        "of the inputs)"
-    )
+    knobs = "inference_lr, the learning rates" if op.startswith("pc") else "the learning rates, beta"
+    raise DivergenceError(f"{op}: {what}: the computation diverged (lower {knobs} or the scale of the inputs)")
 
 
 def pc_train_step(
