@@ -1,7 +1,8 @@
-"""Drop-in ``torch.optim.Optimizer`` subclasses: ``PC``, ``TP``, ``DTP`` and ``BP``."""
+"""Drop-in ``torch.optim.Optimizer`` subclasses: ``PC``, ``TP``, ``DTP``, ``BP`` and ``GNT``."""
 from .base import LocalOptimizer
 from .bp import BP
+from .gnt import GNT
 from .pc import PC
 from .tp import DTP, TP
 
-__all__ = ["BP", "DTP", "LocalOptimizer", "PC", "TP"]
+__all__ = ["BP", "DTP", "GNT", "LocalOptimizer", "PC", "TP"]
