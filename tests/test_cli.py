@@ -107,6 +107,7 @@ def _mistakes(tmp):
         (["train", "--save", afile / "ck.pt"], "--save"),
         (["train", "--save", tmp / "same", "--json", tmp / "same"], "also the checkpoint"),
         (["train", "--algo", "ep"], "invalid choice: 'ep'"),
+        (["train", "--algo", "pc", "pc"], "--algo: pc is given twice"),
         (["train", "--width", "0"], "--width"),
         (["train", "--resume", afile], "not a pcfast train checkpoint"),
         (["train", "--resume", tmp / "missing.pt"], "is not a file"),
@@ -134,6 +135,8 @@ def _mistakes(tmp):
         (["coordcheck", "--out", afile], "is not a directory"),
         (["interp", "--widths", "32", "32", "--out", tmp / "i"], "--widths"),
         (["interp", "--out", afile], "is not a directory"),
+        (["interp", "--gamma-sweep", "1", "1e308", "--out", tmp / "i"], "--gamma-sweep"),
+        (["interp", "--gamma", "1e7", "--out", tmp / "i"], "--gamma"),
         (["plot", tmp / "missing.json"], "is not a file"),
         (["plot", afile], "cannot read"),
     ], afile, taken
@@ -214,3 +217,12 @@ def test_running_out_of_memory_names_the_settings_to_shrink(capsys, monkeypatch)
     code, _, err = _main(capsys, "train", "--width", "1000000000")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith("pcfast train: error: out of memory") and "--width" in err
+
+
+def test_a_coordinate_check_whose_steps_overflow_is_one_line(tmp_path, capsys):
+    """lr = 1e308 in the coordinate check: its steps overflow float32 — one error line, exit 1."""
+    code, _, err = _main(capsys, "coordcheck", "--algo", "bp", "--parametrization", "sp", "--widths", "16", "32",
+                         "--steps", "1", "--seeds", "0", "--lr", "1e308", "--no-progress", "--out", str(tmp_path))
+    assert code in (0, 1) and "Traceback" not in err and "unexpected" not in err
+    if code == 1:
+        assert len(err.strip().splitlines()) == 1 and "use a smaller --lr" in err

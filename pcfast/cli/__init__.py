@@ -132,6 +132,7 @@ _positive = _real(0.0, low_open=True)
 _non_negative = _real(0.0)
 _momentum = _real(0.0, 1.0, high_open=True)
 _gamma_bar = _real(-1.0, 0.0)
+_precision = _real(0.0, 1e6, low_open=True)  # beyond, the relaxation's step κ ~ 1/γ underflows
 
 
 def _variant(text: str) -> str:
@@ -294,6 +295,7 @@ def _train(args) -> int:
     from ..experiments import run_train
     from ..experiments.train import load_checkpoint
 
+    _distinct(args.algo, "--algo")
     resume = None
     if args.resume is not None:
         given = [f"--{dest.replace('_', '-')}" for dest in TRAIN_SETTINGS
@@ -516,8 +518,8 @@ def _interp_parser(sub) -> None:
                      "and interp.png under --out."))
     p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths), help="hidden widths")
     p.add_argument("--gamma-bars", nargs="+", type=_gamma_bar, default=list(d.gamma_bars), help="values of gamma_bar in [-1, 0]")
-    p.add_argument("--gamma", type=_positive, default=d.gamma, help="output precision at the base width")
-    p.add_argument("--gamma-sweep", nargs="+", type=_positive, default=list(d.gamma_sweep),
+    p.add_argument("--gamma", type=_precision, default=d.gamma, help="output precision at the base width, in (0, 1e6]")
+    p.add_argument("--gamma-sweep", nargs="+", type=_precision, default=list(d.gamma_sweep),
                    help="values of gamma for the interpolation panel, at the smallest width")
     p.add_argument("--base-width", type=_positive_int, default=d.base_width, help="width at which muP equals SP")
     p.add_argument("--depth", type=_positive_int, default=d.hidden_layers, help="number of hidden layers")
@@ -663,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
                 text in str(exc) for text in ("can't allocate memory", "out of memory"))):
             print(f"{prefix} out of memory ({_one_line(exc)[:160]}); use a smaller --width, --batch-size or "
                   "--train-size", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, RuntimeError) and "without overflow" in str(exc):
+            print(f"{prefix} the computation overflowed its dtype ({_one_line(exc)}); use a smaller --lr",
+                  file=sys.stderr)
             return EXIT_FAILED
         if isinstance(exc, OSError):
             print(f"{prefix} {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)

@@ -182,7 +182,7 @@ def run_interp(settings: InterpSettings, *, show_progress: bool = True) -> dict[
     gamma_records = []
     bar = progress(len(settings.gamma_sweep) * len(settings.seeds), "interp gamma", show_progress)
     for gamma in settings.gamma_sweep:
-        steps = min(int(settings.inference_steps * max(1.0, gamma)), settings.max_inference_steps)
+        steps = int(min(settings.inference_steps * max(1.0, gamma), settings.max_inference_steps))
         for seed in settings.seeds:
             gamma_records.append(_one(settings, x, y, settings.widths[0], 0.0, seed, False, gamma=gamma,
                                       inference_steps=steps))
