@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+
+from .errors import DivergenceError
 
 # Columns of the per-layer hyperparameter rows the fused kernels read (a float64 device tensor, so
 # that a learning-rate schedule changes values, not CUDA graphs).
@@ -47,7 +50,16 @@ class LayerSGD:
 
 def sgd_update(param: Tensor, grad: Tensor, *, lr: float, momentum: float, dampening: float, weight_decay: float,
                nesterov: bool, buffer: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(new parameter, new momentum buffer or None), both new tensors; nothing is modified."""
+    """(new parameter, new momentum buffer or None), both new tensors; nothing is modified.
+
+    Raises ``DivergenceError`` when a rate lies beyond the parameter dtype's range (torch would
+    refuse to convert it, e.g. ``lr=1e300`` on float32): such an update cannot be finite."""
+    largest = torch.finfo(param.dtype).max
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum),
+                        ("1 - dampening", 1 - dampening)):
+        if abs(value) > largest:
+            raise DivergenceError(f"{name}: {value!r} exceeds the largest {param.dtype} ({largest:g}); "
+                                  "the update would not be finite; nothing was changed")
     d = grad.add(param, alpha=weight_decay) if weight_decay else grad
     new_buffer = None
     if momentum:

@@ -418,7 +418,7 @@ def test_float32_rates_past_the_dtype_are_a_divergence_in_functional_sgd(backend
         F.pc_train_step(w, b, ["tanh"], x, y, sgd=steps, backend=backend)
 
 
-@pytest.mark.parametrize("algo", ["pc"])  # BP, TP and DTP apply pcfast.sgd.sgd_update themselves
+@pytest.mark.parametrize("algo", ["pc", "bp", "tp", "dtp"])
 @pytest.mark.parametrize("settings", [{"lr": 1e300}, {"lr": 1e300, "momentum": 0.9, "weight_decay": 1e-4},
                                       {"lr": 0.1, "weight_decay": 1e300}])
 def test_optimizer_rates_past_float32_are_a_divergence(algo, settings):

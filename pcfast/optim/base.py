@@ -402,19 +402,19 @@ class LocalOptimizer(torch.optim.Optimizer):
                     new, buf = sgd_update(
                         p, g, lr=lr, momentum=momentum, dampening=group["dampening"],
                         weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                        buffer=self.state[p].get("momentum_buffer") if momentum else None,
+                        buffer=self.state.get(p, {}).get("momentum_buffer") if momentum else None,
                     )
                 if not bool(torch.isfinite(new).all()):
                     raise DivergenceError(f"the update of {self._group_name(i)} is not finite: "
                                           "the step diverged; nothing was changed")
-                updates.append((p, new, self.state[p] if momentum else None, buf))
+                updates.append((p, new, momentum != 0, buf))  # state is created on commit only
         return updates
 
-    @staticmethod
-    def _commit_updates(updates) -> None:
-        for p, new, state, buf in updates:
+    def _commit_updates(self, updates) -> None:
+        for p, new, has_momentum, buf in updates:
             p.copy_(new)
-            if state is not None:
+            if has_momentum:
+                state = self.state[p]
                 old = state.get("momentum_buffer")
                 if old is not None and old.shape == buf.shape and old.dtype == buf.dtype:
                     old.copy_(buf)  # in place, as torch.optim.SGD: its address (a CUDA graph input) stays
