@@ -226,3 +226,14 @@ def test_a_coordinate_check_whose_steps_overflow_is_one_line(tmp_path, capsys):
     assert code in (0, 1) and "Traceback" not in err and "unexpected" not in err
     if code == 1:
         assert len(err.strip().splitlines()) == 1 and "use a smaller --lr" in err
+
+
+def test_missing_matplotlib_is_reported_before_the_work(tmp_path, capsys, no_work, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    for command in ("transfer", "coordcheck", "interp"):
+        code, _, err = _main(capsys, command, "--out", str(tmp_path / command))
+        assert code == 2 and "matplotlib" in err and len(err.strip().splitlines()) == 1, (command, err)
+        assert not (tmp_path / command).exists()

@@ -309,11 +309,11 @@ def _train(args) -> int:
     save = args.save if args.save is not None else args.resume  # a resumed run keeps its checkpoint current
     if args.json is not None and save is not None and args.json.resolve() == save.resolve():
         raise UsageError(f"--json: {args.json} is also the checkpoint file; give the log another name")
+    check_device(args.device)
+    check_backend(resume["settings"].get("backend", "auto") if resume else args.backend, args.device)
     for option, path in (("--json", args.json), ("--save" if args.save is not None else "--resume", save)):
         if path is not None:
             prepare_output_file(path, option)
-    check_device(args.device)
-    check_backend(resume["settings"].get("backend", "auto") if resume else args.backend, args.device)
     log = run_train(
         args.algo, dataset=args.dataset, root=args.root, preset=args.preset, base_width=args.base_width,
         gamma_bar=args.gamma_bar, width=args.width, depth=args.depth, activation=args.activation,
@@ -422,8 +422,8 @@ def _transfer(args) -> int:
     settings = settings_for(preset, **overrides)
     check_backend(settings.backend, args.device)
     stem = f"transfer_{settings.name}"
-    prepare_output_dir(args.out, [f"{stem}.json", f"{stem}.csv", f"{stem}.png"])
     check_plotting()
+    prepare_output_dir(args.out, [f"{stem}.json", f"{stem}.csv", f"{stem}.png"])
     if args.dataset is not None:
         settings.fallback_dataset = None  # a dataset asked for by name is used, or reported missing
     if args.log2_lr:
@@ -487,8 +487,8 @@ def _coordcheck(args) -> int:
     for option, values in (("--seeds", args.seeds), ("--algo", args.algo), ("--parametrization", args.parametrization)):
         _distinct(values, option)
     check_backend(args.backend, None)
-    prepare_output_dir(args.out, ["coordcheck.json", "coordcheck.png"])
     check_plotting()
+    prepare_output_dir(args.out, ["coordcheck.json", "coordcheck.png"])
     settings = CoordSettings(
         variants=tuple(args.algo), parametrizations=tuple(args.parametrization), widths=tuple(args.widths),
         steps=args.steps, seeds=tuple(args.seeds), base_width=args.base_width, lr=args.lr,
@@ -545,8 +545,8 @@ def _interp(args) -> int:
     for option, values in (("--widths", args.widths), ("--gamma-bars", args.gamma_bars), ("--seeds", args.seeds),
                            ("--gamma-sweep", args.gamma_sweep), ("--steps-curve", args.steps_curve)):
         _distinct(values, option)
-    prepare_output_dir(args.out, ["interp.json", "interp.png"])
     check_plotting()
+    prepare_output_dir(args.out, ["interp.json", "interp.png"])
     widths = tuple(sorted(args.widths))
     curve_width = args.steps_curve_width if args.steps_curve_width in widths else widths[len(widths) // 2]
     settings = InterpSettings(
@@ -599,8 +599,8 @@ def _plot(args) -> int:
                          f"(its 'experiment' is {kind!r})")
     out = args.out if args.out is not None else path.parent
     target = path.with_suffix(".png").name
-    prepare_output_dir(out, [target])
     check_plotting()
+    prepare_output_dir(out, [target])
     try:
         written = plotters[kind](result, out / target)
     except (KeyError, TypeError, IndexError, ValueError) as exc:
