@@ -3,7 +3,7 @@
 BP is the wall-clock baseline of every PC/TP/DTP comparison, so ``step(x, y)`` costs what a plain
 ``torch.optim.SGD`` + autograd step costs: the batch checks, one autograd pass on the live parameters
 (``reference.bp_train_step``'s computation, op for op, so the same numbers), one finiteness test for
-the whole step (one reduction, one host sync) and SGD applied in place with torch's foreach ops.
+the whole step (two foreach norms, one host sync) and SGD applied in place with torch's foreach ops.
 
 The base class's guarantee is kept: the in-place update runs only when every new parameter and
 momentum buffer is certainly finite (``_certainly_finite``); otherwise the step goes through
@@ -109,10 +109,11 @@ class BP(LocalOptimizer):
         # a non-finite target makes the loss non-finite; either way the general path raises the
         # ValueError naming them.
         target = check_batch(x, y, self.mlp.weights(), loss, check_finite=False)
-        value, grads, deltas, activities = self._backprop(params, x, target, loss)
         buffers = [self.state[p].get("momentum_buffer") if s[1] and p in self.state else None
                    for p, s in zip(params, settings)]
-        if not (math.isfinite(value) and self._certainly_finite(settings, params, grads, deltas, activities, buffers)):
+        state_norms = self._norms(params + [b for b in buffers if b is not None])  # the forward pass then
+        value, grads, deltas, activities = self._backprop(params, x, target, loss)  # finds the weights in cache
+        if not (math.isfinite(value) and self._certainly_finite(settings, state_norms, grads, deltas, activities, buffers)):
             return super().step(x, y)  # possibly non-finite: the out-of-place path decides
         for p, g in zip(params, grads):
             if p.grad is None:
@@ -142,11 +143,18 @@ class BP(LocalOptimizer):
         lr, lr_mult, momentum, dampening, weight_decay = numbers
         return lr * lr_mult, momentum, dampening, weight_decay, bool(group["nesterov"])
 
-    def _certainly_finite(self, settings, params, grads, deltas, activities, buffers) -> bool:
-        r"""Whether every gradient, new parameter and new momentum buffer is certainly finite, from
-        one reduction (one host sync for the whole step).
+    @staticmethod
+    def _norms(tensors: list[Tensor]) -> list[Tensor]:
+        """2-norms as 0-d tensors (no host sync yet), accumulated in float32 for float16/bfloat16."""
+        low = tensors[0].dtype in _LOW_PRECISION
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32 if low else None))
 
-        It reads the 2-norms of every parameter θ and momentum buffer, and of ``δ_l`` and ``h_{l-1}``
+    def _certainly_finite(self, settings, state_norms, grads, deltas, activities, buffers) -> bool:
+        r"""Whether every gradient, new parameter and new momentum buffer is certainly finite, from
+        tensor norms read with one host sync for the whole step.
+
+        ``state_norms``: the 2-norms of every parameter θ and present momentum buffer, from
+        ``_norms`` (read before the forward pass). It adds those of ``δ_l`` and ``h_{l-1}``
         (small, B × width) rather than of the gradients: ``g_{W_l} = δ_lᵀ h_{l-1}`` and
         ``g_{b_l} = Σ_b δ_l`` give ``‖g_W‖ ≤ ‖δ_l‖‖h_{l-1}‖`` and ``‖g_b‖ ≤ √B ‖δ_l‖`` (in float16/bfloat16,
         whose rounding is coarse, the gradients' own norms are read instead). No element exceeds its
@@ -157,19 +165,16 @@ class BP(LocalOptimizer):
         multiplications nothing becomes NaN either. False is not a divergence, only "not certain":
         the caller then checks every new value exactly.
         """
-        dtype = params[0].dtype
+        dtype = grads[0].dtype
         low = dtype in _LOW_PRECISION
-        present = [b for b in buffers if b is not None]
-        sources = grads if low else deltas + activities
-        norms = torch.stack(torch._foreach_norm(params + present + sources, 2, dtype=torch.float32 if low else None))
-        norms = norms.tolist()
-        count = len(params)
-        param_norms, buffer_norms = norms[:count], iter(norms[count:count + len(present)])
+        norms = torch.stack(state_norms + self._norms(grads if low else deltas + activities)).tolist()
+        count = len(settings)
+        param_norms, buffer_norms = norms[:count], iter(norms[count:len(state_norms)])
         if low:
-            grad_norms = norms[count + len(present):]
+            grad_norms = norms[len(state_norms):]
         else:
             depth = len(deltas)
-            delta_norms, activity_norms = norms[count + len(present):][:depth], norms[count + len(present):][depth:]
+            delta_norms, activity_norms = norms[len(state_norms):][:depth], norms[len(state_norms):][depth:]
             root_batch = math.sqrt(activities[0].shape[0])
             grad_norms = []
             for lin, delta, activity in zip(self.mlp.linears, delta_norms, activity_norms):
