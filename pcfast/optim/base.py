@@ -15,9 +15,18 @@ Everything new is computed out of place and checked before anything is written: 
 energy, gradient or update raises ``DivergenceError``, and a corrupted momentum buffer, a changed
 model or a mismatched ``state_dict`` a ``ValueError``, with parameters, ``.grad`` and optimizer state
 exactly as they were.
+
+Data parallel (``pcfast.distributed``): with a process group (``process_group="auto"`` finds an
+initialised default group of more than one rank) each rank passes its shard of the batch to
+``step(x, y)``/``compute_gradients(x, y)``; the local gradients and statistics — batch means — are
+averaged over the group's samples, weighted by shard size, in one all-reduce of one flat buffer per
+step (TP/DTP add their feedback collectives), after which every rank checks and applies the same
+values. The checks come after the reduction and a failure on one rank is reported to all in the
+step's next collective, so every rank raises, and none changes anything.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -27,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization, standard
 from ..network import MLP, check_batch, parse_mlp
@@ -78,6 +88,25 @@ class LocalOptimizer(torch.optim.Optimizer):
     """
 
     algo = "any"
+    # The statistics ``_local_gradients`` returns, in order (batch means; data parallel reduces them).
+    stat_names: tuple[str, ...] = ("loss",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass may override ``step`` with a faster single-process path (BP does); with a process
+        # group the base class's step runs instead, since only it reduces across ranks.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("step")
+        if own is None or getattr(own, "_single_process_only", False):
+            return
+
+        @functools.wraps(own)
+        def step(self, *args: Any, **kwargs: Any):
+            if self.process_group is not None:
+                return LocalOptimizer.step(self, *args, **kwargs)
+            return own(self, *args, **kwargs)
+
+        step._single_process_only = True
+        cls.step = step
 
     def __init__(
         self,
@@ -90,6 +119,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         weight_decay: float,
         nesterov: bool,
         backend: str,
+        process_group: Any = distributed.AUTO,
         **algo_defaults: Any,
     ) -> None:
         _check_number("lr", lr, inclusive=False)
@@ -131,6 +161,10 @@ class LocalOptimizer(torch.optim.Optimizer):
         self._written_grads: dict[Tensor, weakref.ref] = {}  # param -> the .grad tensor we last wrote
         self._warned_foreign_grads = False
         self._stepping = False  # True inside step(x, y): see _layer_sgd
+        self.process_group = distributed.resolve_process_group(process_group)
+        self._collectives: distributed.StepCollectives | None = None  # during a data-parallel step
+        if self.process_group is not None:  # every rank starts from the first rank's model, as with DDP
+            distributed.broadcast_from_first_rank([p for _, _, p in self._slots], self.process_group)
 
     # ------------------------------------------------------------------ hyperparameters
 
@@ -174,6 +208,11 @@ class LocalOptimizer(torch.optim.Optimizer):
     def _check_extra_state(self) -> None:
         """Raise ValueError if algorithm state (e.g. feedback weights) no longer fits the model."""
 
+    def _collective_plan(self) -> list[int]:
+        """Payload sizes of a data-parallel step's all-reduces, in order (``StepCollectives``): here
+        the last one, every model gradient and statistic; TP/DTP put their feedback ones first."""
+        return [sum(p.numel() for _, _, p in self._slots) + len(self.stat_names)]
+
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
@@ -186,12 +225,11 @@ class LocalOptimizer(torch.optim.Optimizer):
         over all of them); ``zero_grad()`` starts afresh. Frozen parameters (``requires_grad=False``)
         get no ``.grad``.
         """
-        self._check_ready()
-        self._check_grads_fit()
-        self._warn_if_foreign_grads("compute_gradients")
         snapshot = self._snapshot()
         try:
-            weight_grads, bias_grads, stats, pending = self._guarded_gradients(x, y)
+            weight_grads, bias_grads, stats, pending = self._guarded_gradients(
+                x, y, before=(self._check_ready, self._check_grads_fit,
+                              lambda: self._warn_if_foreign_grads("compute_gradients")))
         except BaseException:
             self._restore(snapshot)
             raise
@@ -211,8 +249,8 @@ class LocalOptimizer(torch.optim.Optimizer):
             raise TypeError("closure: pcfast optimizers compute their own gradients; call step(x, y)")
         if (x is None) != (y is None):
             raise TypeError("step: pass both x and y, or neither (to apply the current .grad)")
-        self._check_ready()
         if x is None:
+            self._check_ready()
             self._warn_if_foreign_grads("step")
             weight_grads = [lin.weight.grad for lin in self.mlp.linears]
             bias_grads = [None if lin.bias is None else lin.bias.grad for lin in self.mlp.linears]
@@ -222,7 +260,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         snapshot = self._snapshot()
         self._stepping = True  # lets _local_gradients ask the backend for the SGD step too (_layer_sgd)
         try:
-            weight_grads, bias_grads, stats, pending = self._guarded_gradients(x, y)
+            weight_grads, bias_grads, stats, pending = self._guarded_gradients(x, y, before=(self._check_ready,))
             updates = self._sgd_updates(weight_grads, bias_grads, pending.pop("sgd_updates", None))
         except BaseException:
             self._restore(snapshot)
@@ -314,9 +352,38 @@ class LocalOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ internals
 
-    def _guarded_gradients(self, x, y):
-        self._check_batch(x, y)
-        weight_grads, bias_grads, stats, pending = self._local_gradients(x, y)
+    def _guarded_gradients(self, x, y, before=()):
+        """The batch's gradients, statistics and pending state, averaged over the process group if
+        there is one, then checked: ``before`` (checks), the batch check and ``_local_gradients`` run
+        first; with a group, a failure anywhere up to the last all-reduce is reported to every rank
+        (``StepCollectives.abandon``), and the finiteness checks see the reduced values, the same on
+        every rank."""
+        group = self.process_group
+        if group is None:
+            for check in before:
+                check()
+            self._check_batch(x, y)
+            weight_grads, bias_grads, stats, pending = self._local_gradients(x, y)
+        else:
+            self._collectives = collectives = distributed.StepCollectives(
+                group, self._collective_plan(), self.mlp.linears[0].weight)
+            try:
+                for check in before:
+                    check()
+                self._check_batch(x, y)
+                weight_grads, bias_grads, stats, pending = self._local_gradients(x, y)
+                if tuple(stats) != self.stat_names:
+                    raise RuntimeError(f"{type(self).__name__}: statistics {tuple(stats)} differ from stat_names "
+                                       f"{self.stat_names} (an internal inconsistency)")
+                depth = len(weight_grads)
+                values = [torch.as_tensor(v, dtype=weight_grads[0].dtype) for v in stats.values()]
+                reduced, _ = collectives.mean([*weight_grads, *bias_grads, *values], x.shape[0])
+            except Exception as error:
+                collectives.abandon(error)
+            finally:
+                self._collectives = None
+            weight_grads, bias_grads = reduced[:depth], reduced[depth:2 * depth]
+            stats = dict(zip(self.stat_names, reduced[2 * depth:]))
         for name, value in stats.items():
             if not bool(torch.isfinite(torch.as_tensor(value))):
                 raise DivergenceError(f"{name} is {float(value)}: the step diverged; nothing was changed "
@@ -347,7 +414,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         — during ``step(x, y)`` only, and when a layer's weight and bias share their settings, no
         parameter is frozen and every value is finite (a non-finite rate must reach the
         DivergenceError check below)."""
-        if not self._stepping:
+        if not self._stepping or self.process_group is not None:  # data parallel: SGD after the reduction
             return None
         groups = self.param_groups
         steps = []
@@ -428,11 +495,17 @@ class LocalOptimizer(torch.optim.Optimizer):
         # needs its model view, parametrization and algorithm state (copy.deepcopy, pickle).
         state = dict(self.__dict__)
         state.pop("_written_grads", None)  # weak references to .grad tensors: bookkeeping, not state
+        # A process group cannot be copied: a copy reduces over the default group if it did, else none.
+        group = state.get("process_group")
+        state["process_group"] = (distributed.AUTO if group is not None and group is torch.distributed.group.WORLD
+                                  else None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["_written_grads"] = {}
+        state["process_group"] = distributed.resolve_process_group(state.get("process_group"))
+        state.setdefault("_collectives", None)
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ state

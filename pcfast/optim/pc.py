@@ -1,6 +1,8 @@
 """``pcfast.optim.PC``: predictive coding as a drop-in ``torch.optim.Optimizer``."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .. import functional
@@ -30,6 +32,10 @@ class PC(LocalOptimizer):
         inference_steps: T. inference_lr: κ. schedule: ``"jacobi"`` or ``"sequential"``.
         fpa: fixed-prediction assumption. loss: ``"mse"`` or ``"ce"``.
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+        process_group: data parallelism (``pcfast.distributed``): ``"auto"`` (the default group when
+            ``torch.distributed`` is initialised with more than one rank), None (single process) or
+            a ``ProcessGroup``; each rank then steps on its shard of the batch and the gradients and
+            statistics are averaged over the group's samples (one all-reduce per step).
 
     Returns from ``step``: ``{"loss": mean feedforward loss, "energy": F / B at the final state}``.
 
@@ -43,6 +49,7 @@ class PC(LocalOptimizer):
     """
 
     algo = "pc"
+    stat_names = ("loss", "energy")
 
     def __init__(
         self,
@@ -60,6 +67,7 @@ class PC(LocalOptimizer):
         fpa: bool = False,
         loss: str = "mse",
         backend: str = "auto",
+        process_group: Any = "auto",
     ) -> None:
         if isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or inference_steps < 0:
             raise ValueError(f"inference_steps: expected an int >= 0, got {inference_steps!r}")
@@ -70,7 +78,7 @@ class PC(LocalOptimizer):
         loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(
             model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, backend=backend,
+            weight_decay=weight_decay, nesterov=nesterov, backend=backend, process_group=process_group,
             inference_steps=inference_steps, inference_lr=float(inference_lr), schedule=schedule,
             fpa=bool(fpa), loss=loss,
         )

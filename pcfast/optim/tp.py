@@ -6,10 +6,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import functional, ops
+from .. import distributed, functional, ops
 from ..activations import check_activation
+from ..errors import DivergenceError
 from ..mup.presets import Parametrization
 from ..network import resolve_loss
+from ..reference.common import forward
 from .base import LocalOptimizer, _check_number, _describe
 
 FEEDBACK_MODES = ("trained", "ridge")
@@ -39,6 +41,18 @@ class TP(LocalOptimizer):
 
     Returns from ``step``: ``loss``, ``local_loss`` (Σ_l ½‖ĥ_l − h_l‖² / B) and ``reconstruction``.
 
+    Data parallel (``process_group``, as in ``PC``): each rank steps on its shard of the batch; every
+    feedback SGD step's gradients are averaged over the group's samples before the update (one
+    all-reduce each), so every rank's Q_l stays the same, and the ridge closed form is solved from
+    the group's means and centred Gram matrices (two all-reduces; with μ = 0 it takes the
+    pseudo-inverse of the Gram matrix, ``pinv(HᵀH)HᵀH'`` — the same minimum-norm solution as
+    ``pinv(H)H'`` in exact arithmetic). The noise ξ is drawn for the whole batch from the generator on
+    every rank, which keeps its rows (B_total × d_{l-1} draws per layer and step, and one small
+    all-reduce per step to learn the shard sizes): the result is the single-process one on the full
+    batch, whatever the number of ranks — on the ``triton`` backend too, which then draws ξ this way
+    (the torch backends' numbers) rather than in its kernels. When built, the optimizer takes the
+    group's first rank's model, Q_l, c_l and generator.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
         >>> par = pcfast.parametrize(model, "mup", algo="dtp", base_width=64)
@@ -50,6 +64,7 @@ class TP(LocalOptimizer):
 
     algo = "tp"
     difference = False
+    stat_names = ("loss", "local_loss", "reconstruction")
 
     def __init__(
         self,
@@ -71,6 +86,7 @@ class TP(LocalOptimizer):
         loss: str = "mse",
         seed: int = 0,
         backend: str = "auto",
+        process_group: Any = "auto",
     ) -> None:
         _check_number("beta", beta)
         _check_number("feedback_lr", feedback_lr)
@@ -83,7 +99,7 @@ class TP(LocalOptimizer):
         loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(
             model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, backend=backend, beta=float(beta),
+            weight_decay=weight_decay, nesterov=nesterov, backend=backend, process_group=process_group, beta=float(beta),
             feedback=feedback, feedback_lr=float(feedback_lr), feedback_steps=feedback_steps,
             feedback_noise=float(feedback_noise), feedback_weight_decay=float(feedback_weight_decay),
             loss=loss,
@@ -111,6 +127,12 @@ class TP(LocalOptimizer):
             self.feedback_weights.append(q.mul_(in_dim**-0.5))
             has_bias = self.mlp.linears[l].bias is not None
             self.feedback_biases.append(torch.zeros(out_dim, dtype=first.dtype, device=first.device) if has_bias else None)
+        if self.process_group is not None:
+            generator_state = self.generator.get_state().to(first.device)
+            distributed.broadcast_from_first_rank(
+                [*self.feedback_weights, *(c for c in self.feedback_biases if c is not None), generator_state],
+                self.process_group)
+            self.generator.set_state(generator_state.cpu())
 
     @property
     def feedback_lr_mults(self) -> list[float]:
@@ -128,11 +150,13 @@ class TP(LocalOptimizer):
         acts = self.mlp.activations
         qs = list(self.feedback_weights)
         cs = list(self.feedback_biases)
+        collectives = self._collectives  # a data-parallel step's, else None
         if self._setting("feedback") == "ridge":
-            new_q, new_c = functional.ridge_feedback(
-                weights, biases, acts, x, ridge=self._setting("feedback_weight_decay"),
-                bias=any(c is not None for c in cs),
-            )
+            ridge, bias = self._setting("feedback_weight_decay"), any(c is not None for c in cs)
+            if collectives is None:
+                new_q, new_c = functional.ridge_feedback(weights, biases, acts, x, ridge=ridge, bias=bias)
+            else:
+                new_q, new_c = self._sharded_ridge_feedback(x, ridge, bias, collectives)
             new_c = [None if c is None else nc for c, nc in zip(cs, new_c)]
             result = functional.feedback_grads(weights, biases, acts, new_q, new_c, self.feedback_activations, x,
                                                backend=self._setting("backend"))
@@ -141,32 +165,90 @@ class TP(LocalOptimizer):
         loss = x.new_zeros(())
         mults = self.feedback_lr_mults
         backend = self._setting("backend")
-        in_kernel_noise = ops.resolve(backend, "feedback_grads", x.device)[0] == "triton"
-        for _ in range(self._setting("feedback_steps")):
+        in_kernel_noise = collectives is None and ops.resolve(backend, "feedback_grads", x.device)[0] == "triton"
+        steps = self._setting("feedback_steps")
+        rows = slice(0, x.shape[0])  # this rank's rows of the (group's) batch
+        total = x.shape[0]
+        if collectives is not None and sigma > 0 and steps > 0:
+            _, sizes = collectives.mean([], x.shape[0])  # every rank's shard size, to draw ξ for the whole batch
+            start = sum(sizes[:collectives.rank])
+            rows, total = slice(start, start + x.shape[0]), sum(sizes)
+        for _ in range(steps):
             noise, seed = None, None
             if sigma > 0 and in_kernel_noise:  # the kernels draw ξ from a seed taken from the generator
                 seed = int(torch.randint(0, 2**62, (), generator=self.generator, device=self.generator.device))
             elif sigma > 0:
                 noise = [
-                    torch.randn(x.shape[0], w.shape[0], generator=self.generator, dtype=x.dtype, device=x.device).mul_(sigma)
+                    torch.randn(total, w.shape[0], generator=self.generator, dtype=x.dtype, device=x.device)[rows].mul_(sigma)
                     for w in weights[:-1]
                 ]
             result = functional.feedback_grads(weights, biases, acts, qs, cs, self.feedback_activations, x, noise,
                                                noise_seed=seed, noise_std=sigma, backend=backend)
-            loss = result.loss
+            weight_grads, bias_grads, loss = result.weight_grads, result.bias_grads, result.loss
+            if collectives is not None:  # the group's mean gradients, so that every rank's Q_l stays the same
+                depth = len(weight_grads)
+                reduced, _ = collectives.mean([*weight_grads, *bias_grads, loss], x.shape[0])
+                weight_grads, bias_grads, loss = reduced[:depth], reduced[depth:2 * depth], reduced[-1]
             for k, mult in enumerate(mults):
-                g = result.weight_grads[k].add(qs[k], alpha=decay) if decay else result.weight_grads[k]
+                g = weight_grads[k].add(qs[k], alpha=decay) if decay else weight_grads[k]
                 qs[k] = qs[k].add(g, alpha=-lr * mult)
                 if cs[k] is not None:
-                    cs[k] = cs[k].add(result.bias_grads[k], alpha=-lr * mult)
+                    cs[k] = cs[k].add(bias_grads[k], alpha=-lr * mult)
         return qs, cs, loss
+
+    def _sharded_ridge_feedback(self, x: Tensor, ridge: float, bias: bool,
+                                collectives: distributed.StepCollectives) -> tuple[list[Tensor], list[Tensor | None]]:
+        """``reference.ridge_feedback`` over the group's batch from each rank's shard: the means of
+        the activities (one all-reduce, when ``bias``), then the centred Gram and cross matrices
+        ``H_lᵀH_l / B`` and ``H_lᵀH_{l-1} / B`` (one all-reduce), then the same solve on every rank."""
+        weights, biases = self._params()
+        us, hs = forward(weights, biases, self.mlp.activations, x)
+        activities = hs + [us[-1]]
+        batch = x.shape[0]
+        means: list[Tensor | None] = [None] * len(activities)
+        if bias:
+            reduced, _ = collectives.mean([h.mean(0) for h in activities[1:]], batch)
+            means[1:] = reduced
+            activities = [h if m is None else h - m for h, m in zip(activities, means)]
+        pairs = [(activities[l], activities[l + 1]) for l in range(1, len(weights))]
+        products = [m for h_in, h_out in pairs for m in (h_out.T @ h_out / batch, h_out.T @ h_in / batch)]
+        products, _ = collectives.mean(products, batch)
+        qs, cs = [], []
+        try:
+            for l in range(1, len(weights)):
+                gram, cross = products[2 * (l - 1)], products[2 * (l - 1) + 1]
+                if ridge > 0:
+                    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+                    q = torch.linalg.solve(gram + ridge * eye, cross).T
+                else:
+                    q = (torch.linalg.pinv(gram, hermitian=True) @ cross).T
+                qs.append(q)
+                cs.append(means[l] - means[l + 1] @ q.T if bias else None)
+        except torch.linalg.LinAlgError as error:  # a singular system from non-finite activities
+            raise DivergenceError(f"ridge_feedback: the ridge system cannot be solved ({error}): the computation "
+                                  "diverged; nothing was changed") from None
+        return qs, cs
+
+    def _collective_plan(self) -> list[int]:
+        plan = []
+        if self._setting("feedback") == "ridge":
+            dims = [lin.out_features for lin in self.mlp.linears]
+            if any(c is not None for c in self.feedback_biases):
+                plan.append(sum(dims))  # the means of h_1 … h_L
+            plan.append(sum(d_out * (d_out + d_in) for d_in, d_out in zip(dims[:-1], dims[1:])))
+        else:
+            steps = self._setting("feedback_steps")
+            if self._setting("feedback_noise") > 0 and steps > 0:
+                plan.append(0)  # the shard sizes
+            feedback = sum(q.numel() for q in self.feedback_weights)
+            feedback += sum(c.numel() for c in self.feedback_biases if c is not None)
+            plan += [feedback + 1] * steps
+        return plan + super()._collective_plan()
 
     def _local_gradients(self, x: Tensor, y: Tensor):
         qs, cs, reconstruction = self._new_feedback(x)
         for k, q in enumerate(qs):
             if not bool(torch.isfinite(q).all()):
-                from ..errors import DivergenceError
-
                 raise DivergenceError(f"feedback weights of layer {k + 2} are not finite: feedback training "
                                       "diverged (lower feedback_lr); nothing was changed")
         weights, biases = self._params()
