@@ -15,9 +15,8 @@ from ..activations import phi
 
 
 def linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``h Wᵀ + b``."""
-    out = h @ weight.T
-    return out if bias is None else out + bias
+    """``h Wᵀ + b`` (``nn.Linear``'s own computation)."""
+    return torch.nn.functional.linear(h, weight, bias)
 
 
 def forward(
@@ -36,7 +35,7 @@ def forward(
 def loss_sum(f: Tensor, target: Tensor, loss: str) -> Tensor:
     """ℓ(f, y) summed over the batch."""
     if loss == "mse":
-        return 0.5 * ((target - f) ** 2).sum()
+        return 0.5 * torch.nn.functional.mse_loss(f, target, reduction="sum")
     if loss == "ce":
         return torch.nn.functional.cross_entropy(f, target, reduction="sum")
     raise ValueError(f"loss: expected 'mse' or 'ce', got {loss!r}")
