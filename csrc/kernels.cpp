@@ -132,7 +132,6 @@ int64_t row_grain(int64_t cols) {
 }
 
 std::tuple<at::Tensor, at::Tensor> activation(const at::Tensor& u, std::string activation) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Act act = parse_act(activation, "activation");
   TORCH_CHECK_VALUE(u.defined() && u.layout() == at::kStrided && u.device().is_cpu(),
                     "u: expected a dense CPU tensor");

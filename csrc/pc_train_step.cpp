@@ -175,8 +175,6 @@ PCOutputs pc_train_step(at::TensorList weights, const OptTensorList& biases, std
                         const at::Tensor& x, const at::Tensor& target, std::vector<double> precisions,
                         int64_t inference_steps, double inference_lr, std::string schedule, bool fpa,
                         std::string loss, bool return_trajectory) {
-  // Below autograd: weights may require grad, but nothing here is differentiated.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Network net = check_network(weights, biases, activations);
   const Loss loss_kind = parse_loss(loss);
   TORCH_CHECK_VALUE(schedule == "jacobi" || schedule == "sequential",

@@ -3,8 +3,8 @@
 //
 // DTP keeps each layer's target and activity stacked in one (2B, d) block, [ĥ_l; h_l], so the two
 // feedback maps g_l(ĥ_l) and g_l(h_l) are one GEMM sharing Q_l, and the difference
-// ĥ_{l-1} = h_{l-1} + g_l(ĥ_l) − g_l(h_l) is its epilogue. The returned targets and activities are
-// the two halves of those blocks.
+// ĥ_{l-1} = h_{l-1} + g_l(ĥ_l) − g_l(h_l) is its epilogue. The returned targets are the first halves of
+// those blocks and the activities copies of the second halves, so no two outputs share memory.
 #include "checks.h"
 #include "gemm.h"
 #include "losses.h"
@@ -118,6 +118,8 @@ TPOutputs run_tp(const Network& net, const std::vector<at::Tensor>& qs, const st
       bias_grads.emplace_back(std::nullopt);
     }
   }
+  // The two halves of a DTP block are separate outputs, which must not alias each other.
+  for (int64_t l = 1; difference && l < depth; ++l) activities[l] = activities[l].clone();
   return {std::move(targets),
           std::move(activities),
           std::move(weight_grads),
@@ -185,7 +187,6 @@ TPOutputs tp_train_step(at::TensorList weights, const OptTensorList& biases, std
                         at::TensorList feedback_weights, const OptTensorList& feedback_biases,
                         std::vector<std::string> feedback_activations, const at::Tensor& x, const at::Tensor& target,
                         double beta, std::string loss, bool difference) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Network net = check_network(weights, biases, activations);
   std::vector<at::Tensor> qs;
   std::vector<std::optional<at::Tensor>> cs;
@@ -203,7 +204,6 @@ FeedbackOutputs feedback_grads(at::TensorList weights, const OptTensorList& bias
                                std::vector<std::string> activations, at::TensorList feedback_weights,
                                const OptTensorList& feedback_biases, std::vector<std::string> feedback_activations,
                                const at::Tensor& x, const OptTensorList& noise) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Network net = check_network(weights, biases, activations);
   std::vector<at::Tensor> qs;
   std::vector<std::optional<at::Tensor>> cs;

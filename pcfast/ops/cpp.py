@@ -5,11 +5,20 @@ Each function runs a whole train step in one call into C++ (``torch.ops.pcfast.*
 TP/DTP targets plus the local gradients. Signatures and results are those of ``pcfast.ops.torch_pc``
 and ``pcfast.ops.torch_tp``; the math is ``pcfast.reference``. CPU tensors, float32 or float64.
 
+The ops keep the custom-op contract of ``torch.library``: functional schemas (no input is mutated, no
+output aliases an input), CPU kernels, a "not differentiable" autograd kernel (outputs carry no graph),
+and the fake kernels below, which give each output's shape and dtype from the inputs' shapes alone, so
+the ops trace under ``torch.compile`` without graph breaks and pass ``torch.library.opcheck``. No
+output shape depends on tensor data. Each op returns a tuple whose fields the schema names; this
+module reads it through a named tuple built from that schema (``PCStepOutputs``, …) and returns the
+result types of ``pcfast.results``.
+
 Importing this module raises ImportError when the extension was not built, which marks the backend
 unavailable in ``pcfast.ops``.
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Sequence
 
 import torch
@@ -28,21 +37,38 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 _ops = torch.ops.pcfast
 
-__all__ = ["engine_info", "feedback_grads", "pc_train_step", "set_engine", "tp_train_step"]
+__all__ = ["activation", "engine_info", "feedback_grads", "pc_train_step", "set_engine", "tp_train_step"]
+
+
+def _outputs_type(op_name: str, type_name: str) -> type:
+    """A named tuple whose fields are the return names in ``pcfast::<op_name>``'s schema."""
+    schema = getattr(_ops, op_name).default._schema
+    return namedtuple(type_name, [ret.name for ret in schema.returns])
+
+
+PCStepOutputs = _outputs_type("pc_train_step", "PCStepOutputs")
+TPStepOutputs = _outputs_type("tp_train_step", "TPStepOutputs")
+FeedbackOutputs = _outputs_type("feedback_grads", "FeedbackOutputs")
+ActivationOutputs = _outputs_type("activation", "ActivationOutputs")
 
 
 def engine_info() -> str:
     """``"<isa>/<gemm>"``: the instruction set of the elementwise kernels (``avx512``, ``avx2`` or
     ``baseline``) and how GEMMs are called (``blas``: straight to libtorch's BLAS; ``aten``: through
     the dispatcher)."""
-    return _ops.engine_info()
+    return _C.engine_info()
 
 
 def set_engine(isa: str | None = None, gemm: str | None = None) -> str:
     """Choose the kernels' instruction set (capped at what the CPU supports) and the GEMM path, for
     tests and benchmarks; returns the new :func:`engine_info`. The defaults are the fastest available.
     The environment variables ``PCFAST_CPP_ISA`` and ``PCFAST_CPP_GEMM=aten`` set them at load time."""
-    return _ops.set_engine(isa or "", gemm or "")
+    return _C.set_engine(isa or "", gemm or "")
+
+
+def activation(u: Tensor, name: str) -> ActivationOutputs:
+    """``(value, slope) = (φ(u), φ'(u))`` through the engine's kernels, for tests of the activation math."""
+    return ActivationOutputs(*_ops.activation(u, name))
 
 
 def pc_train_step(
@@ -64,22 +90,22 @@ def pc_train_step(
     check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
                      return_trajectory=return_trajectory)
     gammas = resolve_precisions(precisions, len(weights))
-    latents, errors, weight_grads, bias_grads, energy, loss_value, stacked = _ops.pc_train_step(
+    out = PCStepOutputs(*_ops.pc_train_step(
         list(weights), list(biases), list(activations), x, target, gammas, int(inference_steps),
         float(inference_lr), schedule, bool(fpa), loss, bool(return_trajectory),
-    )
+    ))
     trajectory = None
     if return_trajectory:
         # One (T+1, B, d_l) block per hidden layer; step t is a list of views into them.
-        per_layer = [block.unbind(0) for block in stacked]
+        per_layer = [block.unbind(0) for block in out.trajectory]
         trajectory = [[steps[t] for steps in per_layer] for t in range(int(inference_steps) + 1)]
     return PCResult(
-        latents=list(latents),
-        errors=list(errors),
-        weight_grads=list(weight_grads),
-        bias_grads=list(bias_grads),
-        energy=energy,
-        loss=loss_value,
+        latents=list(out.latents),
+        errors=list(out.errors),
+        weight_grads=list(out.weight_grads),
+        bias_grads=list(out.bias_grads),
+        energy=out.energy,
+        loss=out.loss,
         trajectory=trajectory,
     )
 
@@ -100,17 +126,17 @@ def tp_train_step(
 ) -> TPResult:
     """TP/DTP targets and local gradients in C++; see :func:`pcfast.reference.tp_train_step`."""
     check_tp_options(beta=beta, difference=difference)
-    targets, activities, weight_grads, bias_grads, loss_value, local_loss = _ops.tp_train_step(
+    out = TPStepOutputs(*_ops.tp_train_step(
         list(weights), list(biases), list(activations), list(feedback_weights), list(feedback_biases),
         list(feedback_activations), x, target, float(beta), loss, bool(difference),
-    )
+    ))
     return TPResult(
-        targets=list(targets),
-        activities=list(activities),
-        weight_grads=list(weight_grads),
-        bias_grads=list(bias_grads),
-        loss=loss_value,
-        local_loss=local_loss,
+        targets=list(out.targets),
+        activities=list(out.activities),
+        weight_grads=list(out.weight_grads),
+        bias_grads=list(out.bias_grads),
+        loss=out.loss,
+        local_loss=out.local_loss,
     )
 
 
@@ -125,8 +151,85 @@ def feedback_grads(
     noise: Sequence[Tensor | None] | None = None,
 ) -> FeedbackResult:
     """Feedback reconstruction gradients in C++; see :func:`pcfast.reference.feedback_grads`."""
-    weight_grads, bias_grads, loss_value = _ops.feedback_grads(
+    out = FeedbackOutputs(*_ops.feedback_grads(
         list(weights), list(biases), list(activations), list(feedback_weights), list(feedback_biases),
         list(feedback_activations), x, [] if noise is None else list(noise),
-    )
-    return FeedbackResult(list(weight_grads), list(bias_grads), loss_value)
+    ))
+    return FeedbackResult(weight_grads=list(out.weight_grads), bias_grads=list(out.bias_grads), loss=out.loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: each output's shape and dtype from the inputs' shapes, no data read. They run
+# under torch.compile's tracing (fake tensors) and for meta tensors; the C++ kernels check values.
+
+
+def _describe(t: Tensor) -> str:
+    layout = "" if t.layout == torch.strided else f", layout {t.layout}"
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}{layout}"
+
+
+def _check_on_cpu(**groups: Tensor | Sequence[Tensor | None] | None) -> None:
+    """The device check of the C++ kernels, for the tensors that reach a fake kernel instead (meta
+    tensors; fake tensors of the CPU pass)."""
+    for name, group in groups.items():
+        tensors = [(name, group)] if isinstance(group, Tensor) else [
+            (f"{name}[{i}]", t) for i, t in enumerate(group or ()) if t is not None]
+        for label, t in tensors:
+            if t.device.type != "cpu" or t.layout != torch.strided:
+                raise ValueError(f"{label}: the cpp backend runs on the CPU; expected a dense CPU tensor, got "
+                                 f"{_describe(t)} (use backend='torch' or 'triton' for other devices)")
+
+
+def _widths(weights: Sequence[Tensor]) -> list:
+    """(d_0, d_1, …, d_L) of a chain of (out, in) weights."""
+    if len(weights) == 0:
+        raise ValueError("weights: expected at least one layer, got none")
+    for l, w in enumerate(weights):
+        if w.dim() != 2:
+            raise ValueError(f"weights[{l}]: expected a 2-D (out, in) matrix, got {_describe(w)}")
+    return [weights[0].shape[1], *(w.shape[0] for w in weights)]
+
+
+def _grads_like(params: Sequence[Tensor], biases: Sequence[Tensor | None]) -> tuple[list, list]:
+    """Fresh gradients shaped like ``params`` and like each present bias (None where absent)."""
+    return ([p.new_empty(p.shape) for p in params],
+            [None if b is None else p.new_empty(p.shape[:1]) for p, b in zip(params, biases)])
+
+
+@torch.library.register_fake("pcfast::pc_train_step")
+def _pc_train_step_fake(weights, biases, activations, x, target, precisions, inference_steps, inference_lr,
+                        schedule, fpa, loss, return_trajectory):
+    _check_on_cpu(weights=weights, biases=biases, x=x, target=target)
+    widths, batch, new = _widths(weights), x.shape[0], weights[0].new_empty
+    weight_grads, bias_grads = _grads_like(weights, biases)
+    hidden = widths[1:-1]
+    trajectory = [new((inference_steps + 1, batch, d)) for d in hidden] if return_trajectory else []
+    return ([new((batch, d)) for d in hidden], [new((batch, d)) for d in widths[1:]], weight_grads, bias_grads,
+            new(()), new(()), trajectory)
+
+
+@torch.library.register_fake("pcfast::tp_train_step")
+def _tp_train_step_fake(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations,
+                        x, target, beta, loss, difference):
+    _check_on_cpu(weights=weights, biases=biases, feedback_weights=feedback_weights,
+                  feedback_biases=feedback_biases, x=x, target=target)
+    widths, batch, new = _widths(weights), x.shape[0], weights[0].new_empty
+    weight_grads, bias_grads = _grads_like(weights, biases)
+    return ([new((batch, d)) for d in widths[1:]], [new((batch, d)) for d in widths[1:]], weight_grads,
+            bias_grads, new(()), new(()))
+
+
+@torch.library.register_fake("pcfast::feedback_grads")
+def _feedback_grads_fake(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations,
+                         x, noise):
+    _check_on_cpu(weights=weights, biases=biases, feedback_weights=feedback_weights,
+                  feedback_biases=feedback_biases, x=x, noise=noise)
+    _widths(weights)
+    weight_grads, bias_grads = _grads_like(feedback_weights, feedback_biases)
+    return weight_grads, bias_grads, weights[0].new_empty(())
+
+
+@torch.library.register_fake("pcfast::activation")
+def _activation_fake(u, activation):
+    _check_on_cpu(u=u)
+    return u.new_empty(u.shape), u.new_empty(u.shape)
