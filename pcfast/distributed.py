@@ -141,8 +141,8 @@ class StepCollectives:
         buffer = torch.cat([payload, tail])
         torch.distributed.all_reduce(buffer, group=self.group)
         self.done += 1
-        sizes = [int(v) for v in buffer[-2 * self.world:-self.world].tolist()]
-        statuses = [int(v) for v in buffer[-self.world:].tolist()]
+        tail = [int(v) for v in buffer[-2 * self.world:].tolist()]  # one host sync
+        sizes, statuses = tail[:self.world], tail[self.world:]
         failed = [(r, code) for r, code in enumerate(statuses) if code != _OK and r != self.rank]
         if failed:
             self.abandoned = True

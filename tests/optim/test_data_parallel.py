@@ -81,6 +81,15 @@ def train(name: str, opt, model, rows: slice):
             "buffers": buffers}
 
 
+def accumulate(opt, model, rows: slice) -> dict:
+    """Two ``compute_gradients`` calls and a ``step()``: the grads, statistics and parameters."""
+    (x1, y1), (x2, y2) = batches("pc")[:2]
+    stats = [opt.compute_gradients(x1[rows], y1[rows]), opt.compute_gradients(x2[rows], y2[rows])]
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    return {"grads": grads, "stats": stats, "params": [p.detach().clone() for p in model.parameters()]}
+
+
 def case_backend(name: str) -> str:
     return "triton" if name.endswith("triton") else "auto"
 
@@ -125,6 +134,11 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
             extra["process_group"] = torch.distributed.group.WORLD  # the others detect it ("auto")
         opt = make_optimizer(name, model, backend=case_backend(name), **extra)
         results[name] = train(name, opt, model, rows)
+
+    # compute_gradients on two micro-batches (accumulating into .grad), then step() on that .grad.
+    model = make_model()
+    opt = make_optimizer("pc", model)
+    results["accumulated"] = accumulate(opt, model, rows)
 
     # Failures on one rank's shard, after 5 good steps; then one more good step, on every rank.
     failures = {}
@@ -190,6 +204,8 @@ def single_process():
         backend = SINGLE_PROCESS_BACKEND.get(name, case_backend(name))
         extra = {"process_group": None, "backend": backend} if takes_process_group(name) else {}
         out[name] = train(name, make_optimizer(name, model, **extra), model, slice(None))
+    model = make_model()
+    out["accumulated"] = accumulate(make_optimizer("pc", model, process_group=None), model, slice(None))
     return out
 
 
@@ -212,7 +228,7 @@ def launched(tmp_path_factory):
 def test_data_parallel_equals_one_process_on_the_full_batch(world, launched, single_process):
     ranks = launched(world)
     for name, expected in single_process.items():
-        if name.endswith("triton") and world != 2:
+        if name.endswith("triton") and world != 2 or name == "accumulated":
             continue
         for rank, saved in enumerate(ranks):
             got = saved["results"][name]
@@ -227,15 +243,28 @@ def test_data_parallel_equals_one_process_on_the_full_batch(world, launched, sin
                     assert abs(a[k] - b[k]) <= 1e-12 * abs(b[k]), f"{name}, rank {rank}: step {step} {k} {a[k]} vs {b[k]}"
 
 
-def test_triton_applies_sgd_after_the_reduction(monkeypatch):
-    """With a process group the triton backend must not apply SGD inside its gradient launches (it
-    would apply the shard's gradients): the base class asks it for none."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    opt = make_optimizer("pc", make_model(), backend="triton", process_group=None)
-    opt._stepping = True
-    assert opt._layer_sgd() is not None, "single process: the fused SGD is requested"
-    opt.process_group = object()  # what matters is that a group is set
-    assert opt._layer_sgd() is None
+@pytest.mark.parametrize("world", [2, 3], ids=["2-ranks-6+6", "3-ranks-5+3+4"])
+def test_compute_gradients_accumulates_the_group_means(world, launched, single_process):
+    expected = single_process["accumulated"]
+    for rank, saved in enumerate(launched(world)):
+        got = saved["results"]["accumulated"]
+        for key in ("grads", "params"):
+            for i, (a, b) in enumerate(zip(got[key], expected[key])):
+                assert relative_error(a, b) <= 1e-12, f"rank {rank}: {key}[{i}]"
+        for a, b in zip(got["stats"], expected["stats"]):
+            assert all(abs(a[k] - b[k]) <= 1e-12 * abs(b[k]) for k in b), (rank, a, b)
+
+
+def test_process_group_argument():
+    """Without torch.distributed initialised, "auto" and None are single-process; anything else
+    is refused with the argument named."""
+    assert not torch.distributed.is_initialized()
+    for value in ("auto", None):
+        assert make_optimizer("dtp-noise", make_model(), process_group=value).process_group is None
+    with pytest.raises(ValueError, match="process_group: expected 'auto', None or a torch.distributed ProcessGroup"):
+        make_optimizer("pc", make_model(), process_group="world")
+    with pytest.raises(TypeError, match="process_group: .* got int"):
+        make_optimizer("pc", make_model(), process_group=0)
 
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2-ranks-6+6", "3-ranks-5+3+4"])
