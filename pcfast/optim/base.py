@@ -85,6 +85,10 @@ class LocalOptimizer(torch.optim.Optimizer):
       next step (build a new optimizer for the changed model).
     * ``load_state_dict`` checks the whole state dict (algorithm, groups, momentum buffers,
       parametrization, algorithm state) before changing anything.
+    * ``process_group`` (``"auto"``, None or a ``ProcessGroup``; see ``pcfast.distributed``): with
+      a group of more than one rank each rank steps on its shard of the batch and every rank applies
+      the full batch's update; the first rank's model is copied to the others when the optimizer is
+      built. ``state_dict`` is the same as without a group.
     """
 
     algo = "any"
@@ -376,7 +380,8 @@ class LocalOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__}: statistics {tuple(stats)} differ from stat_names "
                                        f"{self.stat_names} (an internal inconsistency)")
                 depth = len(weight_grads)
-                values = [torch.as_tensor(v, dtype=weight_grads[0].dtype) for v in stats.values()]
+                like = weight_grads[0]
+                values = [torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in stats.values()]
                 reduced, _ = collectives.mean([*weight_grads, *bias_grads, *values], x.shape[0])
             except Exception as error:
                 collectives.abandon(error)
