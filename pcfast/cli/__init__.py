@@ -390,6 +390,22 @@ def _transfer_parser(sub) -> None:
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--name", default=None, help="file stem transfer_<NAME>: letters, digits, '-', '_', '.' "
                                                 "(default: the preset's name)")
+    run = p.add_argument_group("execution", "Every finished training is appended to the journal "
+                               "transfer_<NAME>.journal.jsonl under --out; the result files are built from it.")
+    run.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                     help="serial: one training after another in this process; ray: each training a Ray task "
+                          "(pip install 'pcfast[distributed]'), results collected as they finish")
+    run.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="Ray cluster to submit to (e.g. auto, or HEAD:6379); default: start a local Ray "
+                          "instance with as many CPUs as there are free cores")
+    run.add_argument("--cpus-per-trial", type=_positive_int, default=1,
+                     help="CPU threads of each training (its Ray resource too); part of the settings, since "
+                          "the thread count changes float rounding")
+    run.add_argument("--gpus-per-trial", type=_non_negative, default=0.0,
+                     help="GPUs of each Ray task, fractional allowed (0.25: four trainings share a GPU)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the sweep whose journal is under --out: journaled trainings are not run "
+                          "again; the options must be those that started it")
     _add_common(p)
     p.set_defaults(func=_transfer)
 
@@ -397,6 +413,8 @@ def _transfer_parser(sub) -> None:
 def _transfer(args) -> int:
     from ..experiments.transfer import (
         format_summary,
+        journal_path,
+        journal_settings,
         run_transfer,
         settings_for,
         write_transfer,
@@ -418,12 +436,17 @@ def _transfer(args) -> int:
     if args.name is not None and not _is_file_stem(args.name):
         raise UsageError(f"--name: expected a plain file stem (letters, digits, '-', '_', '.'), got {args.name!r}")
     preset = getattr(args, "preset", "quick")
-    check_device(args.device)
-    settings = settings_for(preset, **overrides)
-    check_backend(settings.backend, args.device)
+    on_ray = args.executor == "ray"
+    check_execution(args)
+    if not on_ray:
+        check_device(args.device)
+    settings = settings_for(preset, check_device=not on_ray, threads=args.cpus_per_trial, **overrides)
+    if not on_ray:
+        check_backend(settings.backend, args.device)
     stem = f"transfer_{settings.name}"
     check_plotting()
-    prepare_output_dir(args.out, [f"{stem}.json", f"{stem}.csv", f"{stem}.png"])
+    prepare_output_dir(args.out, [f"{stem}.json", f"{stem}.csv", f"{stem}.png", f"{stem}.journal.jsonl"])
+    journal = journal_path(args.out, settings.name)
     if args.dataset is not None:
         settings.fallback_dataset = None  # a dataset asked for by name is used, or reported missing
     if args.log2_lr:
@@ -431,14 +454,82 @@ def _transfer(args) -> int:
         settings.grids = {v: (lo, hi) for v in settings.variants}
     if args.readout_scale is not None:
         settings.readout_scales = {v: args.readout_scale for v in settings.variants}
-    print(f"pcfast transfer ({preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
-          f"parametrizations x widths {list(settings.widths)}; results in {args.out}/")
-    result = run_transfer(settings, show_progress=not args.no_progress)
+    check_journal(journal, args.resume)
+    executor = make_executor(args)
+    try:
+        if args.resume:  # the settings are checked against the journal before any training
+            from ..experiments.sweep import Journal
+
+            try:
+                Journal(journal, journal_settings(settings, executor.device_for(settings.device))).read()
+            except ValueError as exc:
+                raise UsageError(f"--resume: {exc}") from None
+        print(f"pcfast transfer ({preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
+              f"parametrizations x widths {list(settings.widths)}; {executor.describe()}; results in {args.out}/")
+        result = run_transfer(settings, executor=executor, journal=journal, resume=args.resume,
+                              show_progress=not args.no_progress)
+    finally:
+        executor.close()
     paths = write_transfer(result, args.out)
     print(format_summary(result))
-    print(f"{result['runs_trained']} runs trained ({len(result['rows'])} configurations) in {result['seconds']:.0f} s; "
-          "wrote " + ", ".join(str(p) for p in paths))
+    run = result["run"]
+    resumed = f", {run['trials_resumed']} taken from the journal" if run["trials_resumed"] else ""
+    print(f"{result['runs_trained']} runs ({len(result['rows'])} configurations): {run['trials_run']} trained in "
+          f"{run['seconds']:.0f} s{resumed}; wrote " + ", ".join(str(p) for p in paths) + f" (journal: {journal})")
     return EXIT_OK
+
+
+def check_execution(args) -> None:
+    """The execution options fit together, and Ray is installed when asked for."""
+    if args.executor != "ray":
+        for option, given in (("--ray-address", args.ray_address is not None),
+                              ("--gpus-per-trial", args.gpus_per_trial != 0)):
+            if given:
+                raise UsageError(f"{option}: only with --executor ray (the serial executor uses this process; "
+                                 "--device picks its device)")
+        return
+    from ..experiments.sweep import ray_available
+
+    if not ray_available():
+        raise UsageError("--executor ray: ray is not installed: pip install 'pcfast[distributed]' (or pip install ray)")
+    device = args.device or "auto"
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and args.gpus_per_trial == 0:
+        raise UsageError(f"--device {device}: Ray tasks get no GPU with --gpus-per-trial 0; give "
+                         "--gpus-per-trial (e.g. 0.25)")
+    if device == "cpu" and args.gpus_per_trial > 0:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: the trainings run on --device cpu; "
+                         "drop --gpus-per-trial or use --device auto")
+
+
+def check_journal(journal: Path, resume: bool) -> None:
+    """``--resume`` needs a journal; a fresh sweep must not silently discard one."""
+    from ..experiments.sweep import Journal
+
+    found = Journal(journal, {}).exists()
+    if resume and not found:
+        raise UsageError(f"--resume: there is no journal {journal} to resume (run without --resume to start the sweep)")
+    if not resume and found:
+        lines = sum(1 for _ in journal.open())
+        raise UsageError(f"--out: {journal} holds {lines} finished trainings of an earlier sweep; add --resume to "
+                         "continue it (or to rebuild its files), or delete it to start over")
+
+
+def make_executor(args):
+    """The executor the options ask for; connecting to Ray is checked here, before any training."""
+    from ..experiments.sweep import RayExecutor, SerialExecutor
+
+    if args.executor == "serial":
+        return SerialExecutor()
+    try:
+        return RayExecutor(address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
+                           gpus_per_trial=args.gpus_per_trial)
+    except ValueError as exc:
+        raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+    except Exception as exc:  # ray's connection errors (ConnectionError, RuntimeError, …)
+        where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray instance"
+        raise UsageError(f"--executor ray: cannot start or reach {where} ({_one_line(exc)[:200]})") from None
 
 
 def _is_file_stem(name: str) -> bool:

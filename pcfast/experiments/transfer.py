@@ -11,9 +11,16 @@ the smallest and the largest width.
 
 At the base width μP equals SP exactly, and under SP the PC output-precision exponent γ̄_L has no
 effect (γ_L = γ at every width): such runs are identical, so each is trained once and shared.
+
+Each distinct run is a *trial* (``pcfast.experiments.sweep``): ``run_trial`` is a pure function of
+the settings and the trial, an executor (serial, or Ray tasks) maps trials to results, and a journal
+next to the result files records every finished trial, so an interrupted sweep resumes where it
+stopped and the files are built from the journal alone — the same bytes whichever executor ran it.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +47,7 @@ from .common import (
     write_csv,
     write_json,
 )
+from .sweep import Journal, SerialExecutor, Trial, intra_op_threads
 
 # Sensible factor-2 grids (log2 of the base learning rate) per variant, for momentum 0.9 and the
 # embedded MNIST subset: they bracket the optimum at every width and reach the divergence edge.
@@ -80,6 +88,9 @@ class TransferSettings:
     schedule: str = "cosine"  # "cosine": per-step decay from lr to 0, or "constant"
     backend: str = "auto"
     device: str = "auto"  # "auto": the GPU when there is one (with backend auto: the triton kernels)
+    # Intra-op threads of every trial. Part of the result: the thread count changes how BLAS splits
+    # its sums, hence the float rounding; and one thread per trial degrades gracefully on a shared machine.
+    threads: int = 1
 
     def grid(self, variant: str) -> list[int]:
         """log2 learning rates for ``variant`` (integers: a factor-2 grid)."""
@@ -102,14 +113,19 @@ PRESETS: dict[str, TransferSettings] = {
 }
 
 
-def settings_for(preset: str, **overrides: Any) -> TransferSettings:
+def settings_for(preset: str, *, check_device: bool = True, **overrides: Any) -> TransferSettings:
+    """The preset's settings with ``overrides`` (``None`` values ignored), checked. ``check_device``
+    checks that this process can use ``device`` (not wanted when the trials run elsewhere, on Ray)."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = replace(PRESETS[preset], **overrides)
     if settings.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule: expected 'cosine' or 'constant', got {settings.schedule!r}")
-    resolve_device(settings.device)  # a clear error before any data is loaded
+    if isinstance(settings.threads, bool) or not isinstance(settings.threads, int) or settings.threads < 1:
+        raise ValueError(f"threads: expected a positive integer, got {settings.threads!r}")
+    if check_device:
+        resolve_device(settings.device)  # a clear error before any data is loaded
     return settings
 
 
@@ -154,66 +170,139 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=print) -> dict[str, Any]:
-    """Train every configuration for every seed; return the JSON-ready result: settings, machine,
-    ``rows`` (seed means, with the per-seed values; diverged if any seed diverged), summary, checks."""
-    start = time.perf_counter()
-    data, note = _load_data(settings, say)
-    n = data.num_train if settings.train_size is None else min(settings.train_size, data.num_train)
-    device = resolve_device(settings.device)
-    x, labels = data.x_train[:n].to(device), data.y_train[:n].to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+@functools.lru_cache(maxsize=2)
+def _trial_data(dataset: str, root: str | None, fallback: str | None, train_size: int | None,
+                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(x, labels, x_test, y_test, num_classes)``, tensors on ``device``, loaded once per process (a
+    Ray worker runs many trials)."""
+    settings = TransferSettings(dataset=dataset, root=root, fallback_dataset=fallback)
+    data, _ = _load_data(settings, say=lambda *a: None)
+    n = data.num_train if train_size is None else min(train_size, data.num_train)
+    return (data.x_train[:n].to(device), data.y_train[:n].to(device), data.x_test.to(device),
+            data.y_test.to(device), data.num_classes)
+
+
+def run_trial(settings: TransferSettings, device: str, trial: Trial) -> dict[str, Any]:
+    """Train one configuration of the sweep and evaluate it: a pure function of ``settings``,
+    ``device`` and ``trial`` (init, batch order and feedback noise follow ``trial.seed``), run on
+    ``settings.threads`` intra-op threads.
+
+    Returns ``{"train_loss", "test_accuracy", "diverged", "steps", "error"}``; the losses are
+    ``None`` for a run that raised ``DivergenceError`` or ended non-finite."""
+    x, labels, x_test, y_test, num_classes = _trial_data(settings.dataset, settings.root, settings.fallback_dataset,
+                                                         settings.train_size, device)
+    variant, n = parse_variant(trial.variant), x.shape[0]
+    with intra_op_threads(settings.threads):
+        model, par, opt = build(
+            variant, trial.parametrization, trial.width, input_dim=x.shape[1], num_classes=num_classes,
+            lr=2.0**trial.log2_lr, base_width=settings.base_width, hidden_layers=settings.hidden_layers,
+            activation=settings.activation, readout_scale=settings.readout_scale(variant.name), seed=trial.seed,
+            momentum=settings.momentum, loss=settings.loss, inference_steps=settings.inference_steps,
+            inference_lr=settings.inference_lr, beta=settings.beta, feedback_lr=settings.feedback_lr,
+            backend=settings.backend, device=device)
+        planned = _planned_key(settings, variant, trial.parametrization, trial.width, trial.log2_lr, trial.seed,
+                               x.shape[1], num_classes)
+        if _run_key(variant, par, trial.width, trial.log2_lr, trial.seed) != planned:
+            raise RuntimeError(f"transfer: planned and built parametrizations differ for {trial.label}")
+        scheduler = None
+        if settings.schedule == "cosine":
+            total = settings.epochs * -(-n // settings.batch_size)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda k, total=total: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total)))
+        outcome = train_run(opt, model, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
+                            seed=trial.seed, scheduler=scheduler, scheduler_per_step=True)
+        train_loss = test_accuracy = float("nan")
+        if not outcome["diverged"]:
+            train_loss, _ = evaluate(model, x, labels, settings.loss)
+            _, test_accuracy = evaluate(model, x_test, y_test, settings.loss)
+    diverged = outcome["diverged"] or not math.isfinite(train_loss)
+    return {"train_loss": None if diverged else train_loss, "test_accuracy": None if diverged else test_accuracy,
+            "diverged": diverged, "steps": outcome["steps"], "error": outcome["error"]}
+
+
+def plan_trials(settings: TransferSettings, input_dim: int, num_classes: int):
+    """The sweep's configurations (variant × parametrization × width × log2 lr, in table order), the
+    trial each (configuration, seed) runs, and the distinct trials in order of first use: runs that
+    are the same computation (see ``_run_key``) are one trial."""
     variants = [parse_variant(v) for v in settings.variants]
     configs = [(v, p, w, e) for v in variants for p in settings.parametrizations
                for w in settings.widths for e in settings.grid(v.name)]
-    keys = {(variant, preset, width, log2_lr, seed): _planned_key(settings, variant, preset, width, log2_lr, seed,
-                                                                  data.num_features, data.num_classes)
-            for variant, preset, width, log2_lr in configs for seed in settings.seeds}
-    cache: dict[tuple, dict] = {}
+    first: dict[tuple, Trial] = {}
+    trial_of: dict[tuple, Trial] = {}
+    for variant, preset, width, log2_lr in configs:
+        for seed in settings.seeds:
+            key = _planned_key(settings, variant, preset, width, log2_lr, seed, input_dim, num_classes)
+            trial = first.setdefault(key, Trial(variant.name, preset, width, log2_lr, seed))
+            trial_of[(variant.name, preset, width, log2_lr, seed)] = trial
+    return configs, trial_of, list(first.values())
+
+
+def journal_settings(settings: TransferSettings, device: str) -> dict[str, Any]:
+    """What determines every trial's result: the settings less the file stem, with the device
+    setting replaced by the kind of device the trials run on (``auto`` on a CPU machine and ``cpu``
+    are the same computation)."""
+    values = asdict(settings)
+    values.pop("name")
+    values["device"] = device
+    return values
+
+
+def journal_path(out: Path, name: str) -> Path:
+    return Path(out) / f"transfer_{name}.journal.jsonl"
+
+
+def run_transfer(settings: TransferSettings, *, executor=None, journal: Path | str | None = None,
+                 resume: bool = False, show_progress: bool = True, say=print) -> dict[str, Any]:
+    """Run the sweep's trials on ``executor`` (default: ``SerialExecutor()``); return the JSON-ready
+    result: settings, machine, ``rows`` (seed means, with the per-seed values; diverged if any seed
+    diverged), summary, checks.
+
+    With ``journal`` (a path), every finished trial is appended to that journal and the result is
+    built from the journal alone; ``resume=True`` keeps the trials already journaled there and runs
+    only the others (``JournalError`` if it was written with other settings), ``resume=False``
+    starts it empty. The result is the same, number for number, whichever executor ran the trials
+    and however often the sweep was interrupted and resumed; ``result["run"]`` (not written to the
+    files) says how long this call took and how many trials it ran."""
+    start = time.perf_counter()
+    executor = executor if executor is not None else SerialExecutor()
+    data, note = _load_data(settings, say)
+    n = data.num_train if settings.train_size is None else min(settings.train_size, data.num_train)
+    device = executor.device_for(settings.device)
+    configs, trial_of, trials = plan_trials(settings, data.num_features, data.num_classes)
+    book = Journal(journal, journal_settings(settings, device)) if journal is not None else None
+    entries: dict[Trial, dict] = {}
+    if book is not None and resume:
+        entries = book.read()
+        book.truncate_torn_tail()
+    elif book is not None:
+        book.start()
+    todo = [t for t in trials if t not in entries]
+    resumed = len(trials) - len(todo)
+    # The bar counts distinct trials: a run shared with an identical one costs nothing.
+    bar = progress(len(trials), f"transfer {settings.name}", show_progress)
+    if resumed:
+        bar.update(resumed)
+    seconds = 0.0
+    for trial, outcome, took, host in executor.map(run_trial, todo, settings, device):
+        if book is not None:
+            entries[trial] = book.append(trial, outcome, seconds=took, host=host)
+        else:
+            entries[trial] = json.loads(json.dumps({"result": outcome}, allow_nan=False))
+        seconds += took
+        bar.set_postfix_str(trial.label)
+        bar.update()
+    bar.close()
+    if book is not None:
+        entries = book.read()  # the tables and the figure are a function of the journal alone
+    outcomes = {t: entries[t]["result"] for t in trials}
     rows = []
-    # The bar counts runs trained: a run shared with an identical earlier one costs nothing.
-    bar = progress(len(set(keys.values())), f"transfer {settings.name}", show_progress)
+    used: set[Trial] = set()
     for variant, preset, width, log2_lr in configs:
         mine = []
         for seed in settings.seeds:
-            key = keys[(variant, preset, width, log2_lr, seed)]
-            shared = key in cache
-            if not shared:
-                bar.set_postfix_str(f"{variant.name} {preset} width {width} lr 2^{log2_lr} seed {seed}")
-                model, par, opt = build(
-                    variant, preset, width, input_dim=data.num_features, num_classes=data.num_classes,
-                    lr=2.0**log2_lr, base_width=settings.base_width, hidden_layers=settings.hidden_layers,
-                    activation=settings.activation, readout_scale=settings.readout_scale(variant.name), seed=seed,
-                    momentum=settings.momentum, loss=settings.loss, inference_steps=settings.inference_steps,
-                    inference_lr=settings.inference_lr, beta=settings.beta, feedback_lr=settings.feedback_lr,
-                    backend=settings.backend, device=device)
-                if _run_key(variant, par, width, log2_lr, seed) != key:  # the plan and the build must agree
-                    raise RuntimeError(f"transfer: planned and built parametrizations differ for {variant.name} "
-                                       f"{preset} width {width}")
-                began = time.perf_counter()
-                scheduler = None
-                if settings.schedule == "cosine":
-                    total = settings.epochs * -(-n // settings.batch_size)
-                    scheduler = torch.optim.lr_scheduler.LambdaLR(
-                        opt, lambda k, total=total: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total)))
-                outcome = train_run(opt, model, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
-                                    seed=seed, scheduler=scheduler, scheduler_per_step=True)
-                train_loss = test_accuracy = float("nan")
-                if not outcome["diverged"]:
-                    train_loss, _ = evaluate(model, x, labels, settings.loss)
-                    _, test_accuracy = evaluate(model, x_test, y_test, settings.loss)
-                diverged = outcome["diverged"] or not math.isfinite(train_loss)
-                cache[key] = {
-                    "train_loss": train_loss if not diverged else None,
-                    "test_accuracy": test_accuracy if not diverged else None,
-                    "diverged": diverged, "steps": outcome["steps"], "error": outcome["error"],
-                    "seconds": round(time.perf_counter() - began, 3),
-                }
-                bar.update()
-            run = {"variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar,
-                   "parametrization": preset, "width": width, "log2_lr": log2_lr, "lr": 2.0**log2_lr, "seed": seed,
-                   **cache[key], "shared": shared}
-            mine.append(run)
+            trial = trial_of[(variant.name, preset, width, log2_lr, seed)]
+            mine.append({**outcomes[trial], "shared": trial in used})
+            used.add(trial)
         diverged = any(r["diverged"] for r in mine)
         rows.append({
             "variant": variant.name, "algo": variant.algo, "gamma_bar": variant.gamma_bar, "parametrization": preset,
@@ -224,22 +313,23 @@ def run_transfer(settings: TransferSettings, *, show_progress: bool = True, say=
             "train_loss_per_seed": [r["train_loss"] for r in mine],
             "test_accuracy_per_seed": [r["test_accuracy"] for r in mine],
             "steps_per_seed": [r["steps"] for r in mine],
-            "seconds": round(sum(r["seconds"] for r in mine if not r["shared"]), 3),
             "shared": all(r["shared"] for r in mine),
             "error": next((r["error"] for r in mine if r["error"]), None),
         })
-    bar.close()
+    x, labels = data.x_train[:n], data.y_train[:n]
     zero_loss = evaluate(lambda t: torch.zeros(t.shape[0], data.num_classes, dtype=t.dtype), x, labels,
                          settings.loss)[0]
+    here = {k: v for k, v in machine().items() if k not in ("date", "torch_threads")}  # not the result's
     result = {
-        "experiment": "transfer", "settings": asdict(settings), "machine": {**machine(), "device": str(device)},
+        "experiment": "transfer", "settings": asdict(settings), "machine": {**here, "device": device},
         "data": {"dataset": data.name, "train_size": n, "test_size": data.num_test, "note": note},
         "zero_output_loss": zero_loss, "rows": rows,
     }
     result["summary"] = summarize(result)
     result["checks"] = checks(result["summary"])
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    result["runs_trained"] = len(cache)
+    result["runs_trained"] = len(trials)
+    result["run"] = {"seconds": round(time.perf_counter() - start, 1), "trial_seconds": round(seconds, 1),
+                     "trials_run": len(todo), "trials_resumed": resumed, "executor": executor.describe()}
     return result
 
 
@@ -351,7 +441,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 CSV_COLUMNS = ["variant", "algo", "gamma_bar", "parametrization", "width", "log2_lr", "lr", "train_loss",
-               "test_accuracy", "diverged", "seeds_diverged", "train_loss_per_seed", "seconds", "shared", "error"]
+               "test_accuracy", "diverged", "seeds_diverged", "train_loss_per_seed", "shared", "error"]
 
 
 def plot_transfer(result: dict[str, Any], path: Path) -> Path:
@@ -440,10 +530,13 @@ def plot_transfer(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_transfer(result: dict[str, Any], out: Path) -> list[Path]:
-    """``transfer_<name>.json``, ``.csv`` and ``.png`` under ``out``."""
+    """``transfer_<name>.json``, ``.csv`` and ``.png`` under ``out``: functions of the trials' results
+    and the settings only (no timings, dates or executor), so an interrupted and resumed sweep, or one
+    run on Ray, writes the same bytes as an uninterrupted serial run on the same kind of machine. The
+    journal holds each trial's wall time and host."""
     stem = out / f"transfer_{result['settings']['name']}"
     return [
-        write_json(stem.with_suffix(".json"), result),
+        write_json(stem.with_suffix(".json"), {k: v for k, v in result.items() if k != "run"}),
         write_csv(stem.with_suffix(".csv"), [
             {**r, "train_loss_per_seed": ";".join("" if v is None else f"{v:.6g}" for v in r["train_loss_per_seed"])}
             for r in result["rows"]], CSV_COLUMNS),
