@@ -20,11 +20,8 @@
 namespace pcfast {
 namespace {
 
-using PCOutputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                             std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
-
 template <typename T>
-PCOutputs run(const Network& net, const at::Tensor& x, const at::Tensor& target, Loss loss,
+PCStepOutputs run(const Network& net, const at::Tensor& x, const at::Tensor& target, Loss loss,
               const std::vector<double>& gammas, int64_t steps, double kappa, bool sequential, bool fpa,
               bool return_trajectory) {
   const Kernels<T>& K = kernels<T>();
@@ -160,21 +157,23 @@ PCOutputs run(const Network& net, const at::Tensor& x, const at::Tensor& target,
   for (int64_t k = 0; k < hidden; ++k) energy += 0.5 * gammas[k] * sum_squares<T>(err[k]);
   energy += gammas[hidden] * loss_sum<T>(batch, d[depth], data(f), data(err[hidden]), target, loss);
 
-  return {std::move(z),
-          std::move(err),
-          std::move(weight_grads),
-          std::move(bias_grads),
-          scalar_result(energy, opts),
-          scalar_result(loss0 / static_cast<double>(batch), opts),
-          std::move(trajectory)};
+  PCStepOutputs out;
+  out.latents = std::move(z);
+  out.errors = std::move(err);
+  out.weight_grads = std::move(weight_grads);
+  out.bias_grads = std::move(bias_grads);
+  out.energy = scalar_result(energy, opts);
+  out.loss = scalar_result(loss0 / static_cast<double>(batch), opts);
+  out.trajectory = std::move(trajectory);
+  return out;
 }
 
 }  // namespace
 
-PCOutputs pc_train_step(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
-                        const at::Tensor& x, const at::Tensor& target, std::vector<double> precisions,
-                        int64_t inference_steps, double inference_lr, std::string schedule, bool fpa,
-                        std::string loss, bool return_trajectory) {
+PCStepOutputs::Tuple pc_train_step(at::TensorList weights, const OptTensorList& biases,
+                                   std::vector<std::string> activations, const at::Tensor& x, const at::Tensor& target,
+                                   std::vector<double> precisions, int64_t inference_steps, double inference_lr,
+                                   std::string schedule, bool fpa, std::string loss, bool return_trajectory) {
   const Network net = check_network(weights, biases, activations);
   const Loss loss_kind = parse_loss(loss);
   TORCH_CHECK_VALUE(schedule == "jacobi" || schedule == "sequential",
@@ -199,10 +198,12 @@ PCOutputs pc_train_step(at::TensorList weights, const OptTensorList& biases, std
   const bool sequential = schedule == "sequential";
   if (net.dtype == at::kFloat) {
     return run<float>(net, xc, yc, loss_kind, precisions, inference_steps, inference_lr, sequential, fpa,
-                      return_trajectory);
+                      return_trajectory)
+        .as_tuple();
   }
   return run<double>(net, xc, yc, loss_kind, precisions, inference_steps, inference_lr, sequential, fpa,
-                     return_trajectory);
+                     return_trajectory)
+      .as_tuple();
 }
 
 }  // namespace pcfast

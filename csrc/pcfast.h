@@ -107,27 +107,66 @@ inline void for_rows(int64_t rows, int64_t cols, const F& fn) {
 // Ops (registered in pcfast.cpp).
 
 using OptTensorList = c10::List<std::optional<at::Tensor>>;
+using Tensors = std::vector<at::Tensor>;
+using OptTensors = std::vector<std::optional<at::Tensor>>;
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor, std::vector<at::Tensor>>
-pc_train_step(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
-              const at::Tensor& x, const at::Tensor& target, std::vector<double> precisions,
-              int64_t inference_steps, double inference_lr, std::string schedule, bool fpa, std::string loss,
-              bool return_trajectory);
+// Each op's results by name, with the fields in the order of the returns of its schema (pcfast.cpp);
+// as_tuple() is what the op hands the dispatcher. Python reads the tuple back by the schema's names.
+struct PCStepOutputs {
+  Tensors latents;          // z_1 … z_{L-1} after the relaxation
+  Tensors errors;           // ε_1 … ε_L at the final state
+  Tensors weight_grads;     // ∂F/∂W_l, batch mean
+  OptTensors bias_grads;    // ∂F/∂b_l, batch mean; none where the layer has no bias
+  at::Tensor energy;        // F at the final state, summed over the batch (0-dim)
+  at::Tensor loss;          // feedforward loss ℓ(f_0, y), mean over the batch (0-dim)
+  Tensors trajectory;       // per hidden layer, (T+1, B, d_l) latents after steps 0 … T; empty if not asked
+  using Tuple = std::tuple<Tensors, Tensors, Tensors, OptTensors, at::Tensor, at::Tensor, Tensors>;
+  Tuple as_tuple() && {
+    return {std::move(latents), std::move(errors), std::move(weight_grads), std::move(bias_grads),
+            std::move(energy), std::move(loss), std::move(trajectory)};
+  }
+};
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor>
-tp_train_step(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
-              at::TensorList feedback_weights, const OptTensorList& feedback_biases,
-              std::vector<std::string> feedback_activations, const at::Tensor& x, const at::Tensor& target,
-              double beta, std::string loss, bool difference);
+struct TPStepOutputs {
+  Tensors targets;          // ĥ_1 … ĥ_L
+  Tensors activities;       // h_1 … h_{L-1}, f
+  Tensors weight_grads;
+  OptTensors bias_grads;
+  at::Tensor loss;          // feedforward loss, mean over the batch (0-dim)
+  at::Tensor local_loss;    // Σ_l ½‖ĥ_l − h_l‖², mean over the batch (0-dim)
+  using Tuple = std::tuple<Tensors, Tensors, Tensors, OptTensors, at::Tensor, at::Tensor>;
+  Tuple as_tuple() && {
+    return {std::move(targets), std::move(activities), std::move(weight_grads), std::move(bias_grads),
+            std::move(loss), std::move(local_loss)};
+  }
+};
+
+struct FeedbackOutputs {
+  Tensors weight_grads;     // ∂/∂Q_l, l = 2 … L
+  OptTensors bias_grads;    // ∂/∂c_l
+  at::Tensor loss;          // reconstruction loss, mean over the batch (0-dim)
+  using Tuple = std::tuple<Tensors, OptTensors, at::Tensor>;
+  Tuple as_tuple() && { return {std::move(weight_grads), std::move(bias_grads), std::move(loss)}; }
+};
+
+PCStepOutputs::Tuple pc_train_step(at::TensorList weights, const OptTensorList& biases,
+                                   std::vector<std::string> activations, const at::Tensor& x, const at::Tensor& target,
+                                   std::vector<double> precisions, int64_t inference_steps, double inference_lr,
+                                   std::string schedule, bool fpa, std::string loss, bool return_trajectory);
+
+TPStepOutputs::Tuple tp_train_step(at::TensorList weights, const OptTensorList& biases,
+                                   std::vector<std::string> activations, at::TensorList feedback_weights,
+                                   const OptTensorList& feedback_biases, std::vector<std::string> feedback_activations,
+                                   const at::Tensor& x, const at::Tensor& target, double beta, std::string loss,
+                                   bool difference);
 
 // (φ(u), φ'(u)) through the engine's kernels, for tests.
 std::tuple<at::Tensor, at::Tensor> activation(const at::Tensor& u, std::string activation);
 
-std::tuple<std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>, at::Tensor>
-feedback_grads(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
-               at::TensorList feedback_weights, const OptTensorList& feedback_biases,
-               std::vector<std::string> feedback_activations, const at::Tensor& x, const OptTensorList& noise);
+FeedbackOutputs::Tuple feedback_grads(at::TensorList weights, const OptTensorList& biases,
+                                      std::vector<std::string> activations, at::TensorList feedback_weights,
+                                      const OptTensorList& feedback_biases,
+                                      std::vector<std::string> feedback_activations, const at::Tensor& x,
+                                      const OptTensorList& noise);
 
 }  // namespace pcfast

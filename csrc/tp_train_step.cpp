@@ -13,10 +13,6 @@
 namespace pcfast {
 namespace {
 
-using TPOutputs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                             std::vector<std::optional<at::Tensor>>, at::Tensor, at::Tensor>;
-using FeedbackOutputs = std::tuple<std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>, at::Tensor>;
-
 // Hidden pre-activations u_l (bias added) and activities h_l = φ(u_l) into the given buffers, for
 // layers [0, layers).
 template <typename T>
@@ -38,7 +34,7 @@ void hidden_layers(const Network& net, const at::Tensor& x, int64_t layers, std:
 }
 
 template <typename T>
-TPOutputs run_tp(const Network& net, const std::vector<at::Tensor>& qs, const std::vector<std::optional<at::Tensor>>& cs,
+TPStepOutputs run_tp(const Network& net, const std::vector<at::Tensor>& qs, const std::vector<std::optional<at::Tensor>>& cs,
                  const std::vector<Act>& psis, const at::Tensor& x, const at::Tensor& target, Loss loss, double beta,
                  bool difference) {
   const Kernels<T>& K = kernels<T>();
@@ -120,12 +116,14 @@ TPOutputs run_tp(const Network& net, const std::vector<at::Tensor>& qs, const st
   }
   // The two halves of a DTP block are separate outputs, which must not alias each other.
   for (int64_t l = 1; difference && l < depth; ++l) activities[l] = activities[l].clone();
-  return {std::move(targets),
-          std::move(activities),
-          std::move(weight_grads),
-          std::move(bias_grads),
-          scalar_result(loss_total / static_cast<double>(batch), opts),
-          scalar_result(local, opts)};
+  TPStepOutputs out;
+  out.targets = std::move(targets);
+  out.activities = std::move(activities);
+  out.weight_grads = std::move(weight_grads);
+  out.bias_grads = std::move(bias_grads);
+  out.loss = scalar_result(loss_total / static_cast<double>(batch), opts);
+  out.local_loss = scalar_result(local, opts);
+  return out;
 }
 
 template <typename T>
@@ -178,15 +176,20 @@ FeedbackOutputs run_feedback(const Network& net, const std::vector<at::Tensor>& 
       bias_grads.emplace_back(std::nullopt);
     }
   }
-  return {std::move(weight_grads), std::move(bias_grads), scalar_result(total, opts)};
+  FeedbackOutputs out;
+  out.weight_grads = std::move(weight_grads);
+  out.bias_grads = std::move(bias_grads);
+  out.loss = scalar_result(total, opts);
+  return out;
 }
 
 }  // namespace
 
-TPOutputs tp_train_step(at::TensorList weights, const OptTensorList& biases, std::vector<std::string> activations,
-                        at::TensorList feedback_weights, const OptTensorList& feedback_biases,
-                        std::vector<std::string> feedback_activations, const at::Tensor& x, const at::Tensor& target,
-                        double beta, std::string loss, bool difference) {
+TPStepOutputs::Tuple tp_train_step(at::TensorList weights, const OptTensorList& biases,
+                                   std::vector<std::string> activations, at::TensorList feedback_weights,
+                                   const OptTensorList& feedback_biases, std::vector<std::string> feedback_activations,
+                                   const at::Tensor& x, const at::Tensor& target, double beta, std::string loss,
+                                   bool difference) {
   const Network net = check_network(weights, biases, activations);
   std::vector<at::Tensor> qs;
   std::vector<std::optional<at::Tensor>> cs;
@@ -196,14 +199,15 @@ TPOutputs tp_train_step(at::TensorList weights, const OptTensorList& biases, std
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0, "beta: expected a finite number >= 0, got ", beta);
   const at::Tensor xc = check_input(x, net);
   const at::Tensor yc = check_target(target, loss_kind, net, xc.size(0));
-  if (net.dtype == at::kFloat) return run_tp<float>(net, qs, cs, psis, xc, yc, loss_kind, beta, difference);
-  return run_tp<double>(net, qs, cs, psis, xc, yc, loss_kind, beta, difference);
+  if (net.dtype == at::kFloat) return run_tp<float>(net, qs, cs, psis, xc, yc, loss_kind, beta, difference).as_tuple();
+  return run_tp<double>(net, qs, cs, psis, xc, yc, loss_kind, beta, difference).as_tuple();
 }
 
-FeedbackOutputs feedback_grads(at::TensorList weights, const OptTensorList& biases,
-                               std::vector<std::string> activations, at::TensorList feedback_weights,
-                               const OptTensorList& feedback_biases, std::vector<std::string> feedback_activations,
-                               const at::Tensor& x, const OptTensorList& noise) {
+FeedbackOutputs::Tuple feedback_grads(at::TensorList weights, const OptTensorList& biases,
+                                      std::vector<std::string> activations, at::TensorList feedback_weights,
+                                      const OptTensorList& feedback_biases,
+                                      std::vector<std::string> feedback_activations, const at::Tensor& x,
+                                      const OptTensorList& noise) {
   const Network net = check_network(weights, biases, activations);
   std::vector<at::Tensor> qs;
   std::vector<std::optional<at::Tensor>> cs;
@@ -221,8 +225,8 @@ FeedbackOutputs feedback_grads(at::TensorList weights, const OptTensorList& bias
       xi[k] = check_float(*e, "noise[" + std::to_string(k) + "]", net, {xc.size(0), net.widths[k + 1]});
     }
   }
-  if (net.dtype == at::kFloat) return run_feedback<float>(net, qs, cs, psis, xc, xi);
-  return run_feedback<double>(net, qs, cs, psis, xc, xi);
+  if (net.dtype == at::kFloat) return run_feedback<float>(net, qs, cs, psis, xc, xi).as_tuple();
+  return run_feedback<double>(net, qs, cs, psis, xc, xi).as_tuple();
 }
 
 }  // namespace pcfast
