@@ -106,6 +106,9 @@ def _failure(opt, model, x, y) -> dict:
     before = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters()]
     state = {k: v.clone() for k, v in ((id(p), opt.state[p]["momentum_buffer"]) for p in model.parameters())}
+    feedback = [t.clone() for t in getattr(opt, "feedback_weights", []) + getattr(opt, "feedback_biases", [])
+                if t is not None]
+    generator = opt.generator.get_state() if hasattr(opt, "generator") else None
     raised = None
     try:
         opt.step(x, y)
@@ -114,6 +117,9 @@ def _failure(opt, model, x, y) -> dict:
     unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     unchanged &= all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
     unchanged &= all(torch.equal(state[id(p)], opt.state[p]["momentum_buffer"]) for p in model.parameters())
+    now = [t for t in getattr(opt, "feedback_weights", []) + getattr(opt, "feedback_biases", []) if t is not None]
+    unchanged &= all(torch.equal(a, b) for a, b in zip(feedback, now))
+    unchanged &= generator is None or torch.equal(generator, opt.generator.get_state())
     return {"raised": raised, "unchanged": unchanged}
 
 
