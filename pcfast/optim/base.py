@@ -26,7 +26,6 @@ step's next collective, so every rank raises, and none changes anything.
 """
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import warnings
@@ -94,23 +93,6 @@ class LocalOptimizer(torch.optim.Optimizer):
     algo = "any"
     # The statistics ``_local_gradients`` returns, in order (batch means; data parallel reduces them).
     stat_names: tuple[str, ...] = ("loss",)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # A subclass may override ``step`` with a faster single-process path (BP does); with a process
-        # group the base class's step runs instead, since only it reduces across ranks.
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("step")
-        if own is None or getattr(own, "_single_process_only", False):
-            return
-
-        @functools.wraps(own)
-        def step(self, *args: Any, **kwargs: Any):
-            if self.process_group is not None:
-                return LocalOptimizer.step(self, *args, **kwargs)
-            return own(self, *args, **kwargs)
-
-        step._single_process_only = True
-        cls.step = step
 
     def __init__(
         self,

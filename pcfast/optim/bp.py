@@ -11,7 +11,8 @@ momentum buffer is certainly finite (``_certainly_finite``); otherwise the step 
 ``DivergenceError`` (or ``ValueError`` for a non-finite input) with nothing changed — or applies a
 step that was finite after all. Anything else the fast path does not cover — ``step()`` without a
 batch, frozen parameters, tensor hooks on parameters, groups added with ``add_param_group``, a
-learning rate that is not a finite number — also goes there.
+learning rate that is not a finite number, a process group (only the base step reduces across
+ranks) — also goes there.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class BP(LocalOptimizer):
         lr: base learning rate η. momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
         loss: ``"mse"`` (``½‖y − f‖²`` per sample) or ``"ce"``, averaged over the batch.
         backend: accepted for a uniform interface; BP always runs on autograd.
+        process_group: data parallelism, as for ``pcfast.optim.PC``: ``"auto"``, None or a
+            ``ProcessGroup``; the gradients are averaged over the group's samples.
 
     Returns from ``step``: ``{"loss": mean loss of the batch before the update}``.
 
@@ -75,10 +78,12 @@ class BP(LocalOptimizer):
         nesterov: bool = False,
         loss: str = "mse",
         backend: str = "auto",
+        process_group: Any = "auto",
     ) -> None:
         loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, backend=backend, loss=loss)
+                         weight_decay=weight_decay, nesterov=nesterov, backend=backend, loss=loss,
+                         process_group=process_group)
 
     def _local_gradients(self, x: Tensor, y: Tensor):
         weights, biases = self._params()
@@ -97,7 +102,8 @@ class BP(LocalOptimizer):
         """
         params = [p for lin in self.mlp.linears for p in (lin.weight, lin.bias) if p is not None]
         groups = self.param_groups
-        plain = x is not None and y is not None and closure is None and len(groups) == len(params) and all(
+        plain = x is not None and y is not None and closure is None and self.process_group is None and len(
+            groups) == len(params) and all(
             len(group["params"]) == 1 and group["params"][0] is p and p.requires_grad and not p._backward_hooks
             for p, group in zip(params, groups))
         settings = [self._settings(group) for group in groups] if plain else [None]

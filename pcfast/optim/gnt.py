@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -34,6 +35,8 @@ class GNT(LocalOptimizer):
         beta: β ≥ 0, the size of the Newton step the targets take (1 is a full step).
         loss: ``"mse"`` (``½‖y − f‖²`` per sample) or ``"ce"``, averaged over the batch.
         backend: ``"auto"`` or ``"reference"`` (GNT has only the reference implementation).
+        process_group: data parallelism, as for ``pcfast.optim.PC``: ``"auto"``, None or a
+            ``ProcessGroup``; the gradients are averaged over the group's samples.
 
     Returns from ``step``: ``{"loss": mean loss of the batch before the update}``.
 
@@ -61,6 +64,7 @@ class GNT(LocalOptimizer):
         beta: float = 1.0,
         loss: str = "mse",
         backend: str = "auto",
+        process_group: Any = "auto",
     ) -> None:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"beta: expected a finite number >= 0, got {beta!r}")
@@ -70,7 +74,7 @@ class GNT(LocalOptimizer):
         loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, backend=backend, beta=float(beta),
-                         loss=loss)
+                         loss=loss, process_group=process_group)
 
     def _local_gradients(self, x: Tensor, y: Tensor):
         weights, biases = self._params()
