@@ -466,8 +466,15 @@ def _transfer(args) -> int:
                 raise UsageError(f"--resume: {exc}") from None
         print(f"pcfast transfer ({preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
               f"parametrizations x widths {list(settings.widths)}; {executor.describe()}; results in {args.out}/")
-        result = run_transfer(settings, executor=executor, journal=journal, resume=args.resume,
-                              show_progress=not args.no_progress)
+        try:
+            result = run_transfer(settings, executor=executor, journal=journal, resume=args.resume,
+                                  show_progress=not args.no_progress)
+        except KeyboardInterrupt:
+            if journal.exists():
+                done = sum(1 for line in journal.open() if line.endswith("\n"))
+                print(f"pcfast transfer: {done} finished trainings are in {journal}; the same command with "
+                      "--resume continues the sweep", file=sys.stderr)
+            raise
     finally:
         executor.close()
     paths = write_transfer(result, args.out)

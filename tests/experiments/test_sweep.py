@@ -194,7 +194,7 @@ def test_ray_with_two_workers_writes_the_files_of_the_serial_executor(tmp_path, 
 
 
 def test_a_ray_sweep_stopped_part_way_resumes_to_the_uninterrupted_files(tmp_path, uninterrupted, ray_instance,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     """Ctrl-C in the driver after 7 trials are journaled: the tasks in flight are cancelled and
     lost; ``--resume`` on Ray runs the rest and writes the uninterrupted serial run's bytes."""
     from pcfast.experiments import sweep
@@ -209,6 +209,7 @@ def test_a_ray_sweep_stopped_part_way_resumes_to_the_uninterrupted_files(tmp_pat
 
     monkeypatch.setattr(sweep.Journal, "append", interrupted)
     assert _main("transfer", *SWEEP, "--executor", "ray", "--out", tmp_path) == 130
+    assert "7 finished trainings are in" in capsys.readouterr().err
     assert len(_journaled(tmp_path)) == 7
     monkeypatch.setattr(sweep.Journal, "append", append)
     assert _main("transfer", *SWEEP, "--executor", "ray", "--out", tmp_path, "--resume") == 0
