@@ -222,6 +222,19 @@ def ray_available() -> bool:
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """``ConnectionError`` unless something accepts a TCP connection at ``HOST:PORT`` (``ray://`` too)
+    within ``timeout`` seconds: Ray itself waits minutes for a cluster that is not there. ``auto`` and
+    addresses without a port are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc})") from None
+
+
 class RayExecutor:
     """Each trial a Ray task with ``num_cpus=cpus_per_trial`` and ``num_gpus=gpus_per_trial``
     (fractional: 0.25 packs four trials on a GPU); results are yielded as the tasks finish.
@@ -247,6 +260,8 @@ class RayExecutor:
 
         self.cpus_per_trial, self.gpus_per_trial, self.max_retries = cpus_per_trial, float(gpus_per_trial), max_retries
         self.started = False
+        if address is not None:
+            _check_reachable(address)
         if not ray.is_initialized():
             import logging
 

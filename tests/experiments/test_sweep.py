@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,15 @@ def test_ray_checks_resources_against_the_cluster(tmp_path, ray_instance, capsys
     assert _main("transfer", *SWEEP, "--executor", "ray", "--gpus-per-trial", "0.25", "--out", tmp_path) == 2
     assert "--gpus-per-trial: 0.25 asked for, but the Ray cluster has 0 GPUs" in capsys.readouterr().err
     assert not (tmp_path / JOURNAL).exists()
+
+
+def test_an_unreachable_ray_address_is_one_error_line_in_seconds(tmp_path, capsys):
+    pytest.importorskip("ray", reason="the Ray checks run once ray is found")
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    began = time.perf_counter()
+    assert _main("transfer", *SWEEP, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}", "--out", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot start or reach the Ray cluster at 127.0.0.1:{port}" in err
+    assert time.perf_counter() - began < 30 and not (tmp_path / JOURNAL).exists()
