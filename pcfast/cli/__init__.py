@@ -465,7 +465,8 @@ def _transfer(args) -> int:
             except ValueError as exc:
                 raise UsageError(f"--resume: {exc}") from None
         print(f"pcfast transfer ({preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
-              f"parametrizations x widths {list(settings.widths)}; {executor.describe()}; results in {args.out}/")
+              f"parametrizations x widths {list(settings.widths)}; {executor.describe()}, {settings.threads} "
+              f"thread{'s' if settings.threads != 1 else ''} per training; results in {args.out}/")
         try:
             result = run_transfer(settings, executor=executor, journal=journal, resume=args.resume,
                                   show_progress=not args.no_progress)

@@ -115,12 +115,19 @@ class Journal:
                 "resume with the options that started it, or write to another --out or --name")
 
     def truncate_torn_tail(self) -> None:
-        """Cut a torn last line off, so that the next entry starts on a line of its own."""
+        """Cut a torn last line off — one without its newline, or one that does not parse — so that
+        the next entry starts on a line of its own."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
+        keep = data.rfind(b"\n") + 1  # a tail without its newline goes
+        if keep:
+            start = data.rfind(b"\n", 0, keep - 1) + 1
+            try:
+                json.loads(data[start:keep])
+            except ValueError:
+                keep = start  # a last line that does not parse goes too
+        if keep < len(data):
             with self.path.open("r+b") as handle:
                 handle.truncate(keep)
                 handle.flush()
@@ -176,23 +183,17 @@ def intra_op_threads(count: int):
         torch.set_num_threads(before)
 
 
-def _timed(fn: Callable[..., dict], threads: int, trial: Trial, *args: Any) -> tuple[dict, float, str]:
-    """``fn(*args, trial)`` on ``threads`` intra-op threads: (result, seconds, host)."""
+def _timed(fn: Callable[..., dict], trial: Trial, *args: Any) -> tuple[dict, float, str]:
+    """``fn(*args, trial)``: (result, seconds, host). The trial function sets its own thread count."""
     began = time.perf_counter()
-    with intra_op_threads(threads):
-        result = fn(*args, trial)
+    result = fn(*args, trial)
     return result, time.perf_counter() - began, socket.gethostname()
 
 
 class SerialExecutor:
-    """Trials one after the other in this process, each on ``threads`` intra-op threads."""
+    """Trials one after the other in this process."""
 
     name = "serial"
-
-    def __init__(self, threads: int = 1):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads: expected a positive integer, got {threads!r}")
-        self.threads = threads
 
     def device_for(self, device: str) -> str:
         """Where trials with the ``device`` setting run: ``auto`` is the GPU when this process sees one."""
@@ -203,12 +204,12 @@ class SerialExecutor:
     def map(self, fn: Callable[..., dict], trials: Iterable[Trial], *args: Any) -> Iterator[tuple[Trial, dict, float, str]]:
         """``(trial, fn(*args, trial), seconds, host)`` for each trial, in order."""
         for trial in trials:
-            yield (trial, *_timed(fn, self.threads, trial, *args))
+            yield (trial, *_timed(fn, trial, *args))
 
     def close(self) -> None: ...
 
     def describe(self) -> str:
-        return f"serial, {self.threads} thread{'s' if self.threads != 1 else ''} per trial"
+        return "serial"
 
 
 def ray_available() -> bool:
@@ -241,8 +242,8 @@ class RayExecutor:
 
     Connects to the cluster at ``address`` (``"auto"``: the one this machine belongs to), uses the
     Ray instance this process has already initialised, or else starts a local instance with
-    ``num_cpus`` CPUs (default: ``free_cores()``). Each task runs on ``cpus_per_trial`` intra-op
-    threads. A task whose worker dies is retried by Ray (``max_retries``); if the driver stops
+    ``num_cpus`` CPUs (default: ``free_cores()``). The trial function sets its intra-op thread count
+    (``pcfast transfer`` gives it ``cpus_per_trial``). A task whose worker dies is retried by Ray (``max_retries``); if the driver stops
     (Ctrl-C, an error), the tasks still queued or running are cancelled.
     """
 
@@ -296,7 +297,7 @@ class RayExecutor:
         remote = ray.remote(_timed).options(num_cpus=self.cpus_per_trial, num_gpus=self.gpus_per_trial,
                                             max_retries=self.max_retries)
         shared = [ray.put(a) for a in args]  # stored once in the object store, not once per task
-        pending = {remote.remote(fn, self.cpus_per_trial, trial, *shared): trial for trial in trials}
+        pending = {remote.remote(fn, trial, *shared): trial for trial in trials}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

@@ -142,6 +142,12 @@ def test_journal_reading_tolerates_only_a_torn_last_line(tmp_path):
     third = Trial("dtp", "sp", 16, -5, 0)
     book.append(third, {"train_loss": 0.25, "diverged": False}, seconds=1.0, host="h")
     assert list(book.read()) == [first, second, third]
+    with book.path.open("a") as handle:
+        handle.write('{"trial": {"variant"\n')  # a last line that ends but does not parse is torn too
+    assert list(book.read()) == [first, second, third]
+    book.truncate_torn_tail()
+    book.append(Trial("tp", "sp", 16, -5, 0), {"train_loss": 0.25, "diverged": False}, seconds=1.0, host="h")
+    assert len(book.read()) == 4
     lines = book.path.read_text().splitlines()
     book.path.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")  # damage before the end
     with pytest.raises(JournalError, match="line 2 is not a journal entry"):
