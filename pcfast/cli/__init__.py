@@ -470,7 +470,7 @@ def _transfer(args) -> int:
         try:
             result = run_transfer(settings, executor=executor, journal=journal, resume=args.resume,
                                   show_progress=not args.no_progress)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, a lost cluster, a failed trial: what finished is journaled
             if journal.exists():
                 done = sum(1 for line in journal.open() if line.endswith("\n"))
                 print(f"pcfast transfer: {done} finished trainings are in {journal}; the same command with "

@@ -244,3 +244,26 @@ def test_an_unreachable_ray_address_is_one_error_line_in_seconds(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"cannot start or reach the Ray cluster at 127.0.0.1:{port}" in err
     assert time.perf_counter() - began < 30 and not (tmp_path / JOURNAL).exists()
+
+
+def _dies_once(marker_dir: str, trial: Trial) -> dict:
+    """A trial function whose worker process dies the first time it runs the width-2 trial."""
+    marker = Path(marker_dir) / f"died-{trial.width}"
+    if trial.width == 2 and not marker.exists():
+        marker.touch()
+        os._exit(1)
+    return {"width": trial.width}
+
+
+def test_a_lost_ray_worker_costs_only_the_trial_it_ran(tmp_path, ray_instance):
+    """The worker running one trial dies (its process exits): Ray runs that trial again on another
+    worker, and the executor yields every trial's result once."""
+    from ray import cloudpickle
+
+    from pcfast.experiments.sweep import RayExecutor
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test file
+    trials = [Trial("bp", "sp", width, -5, 0) for width in (1, 2, 3, 4)]
+    got = [(trial, result) for trial, result, _, _ in RayExecutor().map(_dies_once, trials, str(tmp_path))]
+    assert sorted(got) == [(t, {"width": t.width}) for t in trials]
+    assert (tmp_path / "died-2").exists()
