@@ -156,14 +156,32 @@ class Journal:
 # ------------------------------------------------------------------------------------------ executors
 
 
-def free_cores() -> int:
-    """Cores this process may use (its CPU affinity) less those the 1-minute load average says are
-    busy, at least 1."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies over all CPUs since boot, from ``/proc/stat``; ``None`` elsewhere."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def free_cores(window: float = 0.5) -> int:
+    """Cores that are actually free: the idle share of all CPUs over ``window`` seconds (from
+    ``/proc/stat``; elsewhere the 1-minute load average) times the cores this process may use,
+    rounded, at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
-    try:
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(window)
+        after = _cpu_times()
+        idle, total = after[0] - before[0], after[1] - before[1]
+        if total > 0:
+            return max(1, min(cores, round(idle / total * (os.cpu_count() or cores))))
+    try:  # pragma: no cover - not Linux
         busy = os.getloadavg()[0]
     except OSError:  # pragma: no cover
         busy = 0.0

@@ -267,3 +267,21 @@ def test_a_lost_ray_worker_costs_only_the_trial_it_ran(tmp_path, ray_instance):
     got = [(trial, result) for trial, result, _, _ in RayExecutor().map(_dies_once, trials, str(tmp_path))]
     assert sorted(got) == [(t, {"width": t.width}) for t in trials]
     assert (tmp_path / "died-2").exists()
+
+
+def test_ray_address_connects_a_second_driver_to_a_running_cluster(tmp_path, uninterrupted, ray_instance):
+    """``pcfast transfer --executor ray --ray-address ADDRESS`` in its own process submits to the Ray
+    cluster running there (here: this module's instance) and writes the serial files."""
+    address = ray_instance.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-m", "pcfast", "transfer", *SWEEP, "--executor", "ray", "--ray-address",
+                           address, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ray, 1 CPU per trial on 2 CPUs" in proc.stdout
+    _assert_same_files(tmp_path, uninterrupted)
+    assert ray_instance.is_initialized() and ray_instance.cluster_resources()["CPU"] == 2  # still running
+
+
+def test_free_cores_counts_the_idle_share_of_the_usable_cores():
+    from pcfast.experiments.sweep import free_cores
+
+    assert 1 <= free_cores(window=0.2) <= len(os.sched_getaffinity(0))
