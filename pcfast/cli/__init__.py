@@ -291,9 +291,13 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_train, parser=p)
 
 
+def _silent(*_args, **_kwargs) -> None:
+    """``say`` for the processes of a torchrun job other than the first."""
+
+
 def _train(args) -> int:
     from ..experiments import run_train
-    from ..experiments.train import load_checkpoint
+    from ..experiments.train import join_torchrun, leave_torchrun, load_checkpoint
 
     _distinct(args.algo, "--algo")
     resume = None
@@ -311,16 +315,29 @@ def _train(args) -> int:
         raise UsageError(f"--json: {args.json} is also the checkpoint file; give the log another name")
     check_device(args.device)
     check_backend(resume["settings"].get("backend", "auto") if resume else args.backend, args.device)
+    # Under torchrun every process trains its share of each batch; the first one alone speaks and writes.
+    try:
+        ranks = join_torchrun(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    leader = ranks is None or ranks[0] == 0
+    if not leader:
+        args.json, save = None, None
     for option, path in (("--json", args.json), ("--save" if args.save is not None else "--resume", save)):
         if path is not None:
             prepare_output_file(path, option)
-    log = run_train(
-        args.algo, dataset=args.dataset, root=args.root, preset=args.preset, base_width=args.base_width,
-        gamma_bar=args.gamma_bar, width=args.width, depth=args.depth, activation=args.activation,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, loss=args.loss,
-        inference_steps=args.inference_steps, inference_lr=args.inference_lr, beta=args.beta,
-        feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, train_size=args.train_size,
-        device=args.device, show_progress=not args.no_progress, save=save, resume=resume)
+    try:
+        log = run_train(
+            args.algo, dataset=args.dataset, root=args.root, preset=args.preset, base_width=args.base_width,
+            gamma_bar=args.gamma_bar, width=args.width, depth=args.depth, activation=args.activation,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, loss=args.loss,
+            inference_steps=args.inference_steps, inference_lr=args.inference_lr, beta=args.beta,
+            feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, train_size=args.train_size,
+            device=args.device, show_progress=leader and not args.no_progress, save=save, resume=resume,
+            say=print if leader else _silent)
+    finally:
+        if ranks is not None:
+            leave_torchrun()
     if args.json:
         from ..experiments.common import _clean
 

@@ -146,12 +146,16 @@ def train_run(
 
     steps = 0
     means: dict[str, float] = {}
+    shard = _shard_of(opt, len(x), batch_size)
     for epoch in range(start_epoch, epochs):
         totals: dict[str, float] = {}
         count = 0
         # Reduced modulo 2^64, the range torch seeds take: any integer seed gives a valid batch order.
         generator = torch.Generator().manual_seed((seed * 1000 + epoch) % 2**64)
         for xb, yb in iterate_batches(x, labels, batch_size, generator=generator):
+            if shard is not None:  # data parallel: this rank's rows; the optimizer averages the group's
+                rank, ranks = shard
+                xb, yb = xb.tensor_split(ranks)[rank], yb.tensor_split(ranks)[rank]
             opt.zero_grad()
             try:
                 stats = opt.step(xb, yb)
@@ -180,6 +184,22 @@ def train_run(
         if on_epoch is not None:  # after the scheduler's step: the state a resumed run starts from
             on_epoch(epoch, means)
     return {"diverged": False, "steps": steps, "error": None, "mean_stats": means}
+
+
+def _shard_of(opt, rows: int, batch_size: int) -> tuple[int, int] | None:
+    """(rank, ranks) when ``opt`` averages over a process group (data parallel, e.g. under
+    ``torchrun``): every rank draws the same batches and steps on its contiguous share of each one,
+    so the run equals the single-process run on whole batches. None for single-process training."""
+    group = getattr(opt, "process_group", None)
+    if group is None:
+        return None
+    rank, ranks = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    smallest = min(batch_size, rows) if rows % batch_size == 0 else rows % batch_size
+    if smallest < ranks:
+        raise ValueError(f"batch_size: a batch of {smallest} rows cannot be shared by {ranks} ranks (each needs "
+                         f"at least one row); choose a batch size and training-set size whose batches have "
+                         f"at least {ranks} rows")
+    return rank, ranks
 
 
 # A run is *collapsing* — not merely learning slowly — when, after an epoch, one of these holds:

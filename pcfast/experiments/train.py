@@ -15,6 +15,35 @@ CHECKPOINT_FORMAT = "pcfast.train-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
+def join_torchrun(device: str) -> tuple[int, int] | None:
+    """Under ``torchrun`` with more than one process (``WORLD_SIZE`` > 1 in the environment): join
+    the default process group (NCCL for CUDA — each process on GPU ``LOCAL_RANK`` — gloo on the CPU)
+    and return ``(rank, ranks)``; the optimizers then average over it (``process_group="auto"``) and
+    ``train_run`` gives each rank its share of every batch. None for a single process."""
+    try:
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK: expected integers (as torchrun sets them)") from None
+    if ranks <= 1:
+        return None
+    if not torch.distributed.is_available():
+        raise ValueError(f"WORLD_SIZE={ranks}, but this torch build has no torch.distributed")
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, ranks
+
+
+def leave_torchrun() -> None:
+    """Leave the process group ``join_torchrun`` joined (no-op otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def checkpoint_settings(algos: list[str], **settings: Any) -> dict[str, Any]:
     """The settings a checkpoint stores: every argument of ``run_train`` that changes what is trained."""
     return {"algos": list(algos), **settings}
@@ -164,6 +193,7 @@ def run_train(
         torch.set_rng_state(rng)
         steps_per_epoch = -(-n // s["batch_size"])
         bar = progress((epochs - start_epoch) * steps_per_epoch, algo, show_progress)
+        write = bar.write if show_progress else say  # lines above the bar, or through ``say``
         start = time.perf_counter()
         warned = any(e.get("warning") for e in log if e["algo"] == algo)
         run_settings = {**s, "algo": algo}
@@ -173,20 +203,20 @@ def run_train(
             bar.update()
             bar.set_postfix_str(f"loss {stats['loss']:.3f}")
 
-        def on_epoch(epoch: int, means: dict, bar=bar, model=model, opt=opt, scheduler=scheduler, algo=algo,
+        def on_epoch(epoch: int, means: dict, write=write, model=model, opt=opt, scheduler=scheduler, algo=algo,
                      start=start, run_settings=run_settings, steps_per_epoch=steps_per_epoch) -> None:
             nonlocal warned
             _, accuracy = evaluate(model, x_test, y_test, s["loss"])
             entry = {"algo": algo, "epoch": epoch + 1, "test_accuracy": accuracy,
                      "steps": (epoch + 1) * steps_per_epoch, "seconds": time.perf_counter() - start, **means}
             log.append(entry)
-            bar.write(f"{algo:>4} epoch {epoch + 1:>2}/{epochs}: test accuracy {accuracy:.3f}, "
+            write(f"{algo:>4} epoch {epoch + 1:>2}/{epochs}: test accuracy {accuracy:.3f}, "
                       + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
             if not warned:
                 warning = collapse_warning([e for e in log if e["algo"] == algo], data.num_classes, run_settings)
                 if warning is not None:
                     entry["warning"] = warning
-                    bar.write(warning)
+                    write(warning)
                     warned = True
             if save is not None:
                 states[algo] = {"model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()),
