@@ -415,10 +415,10 @@ def _transfer_parser(sub) -> None:
     run.add_argument("--ray-address", default=None, metavar="ADDRESS",
                      help="Ray cluster to submit to (e.g. auto, or HEAD:6379); default: start a local Ray "
                           "instance with as many CPUs as there are free cores")
-    run.add_argument("--cpus-per-trial", type=_positive_int, default=1,
+    run.add_argument("--cpus-per-trial", type=_positive_int, default=1, metavar="N",
                      help="CPU threads of each training (its Ray resource too); part of the settings, since "
                           "the thread count changes float rounding")
-    run.add_argument("--gpus-per-trial", type=_non_negative, default=0.0,
+    run.add_argument("--gpus-per-trial", type=_non_negative, default=0.0, metavar="X",
                      help="GPUs of each Ray task, fractional allowed (0.25: four trainings share a GPU)")
     run.add_argument("--resume", action="store_true",
                      help="continue the sweep whose journal is under --out: journaled trainings are not run "
