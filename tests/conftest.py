@@ -1,8 +1,18 @@
-"""Shared fixtures: small random MLPs in any dtype."""
+"""Shared fixtures: small random MLPs in any dtype; the Triton interpreter on machines without a GPU.
+
+Without CUDA the Triton tests run under ``TRITON_INTERPRET=1``, which triton reads when it is first
+imported. Set here, before any test module is collected: a module that imports triton on the way
+(``torch.compile``'s backends do) would otherwise fix the mode for the whole run.
+"""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def random_mlp(dims, *, bias=True, activation="tanh", dtype=torch.float64, seed=0, scale=1.0):
