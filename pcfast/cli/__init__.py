@@ -71,25 +71,19 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _widths(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {value}")
-    return value
+def _int_at_least(low: int, message: str):
+    """An argparse type: an integer >= ``low``; ``message`` (with ``{}`` for the value) otherwise."""
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(message.format(value))
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_widths = _int_at_least(1, "widths must be positive, got {}")
+_positive_int = _int_at_least(1, "expected a positive integer, got {}")
+_count = _int_at_least(0, "expected an integer >= 0, got {}")
 
 
 def _seed(text: str) -> int:
