@@ -21,7 +21,6 @@ from torch import Tensor
 from . import ops, reference
 from .activations import check_activation
 from .errors import DivergenceError
-from .sgd import LayerSGD, layer_updates
 from .network import (
     _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params, check_pc_options,
     check_sequence, check_tensor, check_tp_options, resolve_precisions,
@@ -123,73 +122,43 @@ def pc_train_step(
     fpa: bool = False,
     loss: str = "mse",
     return_trajectory: bool = False,
-    sgd: Sequence[LayerSGD] | None = None,
     backend: str = "auto",
 ) -> PCResult:
     """Relax the PC latents from the feedforward pass for ``inference_steps`` steps of rate κ, then
     return the local gradients ``∂F/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` and the state (DESIGN §3).
+    Nothing is modified: apply the gradients with any ``torch.optim`` optimizer (or use
+    ``pcfast.optim.PC``, which does).
 
     Args:
         precisions: ``[γ_1 … γ_L]``, a single γ_L, or None for all ones.
         schedule: ``"jacobi"`` (all layers from the same state) or ``"sequential"`` (top-down sweep).
         fpa: fixed-prediction assumption — predictions and φ' frozen at their feedforward values.
         return_trajectory: also return the latents after every step.
-        sgd: one ``pcfast.sgd.LayerSGD`` per layer: also compute that SGD step from the gradients,
-            out of place, into ``result.sgd_updates`` (nothing is modified). The ``triton`` backend
-            applies it inside each layer's gradient launch; the others right after.
     """
     _check_network(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
     gammas = resolve_precisions(precisions, len(weights))
     check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
                      return_trajectory=return_trajectory)
-    inference_lr = float(inference_lr)
-    if sgd is not None:
-        _check_sgd(sgd, weights, biases)
-    name, fn = ops.resolve(backend, "pc_train_step", x.device, weights[0].dtype)
-    inputs = _inputs(weights=weights, biases=biases)
-    weights, biases, x, target = _readable_all(weights), _readable_all(biases), _readable(x), _readable(target)
-    kwargs = dict(precisions=gammas, inference_steps=inference_steps, inference_lr=inference_lr,
-                  schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
-    if sgd is not None and name == "triton":
-        result = fn(weights, biases, activations, x, target, sgd=list(sgd), **kwargs)
-    else:
-        result = fn(weights, biases, activations, x, target, **kwargs)
-        if sgd is not None:
-            result.sgd_updates = layer_updates(weights, biases, result.weight_grads, result.bias_grads, sgd)
-    updates = None if result.sgd_updates is None else [new for new, _ in result.sgd_updates]
+    result = pc_grads(weights, biases, activations, x, target, precisions=gammas, inference_steps=inference_steps,
+                      inference_lr=float(inference_lr), schedule=schedule, fpa=fpa, loss=loss,
+                      return_trajectory=return_trajectory, backend=backend)
     _check_finite_result("pc_train_step", {"energy": result.energy, "loss": result.loss,
-                                           "weight_grads": result.weight_grads, "bias_grads": result.bias_grads,
-                                           "sgd_updates": updates}, inputs)
+                                           "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
+                         _inputs(weights=weights, biases=biases))
     return result
 
 
-def _check_sgd(sgd: Sequence[LayerSGD], weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> None:
-    check_sequence("sgd", sgd)
-    if len(sgd) != len(weights):
-        raise ValueError(f"sgd: expected one LayerSGD per layer ({len(weights)}), got {len(sgd)}")
-    largest = torch.finfo(weights[0].dtype).max
-    for l, (step, w, b) in enumerate(zip(sgd, weights, biases)):
-        if not isinstance(step, LayerSGD):
-            raise TypeError(f"sgd[{l}]: expected a pcfast.sgd.LayerSGD, got {type(step).__name__}")
-        step.check(f"sgd[{l}]")
-        check_bool(f"sgd[{l}].nesterov", step.nesterov)
-        for field in ("weight_lr", "bias_lr", "momentum", "dampening", "weight_decay"):
-            if getattr(step, field) > largest:
-                raise DivergenceError(
-                    f"sgd[{l}].{field}: {getattr(step, field)!r} exceeds the largest {weights[0].dtype} "
-                    f"({largest:g}); the update would not be finite"
-                )
-        for name, buf, param in (("weight_buffer", step.weight_buffer, w), ("bias_buffer", step.bias_buffer, b)):
-            if buf is None:
-                continue
-            check_tensor(f"sgd[{l}].{name}", buf)
-            if not step.momentum:
-                raise ValueError(f"sgd[{l}].{name}: a momentum buffer without momentum")
-            if param is None or buf.shape != param.shape or buf.dtype != param.dtype or buf.device != param.device:
-                raise ValueError(f"sgd[{l}].{name}: expected the parameter's shape, dtype and device")
-        if b is not None and step.momentum and (step.weight_buffer is None) != (step.bias_buffer is None):
-            raise ValueError(f"sgd[{l}]: give both momentum buffers or neither")
+def pc_grads(weights, biases, activations, x, target, *, precisions: list[float], inference_steps: int,
+             inference_lr: float, schedule: str, fpa: bool, loss: str, return_trajectory: bool = False,
+             backend: str = "auto") -> PCResult:
+    """``pc_train_step`` on arguments that were already validated (``target`` as ``check_batch``
+    returns it, ``precisions`` one per layer), with no check of its results: the optimizers' hot
+    path, which checks each step with one device-side finiteness flag instead."""
+    _, fn = ops.resolve(backend, "pc_train_step", x.device, weights[0].dtype)
+    return fn(_readable_all(weights), _readable_all(biases), activations, _readable(x), _readable(target),
+              precisions=precisions, inference_steps=inference_steps, inference_lr=inference_lr,
+              schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
 
 
 def pc_energy(

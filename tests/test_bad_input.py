@@ -188,44 +188,6 @@ def test_import_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ("one layer short", ValueError, "one LayerSGD per layer"),
-    ("not a LayerSGD", TypeError, "expected a pcfast.sgd.LayerSGD"),
-    ("negative rate", ValueError, r"sgd\[0\].weight_lr"),
-    ("nan momentum", ValueError, r"sgd\[1\].momentum"),
-    ("nesterov without momentum", ValueError, "nesterov"),
-    ("buffer without momentum", ValueError, "without momentum"),
-    ("buffer of the wrong shape", ValueError, r"sgd\[0\].weight_buffer"),
-    ("one of two buffers", ValueError, "both momentum buffers or neither"),
-])
-def test_pc_train_step_sgd_argument_errors_name_the_layer(change, error, message):
-    from pcfast.sgd import LayerSGD
-
-    m = model()
-    weights = [m[0].weight.detach(), m[2].weight.detach()]
-    biases = [m[0].bias.detach(), m[2].bias.detach()]
-    steps = [LayerSGD(weight_lr=0.1, bias_lr=0.1, momentum=0.9) for _ in weights]
-    if change == "one layer short":
-        steps = steps[:1]
-    elif change == "not a LayerSGD":
-        steps[1] = {"weight_lr": 0.1}
-    elif change == "negative rate":
-        steps[0].weight_lr = -1.0
-    elif change == "nan momentum":
-        steps[1].momentum = float("nan")
-    elif change == "nesterov without momentum":
-        steps[0] = LayerSGD(weight_lr=0.1, nesterov=True)
-    elif change == "buffer without momentum":
-        steps[0] = LayerSGD(weight_lr=0.1, weight_buffer=torch.zeros(8, 6), bias_buffer=torch.zeros(8))
-    elif change == "buffer of the wrong shape":
-        steps[0].weight_buffer, steps[0].bias_buffer = torch.zeros(6, 8), torch.zeros(8)
-    elif change == "one of two buffers":
-        steps[1].weight_buffer = torch.zeros(3, 8)
-    x, y = good_batch()
-    with pytest.raises(error, match=message):
-        F.pc_train_step(weights, biases, ["tanh"], x, y, inference_steps=2, sgd=steps, backend="torch")
-
-
 # ------------------------------------------------------------------------------------------------
 # Every public function of pcfast.functional: strict types, the argument named, non-finite results
 # refused (ValueError naming the non-finite input, or DivergenceError when the computation itself
@@ -402,20 +364,6 @@ def test_non_tensor_arguments_are_named(name, where):
             F.pc_train_step(w, b, acts, x, y) if name == "pc_train_step" else F.bp_train_step(w, b, acts, x, y)
         else:
             _call(name, w, b, x, y, (q, c))
-
-
-@pytest.mark.parametrize("backend", pcfast.available_backends())
-def test_float32_rates_past_the_dtype_are_a_divergence_in_functional_sgd(backend):
-    from pcfast.sgd import LayerSGD
-
-    w, b, x, y, _ = functional_problem()
-    steps = [LayerSGD(weight_lr=1e300, bias_lr=0.1), LayerSGD(weight_lr=0.1, bias_lr=0.1)]
-    with pytest.raises(pcfast.DivergenceError, match=r"sgd\[0\].weight_lr: 1e\+300 exceeds the largest torch.float32"):
-        F.pc_train_step(w, b, ["tanh"], x, y, sgd=steps, backend=backend)
-    # A rate that fits in float32 but an update that does not: |W| ~ 0.1, so |η λ W| ~ 3e39.
-    steps = [LayerSGD(weight_lr=3e38, bias_lr=0.1, weight_decay=100.0), LayerSGD(weight_lr=0.1, bias_lr=0.1)]
-    with pytest.raises(pcfast.DivergenceError, match=r"sgd_updates\[0\] is not finite"):
-        F.pc_train_step(w, b, ["tanh"], x, y, sgd=steps, backend=backend)
 
 
 @pytest.mark.parametrize("algo", ["pc", "bp", "tp", "dtp"])

@@ -67,6 +67,44 @@ def bias_exponent(c: dict[str, float], group: str) -> float:
     return c[group] if group == "first" else c[group] - 1.0
 
 
+# Update rules the parametrization has multipliers for: SGD, and the normalising rules of the Adam
+# family, with coupled (L2 in the gradient) or decoupled (AdamW) weight decay. DESIGN §2.
+UPDATE_RULES = ("sgd", "adam", "adamw")
+# Adam's learning-rate exponents c^A: its update has entries Θ(η) whatever the gradient's scale, so
+# Δu_l = ΔW_l h_{l-1} is Θ(η · fan-in): fan-in Θ(1) for the first layer, Θ(m) for the others.
+ADAM_C = {"first": 0.0, "hidden": 1.0, "last": 1.0}
+
+
+@dataclass(frozen=True)
+class GroupScale:
+    """Multipliers of one parameter group for one update rule: on the learning rate, on Adam's ε,
+    and on the weight decay."""
+
+    lr_mult: float
+    eps_mult: float = 1.0
+    weight_decay_mult: float = 1.0
+
+
+def adam_scales(group: str, m: float, b: dict[str, float], c: dict[str, float],
+                decoupled: bool) -> tuple[GroupScale, GroupScale]:
+    """(weight, bias) multipliers of a layer in ``group`` at width multiplier ``m`` under Adam (DESIGN §2).
+
+    Learning rates ``m^{-c^A}``: ``c^A = (0, 1, 1)`` for weights and 0 for biases (a bias step moves u_l
+    by Θ(η) with no fan-in sum). ε tracks the gradient's entries, ``|g_l| ∝ m^{c_l − c^A_l}`` with
+    ``c_l`` the SGD exponent (SGD's per-entry step ``m^{-c_l}|g_l|`` and Adam's ``m^{-c^A_l}`` give the
+    same Δu), so that it stays as small relative to them as at the base width. Decoupled weight decay
+    (AdamW) multiplies by ``m^{c^A}``, keeping the per-step decay ``η_l λ_l`` width-independent; coupled
+    decay adds ``λ θ`` to the gradient, so ``λ_l ∝ |g_l| / |θ_l| = m^{c_l − c^A_l + b_l}`` (the init's
+    entries are ``m^{-b_l}``, with b_first = 0); for a bias (zero at init, moving by Θ(1))
+    ``λ ∝ |g_b| = m^{c_b}``."""
+    c_b = bias_exponent(c, group)
+    g_w = c[group] - ADAM_C[group]
+    weight = GroupScale(m ** -ADAM_C[group], m**g_w,
+                        m ** ADAM_C[group] if decoupled else m ** (g_w + (0.0 if group == "first" else b[group])))
+    bias = GroupScale(1.0, m**c_b, 1.0 if decoupled else m**c_b)
+    return weight, bias
+
+
 @dataclass(frozen=True)
 class LayerScale:
     """What the parametrization fixes for one linear layer."""
@@ -100,6 +138,18 @@ class Parametrization:
     @property
     def lr_mults(self) -> list[float]:
         return [layer.lr_mult for layer in self.layers]
+
+    def scales(self, rule: str) -> list[tuple[GroupScale, GroupScale]]:
+        """(weight, bias) multipliers per layer for an update rule (``UPDATE_RULES``). SGD's are the
+        stored ``lr_mult``/``bias_lr_mult``; under SP every multiplier is one."""
+        if rule not in UPDATE_RULES:
+            raise ValueError(f"rule: expected one of {UPDATE_RULES}, got {rule!r}")
+        if rule == "sgd":
+            return [(GroupScale(s.lr_mult), GroupScale(s.bias_lr_mult)) for s in self.layers]
+        if self.preset != "mup":
+            return [(GroupScale(1.0), GroupScale(1.0)) for _ in self.layers]
+        b, c, _ = exponents(self.preset, self.algo, self.gamma_bar)
+        return [adam_scales(s.group, s.width_mult, b, c, rule == "adamw") for s in self.layers]
 
     def state_dict(self) -> dict[str, Any]:
         state = asdict(self)

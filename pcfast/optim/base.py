@@ -1,36 +1,51 @@
-"""What every pcfast optimizer shares: μP parameter groups, SGD, and all-or-nothing steps.
+"""What every pcfast optimizer shares: μP parameter groups, any torch.optim update rule, and
+all-or-nothing steps.
 
 A pcfast optimizer is a ``torch.optim.Optimizer`` over the linear layers of an MLP with one
-parameter group per weight and per bias. Every group's ``lr`` is the base learning rate η (the same
-in every group) and its ``lr_mult`` the layer's μP multiplier; the update uses ``lr · lr_mult``, so
-any ``lr_scheduler`` — one that scales each group (StepLR, CosineAnnealingLR, ReduceLROnPlateau) or
-one that writes a single rate into every group (OneCycleLR, CyclicLR with a scalar ``max_lr``) —
-keeps the μP ratios between layers. ``step(x, y)`` computes the algorithm's local gradients, writes
-them to ``.grad`` and applies SGD (momentum, dampening, Nesterov, weight decay as in
-``torch.optim.SGD``). ``step()`` without a batch applies SGD to the ``.grad`` already there — so
-``compute_gradients(x, y)`` (which adds into ``.grad`` as ``backward()`` does), then clipping or
-hooks, then ``step()`` also works.
+parameter group per weight and per bias. The step has three parts:
 
-Everything new is computed out of place and checked before anything is written: a non-finite
-energy, gradient or update raises ``DivergenceError``, and a corrupted momentum buffer, a changed
-model or a mismatched ``state_dict`` a ``ValueError``, with parameters, ``.grad`` and optimizer state
-exactly as they were.
+1. the algorithm's local gradients (``pcfast.functional``; nothing is modified),
+2. one finiteness flag for the whole step, read with the step's statistics in one host sync,
+3. the update, by an inner ``torch.optim`` optimizer — ``torch.optim.SGD`` unless ``optimizer=``
+   names another (``torch.optim.Adam``, ``AdamW``, any class or factory ``f(param_groups, lr=…,
+   **kwargs)``), built over the same parameters with the extra keyword arguments.
+
+Every group's ``lr`` is the base learning rate η (the same in every group) and its ``lr_mult`` the
+layer's μP multiplier for the update rule (``Parametrization.scales``: SGD's table, or Adam's, which
+also scales ε and the weight decay through ``eps_mult`` and ``weight_decay_mult``). Before each
+update the inner optimizer's groups are set from these: ``lr · lr_mult``, ``eps · eps_mult``,
+``weight_decay · weight_decay_mult`` and every other hyperparameter as it is, so any
+``lr_scheduler`` — one that scales each group or one that writes a single rate (or momentum) into
+every group — keeps the μP ratios. At multipliers of one every update is the plain torch.optim
+update, bitwise.
+
+``step(x, y)`` writes the batch's local gradients to ``.grad`` and updates; ``step()`` without a
+batch updates from the ``.grad`` already there — so ``compute_gradients(x, y)`` (which adds into
+``.grad`` as ``backward()`` does), then clipping or hooks, then ``step()`` also works.
+
+All or nothing: a non-finite energy, gradient or update raises ``DivergenceError`` (a non-finite
+input a ``ValueError`` naming it), and a corrupted state, a changed model or a mismatched
+``state_dict`` a ``ValueError``, with parameters, ``.grad``, the inner optimizer's state and the
+algorithm's state exactly as they were. SGD steps whose norms bound every new value far below the
+dtype's range update in place at once; otherwise the parameters and state the update touches are
+copied first and put back if a new value is not finite.
 
 Data parallel (``pcfast.distributed``): with a process group (``process_group="auto"`` finds an
 initialised default group of more than one rank) each rank passes its shard of the batch to
 ``step(x, y)``/``compute_gradients(x, y)``; the local gradients and statistics — batch means — are
 averaged over the group's samples, weighted by shard size, in one all-reduce of one flat buffer per
 step (TP/DTP add their feedback collectives), after which every rank checks and applies the same
-values. The checks come after the reduction and a failure on one rank is reported to all in the
-step's next collective, so every rank raises, and none changes anything.
+values. A failure on one rank before the reduction is reported to all in the step's next
+collective, so every rank raises, and none changes anything.
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -39,12 +54,19 @@ from .. import distributed
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization, standard
 from ..network import MLP, check_batch, parse_mlp
-from ..sgd import LayerSGD, sgd_update
 
-# Keys of the model's parameter groups beside ``defaults`` (which hold ``lr_mult``).
+# Keys of the model's parameter groups beside ``defaults``.
 _LAYER_KEYS = ("layer", "kind")
-# The SGD hyperparameters every group carries, checked in ``load_state_dict``.
-_SGD_NUMBERS = ("lr", "lr_mult", "momentum", "dampening", "weight_decay")
+# Multipliers the parametrization sets per group (on lr, Adam's eps, the weight decay).
+_MULTIPLIERS = ("lr_mult", "eps_mult", "weight_decay_mult")
+# Keys every saved group must have (the others default to this optimizer's values on load).
+_REQUIRED = ("lr", "lr_mult")
+# New values are applied in place at once only when their norm bounds stay below finfo.max / _MARGIN:
+# far beyond the rounding of the norms and of the few SGD operations on each element.
+_MARGIN = 16.0
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_ADAM_FAMILY = tuple(getattr(torch.optim, name) for name in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax")
+                     if hasattr(torch.optim, name))
 
 
 def _check_number(name: str, value: Any, *, low: float = 0.0, inclusive: bool = True) -> None:
@@ -60,30 +82,69 @@ def _describe(t: Any) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def update_rule(inner: torch.optim.Optimizer) -> str | None:
+    """The μP table an inner optimizer needs: ``"sgd"``, ``"adam"`` (coupled weight decay),
+    ``"adamw"`` (decoupled), or None for an update rule pcfast has no table for."""
+    if isinstance(inner, torch.optim.SGD):
+        return "sgd"
+    if isinstance(inner, torch.optim.AdamW) or (isinstance(inner, _ADAM_FAMILY)
+                                                and inner.defaults.get("decoupled_weight_decay")):
+        return "adamw"
+    if isinstance(inner, _ADAM_FAMILY):
+        return "adam"
+    return None
+
+
+def _check_sgd_settings(settings: dict[str, Any]) -> None:
+    """``torch.optim.SGD``'s settings, with pcfast's messages (before torch sees them)."""
+    for name in ("momentum", "dampening", "weight_decay"):
+        if name in settings:
+            _check_number(name, settings[name])
+    if settings.get("nesterov") and (settings.get("momentum", 0) <= 0 or settings.get("dampening", 0) != 0):
+        raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
+
+
+def _saved_value_fits(saved: Any, mine: Any) -> bool:
+    """Whether a saved hyperparameter has the type of this optimizer's (numbers finite)."""
+    if isinstance(mine, bool) or mine is None:
+        return isinstance(saved, bool) or saved is None
+    if isinstance(mine, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if isinstance(mine, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(mine) and all(
+            _saved_value_fits(s, m) for s, m in zip(saved, mine))
+    if isinstance(mine, Tensor):
+        return isinstance(saved, (Tensor, int, float)) and not isinstance(saved, bool)
+    return type(saved) is type(mine)
+
+
 class LocalOptimizer(torch.optim.Optimizer):
-    """Base class: parameter groups from a parametrization, SGD, transactional steps.
+    """Base class: parameter groups from a parametrization, an inner update rule, transactional steps.
 
     The contract every subclass shares:
 
     * ``param_groups[i]["lr"]`` is the base rate (shared), ``param_groups[i]["lr_mult"]`` the layer's
-      μP multiplier; SGD steps with ``lr · lr_mult``.
+      μP multiplier; the inner optimizer steps with ``lr · lr_mult`` (and ``eps · eps_mult``,
+      ``weight_decay · weight_decay_mult``). ``optimizer`` and its keyword arguments choose the
+      update rule; ``inner_optimizer`` is that torch.optim optimizer and ``state`` its state.
     * A parameter with ``requires_grad=False`` is frozen, as with ``torch.optim``: the algorithm still
       uses it in the network, but no ``.grad`` is written for it and it is never updated (checked at
       every step, so freezing and unfreezing between steps works).
     * ``compute_gradients(x, y)`` adds the local gradients into ``.grad`` (creating it when None), as
       ``backward()`` does, so micro-batches accumulate; ``step(x, y)`` trains on one batch: it
       replaces ``.grad`` with that batch's gradients and applies them.
-    * ``step()`` without a batch applies SGD to ``.grad`` as it is; an algorithm other than BP warns
-      once (``UserWarning``) if it finds a ``.grad`` that ``compute_gradients``/``step(x, y)`` did not
-      write (e.g. from ``loss.backward()``), since that step is then plain SGD on those gradients.
-    * ``add_param_group`` works as in ``torch.optim.SGD``: the added parameters (not the model's)
-      are updated with plain SGD (``lr · lr_mult``, ``lr_mult`` 1 unless given) from their own
+    * ``step()`` without a batch applies the update rule to ``.grad`` as it is; an algorithm other
+      than BP warns once (``UserWarning``) if it finds a ``.grad`` that ``compute_gradients``/
+      ``step(x, y)`` did not write (e.g. from ``loss.backward()``), since that step is then the plain
+      update rule on those gradients.
+    * ``add_param_group`` works as in ``torch.optim``: the added parameters (not the model's) are
+      updated by the inner rule (``lr · lr_mult``, ``lr_mult`` 1 unless given) from their own
       ``.grad``, which the caller computes (e.g. with ``backward()``).
     * The model's layers and parameters are recorded when the optimizer is built; replacing a
       ``weight``/``bias`` Parameter or a module of the model afterwards raises ``ValueError`` at the
       next step (build a new optimizer for the changed model).
-    * ``load_state_dict`` checks the whole state dict (algorithm, groups, momentum buffers,
-      parametrization, algorithm state) before changing anything.
+    * ``load_state_dict`` checks the whole state dict (algorithm, update rule, groups, the inner
+      optimizer's state, parametrization, algorithm state) before changing anything.
     * ``process_group`` (``"auto"``, None or a ``ProcessGroup``; see ``pcfast.distributed``): with
       a group of more than one rank each rank steps on its shard of the batch and every rank applies
       the full batch's update; the first rank's model is copied to the others when the optimizer is
@@ -100,20 +161,13 @@ class LocalOptimizer(torch.optim.Optimizer):
         parametrization: Parametrization | None,
         *,
         lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer_kwargs: dict[str, Any],
         backend: str,
         process_group: Any = distributed.AUTO,
         **algo_defaults: Any,
     ) -> None:
         _check_number("lr", lr, inclusive=False)
-        _check_number("momentum", momentum)
-        _check_number("dampening", dampening)
-        _check_number("weight_decay", weight_decay)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
         from ..ops import BACKENDS
 
         if backend not in BACKENDS:
@@ -127,15 +181,25 @@ class LocalOptimizer(torch.optim.Optimizer):
             )
         self._check_parametrization(parametrization, "parametrization")
         self.parametrization = parametrization
+        layers = []  # (layer index, kind, parameter) in model order
+        for l, lin in enumerate(self.mlp.linears):
+            layers += [(l, kind, getattr(lin, kind)) for kind in ("weight", "bias") if getattr(lin, kind) is not None]
+        inner = self._build_inner(optimizer, [p for _, _, p in layers], lr, optimizer_kwargs)
+        self.update_rule = update_rule(inner)
+        scales = self._scales(parametrization, type(inner).__name__)
+        hyper = {k: v for k, v in inner.defaults.items() if k not in ("lr", "params")}
         groups = []
-        for l, (lin, scale) in enumerate(zip(self.mlp.linears, parametrization.layers)):
-            groups.append({"params": [lin.weight], "lr": lr, "lr_mult": scale.lr_mult, "layer": l, "kind": "weight"})
-            if lin.bias is not None:
-                groups.append({"params": [lin.bias], "lr": lr, "lr_mult": scale.bias_lr_mult, "layer": l, "kind": "bias"})
-        defaults = dict(lr=lr, lr_mult=1.0, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, backend=backend, **algo_defaults)
+        for l, kind, p in layers:
+            scale = scales[l][0 if kind == "weight" else 1]
+            groups.append({"params": [p], "lr": lr, "lr_mult": scale.lr_mult, "eps_mult": scale.eps_mult,
+                           "weight_decay_mult": scale.weight_decay_mult, "layer": l, "kind": kind})
+        defaults = dict(lr=lr, lr_mult=1.0, eps_mult=1.0, weight_decay_mult=1.0, **hyper, backend=backend,
+                        **algo_defaults)
+        self._inner_keys = tuple(hyper)
         self._setting_names = tuple(defaults)  # torch may add keys to self.defaults later
         super().__init__(groups, defaults)
+        self.inner_optimizer = inner
+        self.state = inner.state  # one state: torch.optim's state_dict/load_state_dict see the inner's
         self._model_groups = len(groups)  # groups after these came from add_param_group
         # (module, its parameter name, the Parameter) per model parameter, in model order
         self._slots = [(lin, kind, getattr(lin, kind)) for lin in self.mlp.linears
@@ -146,11 +210,44 @@ class LocalOptimizer(torch.optim.Optimizer):
                            for name, module in model.named_modules() if module._modules]
         self._written_grads: dict[Tensor, weakref.ref] = {}  # param -> the .grad tensor we last wrote
         self._warned_foreign_grads = False
-        self._stepping = False  # True inside step(x, y): see _layer_sgd
         self.process_group = distributed.resolve_process_group(process_group)
         self._collectives: distributed.StepCollectives | None = None  # during a data-parallel step
         if self.process_group is not None:  # every rank starts from the first rank's model, as with DDP
             distributed.broadcast_from_first_rank([p for _, _, p in self._slots], self.process_group)
+
+    @staticmethod
+    def _build_inner(optimizer, params: list[Tensor], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        if not callable(optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer class or a factory "
+                            f"f(param_groups, lr=..., **kwargs), got {type(optimizer).__name__}")
+        if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.SGD):
+            _check_sgd_settings(kwargs)
+        try:
+            inner = optimizer([{"params": [p]} for p in params], lr=lr, **kwargs)
+        except TypeError as error:
+            name = getattr(optimizer, "__name__", type(optimizer).__name__)
+            raise TypeError(f"optimizer: {name} does not take the arguments {sorted(kwargs)} ({error})") from None
+        if not isinstance(inner, torch.optim.Optimizer) or isinstance(inner, LocalOptimizer):
+            raise TypeError(f"optimizer: expected a factory of torch.optim optimizers, got one that made a "
+                            f"{type(inner).__name__}")
+        return inner
+
+    def _scales(self, parametrization: Parametrization, name: str):
+        """Per-layer (weight, bias) multipliers for this update rule; any rule under SP."""
+        rule = self.update_rule
+        if rule is None:
+            if parametrization.preset == "mup":
+                raise ValueError(
+                    f"optimizer: pcfast has μP multipliers for SGD and the Adam family (Adam, AdamW, NAdam, "
+                    f"RAdam, Adamax), not for {name}; use one of those, or parametrization=None or 'sp'"
+                )
+            rule = "sgd"  # multipliers of one under SP
+        return parametrization.scales(rule)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "inner_optimizer"):  # after __init__: the inner optimizer updates them too
+            self.inner_optimizer.add_param_group({"params": self.param_groups[-1]["params"]})
 
     # ------------------------------------------------------------------ hyperparameters
 
@@ -161,9 +258,12 @@ class LocalOptimizer(torch.optim.Optimizer):
     def _params(self) -> tuple[list[Tensor], list[Tensor | None]]:
         return [lin.weight for lin in self.mlp.linears], [lin.bias for lin in self.mlp.linears]
 
-    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+    def _check_batch(self, x: Tensor, y: Tensor) -> Tensor:
+        """The target as the loss expects it. x and float targets are not scanned for NaN/inf here:
+        they make the step's statistics non-finite, and the step's one finiteness flag then finds them
+        (``_raise_non_finite`` names them)."""
         weights, _ = self._params()
-        check_batch(x, y, weights, self._setting("loss"))
+        return check_batch(x, y, weights, self._setting("loss"), check_finite=False)
 
     def _check_parametrization(self, parametrization: Parametrization, name: str) -> None:
         parametrization.check_matches(self.mlp)
@@ -175,10 +275,22 @@ class LocalOptimizer(torch.optim.Optimizer):
                 f"{self.algo!r}; call pcfast.parametrize(model, ..., algo={self.algo!r})"
             )
 
+    def _sync_inner(self) -> None:
+        """Set the inner optimizer's groups from ours: rates times their multipliers, the rest as is."""
+        for outer, inner in zip(self.param_groups, self.inner_optimizer.param_groups):
+            for key in self._inner_keys:
+                inner[key] = outer[key]
+            inner["lr"] = outer["lr"] * outer["lr_mult"]
+            if "eps" in inner:
+                inner["eps"] = outer["eps"] * outer["eps_mult"]
+            if "weight_decay" in inner:
+                inner["weight_decay"] = outer["weight_decay"] * outer["weight_decay_mult"]
+
     # ------------------------------------------------------------------ algorithm hook
 
-    def _local_gradients(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor | None], dict[str, Tensor], dict]:
-        """The algorithm: (weight grads, bias grads, stats, pending extra state to commit)."""
+    def _local_gradients(self, x: Tensor, target: Tensor) -> tuple[list[Tensor], list[Tensor | None], dict[str, Tensor], dict]:
+        """The algorithm on a checked batch (``target`` as ``check_batch`` returns it): (weight grads,
+        bias grads, stats as 0-d tensors, pending extra state to commit)."""
         raise NotImplementedError
 
     def _commit_extra(self, pending: dict) -> None:
@@ -213,19 +325,28 @@ class LocalOptimizer(torch.optim.Optimizer):
         """
         snapshot = self._snapshot()
         try:
-            weight_grads, bias_grads, stats, pending = self._guarded_gradients(
+            weight_grads, bias_grads, stats, pending, target = self._guarded_gradients(
                 x, y, before=(self._check_ready, self._check_grads_fit,
                               lambda: self._warn_if_foreign_grads("compute_gradients")))
+            grads = self._grads_by_param(weight_grads, bias_grads)
+            values = self._read([*stats.values(), *self._norms(list(grads.values()))])
+            if not all(map(math.isfinite, values)):
+                self._raise_non_finite(stats, grads, None, x, target)
         except BaseException:
             self._restore(snapshot)
             raise
         self._commit_extra(pending)
-        self._write_grads(weight_grads, bias_grads, accumulate=True)
-        return {k: float(v) for k, v in stats.items()}
+        for p, g in grads.items():
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)  # its shape and dtype were checked before the step (_check_grads_fit)
+            self._written_grads[p] = weakref.ref(p.grad)
+        return dict(zip(stats, values))
 
     @torch.no_grad()
     def step(self, x: Tensor | None = None, y: Tensor | None = None, closure=None) -> dict[str, float] | None:  # type: ignore[override]
-        """One training step on batch ``(x, y)``; without a batch, apply SGD to the current ``.grad``.
+        """One training step on batch ``(x, y)``; without a batch, update from the current ``.grad``.
 
         With a batch, ``.grad`` is replaced by the batch's local gradients, which are applied; the
         step's statistics (loss, energy, …) are returned as floats. Without a batch, ``.grad`` is
@@ -238,25 +359,18 @@ class LocalOptimizer(torch.optim.Optimizer):
         if x is None:
             self._check_ready()
             self._warn_if_foreign_grads("step")
-            weight_grads = [lin.weight.grad for lin in self.mlp.linears]
-            bias_grads = [None if lin.bias is None else lin.bias.grad for lin in self.mlp.linears]
-            updates = self._sgd_updates(weight_grads, bias_grads)
-            self._commit_updates(updates)
+            self._update(None, {})
             return None
         snapshot = self._snapshot()
-        self._stepping = True  # lets _local_gradients ask the backend for the SGD step too (_layer_sgd)
         try:
-            weight_grads, bias_grads, stats, pending = self._guarded_gradients(x, y, before=(self._check_ready,))
-            updates = self._sgd_updates(weight_grads, bias_grads, pending.pop("sgd_updates", None))
+            weight_grads, bias_grads, stats, pending, target = self._guarded_gradients(
+                x, y, before=(self._check_ready,))
+            values = self._update(self._grads_by_param(weight_grads, bias_grads), stats, batch=(x, target))
         except BaseException:
             self._restore(snapshot)
             raise
-        finally:
-            self._stepping = False
         self._commit_extra(pending)
-        self._write_grads(weight_grads, bias_grads, accumulate=False)
-        self._commit_updates(updates)
-        return {k: float(v) for k, v in stats.items()}
+        return dict(zip(stats, values))
 
     # ------------------------------------------------------------------ checks before a step
 
@@ -285,14 +399,19 @@ class LocalOptimizer(torch.optim.Optimizer):
                     f"{tuple(param.shape)} after the optimizer was built; build a new optimizer for the changed model"
                 )
         for p, entry in self.state.items():
-            buffer = entry.get("momentum_buffer")
-            # (a buffer on another device fails inside the out-of-place update, before any write)
-            if buffer is not None and not (isinstance(buffer, Tensor) and buffer.shape == p.shape
-                                           and buffer.dtype == p.dtype):
+            for key, value in entry.items():
+                # a tensor the update combines with the parameter: a momentum buffer, Adam's moments
+                # (a tensor on another device fails inside the guarded update, before any write)
+                if key == "step" or value is None or (isinstance(value, Tensor) and value.shape == p.shape
+                                                      and value.dtype == p.dtype):
+                    continue
+                if not isinstance(value, Tensor) and key != "momentum_buffer":
+                    continue
                 index = next((i for i, group in enumerate(self.param_groups) if any(q is p for q in group["params"])), None)
                 name = "a parameter in no group" if index is None else self._group_name(index)
+                what = "momentum buffer" if key == "momentum_buffer" else f"{key!r} state"
                 raise ValueError(
-                    f"optimizer state: the momentum buffer of {name} has {_describe(buffer)}, "
+                    f"optimizer state: the {what} of {name} has {_describe(value)}, "
                     f"expected {_describe(p)} (its parameter's); reset it with optimizer.state.clear() "
                     "or load a state_dict saved for this model"
                 )
@@ -339,147 +458,255 @@ class LocalOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ internals
 
     def _guarded_gradients(self, x, y, before=()):
-        """The batch's gradients, statistics and pending state, averaged over the process group if
-        there is one, then checked: ``before`` (checks), the batch check and ``_local_gradients`` run
-        first; with a group, a failure anywhere up to the last all-reduce is reported to every rank
-        (``StepCollectives.abandon``), and the finiteness checks see the reduced values, the same on
-        every rank."""
+        """The batch's gradients, statistics, pending state and checked target, averaged over the
+        process group if there is one: ``before`` (checks), the batch check and ``_local_gradients``
+        run first; with a group, a failure anywhere up to the last all-reduce is reported to every
+        rank (``StepCollectives.abandon``), and the finiteness flag then sees the reduced values, the
+        same on every rank."""
         group = self.process_group
         if group is None:
             for check in before:
                 check()
-            self._check_batch(x, y)
-            weight_grads, bias_grads, stats, pending = self._local_gradients(x, y)
-        else:
-            self._collectives = collectives = distributed.StepCollectives(
-                group, self._collective_plan(), self.mlp.linears[0].weight)
-            try:
-                for check in before:
-                    check()
-                self._check_batch(x, y)
-                weight_grads, bias_grads, stats, pending = self._local_gradients(x, y)
-                if tuple(stats) != self.stat_names:
-                    raise RuntimeError(f"{type(self).__name__}: statistics {tuple(stats)} differ from stat_names "
-                                       f"{self.stat_names} (an internal inconsistency)")
-                depth = len(weight_grads)
-                like = weight_grads[0]
-                values = [torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in stats.values()]
-                reduced, _ = collectives.mean([*weight_grads, *bias_grads, *values], x.shape[0])
-            except Exception as error:
-                collectives.abandon(error)
-            finally:
-                self._collectives = None
-            weight_grads, bias_grads = reduced[:depth], reduced[depth:2 * depth]
-            stats = dict(zip(self.stat_names, reduced[2 * depth:]))
-        for name, value in stats.items():
-            if not bool(torch.isfinite(torch.as_tensor(value))):
-                raise DivergenceError(f"{name} is {float(value)}: the step diverged; nothing was changed "
-                                      "(lower the learning rates or inference_lr)")
-        for l, (gw, gb) in enumerate(zip(weight_grads, bias_grads)):
-            for kind, g in (("weight", gw), ("bias", gb)):
-                if g is not None and not bool(torch.isfinite(g).all()):
-                    raise DivergenceError(f"gradient of layer {l + 1} {kind} is not finite: the step diverged; "
-                                          "nothing was changed")
-        return weight_grads, bias_grads, stats, pending
+            target = self._check_batch(x, y)
+            weight_grads, bias_grads, stats, pending = self._local_gradients(x, target)
+            return weight_grads, bias_grads, stats, pending, target
+        self._collectives = collectives = distributed.StepCollectives(
+            group, self._collective_plan(), self.mlp.linears[0].weight)
+        try:
+            for check in before:
+                check()
+            target = self._check_batch(x, y)
+            weight_grads, bias_grads, stats, pending = self._local_gradients(x, target)
+            if tuple(stats) != self.stat_names:
+                raise RuntimeError(f"{type(self).__name__}: statistics {tuple(stats)} differ from stat_names "
+                                   f"{self.stat_names} (an internal inconsistency)")
+            depth = len(weight_grads)
+            like = weight_grads[0]
+            values = [torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in stats.values()]
+            reduced, _ = collectives.mean([*weight_grads, *bias_grads, *values], x.shape[0])
+        except Exception as error:
+            collectives.abandon(error)
+        finally:
+            self._collectives = None
+        stats = dict(zip(self.stat_names, reduced[2 * depth:]))
+        return reduced[:depth], reduced[depth:2 * depth], stats, pending, target
 
-    def _write_grads(self, weight_grads, bias_grads, *, accumulate: bool) -> None:
+    def _grads_by_param(self, weight_grads, bias_grads) -> dict[Tensor, Tensor]:
+        """The new gradient of every model parameter that trains (``requires_grad``), in model order."""
+        grads = {}
         for lin, gw, gb in zip(self.mlp.linears, weight_grads, bias_grads):
             for p, g in ((lin.weight, gw), (lin.bias, gb)):
-                if p is None or not p.requires_grad:
-                    continue
-                grad = p.grad
-                if grad is None or (not accumulate and (grad.shape != g.shape or grad.dtype != g.dtype)):
-                    p.grad = g.clone()
-                elif accumulate:
-                    grad.add_(g)  # its shape and dtype were checked before the step (_check_grads_fit)
-                else:
-                    grad.copy_(g)
-                self._written_grads[p] = weakref.ref(p.grad)
+                if p is not None and p.requires_grad:
+                    grads[p] = g
+        return grads
 
-    def _layer_sgd(self) -> list[LayerSGD] | None:
-        """Each layer's SGD step (``pcfast.sgd.LayerSGD``) for a backend to compute with the gradients
-        — during ``step(x, y)`` only, and when a layer's weight and bias share their settings, no
-        parameter is frozen and every value is finite (a non-finite rate must reach the
-        DivergenceError check below)."""
-        if not self._stepping or self.process_group is not None:  # data parallel: SGD after the reduction
-            return None
-        groups = self.param_groups
-        steps = []
-        index = 0
-        for lin in self.mlp.linears:
-            mine = [groups[index]] if lin.bias is None else [groups[index], groups[index + 1]]
-            index += len(mine)
-            keys = ("momentum", "dampening", "weight_decay", "nesterov")
-            if any(g[k] != mine[0][k] for g in mine for k in keys):
-                return None
-            if not all(p.requires_grad for g in mine for p in g["params"]):
-                return None
-            rates = [g["lr"] * g["lr_mult"] for g in mine]
-            if not all(math.isfinite(r) and r >= 0 for r in rates):
-                return None
-            first = mine[0]
-            buffers = [self.state.get(p, {}).get("momentum_buffer") if first["momentum"] and p is not None else None
-                       for p in (lin.weight, lin.bias)]  # .get: reading must not create state entries
-            if lin.bias is not None and (buffers[0] is None) != (buffers[1] is None):
-                return None  # one of them was frozen for a while: momentum starts afresh for one only
-            steps.append(LayerSGD(
-                weight_lr=rates[0], bias_lr=rates[-1] if lin.bias is not None else 0.0,
-                momentum=first["momentum"], dampening=first["dampening"], weight_decay=first["weight_decay"],
-                nesterov=first["nesterov"], weight_buffer=buffers[0], bias_buffer=buffers[1],
-            ))
-        return steps
+    @staticmethod
+    def _norms(tensors: list[Tensor]) -> list[Tensor]:
+        """2-norms as 0-d tensors (no host sync yet), accumulated in float32 for float16/bfloat16."""
+        if not tensors:
+            return []
+        low = tensors[0].dtype in _LOW_PRECISION
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32 if low else None))
 
-    def _sgd_updates(self, weight_grads, bias_grads, computed=None) -> list[tuple[Tensor, Tensor, dict, Tensor | None]]:
-        """New values (parameter, new parameter, state, new momentum buffer), all out of place;
-        ``computed``: (new parameter, new buffer) per parameter in model order, from the backend.
-        Parameters of groups added with ``add_param_group`` are updated from their own ``.grad``."""
-        grads, done = {}, {}
-        if computed is not None:
-            done = dict(zip((p for _, _, p in self._slots), computed))
-        for lin, gw, gb in zip(self.mlp.linears, weight_grads, bias_grads):
-            grads[lin.weight] = gw
-            if lin.bias is not None:
-                grads[lin.bias] = gb
-        updates = []
+    @staticmethod
+    def _read(values: list[Tensor | float]) -> list[float]:
+        """Floats of 0-d tensors and numbers, with one host sync for all of them."""
+        if not values:
+            return []
+        tensors = [v.detach().reshape(()).to(torch.float64) if isinstance(v, Tensor) else
+                   torch.tensor(float(v), dtype=torch.float64) for v in values]
+        device = next((t.device for t in tensors if t.device.type != "cpu"), None)
+        if device is not None:
+            tensors = [t.to(device) for t in tensors]
+        return torch.stack(tensors).tolist()
+
+    def _update(self, grads: dict[Tensor, Tensor] | None, stats: dict[str, Tensor], batch=None) -> list[float]:
+        """Write ``grads`` to ``.grad`` (None: keep ``.grad``) and apply the inner update rule, all or
+        nothing: return the statistics as floats, read in the step's one host sync with its
+        finiteness flag; on a non-finite value put back parameters, ``.grad`` and the inner state
+        and raise."""
+        self._sync_inner()
+        stepped = self._stepped(grads)
+        self._check_rates(stepped)
+        previous = {}
+        if grads is not None:
+            for p, g in grads.items():
+                previous[p] = p.grad
+                p.grad = g  # a fresh tensor from the algorithm; the inner update does not modify it
+        try:
+            values = self._certain_values(stepped, stats)
+            if values is not None:  # SGD with every new value certainly finite: in place at once
+                self.inner_optimizer.step()
+            else:
+                values = self._checked_update(stepped, stats, grads, batch)
+        except BaseException:
+            for p, g in previous.items():
+                p.grad = g
+            raise
+        for p in previous:
+            self._written_grads[p] = weakref.ref(p.grad)
+        return values[:len(stats)]
+
+    def _stepped(self, grads) -> list[tuple[int, Tensor, Tensor]]:
+        """(group index, parameter, gradient) of every parameter the update changes, checked to fit."""
+        stepped = []
         for i, group in enumerate(self.param_groups):
-            lr, momentum = group["lr"] * group["lr_mult"], group["momentum"]
             for p in group["params"]:
-                g = grads.get(p) if i < self._model_groups else p.grad
+                g = grads.get(p) if grads is not None and i < self._model_groups else p.grad
                 if g is None or not p.requires_grad:
                     continue
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise ValueError(f"{self._group_name(i)} .grad: expected {_describe(p)} (the parameter's), "
                                      f"got {_describe(g)}")
-                if p in done:
-                    new, buf = done[p]
-                else:
-                    new, buf = sgd_update(
-                        p, g, lr=lr, momentum=momentum, dampening=group["dampening"],
-                        weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                        buffer=self.state.get(p, {}).get("momentum_buffer") if momentum else None,
-                    )
-                if not bool(torch.isfinite(new).all()):
-                    raise DivergenceError(f"the update of {self._group_name(i)} is not finite: "
-                                          "the step diverged; nothing was changed")
-                updates.append((p, new, momentum != 0, buf))  # state is created on commit only
-        return updates
+                stepped.append((i, p, g))
+        return stepped
 
-    def _commit_updates(self, updates) -> None:
-        for p, new, has_momentum, buf in updates:
-            p.copy_(new)
-            if has_momentum:
-                state = self.state[p]
-                old = state.get("momentum_buffer")
-                if old is not None and old.shape == buf.shape and old.dtype == buf.dtype:
-                    old.copy_(buf)  # in place, as torch.optim.SGD: its address (a CUDA graph input) stays
+    def _check_rates(self, stepped) -> None:
+        """A rate beyond the parameter dtype's range cannot give a finite update (and torch refuses
+        to convert it): ``DivergenceError`` before anything is written."""
+        for i in sorted({i for i, _, _ in stepped}):
+            group, dtype = self.inner_optimizer.param_groups[i], self.param_groups[i]["params"][0].dtype
+            largest = torch.finfo(dtype).max
+            for name in ("lr", "weight_decay", "momentum", "eps"):
+                value = group.get(name)
+                if isinstance(value, (int, float)) and abs(value) > largest:
+                    raise DivergenceError(f"{self._group_name(i)} {name}: {value!r} exceeds the largest {dtype} "
+                                          f"({largest:g}); the update would not be finite; nothing was changed")
+            if abs(1 - group.get("dampening", 0)) > largest:
+                raise DivergenceError(f"{self._group_name(i)} dampening: 1 - {group['dampening']!r} exceeds "
+                                      f"the largest {dtype}; nothing was changed")
+
+    def _certain_values(self, stepped, stats) -> list[float] | None:
+        r"""For SGD: the statistics (and norms) if every gradient, new parameter and new momentum
+        buffer is certainly finite, from tensor norms read with one host sync; else None.
+
+        No element exceeds its tensor's 2-norm, and a NaN/inf makes a norm non-finite. With
+        ``d = g + λθ``, ``‖d‖ ≤ ‖g‖ + |λ|‖θ‖``, ``‖buf'‖ ≤ |μ|‖buf‖ + |1 − τ|‖d‖`` (``‖d‖`` on the first
+        step), ``‖d'‖ ≤ ‖d‖ + |μ|‖buf'‖`` (Nesterov) or ``‖buf'‖``, ``‖θ'‖ ≤ ‖θ‖ + |η|‖d'‖``. When every
+        norm and bound is below ``finfo.max / 16`` nothing can overflow, and from finite inputs with
+        only additions and multiplications nothing becomes NaN either. None is not a divergence, only
+        "not certain": the caller then checks every new value after the update."""
+        if self.update_rule != "sgd" or not stepped:
+            return None
+        groups = self.inner_optimizer.param_groups
+        settings = []
+        for i, p, g in stepped:
+            group = groups[i]
+            numbers = [group[k] for k in ("lr", "momentum", "dampening", "weight_decay")]
+            if any(type(v) not in (int, float) or not math.isfinite(v) for v in numbers) or group.get(
+                    "maximize") or g.is_sparse or p.dtype != stepped[0][1].dtype:
+                return None
+            buffer = self.state[p].get("momentum_buffer") if p in self.state else None
+            settings.append((*numbers, bool(group["nesterov"]), buffer))
+        params = [p for _, p, _ in stepped]
+        buffers = [s[-1] for s in settings if s[1] and s[-1] is not None]
+        norms = self._norms(params + [g for _, _, g in stepped] + buffers)
+        values = self._read([*stats.values(), *norms])
+        count = len(params)
+        found = values[len(stats):]
+        param_norms, grad_norms, buffer_norms = found[:count], found[count:2 * count], iter(found[2 * count:])
+        limit = torch.finfo(params[0].dtype).max / _MARGIN
+        if not all(map(math.isfinite, values[:len(stats)])):
+            return None
+        for (rate, momentum, dampening, weight_decay, nesterov, buffer), p_norm, g_norm in zip(
+                settings, param_norms, grad_norms):
+            d_norm = g_norm + abs(weight_decay) * p_norm
+            bounds = [p_norm, g_norm, d_norm]
+            if momentum:
+                new_buffer = d_norm if buffer is None else abs(momentum) * next(buffer_norms) + abs(1 - dampening) * d_norm
+                d_norm = d_norm + abs(momentum) * new_buffer if nesterov else new_buffer
+                bounds += [new_buffer, d_norm]
+            bounds.append(p_norm + abs(rate) * d_norm)
+            if not all(bound <= limit for bound in bounds):  # also False for NaN
+                return None
+        return values
+
+    def _checked_update(self, stepped, stats, grads, batch) -> list[float]:
+        """The inner update on copies' guard: parameters and their inner state are copied, the
+        update runs in place, and one host sync reads the statistics and the norms of the gradients
+        and new parameters; a non-finite one puts the copies back and raises."""
+        params = [p for _, p, _ in stepped]
+        saved = self._save_state(params)
+        try:
+            self.inner_optimizer.step()
+            values = self._read([*stats.values(), *self._norms([g for _, _, g in stepped]), *self._norms(params)])
+        except BaseException:
+            self._load_state(saved)
+            raise
+        if all(map(math.isfinite, values)):
+            return values
+        count = len(stepped)
+        grad_norms, param_norms = values[len(stats):len(stats) + count], values[len(stats) + count:]
+        finite_params = [math.isfinite(v) or bool(torch.isfinite(p).all()) for v, p in zip(param_norms, params)]
+        finite_grads = [math.isfinite(v) or bool(torch.isfinite(g).all()) for v, (_, _, g) in zip(grad_norms, stepped)]
+        if all(map(math.isfinite, values[:len(stats)])) and all(finite_params) and all(finite_grads):
+            return values  # a norm overflowed; every element is finite
+        self._load_state(saved)
+        if batch is None:
+            bad = next(i for i, ok in enumerate(finite_grads) if not ok) if not all(finite_grads) else None
+            if bad is not None:
+                raise DivergenceError(f".grad of {self._group_name(stepped[bad][0])} is not finite; nothing was changed")
+        else:
+            self._raise_non_finite(stats, grads or {}, dict(zip(stats, values)), *batch)
+        index = next(i for i, ok in enumerate(finite_params) if not ok)
+        raise DivergenceError(f"the update of {self._group_name(stepped[index][0])} is not finite: "
+                              "the step diverged; nothing was changed")
+
+    def _save_state(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor, dict | None]]:
+        saved = []
+        for p in params:
+            entry = self.state.get(p)
+            kept = None if entry is None else {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                                               for k, v in entry.items()}
+            saved.append((p, p.detach().clone(), kept))
+        return saved
+
+    def _load_state(self, saved) -> None:
+        for p, value, kept in saved:
+            p.copy_(value)
+            if kept is None:
+                self.state.pop(p, None)
+                continue
+            entry = self.state[p]
+            for k in [k for k in entry if k not in kept]:
+                del entry[k]
+            for k, v in kept.items():
+                old = entry.get(k)
+                if isinstance(v, Tensor) and isinstance(old, Tensor) and old.shape == v.shape and old.dtype == v.dtype:
+                    old.copy_(v)  # in place: its address (a CUDA graph input) stays
                 else:
-                    state["momentum_buffer"] = buf
+                    entry[k] = v
+
+    def _raise_non_finite(self, stats, grads, values, x, target) -> None:
+        """Raise for a step whose statistics or gradients are not finite: ``ValueError`` naming the
+        batch argument or parameter holding NaN/inf, else ``DivergenceError``. Returns when both are
+        finite (the update is what overflowed)."""
+        if values is None:
+            values = dict(zip(stats, self._read(list(stats.values()))))
+        bad_stats = [name for name, v in values.items() if not math.isfinite(v)]
+        bad_grads = [p for p, g in grads.items() if not bool(torch.isfinite(g).all())]
+        if not bad_stats and not bad_grads:
+            return
+        for name, t in (("x", x), ("y", target)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: contains NaN or infinite values")
+        for module, kind, p in self._slots:
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"{self._layer_name(module)} {kind}: contains NaN or infinite values "
+                                 "(the model was not finite before this step)")
+        hint = "(lower the learning rates or inference_lr)"
+        if bad_stats:
+            raise DivergenceError(f"{bad_stats[0]} is {values[bad_stats[0]]}: the step diverged; nothing was "
+                                  f"changed {hint}")
+        module, kind = next((m, k) for m, k, p in self._slots if p is bad_grads[0])
+        raise DivergenceError(f"gradient of {self._layer_name(module)} {kind} is not finite: the step diverged; "
+                              f"nothing was changed {hint}")
 
     # ------------------------------------------------------------------ copies
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer keeps only defaults, state and param_groups; a pcfast optimizer also
-        # needs its model view, parametrization and algorithm state (copy.deepcopy, pickle).
+        # needs its model view, inner optimizer, parametrization and algorithm state (copy.deepcopy, pickle).
         state = dict(self.__dict__)
         state.pop("_written_grads", None)  # weak references to .grad tensors: bookkeeping, not state
         # A process group cannot be copied: a copy reduces over the default group if it did, else none.
@@ -490,30 +717,40 @@ class LocalOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        state["_written_grads"] = {}
-        state["process_group"] = distributed.resolve_process_group(state.get("process_group"))
-        state.setdefault("_collectives", None)
+        if "mlp" in state:  # a copy (not torch.optim's load_state_dict, which passes state and groups only)
+            state["_written_grads"] = {}
+            state["process_group"] = distributed.resolve_process_group(state.get("process_group"))
+            state.setdefault("_collectives", None)
         super().__setstate__(state)
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is not None:
+            inner.state = self.state  # one state, also after torch.optim's load_state_dict
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["algo"] = self.algo
+        state["optimizer"] = type(self.inner_optimizer).__name__
         state["parametrization"] = self.parametrization.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` of an optimizer of the same algorithm over a model of the same shape.
+        """Load a ``state_dict()`` of an optimizer of the same algorithm and update rule over a model
+        of the same shape.
 
-        The whole state dict is checked first — algorithm, parameter groups (count, sizes, layers,
-        hyperparameters), momentum buffers (shape, dtype), parametrization, algorithm state — and any
-        mismatch raises ``ValueError``/``TypeError`` with nothing changed.
+        The whole state dict is checked first — algorithm, update rule, parameter groups (count, sizes,
+        layers, hyperparameters), the inner optimizer's state (shapes, dtypes), parametrization,
+        algorithm state — and any mismatch raises ``ValueError``/``TypeError`` with nothing changed.
+        Hyperparameters a saved group lacks (saved by an older pcfast) keep this optimizer's values.
         """
         self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
         parametrization = Parametrization.from_state_dict(state_dict.pop("parametrization"))
         state_dict.pop("algo")
+        state_dict.pop("optimizer", None)
+        state_dict["param_groups"] = [{**{k: v for k, v in group.items() if k != "params"}, **saved}
+                                      for group, saved in zip(self.param_groups, state_dict["param_groups"])]
         self._load_extra(state_dict)
         super().load_state_dict(state_dict)
         self.parametrization = parametrization
@@ -530,17 +767,40 @@ class LocalOptimizer(torch.optim.Optimizer):
         if algo != self.algo:
             raise ValueError(f"state_dict: saved by an optimizer running algo={algo!r}, but this {name} runs "
                              f"algo={self.algo!r}; load it into the optimizer that saved it")
-        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+        inner = type(self.inner_optimizer).__name__
+        saved_rule = state_dict.get("optimizer", "SGD")  # older states: SGD, the only rule then
+        if saved_rule != inner:
+            raise ValueError(f"state_dict: saved by an optimizer updating with {saved_rule}, but this {name} "
+                             f"updates with {inner}; build it with optimizer=torch.optim.{saved_rule}")
+        saved_ids = self._check_saved_groups(state_dict["param_groups"])
+        state = state_dict["state"]
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict['state']: expected a dict, got {type(state).__name__}")
+        for pid, entry in state.items():
+            where = f"state_dict['state'][{pid!r}]"
+            if pid not in saved_ids:
+                raise ValueError(f"{where}: no parameter group holds parameter id {pid!r}")
+            self._check_saved_entry(where, entry, saved_ids[pid])
+        try:
+            parametrization = Parametrization.from_state_dict(state_dict["parametrization"])
+        except (TypeError, KeyError, AttributeError, ValueError) as error:
+            raise ValueError(f"state_dict['parametrization']: not a saved pcfast parametrization ({error})") from None
+        self._check_parametrization(parametrization, "state_dict['parametrization']")
+        self._check_extra(state_dict)
+
+    def _check_saved_groups(self, saved_groups: Any) -> dict[Any, Tensor]:
+        """Check the saved parameter groups against ours; return saved parameter id -> parameter."""
         if not isinstance(saved_groups, list) or not all(isinstance(g, dict) for g in saved_groups):
             raise TypeError("state_dict['param_groups']: expected a list of dicts")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict['param_groups']: has {len(saved_groups)} groups, this optimizer "
                              f"{len(self.param_groups)} (one per weight and bias, plus any add_param_group)")
         saved_ids: dict[Any, Tensor] = {}
+        algo_keys = [k for k in self._setting_names if k not in self._inner_keys and k not in _MULTIPLIERS[1:]]
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{i}]"
-            required = ["params", *self._setting_names, *(_LAYER_KEYS if i < self._model_groups else ())]
-            absent = [k for k in required if k not in saved]
+            required = ["params", *_REQUIRED, *algo_keys, *(_LAYER_KEYS if i < self._model_groups else ())]
+            absent = [k for k in dict.fromkeys(required) if k not in saved]
             if absent:
                 raise ValueError(f"{where}: has no {absent} entries")
             if not isinstance(saved["params"], list) or len(saved["params"]) != len(group["params"]):
@@ -549,38 +809,31 @@ class LocalOptimizer(torch.optim.Optimizer):
             for key in ("layer", "kind"):
                 if i < self._model_groups and saved[key] != group[key]:
                     raise ValueError(f"{where}['{key}']: expected {group[key]!r}, got {saved[key]!r}")
-            for key in _SGD_NUMBERS:
+            for key in _REQUIRED:
                 _check_number(f"{where}['{key}']", saved[key])
-            if not isinstance(saved["nesterov"], bool):
-                raise TypeError(f"{where}['nesterov']: expected a bool, got {saved['nesterov']!r}")
             for key in self._setting_names:
-                mine = self.defaults[key]
-                if key not in _SGD_NUMBERS and key != "nesterov" and type(saved[key]) is not type(mine):
-                    raise TypeError(f"{where}['{key}']: expected a {type(mine).__name__}, got {saved[key]!r}")
+                if key in saved and not _saved_value_fits(saved[key], self.defaults[key]):
+                    kind = "a bool" if isinstance(self.defaults[key], bool) else type(self.defaults[key]).__name__
+                    raise TypeError(f"{where}['{key}']: expected {kind} like {self.defaults[key]!r}, got {saved[key]!r}")
             for pid, p in zip(saved["params"], group["params"]):
                 if pid in saved_ids:
                     raise ValueError(f"{where}['params']: parameter id {pid!r} appears twice")
                 saved_ids[pid] = p
-        if not isinstance(state, dict):
-            raise TypeError(f"state_dict['state']: expected a dict, got {type(state).__name__}")
-        for pid, entry in state.items():
-            where = f"state_dict['state'][{pid!r}]"
-            if pid not in saved_ids:
-                raise ValueError(f"{where}: no parameter group holds parameter id {pid!r}")
-            if not isinstance(entry, dict) or set(entry) - {"momentum_buffer"}:
-                raise ValueError(f"{where}: expected {{'momentum_buffer': tensor}}, got {entry!r:.200}")
-            buffer, p = entry.get("momentum_buffer"), saved_ids[pid]
-            if buffer is None:
+        return saved_ids
+
+    @staticmethod
+    def _check_saved_entry(where: str, entry: Any, p: Tensor) -> None:
+        """A saved inner-optimizer state entry: a dict whose tensors of more than one element have
+        the parameter's shape and dtype (momentum buffers, Adam's moments; ``step`` is a scalar)."""
+        if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
+            raise ValueError(f"{where}: expected a dict of named state tensors such as "
+                             f"{{'momentum_buffer': tensor}}, got {entry!r:.200}")
+        for key, value in entry.items():
+            if value is None or key == "step":
                 continue
-            if not isinstance(buffer, Tensor) or buffer.shape != p.shape or buffer.dtype != p.dtype:
-                raise ValueError(f"{where}['momentum_buffer']: expected shape {tuple(p.shape)}, dtype {p.dtype} "
-                                 f"(its parameter's), got {_describe(buffer)}")
-        try:
-            parametrization = Parametrization.from_state_dict(state_dict["parametrization"])
-        except (TypeError, KeyError, AttributeError, ValueError) as error:
-            raise ValueError(f"state_dict['parametrization']: not a saved pcfast parametrization ({error})") from None
-        self._check_parametrization(parametrization, "state_dict['parametrization']")
-        self._check_extra(state_dict)
+            if not isinstance(value, Tensor) or value.shape != p.shape or value.dtype != p.dtype:
+                raise ValueError(f"{where}['{key}']: expected shape {tuple(p.shape)}, dtype {p.dtype} "
+                                 f"(its parameter's), got {_describe(value)}")
 
     def _check_extra(self, state_dict: dict[str, Any]) -> None:
         """Raise ValueError/TypeError if the algorithm state in ``state_dict`` does not fit; change nothing."""
@@ -590,6 +843,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         by ``_check_extra`` before anything is loaded)."""
 
     def __repr__(self) -> str:
-        keys = [k for k in self.defaults if k not in ("lr", "lr_mult")]
+        keys = [k for k in self.defaults if k not in ("lr", *_MULTIPLIERS)]
         settings = ", ".join(f"{k}={self.param_groups[0][k]!r}" for k in keys)
-        return f"{type(self).__name__}(lr={self.defaults['lr']}, {settings}, layers={self.mlp.depth})"
+        inner = type(self.inner_optimizer).__name__
+        return f"{type(self).__name__}(lr={self.defaults['lr']}, optimizer={inner}, {settings}, layers={self.mlp.depth})"

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from .. import functional
@@ -20,9 +21,8 @@ class GNT(LocalOptimizer):
     moves the output by a Newton step on the loss, ``Δu_l = −β J_l⁺ ∂ℓ/∂f`` with ``J_l = ∂f/∂u_l``,
     writes each layer's local gradient of ``½‖(u_l + Δu_l) − u_l‖²`` to ``.grad`` —
     ``∂/∂W_l = −Δu_lᵀ h_{l-1} / B`` and ``∂/∂b_l = −Σ_b Δu_l / B``
-    (``functional.gnt_train_step``) — and applies SGD as ``torch.optim.SGD`` does:
-    ``d = g + λθ``; ``buf = d`` (first step) or ``μ·buf + (1 − τ)·d``; ``d = d + μ·buf``
-    (Nesterov) or ``buf`` (μ > 0); ``θ ← θ − η_l·d`` with ``η_l = lr · m^{-c_l}``.
+    (``functional.gnt_train_step``) — and applies the update rule (``torch.optim.SGD`` unless
+    ``optimizer=`` names another) with ``η_l = lr · m^{-c_l}``.
 
     The targets need a pseudo-inverse of a (C × d_l) Jacobian per sample and layer: this is the
     reference implementation (float64 capable), meant for comparisons at moderate width.
@@ -31,7 +31,8 @@ class GNT(LocalOptimizer):
         model: ``nn.Sequential`` of ``nn.Linear`` and supported activations, linear readout.
         parametrization: from ``pcfast.parametrize(model, ..., algo="gnt")``; None keeps the weights
             and uses multipliers of one.
-        lr: base learning rate η. momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        lr: base learning rate η. optimizer, **optimizer_kwargs: the update rule, as for
+            ``pcfast.optim.PC`` (SGD unless given; ``momentum=0.9`` etc. go to it).
         beta: β ≥ 0, the size of the Newton step the targets take (1 is a full step).
         loss: ``"mse"`` (``½‖y − f‖²`` per sample) or ``"ce"``, averaged over the batch.
         backend: ``"auto"`` or ``"reference"`` (GNT has only the reference implementation).
@@ -57,14 +58,12 @@ class GNT(LocalOptimizer):
         parametrization: Parametrization | None = None,
         *,
         lr: float = 0.1,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
         beta: float = 1.0,
         loss: str = "mse",
         backend: str = "auto",
         process_group: Any = "auto",
+        **optimizer_kwargs: Any,
     ) -> None:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"beta: expected a finite number >= 0, got {beta!r}")
@@ -72,12 +71,11 @@ class GNT(LocalOptimizer):
             raise ValueError(f"backend: GNT has only the reference implementation; expected 'auto' or "
                              f"'reference', got {backend!r}")
         loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
-        super().__init__(model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, backend=backend, beta=float(beta),
-                         loss=loss, process_group=process_group)
+        super().__init__(model, parametrization, lr=lr, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
+                         backend=backend, beta=float(beta), loss=loss, process_group=process_group)
 
-    def _local_gradients(self, x: Tensor, y: Tensor):
+    def _local_gradients(self, x: Tensor, target: Tensor):
         weights, biases = self._params()
-        result = functional.gnt_train_step(weights, biases, self.mlp.activations, x, y,
+        result = functional.gnt_train_step(weights, biases, self.mlp.activations, x, target,
                                            beta=self._setting("beta"), loss=self._setting("loss"))
         return result.weight_grads, result.bias_grads, {"loss": result.loss}, {}

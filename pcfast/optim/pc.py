@@ -1,8 +1,9 @@
 """``pcfast.optim.PC``: predictive coding as a drop-in ``torch.optim.Optimizer``."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from .. import functional
@@ -16,19 +17,24 @@ class PC(LocalOptimizer):
 
     Each ``step(x, y)`` relaxes the latents from the feedforward pass for ``inference_steps`` steps
     ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l`` (κ = ``inference_lr``), writes the local gradients
-    ``∂F/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` to ``.grad`` and applies SGD with each layer's
-    learning rate ``η_l = lr · m^{-c_l}``. Evaluation is the plain feedforward ``model(x)``.
+    ``∂F/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` to ``.grad`` and applies the update rule (SGD unless
+    ``optimizer=`` names another) with each layer's learning rate ``η_l = lr · m^{-c_l}``. Evaluation is the plain feedforward ``model(x)``.
 
     The torch.optim contract (``LocalOptimizer``): each group's ``lr`` is η and its ``lr_mult`` the
     multiplier ``m^{-c_l}``; parameters with ``requires_grad=False`` are frozen (no ``.grad``, no
     update); ``compute_gradients`` adds into ``.grad``; ``step()`` without a batch warns once if
-    ``.grad`` did not come from this optimizer (e.g. ``loss.backward()``: that step is plain SGD).
+    ``.grad`` did not come from this optimizer (e.g. ``loss.backward()``: that step is the plain update rule).
 
     Args:
         model: ``nn.Sequential`` of ``nn.Linear`` and supported activations, linear readout.
         parametrization: from ``pcfast.parametrize(model, ..., algo="pc")``; None keeps the weights
             and uses multipliers and precisions of one.
-        lr: base learning rate η. momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        lr: base learning rate η.
+        optimizer: the update rule — a ``torch.optim`` class such as ``torch.optim.SGD`` (the default),
+            ``Adam`` or ``AdamW``, or a factory ``f(param_groups, lr=..., **kwargs)``; its μP
+            multipliers come from the parametrization (``Parametrization.scales``).
+        **optimizer_kwargs: passed to ``optimizer`` (``momentum=0.9``, ``nesterov=True`` for SGD;
+            ``betas``, ``eps``, ``weight_decay`` for Adam).
         inference_steps: T. inference_lr: κ. schedule: ``"jacobi"`` or ``"sequential"``.
         fpa: fixed-prediction assumption. loss: ``"mse"`` or ``"ce"``.
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
@@ -57,10 +63,7 @@ class PC(LocalOptimizer):
         parametrization: Parametrization | None = None,
         *,
         lr: float = 0.1,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
         inference_steps: int = 20,
         inference_lr: float = 0.1,
         schedule: str = "jacobi",
@@ -68,6 +71,7 @@ class PC(LocalOptimizer):
         loss: str = "mse",
         backend: str = "auto",
         process_group: Any = "auto",
+        **optimizer_kwargs: Any,
     ) -> None:
         if isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or inference_steps < 0:
             raise ValueError(f"inference_steps: expected an int >= 0, got {inference_steps!r}")
@@ -77,25 +81,22 @@ class PC(LocalOptimizer):
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
         loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(
-            model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, backend=backend, process_group=process_group,
-            inference_steps=inference_steps, inference_lr=float(inference_lr), schedule=schedule,
+            model, parametrization, lr=lr, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, backend=backend,
+            process_group=process_group, inference_steps=inference_steps, inference_lr=float(inference_lr), schedule=schedule,
             fpa=bool(fpa), loss=loss,
         )
 
-    def _local_gradients(self, x: Tensor, y: Tensor):
+    def _local_gradients(self, x: Tensor, target: Tensor):
         weights, biases = self._params()
-        result = functional.pc_train_step(
-            weights, biases, self.mlp.activations, x, y,
+        result = functional.pc_grads(
+            weights, biases, self.mlp.activations, x, target,
             precisions=self.parametrization.precisions,
             inference_steps=self._setting("inference_steps"),
             inference_lr=self._setting("inference_lr"),
             schedule=self._setting("schedule"),
             fpa=self._setting("fpa"),
             loss=self._setting("loss"),
-            sgd=self._layer_sgd(),  # the triton backend applies SGD inside its gradient launches
             backend=self._setting("backend"),
         )
         stats = {"loss": result.loss, "energy": result.energy / x.shape[0]}
-        pending = {} if result.sgd_updates is None else {"sgd_updates": result.sgd_updates}
-        return result.weight_grads, result.bias_grads, stats, pending
+        return result.weight_grads, result.bias_grads, stats, {}

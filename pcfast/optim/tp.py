@@ -1,7 +1,7 @@
 """``pcfast.optim.TP`` and ``DTP``: (difference) target propagation with trained feedback maps."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,9 @@ class TP(LocalOptimizer):
        closed-form ridge solution on the batch with μ = ``feedback_weight_decay``;
     2. targets ``ĥ_L = f − β ∂ℓ/∂f``, ``ĥ_{l-1} = g_l(ĥ_l)`` (TP) or
        ``h_{l-1} + g_l(ĥ_l) − g_l(h_l)`` (DTP), and local gradients of ``½‖ĥ_l − h_l‖²`` into ``.grad``;
-    3. SGD with ``η_l = lr · m^{-c_l}`` (each group's ``lr`` is η, its ``lr_mult`` ``m^{-c_l}``).
+    3. the update rule (``torch.optim.SGD`` unless ``optimizer=`` names another; its keyword
+       arguments such as ``momentum=0.9`` go to it) with ``η_l = lr · m^{-c_l}`` (each group's ``lr``
+       is η, its ``lr_mult`` ``m^{-c_l}``).
 
     Parameters with ``requires_grad=False`` are frozen (no ``.grad``, no update); the rest of the
     torch.optim contract is ``LocalOptimizer``'s.
@@ -72,10 +74,7 @@ class TP(LocalOptimizer):
         parametrization: Parametrization | None = None,
         *,
         lr: float = 0.1,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
         beta: float = 0.5,
         feedback: str = "trained",
         feedback_lr: float = 0.01,
@@ -87,6 +86,7 @@ class TP(LocalOptimizer):
         seed: int = 0,
         backend: str = "auto",
         process_group: Any = "auto",
+        **optimizer_kwargs: Any,
     ) -> None:
         _check_number("beta", beta)
         _check_number("feedback_lr", feedback_lr)
@@ -98,8 +98,8 @@ class TP(LocalOptimizer):
             raise ValueError(f"feedback: expected one of {FEEDBACK_MODES}, got {feedback!r}")
         loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
         super().__init__(
-            model, parametrization, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, backend=backend, process_group=process_group, beta=float(beta),
+            model, parametrization, lr=lr, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, backend=backend,
+            process_group=process_group, beta=float(beta),
             feedback=feedback, feedback_lr=float(feedback_lr), feedback_steps=feedback_steps,
             feedback_noise=float(feedback_noise), feedback_weight_decay=float(feedback_weight_decay),
             loss=loss,
@@ -245,7 +245,7 @@ class TP(LocalOptimizer):
             plan += [feedback + 1] * steps
         return plan + super()._collective_plan()
 
-    def _local_gradients(self, x: Tensor, y: Tensor):
+    def _local_gradients(self, x: Tensor, target: Tensor):
         qs, cs, reconstruction = self._new_feedback(x)
         for k, q in enumerate(qs):
             if not bool(torch.isfinite(q).all()):
@@ -253,7 +253,7 @@ class TP(LocalOptimizer):
                                       "diverged (lower feedback_lr); nothing was changed")
         weights, biases = self._params()
         result = functional.tp_train_step(
-            weights, biases, self.mlp.activations, qs, cs, self.feedback_activations, x, y,
+            weights, biases, self.mlp.activations, qs, cs, self.feedback_activations, x, target,
             beta=self._setting("beta"), loss=self._setting("loss"), difference=self.difference,
             backend=self._setting("backend"),
         )
