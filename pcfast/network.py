@@ -463,11 +463,16 @@ def check_batch(
     loss: str,
     *,
     check_finite: bool = True,
+    check_labels: bool = True,
 ) -> Tensor:
     """Validate a batch against the network; return the target as the loss expects it.
 
     For ``loss="mse"`` the target may be a float (B, C) tensor or int64 class labels (B,), which are
     one-hot encoded. For ``loss="ce"`` it must be int64 class labels (B,).
+
+    ``check_finite=False`` skips the scans of x and float targets for NaN/inf, and
+    ``check_labels=False`` the range check of class labels (both read values on the host): labels
+    are then clamped into range, and the caller checks ``labels_out_of_range`` itself.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
@@ -500,15 +505,30 @@ def check_batch(
         if target.shape != (batch,):
             raise ValueError(f"y: expected class labels of shape ({batch},), got {_describe(target)} "
                              f"(one label per row of x)")
-        lo, hi = (int(v) for v in torch.aminmax(target))
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"y: class labels must lie in [0, {classes - 1}], got values in [{lo}, {hi}]")
-        target = target.long()
-        if loss == "mse":
-            target = torch.nn.functional.one_hot(target, classes).to(w0.dtype)
+        if check_labels:
+            lo, hi = (int(v) for v in torch.aminmax(target))
+            if lo < 0 or hi >= classes:
+                raise ValueError(f"y: class labels must lie in [0, {classes - 1}], got values in [{lo}, {hi}]")
+            target = target.long()
+            if loss == "mse":
+                target = torch.nn.functional.one_hot(target, classes).to(w0.dtype)
+        else:
+            target = target.long().clamp(0, classes - 1)
+            if loss == "mse":
+                target = torch.zeros(batch, classes, dtype=w0.dtype, device=w0.device).scatter_(
+                    1, target[:, None], 1.0)
     if check_finite and not _all_finite(x):
         raise ValueError("x: contains NaN or infinite values")
     return target
+
+
+def labels_out_of_range(y: Tensor, classes: int) -> Tensor | None:
+    """For class labels ``y``: a 0-d float tensor, 0 when every label lies in [0, classes) and NaN
+    otherwise (no host sync; it joins a finiteness check). None for float targets."""
+    if y.is_floating_point():
+        return None
+    bad = torch.logical_or(y < 0, y >= classes).any()
+    return torch.where(bad, float("nan"), 0.0)
 
 
 def _all_finite(t: Tensor) -> bool:

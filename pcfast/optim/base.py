@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization, standard
-from ..network import MLP, check_batch, parse_mlp
+from ..network import MLP, check_batch, labels_out_of_range, parse_mlp
 
 # Keys of the model's parameter groups beside ``defaults``.
 _LAYER_KEYS = ("layer", "kind")
@@ -259,11 +259,17 @@ class LocalOptimizer(torch.optim.Optimizer):
         return [lin.weight for lin in self.mlp.linears], [lin.bias for lin in self.mlp.linears]
 
     def _check_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        """The target as the loss expects it. x and float targets are not scanned for NaN/inf here:
-        they make the step's statistics non-finite, and the step's one finiteness flag then finds them
-        (``_raise_non_finite`` names them)."""
+        """The target as the loss expects it. Nothing is read on the host: x and float targets are
+        not scanned for NaN/inf (they make the step's statistics non-finite) and class labels are
+        clamped into range; the step's one finiteness flag finds both (``_guards``,
+        ``_raise_non_finite`` names the argument)."""
         weights, _ = self._params()
-        return check_batch(x, y, weights, self._setting("loss"), check_finite=False)
+        return check_batch(x, y, weights, self._setting("loss"), check_finite=False, check_labels=False)
+
+    def _guards(self, y: Tensor) -> dict[str, Tensor]:
+        """0-d tensors, NaN when the batch is bad, read with the step's finiteness flag."""
+        flag = labels_out_of_range(y, self.mlp.linears[-1].out_features)
+        return {} if flag is None else {"labels in range": flag}
 
     def _check_parametrization(self, parametrization: Parametrization, name: str) -> None:
         parametrization.check_matches(self.mlp)
@@ -329,9 +335,11 @@ class LocalOptimizer(torch.optim.Optimizer):
                 x, y, before=(self._check_ready, self._check_grads_fit,
                               lambda: self._warn_if_foreign_grads("compute_gradients")))
             grads = self._grads_by_param(weight_grads, bias_grads)
-            values = self._read([*stats.values(), *self._norms(list(grads.values()))])
+            guarded = {**stats, **self._guards(y)}
+            values = self._read([*guarded.values(), *self._norms(list(grads.values()))])
             if not all(map(math.isfinite, values)):
-                self._raise_non_finite(stats, grads, None, x, target)
+                self._raise_non_finite(guarded, grads, dict(zip(guarded, values)), (x, y, target))
+                # (returned: a norm overflowed, every element is finite)
         except BaseException:
             self._restore(snapshot)
             raise
@@ -365,7 +373,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         try:
             weight_grads, bias_grads, stats, pending, target = self._guarded_gradients(
                 x, y, before=(self._check_ready,))
-            values = self._update(self._grads_by_param(weight_grads, bias_grads), stats, batch=(x, target))
+            values = self._update(self._grads_by_param(weight_grads, bias_grads), stats, batch=(x, y, target))
         except BaseException:
             self._restore(snapshot)
             raise
@@ -525,6 +533,9 @@ class LocalOptimizer(torch.optim.Optimizer):
         nothing: return the statistics as floats, read in the step's one host sync with its
         finiteness flag; on a non-finite value put back parameters, ``.grad`` and the inner state
         and raise."""
+        count = len(stats)
+        if batch is not None:
+            stats = {**stats, **self._guards(batch[1])}
         self._sync_inner()
         stepped = self._stepped(grads)
         self._check_rates(stepped)
@@ -545,7 +556,7 @@ class LocalOptimizer(torch.optim.Optimizer):
             raise
         for p in previous:
             self._written_grads[p] = weakref.ref(p.grad)
-        return values[:len(stats)]
+        return values[:count]
 
     def _stepped(self, grads) -> list[tuple[int, Tensor, Tensor]]:
         """(group index, parameter, gradient) of every parameter the update changes, checked to fit."""
@@ -647,7 +658,7 @@ class LocalOptimizer(torch.optim.Optimizer):
             if bad is not None:
                 raise DivergenceError(f".grad of {self._group_name(stepped[bad][0])} is not finite; nothing was changed")
         else:
-            self._raise_non_finite(stats, grads or {}, dict(zip(stats, values)), *batch)
+            self._raise_non_finite(stats, grads or {}, dict(zip(stats, values)), batch)
         index = next(i for i, ok in enumerate(finite_params) if not ok)
         raise DivergenceError(f"the update of {self._group_name(stepped[index][0])} is not finite: "
                               "the step diverged; nothing was changed")
@@ -677,16 +688,16 @@ class LocalOptimizer(torch.optim.Optimizer):
                 else:
                     entry[k] = v
 
-    def _raise_non_finite(self, stats, grads, values, x, target) -> None:
-        """Raise for a step whose statistics or gradients are not finite: ``ValueError`` naming the
-        batch argument or parameter holding NaN/inf, else ``DivergenceError``. Returns when both are
-        finite (the update is what overflowed)."""
-        if values is None:
-            values = dict(zip(stats, self._read(list(stats.values()))))
+    def _raise_non_finite(self, stats, grads, values, batch) -> None:
+        """Raise for a step whose statistics (with the batch's guards) or gradients are not finite:
+        ``ValueError`` naming the batch argument or parameter at fault, else ``DivergenceError``.
+        Returns when both are finite (the update is what overflowed)."""
         bad_stats = [name for name, v in values.items() if not math.isfinite(v)]
         bad_grads = [p for p, g in grads.items() if not bool(torch.isfinite(g).all())]
         if not bad_stats and not bad_grads:
             return
+        x, y, target = batch
+        check_batch(x, y, self.mlp.weights(), self._setting("loss"))  # the ValueError naming the argument
         for name, t in (("x", x), ("y", target)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name}: contains NaN or infinite values")
