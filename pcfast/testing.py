@@ -26,7 +26,8 @@ Example::
     out = pcfast.functional.pc_train_step(*net, x, y, backend="torch")
 
 ``interpreted(backend)`` says whether a backend runs under the Triton interpreter (100–2000×
-slower): tests give it their small problems (``tests/conftest.py``'s ``small`` fixture).
+slower): tests give it their small problems (``tests/conftest.py``'s ``small`` fixture);
+``device_for(backend)`` where its tensors live (CUDA for compiled Triton, else the CPU).
 """
 from __future__ import annotations
 
@@ -341,6 +342,11 @@ def make_model(dims: Sequence[int], *, activation: str | Sequence[str] = "tanh",
         if l < len(acts):
             layers.append(ACTIVATION_MODULES[acts[l]]())
     return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def device_for(backend: str) -> torch.device:
+    """Where ``backend``'s tensors live in a test: CUDA for compiled Triton kernels, else the CPU."""
+    return torch.device("cuda" if backend == "triton" and not interpreted(backend) else "cpu")
 
 
 def interpreted(backend: str) -> bool:

@@ -1,4 +1,4 @@
-"""Shared fixtures (``backend``, ``small``), the process environment of the suite, and the GPU marker.
+"""Shared fixtures (``backend``, ``device``, ``small``), the process environment of the suite, and the GPU marker.
 
 Environment, set here and nowhere else in the tests, before any test module is collected:
 
@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pcfast import ops  # noqa: E402
-from pcfast.testing import interpreted, make_batch, make_net  # noqa: E402
+from pcfast.testing import device_for, interpreted, make_batch, make_net  # noqa: E402
 
 BACKENDS = ops.available_backends()
 
@@ -37,6 +37,12 @@ def backend(request) -> str:
     """Every backend that can run here (``pcfast.ops.available_backends()``: reference, torch, cpp when
     built, triton on CUDA or under the interpreter), by name, for ``backend=`` of ``pcfast.functional``."""
     return request.param
+
+
+@pytest.fixture
+def device(backend) -> torch.device:
+    """Where the test's tensors live for ``backend``: CUDA for triton compiled on a GPU, else the CPU."""
+    return device_for(backend)
 
 
 @pytest.fixture

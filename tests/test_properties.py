@@ -8,16 +8,11 @@
    change nothing: the inputs, the model's parameters and ``.grad``, and the optimizer's state are
    bitwise what they were.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
 import math
 import re
 
 import pytest
 import torch
-from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -26,12 +21,16 @@ from hypothesis import strategies as st  # noqa: E402
 import pcfast  # noqa: E402
 from pcfast import functional as F  # noqa: E402
 from pcfast import reference  # noqa: E402
-from pcfast.testing import assert_all_close, assert_close  # noqa: E402
-from tests.test_layouts import LAYOUTS, plain  # noqa: E402
+from pcfast.testing import (  # noqa: E402
+    assert_all_close, assert_close, interpreted, make_batch, make_feedback, make_model, make_net, make_noise,
+)
+from tests.test_layouts import LAYOUTS  # noqa: E402
 
 ACTS = ("tanh", "relu", "gelu", "sigmoid", "identity")
+# The problems are CPU tensors: every backend that runs them at full speed, and triton under its
+# interpreter on the small ones.
 FAST_BACKENDS = [b for b in ("torch", "cpp") if pcfast.ops.is_available(b)]
-TRITON = pcfast.ops.is_available("triton")
+TRITON = pcfast.ops.is_available("triton") and interpreted("triton")
 ERRORS = (TypeError, ValueError, pcfast.DivergenceError)
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -60,19 +59,11 @@ def problems(draw):
 
 def tensors(p):
     """The problem's tensors in float64 and their laid-out twins (``p["layouts"]`` in order)."""
-    gen = torch.Generator().manual_seed(p["seed"])
-    widths, batch = p["widths"], p["batch"]
-    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
-    weights = [randn(b, a) / a**0.5 for a, b in zip(widths[:-1], widths[1:])]
-    biases = [0.3 * randn(b) if p["bias"] else None for b in widths[1:]]
-    x = randn(batch, widths[0])
-    if p["loss"] == "ce":
-        y = torch.randint(0, widths[-1], (batch,), generator=gen)
-    else:
-        y = randn(batch, widths[-1])
-    qs = [randn(widths[k + 1], widths[k + 2]) / widths[k + 2] ** 0.5 for k in range(len(weights) - 1)]
-    cs = [0.3 * randn(widths[k + 1]) if p["bias"] else None for k in range(len(weights) - 1)]
-    noise = [0.1 * randn(batch, w) for w in widths[1:-1]]
+    widths, batch, seed = p["widths"], p["batch"], p["seed"]
+    weights, biases, _ = make_net(widths, activation=p["activations"], bias=p["bias"], bias_scale=0.3, seed=seed)
+    x, y = make_batch(widths, batch, p["loss"], seed=seed + 1)
+    qs, cs, _ = make_feedback(widths, bias=p["bias"], bias_scale=0.3, seed=seed + 2)
+    noise = make_noise(widths, batch, seed=seed + 3)
     layouts = iter(p["layouts"])
 
     def lay(t):
@@ -140,13 +131,11 @@ def test_tp_and_feedback_grads_match_reference_on_every_backend(p, difference, b
 
 
 def good_problem():
-    gen = torch.Generator().manual_seed(0)
-    w = [torch.randn(5, 4, generator=gen) / 2, torch.randn(3, 5, generator=gen) / 5**0.5]
-    b = [0.1 * torch.randn(5, generator=gen), 0.1 * torch.randn(3, generator=gen)]
-    x = torch.randn(2, 4, generator=gen)
-    y = torch.randn(2, 3, generator=gen)
-    q, c = [torch.randn(5, 3, generator=gen)], [torch.zeros(5)]
-    return dict(weights=w, biases=b, activations=["tanh"], x=x, y=y, feedback_weights=q, feedback_biases=c,
+    dims = (4, 5, 3)
+    w, b, acts = make_net(dims, dtype=torch.float32, seed=0)
+    x, y = make_batch(dims, 2, dtype=torch.float32, seed=1)
+    q, c, _ = make_feedback(dims, dtype=torch.float32, bias_scale=0.0, seed=2)
+    return dict(weights=w, biases=b, activations=acts, x=x, y=y, feedback_weights=q, feedback_biases=c,
                 latents=[torch.zeros(2, 5)])
 
 
@@ -273,8 +262,7 @@ def test_malformed_functional_arguments_raise_a_clear_error(case):
 
 
 def _optimizer(algo):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = make_model((4, 5, 3))
     opt = {"pc": lambda m: pcfast.optim.PC(m, lr=0.05, momentum=0.9, inference_steps=3),
            "bp": lambda m: pcfast.optim.BP(m, lr=0.05, momentum=0.9),
            "tp": lambda m: pcfast.optim.TP(m, lr=0.05, momentum=0.9),

@@ -1,6 +1,7 @@
 """DESIGN §3 oracles O1–O5 for PC on every available backend, through ``pcfast.functional`` (float64).
 
-Each test takes the ``backend`` fixture (``tests/conftest.py``). The equilibrium oracles O3–O5 relax
+Each test takes the ``backend`` fixture (``tests/conftest.py``) and builds its tensors on that
+backend's ``device`` (CUDA for compiled Triton). The equilibrium oracles O3–O5 relax
 for hundreds to thousands of inference steps; under the Triton interpreter (``small``) each relaxes
 with a faster schedule or rate, or a better-conditioned problem, chosen so that it still reaches
 the equilibrium: the same assertions, the same tolerances.
@@ -35,11 +36,11 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_o1_gradients_equal_autograd_of_energy(backend, loss):
+def test_o1_gradients_equal_autograd_of_energy(backend, device, loss):
     """O1: each Jacobi step is −(κ/γ_l) × autograd ∂F/∂z_l, and the weight gradients are autograd of F/B."""
     dims = (5, 7, 6, 3)
-    weights, biases, acts = make_net(dims, activation=["tanh", "gelu"], scale=1.5)
-    x, y = make_batch(dims, 4, loss)
+    weights, biases, acts = make_net(dims, activation=["tanh", "gelu"], scale=1.5, device=device)
+    x, y = make_batch(dims, 4, loss, device=device)
     gammas, kappa = [0.7, 1.3, 0.9], 0.2
     out = F.pc_train_step(weights, biases, acts, x, y, precisions=gammas, inference_steps=4,
                           inference_lr=kappa, loss=loss, return_trajectory=True, backend=backend)
@@ -60,11 +61,11 @@ def test_o1_gradients_equal_autograd_of_energy(backend, loss):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_o2_pc_equals_bp_under_fpa(backend, activation, loss):
+def test_o2_pc_equals_bp_under_fpa(backend, device, activation, loss):
     """O2: forward init + FPA + sequential + T = 1 + κ = 1 gives γ_L × the BP gradients exactly."""
     dims = (6, 9, 7, 5, 4)
-    weights, biases, acts = make_net(dims, activation=activation, scale=1.3)
-    x, y = make_batch(dims, 5, loss)
+    weights, biases, acts = make_net(dims, activation=activation, scale=1.3, device=device)
+    x, y = make_batch(dims, 5, loss, device=device)
     gammas = [0.5, 2.0, 1.5, 0.3]
     pc = F.pc_train_step(weights, biases, acts, x, y, precisions=gammas, inference_steps=1, inference_lr=1.0,
                          schedule="sequential", fpa=True, loss=loss, backend=backend)
@@ -74,11 +75,11 @@ def test_o2_pc_equals_bp_under_fpa(backend, activation, loss):
     assert_all_close(pc.weight_grads + pc.bias_grads, scaled, atol=1e-12, rtol=1e-10)
 
 
-def test_o2_fails_with_inferred_presynaptic_activity(backend):
+def test_o2_fails_with_inferred_presynaptic_activity(backend, device):
     """The contrast DESIGN names: without FPA (φ(z) as presynaptic activity) O2 does not hold."""
     dims = (6, 9, 7, 4)
-    weights, biases, acts = make_net(dims, scale=1.3)
-    x, y = make_batch(dims, 5, "mse")
+    weights, biases, acts = make_net(dims, scale=1.3, device=device)
+    x, y = make_batch(dims, 5, "mse", device=device)
     pc = F.pc_train_step(weights, biases, acts, x, y, inference_steps=1, inference_lr=1.0,
                          schedule="sequential", fpa=False, backend=backend)
     bp = F.bp_train_step(weights, biases, acts, x, y)
@@ -90,19 +91,19 @@ def test_o2_fails_with_inferred_presynaptic_activity(backend):
 O3_RELAXATION = {False: Relaxation("jacobi", 0.15, 1500), True: Relaxation("jacobi", 0.7, 100, scale=0.5)}
 
 
-def test_o3_linear_equilibrium(backend, small):
+def test_o3_linear_equilibrium(backend, device, small):
     """O3: linear φ at equilibrium, ε*_L = (I + C_γ)^{-1}(y − f_0), ε*_l = (γ_L/γ_l) ε*_L J_l."""
     relax = O3_RELAXATION[small]
     dims = (4, 6, 5, 3)
-    weights, biases, acts = make_net(dims, activation="identity", scale=relax.scale)
-    x, y = make_batch(dims, 3, "mse")
+    weights, biases, acts = make_net(dims, activation="identity", scale=relax.scale, device=device)
+    x, y = make_batch(dims, 3, "mse", device=device)
     gammas = [1.0, 2.0, 1.5]
     out = F.pc_train_step(weights, biases, acts, x, y, precisions=gammas, inference_steps=relax.inference_steps,
                           inference_lr=relax.inference_lr, schedule=relax.schedule, backend=backend)
     f0 = reference.forward(weights, biases, acts, x)[0][-1]
     jac = [weights[2] @ weights[1], weights[2]]  # J_1 = W_3 W_2, J_2 = W_3
     c_gamma = sum(gammas[-1] / gammas[i] * jac[i] @ jac[i].T for i in range(2))
-    eps_top = torch.linalg.solve(torch.eye(3, dtype=x.dtype) + c_gamma, (y - f0).T).T
+    eps_top = torch.linalg.solve(torch.eye(3, dtype=x.dtype, device=device) + c_gamma, (y - f0).T).T
     assert float((eps_top - (y - f0)).abs().max()) > 0.1  # C_γ matters: the check can fail
     assert_close(out.errors[-1], eps_top, name="output error")
     for l in range(2):
@@ -114,12 +115,12 @@ def test_o3_linear_equilibrium(backend, small):
 O4_RELAXATION = {False: Relaxation("jacobi", 0.1, 600), True: Relaxation("sequential", 0.9, 20)}
 
 
-def test_o4_small_output_precision_tends_to_bp(backend, small):
+def test_o4_small_output_precision_tends_to_bp(backend, device, small):
     """O4: PC gradients / γ_L → BP gradients as γ_L → 0, with an error linear in γ_L."""
     relax = O4_RELAXATION[small]
     dims = (5, 8, 6, 3)
-    weights, biases, acts = make_net(dims)
-    x, y = make_batch(dims, 4, "mse")
+    weights, biases, acts = make_net(dims, device=device)
+    x, y = make_batch(dims, 4, "mse", device=device)
     bp = F.bp_train_step(weights, biases, acts, x, y)
     ref = torch.cat([g.flatten() for g in bp.weight_grads])
     errors = []
@@ -146,11 +147,11 @@ def _o5_rate_and_steps(gamma: float, w_out: torch.Tensor, small: bool) -> tuple[
     return kappa, int(60 / kappa)
 
 
-def test_o5_large_c_gamma_aligns_with_gauss_newton(backend, small):
+def test_o5_large_c_gamma_aligns_with_gauss_newton(backend, device, small):
     """O5: as C_γ grows the hidden PC update turns from the GD direction to the Gauss–Newton target's."""
     dims = (5, 8, 3)
-    weights, biases, acts = make_net(dims, activation="identity")
-    x, y = make_batch(dims, 6, "mse")
+    weights, biases, acts = make_net(dims, activation="identity", device=device)
+    x, y = make_batch(dims, 6, "mse", device=device)
     gd = F.bp_train_step(weights, biases, acts, x, y).weight_grads[:1]
     gnt = F.gnt_train_step(weights, biases, acts, x, y).weight_grads[:1]
     cos_gnt, cos_gd = [], []
