@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import pcfast
+from pcfast.testing import make_batch, make_model
 
 from .conftest import CONFIGS, Case, machine, record
 
@@ -40,26 +41,10 @@ PROVIDERS = ["torch-sgd", "pcfast-bp", "torch-sgd-momentum", "pcfast-bp-momentum
 LR = 0.01  # small enough that thousands of steps on one batch stay finite
 
 
-def make_model(dims: tuple[int, ...], seed: int = 0) -> nn.Sequential:
-    """``Linear, Tanh, …, Linear`` with PyTorch's default initialisation (seeded)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for l, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if l < len(dims) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
-
-
-def make_batch(dims: tuple[int, ...], size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(size, dims[0], generator=gen), torch.randint(0, dims[-1], (size,), generator=gen)
-
-
 def step_function(provider: str, dims: tuple[int, ...], size: int):
     """A zero-argument callable running one training step of ``provider`` on its own model."""
-    model = make_model(dims)
-    x, labels = make_batch(dims, size)
+    model = make_model(dims, activation="tanh")  # PyTorch's default initialisation, seeded
+    x, labels = make_batch(dims, size, targets="labels", inputs="uniform", dtype=torch.float32)
     momentum = 0.9 if provider.endswith("momentum") else 0.0
     if provider.startswith("torch-sgd"):
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)

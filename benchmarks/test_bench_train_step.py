@@ -16,28 +16,11 @@ import torch
 from pcfast import functional as F
 from pcfast import ops
 from pcfast.ops import torch_pc
+from pcfast.testing import make_batch, make_feedback, make_net
 
 from .conftest import CONFIGS, Case, record
 
 PROVIDERS = ["reference", "torch", "cpp", "compile"]
-
-
-def network(dims, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(b, a, generator=gen) / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
-    biases = [torch.zeros(b) for b in dims[1:]]
-    return weights, biases, ["tanh"] * (len(dims) - 2)
-
-
-def batch(dims, size, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(size, dims[0], generator=gen), torch.randint(0, dims[-1], (size,), generator=gen)
-
-
-def feedback(dims, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    qs = [torch.randn(dims[l - 1], dims[l], generator=gen) / dims[l] ** 0.5 for l in range(2, len(dims))]
-    return qs, [torch.zeros(dims[l - 1]) for l in range(2, len(dims))]
 
 
 _compiled = {}
@@ -45,9 +28,8 @@ _compiled = {}
 
 def step_function(algo: str, provider: str, dims, size):
     """A zero-argument callable running one train step (gradients + SGD update) for the provider."""
-    weights, biases, acts = network(dims)
-    x, labels = batch(dims, size)
-    y = torch.nn.functional.one_hot(labels, dims[-1]).float()
+    weights, biases, acts = make_net(dims, dtype=torch.float32, bias_scale=0.0)  # zero biases
+    x, y = make_batch(dims, size, targets="onehot", inputs="uniform", dtype=torch.float32)
     lr = 0.01
     backend = "torch" if provider == "compile" else provider
     if provider == "cpp" and not ops.is_available("cpp"):
@@ -83,7 +65,7 @@ def step_function(algo: str, provider: str, dims, size):
         def run():
             sgd(F.bp_train_step(weights, biases, acts, x, y).weight_grads)
         return run
-    qs, cs = feedback(dims)
+    qs, cs, _ = make_feedback(dims, dtype=torch.float32, bias_scale=0.0, seed=2)
     if provider == "compile":
         pytest.skip("torch.compile provider is measured for PC only")
     noise_gen = torch.Generator().manual_seed(3)
