@@ -409,9 +409,8 @@ class LocalOptimizer(torch.optim.Optimizer):
         for p, entry in self.state.items():
             for key, value in entry.items():
                 # a tensor the update combines with the parameter: a momentum buffer, Adam's moments
-                # (a tensor on another device fails inside the guarded update, before any write)
                 if key == "step" or value is None or (isinstance(value, Tensor) and value.shape == p.shape
-                                                      and value.dtype == p.dtype):
+                                                      and value.dtype == p.dtype and value.device == p.device):
                     continue
                 if not isinstance(value, Tensor) and key != "momentum_buffer":
                     continue
@@ -597,7 +596,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         norm and bound is below ``finfo.max / 16`` nothing can overflow, and from finite inputs with
         only additions and multiplications nothing becomes NaN either. None is not a divergence, only
         "not certain": the caller then checks every new value after the update."""
-        if self.update_rule != "sgd" or not stepped:
+        if type(self.inner_optimizer) is not torch.optim.SGD or not stepped:  # a subclass may do anything
             return None
         groups = self.inner_optimizer.param_groups
         settings = []

@@ -129,6 +129,30 @@ def test_coordinate_check_mup_is_width_independent_and_sp_is_not(algo, gamma_bar
     assert max(abs(s) for s in sp_slopes) >= 0.3, sp_slopes
 
 
+ADAM_VARIANTS = [(algo, gamma_bar, torch.optim.Adam) for algo, gamma_bar in VARIANTS] + [
+    ("bp", 0.0, torch.optim.AdamW), ("pc", -1.0, torch.optim.AdamW)]
+
+
+@pytest.mark.parametrize("algo, gamma_bar, optimizer", ADAM_VARIANTS,
+                         ids=[f"{a}{g:+g}-{o.__name__}" if a == "pc" else f"{a}-{o.__name__}" for a, g, o in ADAM_VARIANTS])
+def test_coordinate_check_with_adam_mup_is_width_independent_and_sp_is_not(algo, gamma_bar, optimizer):
+    """Adam's own table (DESIGN §2: c^A = (0, 1, 1), biases 0, ε and weight decay scaled): under μP
+    every weight's Δu and every bias's step stays flat in width for three steps, for every
+    algorithm and γ̄_L; under SP with Adam some layer's step-1 Δu grows with width."""
+    common = dict(algo=algo, base_width=64, gamma_bar=gamma_bar, lr=1e-3, optimizer=optimizer, weight_decay=1e-2)
+    mup = pcfast.coord_check(WIDTHS, preset="mup", steps=3, **common)
+    sp = pcfast.coord_check(WIDTHS, preset="sp", steps=1, **common)
+    for step in (1, 2, 3):
+        weights, biases = mup.slopes("delta_u", step), mup.slopes("bias_step", step)
+        print(f"{algo} {gamma_bar:+g} {optimizer.__name__} step {step}: mup Δu slopes "
+              f"{[round(s, 3) for s in weights]}, bias slopes {[round(s, 3) for s in biases]}")
+        assert len(weights) == len(biases) == 3
+        assert all(abs(s) <= 0.15 for s in weights), (step, weights)
+        assert all(abs(s) <= 0.15 for s in biases), (step, biases)
+    sp_slopes = sp.slopes("delta_u", 1)
+    assert max(abs(s) for s in sp_slopes) >= 0.3, sp_slopes
+
+
 def test_coordinate_check_records_bias_steps_per_layer():
     result = pcfast.coord_check((64, 128), algo="pc", preset="mup", gamma_bar=-1.0, steps=2, seeds=(0,))
     data = result.to_dict()
