@@ -20,6 +20,7 @@ error (one line; ``PCFAST_DEBUG=1`` shows the traceback); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -161,6 +162,22 @@ def _distinct(values, option: str, *, at_least: int = 1) -> None:
         raise UsageError(f"{option}: need at least {at_least} distinct values, got {len(seen)} ({' '.join(map(str, values))})")
 
 
+def _all_distinct(*options: tuple[str, list | None]) -> None:
+    """``_distinct`` for each ``(option, values)``."""
+    for option, values in options:
+        _distinct(values, option)
+
+
+def _run_and_write(run, write, describe, settings, args) -> dict:
+    """Run an experiment on ``settings``, write its files under ``--out``, print its table and what
+    was written; the result."""
+    result = run(settings, show_progress=not args.no_progress)
+    paths = write(result, args.out)
+    print(describe(result))
+    print(f"done in {result['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+    return result
+
+
 def prepare_output_dir(directory: Path, files: list[str] = (), option: str = "--out") -> None:
     """Create ``directory`` (with its parents) and prove it writable by creating and removing a
     temporary file in it; check that none of ``files`` (the result files to be written there) is a
@@ -239,12 +256,15 @@ def check_plotting() -> None:
 
 TRAIN_SETTINGS = ("algo", "dataset", "root", "preset", "base_width", "gamma_bar", "width", "depth", "activation",
                   "epochs", "batch_size", "lr", "momentum", "loss", "inference_steps", "inference_lr", "beta",
-                  "feedback_lr", "backend", "seed", "train_size")
+                  "feedback_lr", "backend", "seed", "train_size", "optimizer")
+OPTIMIZER_HELP = ("update rule: torch.optim.SGD (with --momentum), Adam or AdamW (torch's betas, eps and weight "
+                  "decay); the muP learning-rate multipliers follow the rule")
 
 
 def _train_parser(sub) -> None:
+    from ..experiments.common import OPTIMIZERS
+
     p = sub.add_parser("train", help="train one or more algorithms on a dataset and report accuracy",
-                       formatter_class=_Formatter,
                        description="Train an MLP with PC, TP, DTP or BP under SP or muP in a plain loop (cosine "
                                    "learning-rate schedule); log loss, accuracy and energy per epoch, and a warning "
                                    "naming the setting most likely at fault when a run collapses (accuracy at "
@@ -263,8 +283,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--activation", default="tanh", choices=("tanh", "relu", "sigmoid", "gelu"), help="hidden activation")
     p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size")
-    p.add_argument("--lr", type=_positive, default=0.03, help="base learning rate")
-    p.add_argument("--momentum", type=_momentum, default=0.9, help="SGD momentum in [0, 1)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help=OPTIMIZER_HELP)
+    p.add_argument("--lr", type=_positive, default=None,
+                   help="base learning rate (default: 0.03 with --optimizer sgd, 0.001 with adam or adamw)")
+    p.add_argument("--momentum", type=_momentum, default=None,
+                   help="SGD momentum in [0, 1) (default: 0.9; not with --optimizer adam or adamw)")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse", help="output loss")
     p.add_argument("--inference-steps", type=_count, default=20, help="PC relaxation steps T")
     p.add_argument("--inference-lr", type=_positive, default=0.2, help="PC inference rate kappa")
@@ -289,11 +312,19 @@ def _silent(*_args, **_kwargs) -> None:
     """``say`` for the processes of a torchrun job other than the first."""
 
 
+def _check_update_rule(args) -> None:
+    """SGD's --momentum goes with --optimizer sgd only."""
+    if args.optimizer != "sgd" and args.momentum is not None:
+        raise UsageError(f"--momentum: SGD's momentum, but --optimizer {args.optimizer} has none (it has betas); "
+                         "drop --momentum")
+
+
 def _train(args) -> int:
     from ..experiments import run_train
-    from ..experiments.train import join_torchrun, leave_torchrun, load_checkpoint
+    from ..experiments.train import TrainConfig, join_torchrun, leave_torchrun, load_checkpoint
 
     _distinct(args.algo, "--algo")
+    _check_update_rule(args)
     resume = None
     if args.resume is not None:
         given = [f"--{dest.replace('_', '-')}" for dest in TRAIN_SETTINGS
@@ -321,14 +352,9 @@ def _train(args) -> int:
         if path is not None:
             prepare_output_file(path, option)
     try:
-        log = run_train(
-            args.algo, dataset=args.dataset, root=args.root, preset=args.preset, base_width=args.base_width,
-            gamma_bar=args.gamma_bar, width=args.width, depth=args.depth, activation=args.activation,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, loss=args.loss,
-            inference_steps=args.inference_steps, inference_lr=args.inference_lr, beta=args.beta,
-            feedback_lr=args.feedback_lr, backend=args.backend, seed=args.seed, train_size=args.train_size,
-            device=args.device, show_progress=leader and not args.no_progress, save=save, resume=resume,
-            say=print if leader else _silent)
+        config = TrainConfig(tuple(args.algo), **{dest: getattr(args, dest) for dest in TRAIN_SETTINGS[1:]})
+        log = run_train(config=config, device=args.device, show_progress=leader and not args.no_progress, save=save,
+                        resume=resume, say=print if leader else _silent)
     finally:
         if ranks is not None:
             leave_torchrun()
@@ -350,7 +376,6 @@ def _transfer_parser(sub) -> None:
     quick, medium, full = PRESETS["quick"], PRESETS["medium"], PRESETS["full"]
     p = sub.add_parser(
         "transfer", help="learning-rate x width sweep per algorithm and parametrization (muTransfer)",
-        formatter_class=_Formatter,
         description=(
             "Train every algorithm x parametrization x width x learning rate (factor-2 grid) for a few epochs, "
             "once per seed (a seed fixes the init and the batch order); record the final train loss and test "
@@ -372,11 +397,25 @@ def _transfer_parser(sub) -> None:
                        help="the medium preset")
     which.add_argument("--full", dest="preset", action="store_const", const="full", default=argparse.SUPPRESS,
                        help="the paper-scale preset")
+    _add_sweep_options(p, quick)
+    _add_execution_options(p)
+    _add_common(p)
+    p.set_defaults(func=_transfer)
+
+
+def _add_sweep_options(p, quick) -> None:
+    """What a sweep trains: every option defaults to the preset's value (``None``: not given)."""
+    from ..experiments.common import OPTIMIZERS
+    from ..experiments.transfer import ADAM_GRID
+
     p.add_argument("--algo", nargs="+", type=_variant, default=None, metavar="ALGO",
                    help=f"algorithm variants: {VARIANTS_HELP} (default: bp pc pc:-1 tp dtp)")
     p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=None,
                    help="parametrizations (default: sp mup)")
     p.add_argument("--widths", nargs="+", type=_widths, default=None, help="hidden widths (default: the preset's)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help=f"{OPTIMIZER_HELP}; adam and adamw sweep 2^{ADAM_GRID[0]} ... 2^{ADAM_GRID[1]} for every "
+                        "algorithm unless --log2-lr is given")
     p.add_argument("--log2-lr", nargs=2, type=_log2_lr, default=None, metavar=("LO", "HI"),
                    help=f"learning-rate grid 2^LO ... 2^HI for every algorithm, LO and HI in {list(LOG2_LR_RANGE)} "
                         "(default: per algorithm, see pcfast.experiments.transfer.DEFAULT_GRIDS)")
@@ -401,6 +440,9 @@ def _transfer_parser(sub) -> None:
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--name", default=None, help="file stem transfer_<NAME>: letters, digits, '-', '_', '.' "
                                                 "(default: the preset's name)")
+
+
+def _add_execution_options(p) -> None:
     run = p.add_argument_group("execution", "Every finished training is appended to the journal "
                                "transfer_<NAME>.journal.jsonl under --out; the result files are built from it.")
     run.add_argument("--executor", choices=("serial", "ray"), default="serial",
@@ -417,43 +459,13 @@ def _transfer_parser(sub) -> None:
     run.add_argument("--resume", action="store_true",
                      help="continue the sweep whose journal is under --out: journaled trainings are not run "
                           "again; the options must be those that started it")
-    _add_common(p)
-    p.set_defaults(func=_transfer)
 
 
 def _transfer(args) -> int:
-    from ..experiments.transfer import (
-        format_summary,
-        journal_path,
-        journal_settings,
-        run_transfer,
-        settings_for,
-        write_transfer,
-    )
+    from ..experiments.transfer import format_summary, journal_path, write_transfer
 
-    overrides = {
-        "dataset": args.dataset, "root": args.root, "widths": tuple(args.widths) if args.widths else None,
-        "variants": tuple(args.algo) if args.algo else None,
-        "parametrizations": tuple(args.parametrization) if args.parametrization else None,
-        "train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size,
-        "momentum": args.momentum, "base_width": args.base_width, "inference_steps": args.inference_steps,
-        "inference_lr": args.inference_lr, "beta": args.beta, "feedback_lr": args.feedback_lr,
-        "seeds": tuple(args.seeds) if args.seeds else None, "backend": args.backend, "name": args.name,
-        "device": args.device,
-    }
-    for option, values in (("--widths", args.widths), ("--seeds", args.seeds), ("--algo", args.algo),
-                           ("--parametrization", args.parametrization)):
-        _distinct(values, option)
-    if args.name is not None and not _is_file_stem(args.name):
-        raise UsageError(f"--name: expected a plain file stem (letters, digits, '-', '_', '.'), got {args.name!r}")
     preset = getattr(args, "preset", "quick")
-    on_ray = args.executor == "ray"
-    check_execution(args)
-    if not on_ray:
-        check_device(args.device)
-    settings = settings_for(preset, check_device=not on_ray, threads=args.cpus_per_trial, **overrides)
-    if not on_ray:
-        check_backend(settings.backend, args.device)
+    settings = _transfer_settings(args, preset)
     stem = f"transfer_{settings.name}"
     check_plotting()
     prepare_output_dir(args.out, [f"{stem}.json", f"{stem}.csv", f"{stem}.png", f"{stem}.journal.jsonl"])
@@ -466,6 +478,49 @@ def _transfer(args) -> int:
     if args.readout_scale is not None:
         settings.readout_scales = {v: args.readout_scale for v in settings.variants}
     check_journal(journal, args.resume)
+    result = _run_sweep(args, settings, preset, journal)
+    paths = write_transfer(result, args.out)
+    print(format_summary(result))
+    run = result["run"]
+    resumed = f", {run['trials_resumed']} taken from the journal" if run["trials_resumed"] else ""
+    print(f"{result['runs_trained']} runs ({len(result['rows'])} configurations): {run['trials_run']} trained in "
+          f"{run['seconds']:.0f} s{resumed}; wrote " + ", ".join(str(p) for p in paths) + f" (journal: {journal})")
+    return EXIT_OK
+
+
+def _transfer_settings(args, preset: str):
+    """The sweep's settings from the preset and the options given, every option checked."""
+    from ..experiments.transfer import settings_for
+
+    overrides = {
+        "dataset": args.dataset, "root": args.root, "widths": tuple(args.widths) if args.widths else None,
+        "variants": tuple(args.algo) if args.algo else None,
+        "parametrizations": tuple(args.parametrization) if args.parametrization else None,
+        "train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size,
+        "momentum": args.momentum, "base_width": args.base_width, "inference_steps": args.inference_steps,
+        "inference_lr": args.inference_lr, "beta": args.beta, "feedback_lr": args.feedback_lr,
+        "seeds": tuple(args.seeds) if args.seeds else None, "backend": args.backend, "name": args.name,
+        "device": args.device, "optimizer": args.optimizer,
+    }
+    _all_distinct(("--widths", args.widths), ("--seeds", args.seeds), ("--algo", args.algo),
+                  ("--parametrization", args.parametrization))
+    if args.name is not None and not _is_file_stem(args.name):
+        raise UsageError(f"--name: expected a plain file stem (letters, digits, '-', '_', '.'), got {args.name!r}")
+    _check_update_rule(args)
+    on_ray = args.executor == "ray"
+    check_execution(args)
+    if not on_ray:
+        check_device(args.device)
+    settings = settings_for(preset, check_device=not on_ray, threads=args.cpus_per_trial, **overrides)
+    if not on_ray:
+        check_backend(settings.backend, args.device)
+    return settings
+
+
+def _run_sweep(args, settings, preset: str, journal: Path) -> dict:
+    """Run the sweep on the executor the options ask for; on any failure say what the journal holds."""
+    from ..experiments.transfer import journal_settings, run_transfer
+
     executor = make_executor(args)
     try:
         if args.resume:  # the settings are checked against the journal before any training
@@ -475,12 +530,14 @@ def _transfer(args) -> int:
                 Journal(journal, journal_settings(settings, executor.device_for(settings.device))).read()
             except ValueError as exc:
                 raise UsageError(f"--resume: {exc}") from None
-        print(f"pcfast transfer ({preset}): {len(settings.variants)} algorithms x {len(settings.parametrizations)} "
-              f"parametrizations x widths {list(settings.widths)}; {executor.describe()}, {settings.threads} "
-              f"thread{'s' if settings.threads != 1 else ''} per training; results in {args.out}/")
+        rule = "" if settings.optimizer == "sgd" else f", {settings.optimizer}"
+        print(f"pcfast transfer ({preset}{rule}): {len(settings.variants)} algorithms x "
+              f"{len(settings.parametrizations)} parametrizations x widths {list(settings.widths)}; "
+              f"{executor.describe()}, {settings.threads} thread{'s' if settings.threads != 1 else ''} per "
+              f"training; results in {args.out}/")
         try:
-            result = run_transfer(settings, executor=executor, journal=journal, resume=args.resume,
-                                  show_progress=not args.no_progress)
+            return run_transfer(settings, executor=executor, journal=journal, resume=args.resume,
+                                show_progress=not args.no_progress)
         except BaseException:  # Ctrl-C, a lost cluster, a failed trial: what finished is journaled
             if journal.exists():
                 done = sum(1 for line in journal.open() if line.endswith("\n"))
@@ -489,13 +546,6 @@ def _transfer(args) -> int:
             raise
     finally:
         executor.close()
-    paths = write_transfer(result, args.out)
-    print(format_summary(result))
-    run = result["run"]
-    resumed = f", {run['trials_resumed']} taken from the journal" if run["trials_resumed"] else ""
-    print(f"{result['runs_trained']} runs ({len(result['rows'])} configurations): {run['trials_run']} trained in "
-          f"{run['seconds']:.0f} s{resumed}; wrote " + ", ".join(str(p) for p in paths) + f" (journal: {journal})")
-    return EXIT_OK
 
 
 def check_execution(args) -> None:
@@ -564,7 +614,6 @@ def _coordcheck_parser(sub) -> None:
     d = CoordSettings()
     p = sub.add_parser(
         "coordcheck", help="per-layer update size against width, per algorithm and parametrization",
-        formatter_class=_Formatter,
         description=("Measure each layer's pre-activation change Delta u_l and activation size over the first steps "
                      "across widths (pcfast.coord_check, the core test's settings); write coordcheck.json and "
                      "coordcheck.png under --out and print the width slopes. Under muP every slope should be ~0."))
@@ -586,16 +635,10 @@ def _coordcheck_parser(sub) -> None:
 
 
 def _coordcheck(args) -> int:
-    from ..experiments.coordcheck import (
-        CoordSettings,
-        format_coordcheck,
-        run_coordcheck,
-        write_coordcheck,
-    )
+    from ..experiments.coordcheck import CoordSettings, format_coordcheck, run_coordcheck, write_coordcheck
 
     _distinct(args.widths, "--widths", at_least=2)  # a slope against width needs two widths
-    for option, values in (("--seeds", args.seeds), ("--algo", args.algo), ("--parametrization", args.parametrization)):
-        _distinct(values, option)
+    _all_distinct(("--seeds", args.seeds), ("--algo", args.algo), ("--parametrization", args.parametrization))
     check_backend(args.backend, None)
     check_plotting()
     prepare_output_dir(args.out, ["coordcheck.json", "coordcheck.png"])
@@ -604,10 +647,7 @@ def _coordcheck(args) -> int:
         steps=args.steps, seeds=tuple(args.seeds), base_width=args.base_width, lr=args.lr,
         batch_size=args.batch_size, readout_scale=args.readout_scale, inference_steps=args.inference_steps,
         inference_lr=args.inference_lr, backend=args.backend)
-    result = run_coordcheck(settings, show_progress=not args.no_progress)
-    paths = write_coordcheck(result, args.out)
-    print(format_coordcheck(result))
-    print(f"done in {result['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+    _run_and_write(run_coordcheck, write_coordcheck, format_coordcheck, settings, args)
     return 0
 
 
@@ -620,7 +660,6 @@ def _interp_parser(sub) -> None:
     d = InterpSettings()
     p = sub.add_parser(
         "interp", help="cosine of PC's update with GD and Gauss-Newton in deep linear networks",
-        formatter_class=_Formatter,
         description=("Deep linear networks under muP with output precision gamma_L = gamma * m^(-gamma_bar): relax "
                      "PC (float64, backend torch) and compare its weight update with the GD gradient and the "
                      "Gauss-Newton-target direction by cosine, against width, gamma_bar, inference steps and "
@@ -645,16 +684,10 @@ def _interp_parser(sub) -> None:
 
 
 def _interp(args) -> int:
-    from ..experiments.interp import (
-        InterpSettings,
-        format_interp,
-        run_interp,
-        write_interp,
-    )
+    from ..experiments.interp import InterpSettings, format_interp, run_interp, write_interp
 
-    for option, values in (("--widths", args.widths), ("--gamma-bars", args.gamma_bars), ("--seeds", args.seeds),
-                           ("--gamma-sweep", args.gamma_sweep), ("--steps-curve", args.steps_curve)):
-        _distinct(values, option)
+    _all_distinct(("--widths", args.widths), ("--gamma-bars", args.gamma_bars), ("--seeds", args.seeds),
+                  ("--gamma-sweep", args.gamma_sweep), ("--steps-curve", args.steps_curve))
     check_plotting()
     prepare_output_dir(args.out, ["interp.json", "interp.png"])
     widths = tuple(sorted(args.widths))
@@ -664,10 +697,7 @@ def _interp(args) -> int:
         base_width=args.base_width, hidden_layers=args.depth, batch_size=args.batch_size,
         inference_steps=args.inference_steps, kappa_scale=args.kappa_scale, steps_curve=tuple(sorted(args.steps_curve)),
         steps_curve_width=curve_width, seeds=tuple(args.seeds))
-    result = run_interp(settings, show_progress=not args.no_progress)
-    paths = write_interp(result, args.out)
-    print(format_interp(result))
-    print(f"done in {result['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+    result = _run_and_write(run_interp, write_interp, format_interp, settings, args)
     failed = [c for c in result["checks"] if not c["passed"]]
     if failed:
         print(f"pcfast interp: {len(failed)} acceptance check(s) failed (see the hints above)", file=sys.stderr)
@@ -681,7 +711,6 @@ def _interp(args) -> int:
 def _plot_parser(sub) -> None:
     p = sub.add_parser(
         "plot", help="draw the figure of a results JSON again (transfer, interp, coordcheck), without recomputing",
-        formatter_class=_Formatter,
         description=("Read a results file written by pcfast transfer, interp or coordcheck and draw its figure "
                      "again: the figure is a function of the JSON alone. Writes the PNG next to the JSON, with the "
                      "same stem, or under --out."))
@@ -734,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
                "could not be read or written; 2 a usage error (nothing computed); 3 an internal error; 130 "
                "interrupted.")
     parser.add_argument("--version", action="version", version=f"pcfast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Every command's parser: one-line errors, defaults in --help.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=functools.partial(_Parser, formatter_class=_Formatter))
     _train_parser(sub)
     _transfer_parser(sub)
     _coordcheck_parser(sub)

@@ -222,10 +222,15 @@ def _shutdown(sock: socket.socket) -> None:
 def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     """urllib's default opener, except that every HTTP(S) connection registers its socket with ``watchdog``."""
 
-    class WatchedHTTPConnection(http.client.HTTPConnection):
+    class Watched:
+        """Registers the connection's socket with ``watchdog`` once it is connected."""
+
         def connect(self) -> None:
             super().connect()
             watchdog.watch(self.sock)
+
+    class WatchedHTTPConnection(Watched, http.client.HTTPConnection):
+        pass
 
     class WatchedHTTPHandler(urllib.request.HTTPHandler):
         def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
@@ -234,10 +239,8 @@ def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     handlers: list[type[urllib.request.BaseHandler]] = [WatchedHTTPHandler]
     if hasattr(http.client, "HTTPSConnection") and hasattr(urllib.request, "HTTPSHandler"):
 
-        class WatchedHTTPSConnection(http.client.HTTPSConnection):
-            def connect(self) -> None:
-                super().connect()
-                watchdog.watch(self.sock)
+        class WatchedHTTPSConnection(Watched, http.client.HTTPSConnection):
+            pass
 
         class WatchedHTTPSHandler(urllib.request.HTTPSHandler):
             def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:

@@ -8,7 +8,7 @@ JSON/CSV/PNG files. Plotting needs matplotlib; nothing here is imported by ``imp
 from .common import Variant, parse_variant
 from .coordcheck import CoordSettings, run_coordcheck, write_coordcheck
 from .interp import InterpSettings, closed_form_pc_grads, run_interp, write_interp
-from .train import run_train
+from .train import TrainConfig, run_train
 from .transfer import (
     PRESETS,
     TransferSettings,
@@ -21,6 +21,7 @@ __all__ = [
     "PRESETS",
     "CoordSettings",
     "InterpSettings",
+    "TrainConfig",
     "TransferSettings",
     "Variant",
     "closed_form_pc_grads",

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,47 @@ def parse_variant(text: str) -> Variant:
     return Variant("pc", gamma_bar)
 
 
+# What ``torch.optim`` update rule the optimizers apply (their ``optimizer=`` argument): SGD, their
+# default, takes ``momentum``; Adam and AdamW run with torch's defaults for betas, eps and weight decay.
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def update_rule(optimizer: str, momentum: float | None = None) -> dict[str, Any]:
+    """The optimizer keywords that select the update rule ``optimizer`` (one of ``OPTIMIZERS``): for
+    ``"sgd"`` only ``momentum`` (when given; the optimizers' default rule), otherwise
+    ``optimizer=torch.optim.Adam`` or ``AdamW`` — whose μP multipliers the optimizers pick."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "sgd":
+        return {} if momentum is None else {"momentum": momentum}
+    if momentum is not None:
+        raise ValueError(f"momentum: SGD's momentum, but the optimizer is {optimizer} (it has betas instead); "
+                         "leave momentum unset")
+    return {"optimizer": {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An MLP ``input_dim``-``width``-…-``num_classes`` with ``hidden_layers`` hidden layers, and what
+    its μP initialisation depends on (``build``'s keywords that are not the optimizer's)."""
+
+    input_dim: int
+    width: int
+    num_classes: int
+    base_width: int = 64
+    hidden_layers: int = 2
+    activation: str = "tanh"
+    readout_scale: float = 1.0
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+
+MODEL_KEYWORDS = tuple(f.name for f in fields(ModelSpec) if f.name not in ("input_dim", "width", "num_classes"))
+# Optimizer keywords that only some algorithms take; a sweep passes them all and each optimizer gets its own.
+PC_KEYWORDS = ("inference_steps", "inference_lr", "schedule", "fpa")
+TP_KEYWORDS = ("beta", "feedback_lr", "feedback_steps", "feedback_noise", "feedback_weight_decay", "seed")
+
+
 def build(
     variant: Variant,
     preset: str,
@@ -70,38 +111,49 @@ def build(
     input_dim: int,
     num_classes: int,
     lr: float,
-    base_width: int = 64,
-    hidden_layers: int = 2,
-    activation: str = "tanh",
-    readout_scale: float = 1.0,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    **optimizer_kwargs: Any,
+    **kwargs: Any,
 ):
     """``(model, parametrization, optimizer)`` for one configuration, the model on ``device``; the
     init (drawn on the CPU, so the same on every device) and TP/DTP's feedback noise depend only on
-    ``seed``."""
+    ``seed``.
+
+    ``kwargs`` holds the model's keywords (``MODEL_KEYWORDS``: ``base_width=64``,
+    ``hidden_layers=2``, ``activation="tanh"``, ``readout_scale=1.0``, ``seed=0``,
+    ``dtype=torch.float32``; see ``ModelSpec``) and the optimizer's (``momentum``, ``loss``,
+    ``backend``, ``optimizer=torch.optim.Adam``, …; those another algorithm takes are dropped)."""
+    spec = ModelSpec(input_dim, width, num_classes, **{k: kwargs.pop(k) for k in MODEL_KEYWORDS if k in kwargs})
+    return build_model(variant, preset, spec, lr=lr, device=device, **kwargs)
+
+
+def build_model(variant: Variant, preset: str, spec: ModelSpec, *, lr: float, device: torch.device | str = "cpu",
+                **optimizer_kwargs: Any):
+    """``build`` for a ``ModelSpec``."""
     from ..mup import make_mlp, parametrize
     from ..mup.coord import make_optimizer
 
-    torch.manual_seed(seed)
-    model = make_mlp(input_dim, width, num_classes, hidden_layers=hidden_layers, activation=activation).to(dtype)
-    par = parametrize(model, preset, algo=variant.algo, base_width=base_width, gamma_bar=variant.gamma_bar,
-                      readout_scale=readout_scale, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(spec.seed)
+    model = make_mlp(spec.input_dim, spec.width, spec.num_classes, hidden_layers=spec.hidden_layers,
+                     activation=spec.activation).to(spec.dtype)
+    par = parametrize(model, preset, algo=variant.algo, base_width=spec.base_width, gamma_bar=variant.gamma_bar,
+                      readout_scale=spec.readout_scale, generator=torch.Generator().manual_seed(spec.seed))
     model.to(device)
-    kwargs = dict(optimizer_kwargs)
-    if variant.algo == "bp":
+    return model, par, make_optimizer(variant.algo, model, par, lr, **_optimizer_kwargs(variant.algo, spec.seed,
+                                                                                         optimizer_kwargs))
+
+
+def _optimizer_kwargs(algo: str, seed: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` less the keywords ``algo``'s optimizer does not take."""
+    kwargs = dict(kwargs)
+    if algo == "bp":
         kwargs.pop("backend", None)
-    for key in ("inference_steps", "inference_lr", "schedule", "fpa"):
-        if variant.algo != "pc":
-            kwargs.pop(key, None)
-    for key in ("beta", "feedback_lr", "feedback_steps", "feedback_noise", "feedback_weight_decay", "seed"):
-        if variant.algo not in ("tp", "dtp"):
-            kwargs.pop(key, None)
-    if variant.algo in ("tp", "dtp"):
+    for key in PC_KEYWORDS if algo != "pc" else ():
+        kwargs.pop(key, None)
+    for key in TP_KEYWORDS if algo not in ("tp", "dtp") else ():
+        kwargs.pop(key, None)
+    if algo in ("tp", "dtp"):
         kwargs.setdefault("seed", seed)  # the feedback-noise generator follows the run's seed too
-    return model, par, make_optimizer(variant.algo, model, par, lr, **kwargs)
+    return kwargs
 
 
 @torch.no_grad()
@@ -118,7 +170,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, loss
 
 def train_run(
     opt,
-    model: torch.nn.Module,
     x: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -126,7 +177,6 @@ def train_run(
     batch_size: int,
     seed: int = 0,
     scheduler: Any = None,
-    scheduler_per_step: bool = False,
     on_step: Callable[[dict], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     start_epoch: int = 0,
@@ -134,15 +184,14 @@ def train_run(
     """Train epochs ``start_epoch … epochs − 1``; the batch order depends only on ``seed`` and the
     epoch, so every configuration of a sweep sees the same batches and a run resumed at
     ``start_epoch`` sees the batches the uninterrupted run would have. ``scheduler`` steps once per
-    epoch, or once per batch with ``scheduler_per_step``; ``on_epoch(epoch, mean_stats)`` runs after the epoch's
-    scheduler step. Stops at the first ``DivergenceError``
-    (or non-finite loss, or torch's refusal of a step size beyond the parameters' dtype) and
-    reports it instead of raising.
+    epoch (a per-batch schedule steps in ``on_step(stats)``, which runs after every step);
+    ``on_epoch(epoch, mean_stats)`` runs after the epoch's scheduler step. Stops at the first
+    ``DivergenceError`` (or non-finite loss, or torch's refusal of a step size beyond the
+    parameters' dtype) and reports it instead of raising.
 
     Returns ``{"diverged": bool, "steps": int, "error": str | None, "mean_stats": {…}}``.
     """
     from ..data import iterate_batches
-    from ..errors import DivergenceError
 
     steps = 0
     means: dict[str, float] = {}
@@ -156,34 +205,41 @@ def train_run(
             if shard is not None:  # data parallel: this rank's rows; the optimizer averages the group's
                 rank, ranks = shard
                 xb, yb = xb.tensor_split(ranks)[rank], yb.tensor_split(ranks)[rank]
-            opt.zero_grad()
-            try:
-                stats = opt.step(xb, yb)
-            except DivergenceError as exc:
-                return {"diverged": True, "steps": steps, "error": str(exc), "mean_stats": {}}
-            except RuntimeError as exc:
-                if "without overflow" not in str(exc):
-                    raise
-                # torch refuses a step size beyond the parameters' dtype (alpha = 1e308 on float32):
-                # a learning rate that large diverges, and is reported as such.
-                return {"diverged": True, "steps": steps, "mean_stats": {},
-                        "error": f"the update overflows the parameters' dtype, so it diverged ({exc})"}
-            if not all(math.isfinite(v) for v in stats.values()):
-                return {"diverged": True, "steps": steps, "error": f"non-finite statistics {stats}", "mean_stats": {}}
+            stats, error = _guarded_step(opt, xb, yb)
+            if error is not None:
+                return {"diverged": True, "steps": steps, "error": error, "mean_stats": {}}
             steps += 1
-            if scheduler is not None and scheduler_per_step:
-                scheduler.step()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             count += 1
             if on_step is not None:
                 on_step(stats)
-        if scheduler is not None and not scheduler_per_step:
+        if scheduler is not None:
             scheduler.step()
         means = {k: v / max(count, 1) for k, v in totals.items()}
         if on_epoch is not None:  # after the scheduler's step: the state a resumed run starts from
             on_epoch(epoch, means)
     return {"diverged": False, "steps": steps, "error": None, "mean_stats": means}
+
+
+def _guarded_step(opt, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, float], str | None]:
+    """One optimizer step: ``(stats, None)``, or ``({}, why)`` when it diverged."""
+    from ..errors import DivergenceError
+
+    opt.zero_grad()
+    try:
+        stats = opt.step(xb, yb)
+    except DivergenceError as exc:
+        return {}, str(exc)
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        # torch refuses a step size beyond the parameters' dtype (alpha = 1e308 on float32):
+        # a learning rate that large diverges, and is reported as such.
+        return {}, f"the update overflows the parameters' dtype, so it diverged ({exc})"
+    if not all(math.isfinite(v) for v in stats.values()):
+        return {}, f"non-finite statistics {stats}"
+    return stats, None
 
 
 def _shard_of(opt, rows: int, batch_size: int) -> tuple[int, int] | None:
@@ -380,6 +436,14 @@ def pyplot():
 FIGURE_DPI = 150
 FIGURE_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
                 "ytick.labelsize": 10, "legend.fontsize": 10, "legend.title_fontsize": 10}
+
+
+def save_figure(plt, fig, path: Path, **savefig_kwargs: Any) -> Path:
+    """Save ``fig`` at ``path`` (its directory created) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, **savefig_kwargs)
+    plt.close(fig)
+    return path
 
 
 def stack_legends_below(fig, legends: list[dict[str, Any]], gap: float = 0.006) -> list:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import machine, machine_line, parse_variant, progress, pyplot, write_json
+from .common import machine, machine_line, parse_variant, progress, pyplot, save_figure, write_json
 
 MUP_FLAT = 0.15  # the core test's bound on every μP slope (weights and biases, every step)
 SP_STEEP = 0.3  # ... and the least steep SP layer it requires
@@ -171,10 +171,7 @@ def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
         f"batch {settings['batch_size']}, {len(settings['seeds'])} seed(s), mean shown — weight Δu and bias steps flat in width under μP\n"
         f"{machine_line(result['machine'])}", fontsize=9, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, dpi=100)
 
 
 def write_coordcheck(result: dict[str, Any], out: Path) -> list[Path]:

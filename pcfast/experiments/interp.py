@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .common import FIGURE_DPI, FIGURE_STYLE, machine, machine_line, progress, pyplot, write_json
+from .common import FIGURE_DPI, FIGURE_STYLE, machine, machine_line, progress, pyplot, save_figure, write_json
 
 
 @dataclass
@@ -281,13 +281,33 @@ def plot_interp(result: dict[str, Any], path: Path) -> Path:
 
 def _plot_interp(plt, result: dict[str, Any], path: Path) -> Path:
     settings = result["settings"]
-    summary = result["summary"]
     gamma_bars = settings["gamma_bars"]
     colors = plt.get_cmap("plasma")([0.1 + 0.7 * k / max(len(gamma_bars) - 1, 1) for k in range(len(gamma_bars))])
     fig, grid = plt.subplots(2, 2, figsize=(13, 11), layout="constrained")
     axes = list(grid.flat)
-    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.15)}
-    ax = axes[0]
+    _distance_panel(axes[0], result, colors)
+    _preference_panel(axes[1], result, colors)
+    _steps_panel(axes[2], result, colors)
+    _precision_panel(axes[3], result)
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    data = result["data"]
+    seeds = len(settings["seeds"])
+    fig.suptitle(
+        f"PC in deep linear networks: {settings['hidden_layers'] + 1} layers, {data['dataset']} batch "
+        f"{data['batch_size']}, μP base width {settings['base_width']}, γ_L = {settings['gamma']:g}·m^(−γ̄_L)\n"
+        f"T = {settings['inference_steps']} (checked against the closed-form equilibrium), {seeds} "
+        f"seed{'s' if seeds != 1 else ''} — {machine_line(result['machine'])}")
+    return save_figure(plt, fig, path, dpi=FIGURE_DPI)
+
+
+# Every panel's legend sits under it.
+_BELOW = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.15)}
+
+
+def _distance_panel(ax, result: dict[str, Any], colors) -> None:
+    """1 − cos(PC, GD) against width, a curve per γ̄_L, and 1 − cos(GD, GNT) for scale."""
+    summary, gamma_bars = result["summary"], result["settings"]["gamma_bars"]
     for k, gb in enumerate(gamma_bars):
         mine = [e for e in summary if e["gamma_bar"] == gb]
         ax.plot([e["width"] for e in mine], [max(1.0 - e["cos_pc_gd"], 1e-12) for e in mine], "-o", color=colors[k],
@@ -300,9 +320,13 @@ def _plot_interp(plt, result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("width")
     ax.set_ylabel("1 − cosine (mean over layers, seeds)")
     ax.set_title("distance of the PC update from GD")
-    ax.legend(ncols=2, **below)
-    ax = axes[1]
-    for k, gb in enumerate(gamma_bars):
+    ax.legend(ncols=2, **_BELOW)
+
+
+def _preference_panel(ax, result: dict[str, Any], colors) -> None:
+    """cos(PC, GNT) − cos(PC, GD) against width, a curve per γ̄_L."""
+    summary = result["summary"]
+    for k, gb in enumerate(result["settings"]["gamma_bars"]):
         mine = [e for e in summary if e["gamma_bar"] == gb]
         ax.plot([e["width"] for e in mine], [e["cos_pc_gnt"] - e["cos_pc_gd"] for e in mine], "-o", color=colors[k],
                 ms=4, label=f"γ̄_L={gb:g}")
@@ -311,8 +335,12 @@ def _plot_interp(plt, result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("width")
     ax.set_ylabel("cos(PC, GNT) − cos(PC, GD)")
     ax.set_title("> 0: PC closer to Gauss–Newton than to GD")
-    ax.legend(ncols=3, **below)
-    ax = axes[2]
+    ax.legend(ncols=3, **_BELOW)
+
+
+def _steps_panel(ax, result: dict[str, Any], colors) -> None:
+    """Both cosines against the inference steps T, at the steps-curve width."""
+    gamma_bars = result["settings"]["gamma_bars"]
     for record in result["records"]:
         if "curve" not in record:
             continue
@@ -332,38 +360,29 @@ def _plot_interp(plt, result: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("inference steps T (T = 0 drawn at 0.5)")
     ax.set_ylabel("cosine (mean over layers)")
-    ax.set_title(f"relaxation, width {settings['steps_curve_width']} (layer l learns from T ≥ L − l)")
-    ax.legend(ncols=2, **below)
-    ax = axes[3]
+    ax.set_title(f"relaxation, width {result['settings']['steps_curve_width']} (layer l learns from T ≥ L − l)")
+    ax.legend(ncols=2, **_BELOW)
+
+
+def _precision_panel(ax, result: dict[str, Any]) -> None:
+    """Per-layer cosines with GD and GNT against the output precision γ_L (empty without a sweep)."""
     records = result.get("gamma_records", [])
-    if records:
-        gammas = list(settings["gamma_sweep"])
-        depth = len(records[0]["cos_pc"]["gd"])
-        styles = ["-", "--", ":", "-."]
-        for layer in range(depth):
-            for ref, color in (("gd", "tab:blue"), ("gnt", "tab:red")):
-                ys = [_mean([r["cos_pc"][ref][layer] for r in records if r["gamma"] == g]) for g in gammas]
-                name = "first" if layer == 0 else ("last" if layer == depth - 1 else f"hidden {layer + 1}")
-                ax.plot(gammas, ys, styles[layer % len(styles)], color=color, marker="o", ms=3,
-                        label=f"vs {ref.upper()}, layer {layer + 1} ({name})")
-        ax.set_xscale("log")
-        ax.set_xlabel("output precision γ_L")
-        ax.set_ylabel("cosine per layer")
-        ax.set_title(f"interpolation by γ_L, width {records[0]['width']} (last layer: GD = GNT)")
-        ax.legend(ncols=2, **below)
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-    data = result["data"]
-    seeds = len(settings["seeds"])
-    fig.suptitle(
-        f"PC in deep linear networks: {settings['hidden_layers'] + 1} layers, {data['dataset']} batch "
-        f"{data['batch_size']}, μP base width {settings['base_width']}, γ_L = {settings['gamma']:g}·m^(−γ̄_L)\n"
-        f"T = {settings['inference_steps']} (checked against the closed-form equilibrium), {seeds} "
-        f"seed{'s' if seeds != 1 else ''} — {machine_line(result['machine'])}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=FIGURE_DPI)
-    plt.close(fig)
-    return path
+    if not records:
+        return
+    gammas = list(result["settings"]["gamma_sweep"])
+    depth = len(records[0]["cos_pc"]["gd"])
+    styles = ["-", "--", ":", "-."]
+    for layer in range(depth):
+        for ref, color in (("gd", "tab:blue"), ("gnt", "tab:red")):
+            ys = [_mean([r["cos_pc"][ref][layer] for r in records if r["gamma"] == g]) for g in gammas]
+            name = "first" if layer == 0 else ("last" if layer == depth - 1 else f"hidden {layer + 1}")
+            ax.plot(gammas, ys, styles[layer % len(styles)], color=color, marker="o", ms=3,
+                    label=f"vs {ref.upper()}, layer {layer + 1} ({name})")
+    ax.set_xscale("log")
+    ax.set_xlabel("output precision γ_L")
+    ax.set_ylabel("cosine per layer")
+    ax.set_title(f"interpolation by γ_L, width {records[0]['width']} (last layer: GD = GNT)")
+    ax.legend(ncols=2, **_BELOW)
 
 
 def write_interp(result: dict[str, Any], out: Path) -> list[Path]:

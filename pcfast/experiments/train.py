@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import Variant, build, collapse_warning, evaluate, progress, resolve_device, train_run
+from .common import (
+    Variant,
+    build,
+    collapse_warning,
+    evaluate,
+    progress,
+    resolve_device,
+    train_run,
+    update_rule,
+)
 
 CHECKPOINT_FORMAT = "pcfast.train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -42,11 +52,6 @@ def leave_torchrun() -> None:
     """Leave the process group ``join_torchrun`` joined (no-op otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def checkpoint_settings(algos: list[str], **settings: Any) -> dict[str, Any]:
-    """The settings a checkpoint stores: every argument of ``run_train`` that changes what is trained."""
-    return {"algos": list(algos), **settings}
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -91,36 +96,80 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+# The update rule's defaults for the settings left unset.
+DEFAULT_LR = {"sgd": 0.03, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_MOMENTUM = 0.9  # SGD's; Adam and AdamW have none
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``run_train`` trains: every setting that changes the result, stored in its checkpoints
+    (``settings()``) and all a resumed run needs. ``algos`` are ``bp``, ``pc``, ``tp``, ``dtp``;
+    ``gamma_bar`` is PC's; ``optimizer`` is the update rule (``common.OPTIMIZERS``). ``lr`` and
+    ``momentum`` left unset take the update rule's defaults: 0.03 and 0.9 for SGD, 1e-3 and none
+    for Adam and AdamW."""
+
+    algos: tuple[str, ...]
+    dataset: str = "mnist5k"
+    root: str | None = None
+    preset: str = "mup"
+    base_width: int = 64
+    gamma_bar: float = 0.0
+    width: int = 256
+    depth: int = 2
+    activation: str = "tanh"
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float | None = None
+    momentum: float | None = None
+    loss: str = "mse"
+    inference_steps: int = 20
+    inference_lr: float = 0.2
+    beta: float = 0.5
+    feedback_lr: float = 0.1
+    backend: str = "auto"
+    seed: int = 0
+    train_size: int | None = None
+    optimizer: str = "sgd"
+
+    def __post_init__(self) -> None:
+        update_rule(self.optimizer, self.momentum)  # a ValueError for an unknown rule, or momentum with Adam
+        object.__setattr__(self, "algos", tuple(self.algos))
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        if self.momentum is None and self.optimizer == "sgd":
+            object.__setattr__(self, "momentum", DEFAULT_MOMENTUM)
+
+    def settings(self) -> dict[str, Any]:
+        """The checkpoint's ``settings``: plain values, ``algos`` a list."""
+        return {**asdict(self), "algos": list(self.algos)}
+
+    def model_and_optimizer(self, algo: str, data, device: torch.device):
+        """``(model, parametrization, optimizer)`` for ``algo`` on ``data``'s shapes, on ``device``."""
+        variant = Variant(algo, self.gamma_bar if algo == "pc" else 0.0)
+        return build(
+            variant, self.preset, self.width, input_dim=data.num_features, num_classes=data.num_classes, lr=self.lr,
+            base_width=self.base_width, hidden_layers=self.depth, activation=self.activation, seed=self.seed,
+            loss=self.loss, inference_steps=self.inference_steps, inference_lr=self.inference_lr, beta=self.beta,
+            feedback_lr=self.feedback_lr, backend=self.backend, device=device,
+            **update_rule(self.optimizer, self.momentum))
+
+
 def run_train(
-    algos: list[str],
+    algos: list[str] | None = None,
     *,
-    dataset: str = "mnist5k",
-    root: str | None = None,
-    preset: str = "mup",
-    base_width: int = 64,
-    gamma_bar: float = 0.0,
-    width: int = 256,
-    depth: int = 2,
-    activation: str = "tanh",
-    epochs: int = 8,
-    batch_size: int = 64,
-    lr: float = 0.03,
-    momentum: float = 0.9,
-    loss: str = "mse",
-    inference_steps: int = 20,
-    inference_lr: float = 0.2,
-    beta: float = 0.5,
-    feedback_lr: float = 0.1,
-    backend: str = "auto",
-    seed: int = 0,
-    train_size: int | None = None,
+    config: TrainConfig | None = None,
     device: str = "auto",
     show_progress: bool = True,
     save: Path | None = None,
     resume: dict[str, Any] | None = None,
     say=print,
+    **settings: Any,
 ) -> list[dict[str, Any]]:
     """Train each algorithm with a cosine learning-rate schedule; return the per-epoch log.
+
+    What is trained is ``config`` (a ``TrainConfig``), or ``TrainConfig(algos, **settings)``:
+    ``run_train(["pc", "bp"], width=512, lr=0.05)``; ``optimizer="adam"`` trains with Adam.
 
     A diverged run (``DivergenceError``) ends early and its last log entry says so. A collapsing
     run (accuracy at chance, loss or reconstruction loss exploding: ``common.collapse_symptoms``)
@@ -130,50 +179,79 @@ def run_train(
     Every model and optimizer is built before any training, so a bad setting fails at once.
     With ``save``, a checkpoint is written (atomically) after every epoch: per algorithm the model's
     and optimizer's ``state_dict``, the scheduler's, the global RNG state and the epochs done,
-    with the settings above and the log so far. ``resume`` is such a checkpoint
-    (``load_checkpoint``): its settings replace the arguments, finished algorithms are skipped and
-    the others continue from their last finished epoch — with the batches and learning rates the
-    uninterrupted run would have used, so the result equals it.
+    with the settings and the log so far. ``resume`` is such a checkpoint (``load_checkpoint``):
+    its settings replace the arguments, finished algorithms are skipped and the others continue
+    from their last finished epoch — with the batches and learning rates the uninterrupted run
+    would have used, so the result equals it.
     """
-    from ..data import load_dataset
-
-    settings = checkpoint_settings(
-        algos, dataset=dataset, root=root, preset=preset, base_width=base_width, gamma_bar=gamma_bar, width=width,
-        depth=depth, activation=activation, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        loss=loss, inference_steps=inference_steps, inference_lr=inference_lr, beta=beta, feedback_lr=feedback_lr,
-        backend=backend, seed=seed, train_size=train_size)
+    if config is None:
+        if algos is None:
+            raise TypeError("run_train: give the algorithms to train (or config=TrainConfig(...))")
+        config = TrainConfig(tuple(algos), **settings)
+    elif algos is not None or settings:
+        raise TypeError("run_train: give either config or the algorithms and settings, not both")
     if resume is not None:
-        settings = dict(resume["settings"])
-    s = settings
-    where = resolve_device(device)
-    data = load_dataset(s["dataset"], root=s["root"])
-    say(f"{data!r}")
-    n = data.num_train if s["train_size"] is None else min(int(s["train_size"]), data.num_train)
-    x_train, y_train = data.x_train[:n].to(where), data.y_train[:n].to(where)
-    x_test, y_test = data.x_test.to(where), data.y_test.to(where)
-    if n < data.num_train:
-        say(f"training on the first {n} of {data.num_train} training images")
-    log: list[dict[str, Any]] = list(resume["log"]) if resume is not None else []
-    states: dict[str, dict[str, Any]] = dict(resume["runs"]) if resume is not None else {}
-    epochs = s["epochs"]
+        config = TrainConfig(**resume["settings"])
+    trainer = _Trainer(config, resolve_device(device), save=save, resume=resume, show_progress=show_progress,
+                       say=say)
+    runs = [run for run in map(trainer.prepare, config.algos) if run is not None]
+    for run in runs:
+        trainer.train(run)
+    return trainer.log
 
-    runs = []
-    for algo in s["algos"]:
-        if states.get(algo, {}).get("finished"):
-            say(f"{algo}: finished in the checkpoint, skipped")
-            continue
-        variant = Variant(algo, s["gamma_bar"] if algo == "pc" else 0.0)
-        model, _, opt = build(
-            variant, s["preset"], s["width"], input_dim=data.num_features, num_classes=data.num_classes, lr=s["lr"],
-            base_width=s["base_width"], hidden_layers=s["depth"], activation=s["activation"], seed=s["seed"],
-            momentum=s["momentum"], loss=s["loss"], inference_steps=s["inference_steps"],
-            inference_lr=s["inference_lr"], beta=s["beta"], feedback_lr=s["feedback_lr"], backend=s["backend"],
-            device=where)
+
+@dataclass
+class _Run:
+    """One algorithm's model, optimizer and schedule, built (or restored) before any training."""
+
+    algo: str
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scheduler: Any
+    rng: torch.Tensor  # the global generator's state to train from
+    start_epoch: int = 0
+    warned: bool = False
+    start: float = 0.0
+
+
+class _Trainer:
+    """One ``run_train`` call: the data, the log and the checkpoint's per-algorithm states."""
+
+    def __init__(self, config: TrainConfig, where: torch.device, *, save: Path | None,
+                 resume: dict[str, Any] | None, show_progress: bool, say):
+        from ..data import load_dataset
+
+        self.config, self.save, self.show_progress, self.say = config, save, show_progress, say
+        self.log: list[dict[str, Any]] = list(resume["log"]) if resume is not None else []
+        self.states: dict[str, dict[str, Any]] = dict(resume["runs"]) if resume is not None else {}
+        data = load_dataset(config.dataset, root=config.root)
+        say(f"{data!r}")
+        n = data.num_train if config.train_size is None else min(int(config.train_size), data.num_train)
+        self.x_train, self.y_train = data.x_train[:n].to(where), data.y_train[:n].to(where)
+        self.x_test, self.y_test = data.x_test.to(where), data.y_test.to(where)
+        if n < data.num_train:
+            say(f"training on the first {n} of {data.num_train} training images")
+        self.data, self.where = data, where
+        self.steps_per_epoch = -(-n // config.batch_size)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": self.config.settings(),
+                "runs": self.states, "log": self.log}
+
+    def entries(self, algo: str) -> list[dict[str, Any]]:
+        return [e for e in self.log if e["algo"] == algo]
+
+    def prepare(self, algo: str) -> _Run | None:
+        """``algo``'s run, restored from the checkpoint being resumed; None when it finished there."""
+        epochs = self.config.epochs
+        state = self.states.get(algo)
+        if state is not None and state.get("finished"):
+            self.say(f"{algo}: finished in the checkpoint, skipped")
+            return None
+        model, _, opt = self.config.model_and_optimizer(algo, self.data, self.where)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        rng = torch.get_rng_state()  # what the global generator held after this build, restored before training
-        start_epoch = 0
-        if algo in states:
-            state = states[algo]
+        run = _Run(algo, model, opt, scheduler, torch.get_rng_state())  # the generator after this build
+        if state is not None:
             try:
                 model.load_state_dict(state["model"])
                 opt.load_state_dict(state["optimizer"])
@@ -181,62 +259,64 @@ def run_train(
             except (KeyError, RuntimeError, ValueError, TypeError) as exc:
                 raise ValueError(f"--resume: the checkpoint's {algo} state does not fit the model its settings "
                                  f"build ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-            rng, start_epoch = state["rng"], int(state["epochs_done"])
-            say(f"{algo}: resuming after epoch {start_epoch} of {epochs}")
-        runs.append((algo, model, opt, scheduler, rng, start_epoch))
+            run.rng, run.start_epoch = state["rng"], int(state["epochs_done"])
+            self.say(f"{algo}: resuming after epoch {run.start_epoch} of {epochs}")
+        return run
 
-    def checkpoint() -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": settings,
-                "runs": states, "log": log}
+    def train(self, run: _Run) -> None:
+        """Train ``run`` to the last epoch (or its divergence), logging and checkpointing each epoch."""
+        c = self.config
+        torch.set_rng_state(run.rng)
+        bar = progress((c.epochs - run.start_epoch) * self.steps_per_epoch, run.algo, self.show_progress)
+        write = bar.write if self.show_progress else self.say  # lines above the bar, or through ``say``
+        run.start = time.perf_counter()
+        run.warned = any(e.get("warning") for e in self.entries(run.algo))
 
-    for algo, model, opt, scheduler, rng, start_epoch in runs:
-        torch.set_rng_state(rng)
-        steps_per_epoch = -(-n // s["batch_size"])
-        bar = progress((epochs - start_epoch) * steps_per_epoch, algo, show_progress)
-        write = bar.write if show_progress else say  # lines above the bar, or through ``say``
-        start = time.perf_counter()
-        warned = any(e.get("warning") for e in log if e["algo"] == algo)
-        run_settings = {**s, "algo": algo}
-
-        # Defaults bind this iteration's objects (the callbacks run within it anyway).
-        def on_step(stats: dict, bar=bar) -> None:
+        def on_step(stats: dict) -> None:
             bar.update()
             bar.set_postfix_str(f"loss {stats['loss']:.3f}")
 
-        def on_epoch(epoch: int, means: dict, write=write, model=model, opt=opt, scheduler=scheduler, algo=algo,
-                     start=start, run_settings=run_settings, steps_per_epoch=steps_per_epoch) -> None:
-            nonlocal warned
-            _, accuracy = evaluate(model, x_test, y_test, s["loss"])
-            entry = {"algo": algo, "epoch": epoch + 1, "test_accuracy": accuracy,
-                     "steps": (epoch + 1) * steps_per_epoch, "seconds": time.perf_counter() - start, **means}
-            log.append(entry)
-            write(f"{algo:>4} epoch {epoch + 1:>2}/{epochs}: test accuracy {accuracy:.3f}, "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-            if not warned:
-                warning = collapse_warning([e for e in log if e["algo"] == algo], data.num_classes, run_settings)
-                if warning is not None:
-                    entry["warning"] = warning
-                    write(warning)
-                    warned = True
-            if save is not None:
-                states[algo] = {"model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()),
-                                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epochs_done": epoch + 1,
-                                "finished": epoch + 1 == epochs}
-                save_checkpoint(save, checkpoint())
-
-        outcome = train_run(opt, model, x_train, y_train, epochs=epochs, batch_size=s["batch_size"], seed=s["seed"],
-                            scheduler=scheduler, on_step=on_step, on_epoch=on_epoch, start_epoch=start_epoch)
+        outcome = train_run(run.opt, self.x_train, self.y_train, epochs=c.epochs, batch_size=c.batch_size,
+                            seed=c.seed, scheduler=run.scheduler, on_step=on_step,
+                            on_epoch=lambda epoch, means: self.end_epoch(run, epoch, means, write),
+                            start_epoch=run.start_epoch)
         bar.close()
+        self.report(run, outcome)
+
+    def end_epoch(self, run: _Run, epoch: int, means: dict[str, float], write) -> None:
+        """Log the finished ``epoch``, warn once if the run is collapsing, write the checkpoint."""
+        c = self.config
+        _, accuracy = evaluate(run.model, self.x_test, self.y_test, c.loss)
+        entry = {"algo": run.algo, "epoch": epoch + 1, "test_accuracy": accuracy,
+                 "steps": (epoch + 1) * self.steps_per_epoch, "seconds": time.perf_counter() - run.start, **means}
+        self.log.append(entry)
+        write(f"{run.algo:>4} epoch {epoch + 1:>2}/{c.epochs}: test accuracy {accuracy:.3f}, "
+              + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if not run.warned:
+            warning = collapse_warning(self.entries(run.algo), self.data.num_classes,
+                                       {**c.settings(), "algo": run.algo})
+            if warning is not None:
+                entry["warning"] = warning
+                write(warning)
+                run.warned = True
+        if self.save is not None:
+            self.states[run.algo] = {
+                "model": _to_cpu(run.model.state_dict()), "optimizer": _to_cpu(run.opt.state_dict()),
+                "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state(), "epochs_done": epoch + 1,
+                "finished": epoch + 1 == c.epochs}
+            save_checkpoint(self.save, self.checkpoint())
+
+    def report(self, run: _Run, outcome: dict[str, Any]) -> None:
+        """The run's last line: its final accuracy, or its divergence (logged and checkpointed)."""
+        algo = run.algo
         if outcome["diverged"]:
-            log.append({"algo": algo, "epoch": len([e for e in log if e["algo"] == algo]) + 1, "diverged": True,
-                        "error": outcome["error"], "seconds": time.perf_counter() - start})
-            say(f"{algo}: diverged after {outcome['steps']} steps ({outcome['error']}); try a smaller --lr")
-            if save is not None:
-                states[algo] = {**states.get(algo, {}), "finished": True}
-                save_checkpoint(save, checkpoint())
-        else:
-            last = [e for e in log if e["algo"] == algo][-1]
-            note = " (collapsed: see the warning above)" if any(
-                e.get("warning") for e in log if e["algo"] == algo) else ""
-            say(f"{algo}: final test accuracy {last['test_accuracy']:.3f} in {last['seconds']:.1f} s{note}")
-    return log
+            self.log.append({"algo": algo, "epoch": len(self.entries(algo)) + 1, "diverged": True,
+                             "error": outcome["error"], "seconds": time.perf_counter() - run.start})
+            self.say(f"{algo}: diverged after {outcome['steps']} steps ({outcome['error']}); try a smaller --lr")
+            if self.save is not None:
+                self.states[algo] = {**self.states.get(algo, {}), "finished": True}
+                save_checkpoint(self.save, self.checkpoint())
+            return
+        last = self.entries(algo)[-1]
+        note = " (collapsed: see the warning above)" if any(e.get("warning") for e in self.entries(algo)) else ""
+        self.say(f"{algo}: final test accuracy {last['test_accuracy']:.3f} in {last['seconds']:.1f} s{note}")

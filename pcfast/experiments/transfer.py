@@ -42,8 +42,10 @@ from .common import (
     progress,
     pyplot,
     resolve_device,
+    save_figure,
     stack_legends_below,
     train_run,
+    update_rule,
     write_csv,
     write_json,
 )
@@ -52,6 +54,11 @@ from .sweep import Journal, SerialExecutor, Trial, intra_op_threads
 # Sensible factor-2 grids (log2 of the base learning rate) per variant, for momentum 0.9 and the
 # embedded MNIST subset: they bracket the optimum at every width and reach the divergence edge.
 DEFAULT_GRIDS = {"bp": (-8, -2), "pc": (-7, -1), "pc:-1": (-7, -1), "tp": (-9, -3), "dtp": (-8, -2)}
+# With Adam or AdamW (``optimizer``), whose step size does not follow the gradient's scale, one grid
+# serves every variant: 2^-13 ≈ 1.2e-4 … 2^-4 ≈ 0.06 around torch's default 1e-3. On the quick preset
+# the base-width optimum of BP and PC lies at 2^-8 … 2^-7, and from 2^-5 on the loss is about the zero
+# output's (Adam's bounded steps rarely diverge), so the grid spans SP's smaller optimum at wide widths too.
+ADAM_GRID = (-13, -4)
 # The readout's init scale is a hyperparameter like the learning rate: chosen per algorithm at the base
 # width (from {1, 0.1}; μP then transfers it). TP/DTP keep the standard readout scale b_L = 1/2, so
 # their random initial output f_0 stays Θ(1) at every width; a 10× smaller one lets them train
@@ -74,7 +81,7 @@ class TransferSettings:
     train_size: int | None = 1024
     epochs: int = 2
     batch_size: int = 32
-    momentum: float = 0.9
+    momentum: float | None = 0.9  # SGD's; None with Adam and AdamW
     base_width: int = 64
     hidden_layers: int = 2
     activation: str = "tanh"
@@ -91,6 +98,16 @@ class TransferSettings:
     # Intra-op threads of every trial. Part of the result: the thread count changes how BLAS splits
     # its sums, hence the float rounding; and one thread per trial degrades gracefully on a shared machine.
     threads: int = 1
+    # The update rule (``common.OPTIMIZERS``). Recorded in the results only when it is not SGD, so SGD
+    # sweeps keep the files and journal hashes they had before the option existed.
+    optimizer: str = "sgd"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as stored in the JSON: every field, ``optimizer`` only when it is not SGD."""
+        values = asdict(self)
+        if self.optimizer == "sgd":
+            values.pop("optimizer")
+        return values
 
     def grid(self, variant: str) -> list[int]:
         """log2 learning rates for ``variant`` (integers: a factor-2 grid)."""
@@ -119,7 +136,11 @@ def settings_for(preset: str, *, check_device: bool = True, **overrides: Any) ->
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("optimizer", PRESETS[preset].optimizer) != "sgd":
+        update_rule(overrides["optimizer"], overrides.get("momentum"))  # no momentum with Adam
+        overrides = {"momentum": None, "grids": {v: ADAM_GRID for v in DEFAULT_GRIDS}, **overrides}
     settings = replace(PRESETS[preset], **overrides)
+    update_rule(settings.optimizer, settings.momentum)
     if settings.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule: expected 'cosine' or 'constant', got {settings.schedule!r}")
     if isinstance(settings.threads, bool) or not isinstance(settings.threads, int) or settings.threads < 1:
@@ -197,20 +218,21 @@ def run_trial(settings: TransferSettings, device: str, trial: Trial) -> dict[str
             variant, trial.parametrization, trial.width, input_dim=x.shape[1], num_classes=num_classes,
             lr=2.0**trial.log2_lr, base_width=settings.base_width, hidden_layers=settings.hidden_layers,
             activation=settings.activation, readout_scale=settings.readout_scale(variant.name), seed=trial.seed,
-            momentum=settings.momentum, loss=settings.loss, inference_steps=settings.inference_steps,
+            loss=settings.loss, inference_steps=settings.inference_steps,
             inference_lr=settings.inference_lr, beta=settings.beta, feedback_lr=settings.feedback_lr,
-            backend=settings.backend, device=device)
+            backend=settings.backend, device=device, **update_rule(settings.optimizer, settings.momentum))
         planned = _planned_key(settings, variant, trial.parametrization, trial.width, trial.log2_lr, trial.seed,
                                x.shape[1], num_classes)
         if _run_key(variant, par, trial.width, trial.log2_lr, trial.seed) != planned:
             raise RuntimeError(f"transfer: planned and built parametrizations differ for {trial.label}")
-        scheduler = None
-        if settings.schedule == "cosine":
+        on_step = None
+        if settings.schedule == "cosine":  # decays per step
             total = settings.epochs * -(-n // settings.batch_size)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda k, total=total: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total)))
-        outcome = train_run(opt, model, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
-                            seed=trial.seed, scheduler=scheduler, scheduler_per_step=True)
+            on_step = lambda _stats: scheduler.step()  # noqa: E731
+        outcome = train_run(opt, x, labels, epochs=settings.epochs, batch_size=settings.batch_size,
+                            seed=trial.seed, on_step=on_step)
         train_loss = test_accuracy = float("nan")
         if not outcome["diverged"]:
             train_loss, _ = evaluate(model, x, labels, settings.loss)
@@ -241,7 +263,7 @@ def journal_settings(settings: TransferSettings, device: str) -> dict[str, Any]:
     """What determines every trial's result: the settings less the file stem, with the device
     setting replaced by the kind of device the trials run on (``auto`` on a CPU machine and ``cpu``
     are the same computation)."""
-    values = asdict(settings)
+    values = settings.as_dict()
     values.pop("name")
     values["device"] = device
     return values
@@ -294,7 +316,28 @@ def run_transfer(settings: TransferSettings, *, executor=None, journal: Path | s
     bar.close()
     if book is not None:
         entries = book.read()  # the tables and the figure are a function of the journal alone
-    outcomes = {t: entries[t]["result"] for t in trials}
+    rows = _table_rows(settings, configs, trial_of, {t: entries[t]["result"] for t in trials})
+    x, labels = data.x_train[:n], data.y_train[:n]
+    zero_loss = evaluate(lambda t: torch.zeros(t.shape[0], data.num_classes, dtype=t.dtype), x, labels,
+                         settings.loss)[0]
+    here = {k: v for k, v in machine().items() if k not in ("date", "torch_threads")}  # not the result's
+    result = {
+        "experiment": "transfer", "settings": settings.as_dict(), "machine": {**here, "device": device},
+        "data": {"dataset": data.name, "train_size": n, "test_size": data.num_test, "note": note},
+        "zero_output_loss": zero_loss, "rows": rows,
+    }
+    result["summary"] = summarize(result)
+    result["checks"] = checks(result["summary"])
+    result["runs_trained"] = len(trials)
+    result["run"] = {"seconds": round(time.perf_counter() - start, 1), "trial_seconds": round(seconds, 1),
+                     "trials_run": len(todo), "trials_resumed": resumed, "executor": executor.describe()}
+    return result
+
+
+def _table_rows(settings: TransferSettings, configs, trial_of: dict[tuple, Trial],
+                outcomes: dict[Trial, dict]) -> list[dict[str, Any]]:
+    """One row per configuration, in table order: the seed means (a configuration diverged when any
+    seed did) with the per-seed values; ``shared`` when every seed's trial was used before."""
     rows = []
     used: set[Trial] = set()
     for variant, preset, width, log2_lr in configs:
@@ -316,21 +359,7 @@ def run_transfer(settings: TransferSettings, *, executor=None, journal: Path | s
             "shared": all(r["shared"] for r in mine),
             "error": next((r["error"] for r in mine if r["error"]), None),
         })
-    x, labels = data.x_train[:n], data.y_train[:n]
-    zero_loss = evaluate(lambda t: torch.zeros(t.shape[0], data.num_classes, dtype=t.dtype), x, labels,
-                         settings.loss)[0]
-    here = {k: v for k, v in machine().items() if k not in ("date", "torch_threads")}  # not the result's
-    result = {
-        "experiment": "transfer", "settings": asdict(settings), "machine": {**here, "device": device},
-        "data": {"dataset": data.name, "train_size": n, "test_size": data.num_test, "note": note},
-        "zero_output_loss": zero_loss, "rows": rows,
-    }
-    result["summary"] = summarize(result)
-    result["checks"] = checks(result["summary"])
-    result["runs_trained"] = len(trials)
-    result["run"] = {"seconds": round(time.perf_counter() - start, 1), "trial_seconds": round(seconds, 1),
-                     "trials_run": len(todo), "trials_resumed": resumed, "executor": executor.describe()}
-    return result
+    return rows
 
 
 def _optimum(rows: list[dict]) -> dict | None:
@@ -453,8 +482,6 @@ def plot_transfer(result: dict[str, Any], path: Path) -> Path:
     legend is clipped.
     """
     plt = pyplot()
-    from matplotlib import ticker
-    from matplotlib.lines import Line2D
 
     settings = result["settings"]
     variants, presets, widths = settings["variants"], settings["parametrizations"], settings["widths"]
@@ -465,68 +492,100 @@ def plot_transfer(result: dict[str, Any], path: Path) -> Path:
                                  squeeze=False, layout="constrained")
         summary = {(e["variant"], e["parametrization"]): e for e in result["summary"]}
         for i, variant in enumerate(variants):
-            label = parse_variant(variant).label
             finite = [r["train_loss"] for r in result["rows"] if r["variant"] == variant and not r["diverged"]]
             low = min(finite, default=0.0)
             for j, preset in enumerate(presets):
                 ax = axes[i][j]
-                e = summary[(variant, preset)]
-                for k, width in enumerate(widths):
-                    mine = sorted((r for r in result["rows"] if r["variant"] == variant
-                                   and r["parametrization"] == preset and r["width"] == width),
-                                  key=lambda r: r["log2_lr"])
-                    xs = [r["log2_lr"] for r in mine]
-                    ys = [cap if r["diverged"] else min(r["train_loss"], cap) for r in mine]
-                    ax.plot(xs, ys, "-", color=colors[k], lw=1.8)
-                    ok = [(a, b) for a, b, r in zip(xs, ys, mine) if not r["diverged"] and r["train_loss"] < cap]
-                    if ok:
-                        ax.plot(*zip(*ok), "o", color=colors[k], ms=4)
-                    big = [(a, cap) for a, r in zip(xs, mine) if not r["diverged"] and r["train_loss"] >= cap]
-                    if big:
-                        ax.plot(*zip(*big), "^", color=colors[k], ms=8, mfc="none", mew=1.5)
-                    bad = [(a, cap) for a, r in zip(xs, mine) if r["diverged"]]
-                    if bad:
-                        ax.plot(*zip(*bad), "x", color=colors[k], ms=9, mew=2.0)
-                    best = e["optimum"][k]
-                    if best["log2_lr"] is not None:
-                        ax.plot([best["log2_lr"]], [min(best["train_loss"], cap)], "*", color=colors[k], ms=16,
-                                mec="black", mew=0.9, zorder=5)
-                drift = e["drift_steps"]
-                text = "optimum drift: " + ("—" if drift is None else f"{drift:+d} step" + ("s" if abs(drift) != 1 else ""))
-                ax.text(0.03, 0.05, text, transform=ax.transAxes, fontsize=10,
-                        bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.7"})
-                ax.set_ylim(max(0.0, low - 0.08 * (cap - low)), cap + 0.1 * (cap - low))
-                ax.axhline(cap, color="0.5", lw=1.0, ls=":")
-                ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-                ax.set_title(f"{label} · {'μP' if preset == 'mup' else 'SP'}")
-                ax.grid(alpha=0.3, which="both")
-                if i == len(variants) - 1:
-                    ax.set_xlabel("log2 learning rate")
-                if j == 0:
-                    ax.set_ylabel("train loss")
-        width_handles = [Line2D([], [], color=colors[k], lw=2.2, marker="o", ms=5, label=f"{w}")
-                         for k, w in enumerate(widths)]
-        key_handles = [
-            Line2D([], [], ls="none", marker="*", ms=15, color="0.6", mec="black", mew=0.9,
-                   label="optimum (lowest loss per width)"),
-            Line2D([], [], ls="none", marker="x", ms=9, mew=2.0, color="0.3", label="diverged (drawn at the cap)"),
-            Line2D([], [], ls="none", marker="^", ms=8, mfc="none", mew=1.5, color="0.3",
-                   label=f"loss ≥ {cap:.2g} (drawn at the cap)"),
-            Line2D([], [], ls=":", lw=1.2, color="0.5", label=f"cap: loss of the zero output, {cap:.2g}"),
-        ]
-        stack_legends_below(fig, [dict(handles=width_handles, title="width", ncols=len(widths)),
-                                  dict(handles=key_handles, ncols=2)])
-        data = result["data"]
-        seeds = len(settings["seeds"])
-        fig.suptitle(
-            f"μTransfer ({settings['name']}): train loss after {settings['epochs']} epochs against learning rate\n"
-            f"{data['dataset']}, {data['train_size']} train images, batch {settings['batch_size']}, momentum "
-            f"{settings['momentum']:g}, base width {settings['base_width']}, PC T={settings['inference_steps']}, "
-            f"mean of {seeds} seed{'s' if seeds != 1 else ''}\n{machine_line(result['machine'])}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight", pad_inches=0.15)
-        plt.close(fig)
+                _draw_panel(ax, result, summary[(variant, preset)], colors, cap)
+                _label_panel(ax, summary[(variant, preset)], (low, cap), first_column=j == 0,
+                             last_row=i == len(variants) - 1)
+        stack_legends_below(fig, _transfer_legends(widths, colors, cap))
+        fig.suptitle(_transfer_title(result))
+        save_figure(plt, fig, path, dpi=FIGURE_DPI, bbox_inches="tight", pad_inches=0.15)
     return path
+
+
+def _draw_panel(ax, result: dict[str, Any], entry: dict[str, Any], colors, cap: float) -> None:
+    """The curves of one variant × parametrization (``entry`` of the summary), a colour per width:
+    loss as a line with dots, diverged runs as x and losses above ``cap`` as open triangles at the
+    cap, the optimum as a star."""
+    for k, width in enumerate(result["settings"]["widths"]):
+        mine = sorted((r for r in result["rows"] if r["variant"] == entry["variant"]
+                       and r["parametrization"] == entry["parametrization"] and r["width"] == width),
+                      key=lambda r: r["log2_lr"])
+        xs = [r["log2_lr"] for r in mine]
+        ys = [cap if r["diverged"] else min(r["train_loss"], cap) for r in mine]
+        ax.plot(xs, ys, "-", color=colors[k], lw=1.8)
+        ok = [(a, b) for a, b, r in zip(xs, ys, mine) if not r["diverged"] and r["train_loss"] < cap]
+        if ok:
+            ax.plot(*zip(*ok), "o", color=colors[k], ms=4)
+        big = [(a, cap) for a, r in zip(xs, mine) if not r["diverged"] and r["train_loss"] >= cap]
+        if big:
+            ax.plot(*zip(*big), "^", color=colors[k], ms=8, mfc="none", mew=1.5)
+        bad = [(a, cap) for a, r in zip(xs, mine) if r["diverged"]]
+        if bad:
+            ax.plot(*zip(*bad), "x", color=colors[k], ms=9, mew=2.0)
+        best = entry["optimum"][k]
+        if best["log2_lr"] is not None:
+            ax.plot([best["log2_lr"]], [min(best["train_loss"], cap)], "*", color=colors[k], ms=16,
+                    mec="black", mew=0.9, zorder=5)
+
+
+def _label_panel(ax, entry: dict[str, Any], limits: tuple[float, float], *, first_column: bool,
+                 last_row: bool) -> None:
+    """Drift box, limits from the variant's lowest loss ``limits[0]`` to the cap, title, axis labels."""
+    from matplotlib import ticker
+
+    low, cap = limits
+    drift = entry["drift_steps"]
+    text = "optimum drift: " + ("—" if drift is None else f"{drift:+d} step" + ("s" if abs(drift) != 1 else ""))
+    ax.text(0.03, 0.05, text, transform=ax.transAxes, fontsize=10,
+            bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.7"})
+    ax.set_ylim(max(0.0, low - 0.08 * (cap - low)), cap + 0.1 * (cap - low))
+    ax.axhline(cap, color="0.5", lw=1.0, ls=":")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    preset = entry["parametrization"]
+    ax.set_title(f"{parse_variant(entry['variant']).label} · {'μP' if preset == 'mup' else 'SP'}")
+    ax.grid(alpha=0.3, which="both")
+    if last_row:
+        ax.set_xlabel("log2 learning rate")
+    if first_column:
+        ax.set_ylabel("train loss")
+
+
+def _transfer_legends(widths: list[int], colors, cap: float) -> list[dict[str, Any]]:
+    """The two legends below the panels: the widths, then the markers."""
+    from matplotlib.lines import Line2D
+
+    width_handles = [Line2D([], [], color=colors[k], lw=2.2, marker="o", ms=5, label=f"{w}")
+                     for k, w in enumerate(widths)]
+    key_handles = [
+        Line2D([], [], ls="none", marker="*", ms=15, color="0.6", mec="black", mew=0.9,
+               label="optimum (lowest loss per width)"),
+        Line2D([], [], ls="none", marker="x", ms=9, mew=2.0, color="0.3", label="diverged (drawn at the cap)"),
+        Line2D([], [], ls="none", marker="^", ms=8, mfc="none", mew=1.5, color="0.3",
+               label=f"loss ≥ {cap:.2g} (drawn at the cap)"),
+        Line2D([], [], ls=":", lw=1.2, color="0.5", label=f"cap: loss of the zero output, {cap:.2g}"),
+    ]
+    return [dict(handles=width_handles, title="width", ncols=len(widths)), dict(handles=key_handles, ncols=2)]
+
+
+def _update_rule_label(settings: dict[str, Any]) -> str:
+    """``momentum 0.9`` for SGD, else the optimizer's name."""
+    rule = settings.get("optimizer", "sgd")
+    if rule == "sgd":
+        return f"momentum {settings['momentum']:g}"
+    return {"adam": "Adam", "adamw": "AdamW"}.get(rule, rule)
+
+
+def _transfer_title(result: dict[str, Any]) -> str:
+    settings, data = result["settings"], result["data"]
+    seeds = len(settings["seeds"])
+    return (
+        f"μTransfer ({settings['name']}): train loss after {settings['epochs']} epochs against learning rate\n"
+        f"{data['dataset']}, {data['train_size']} train images, batch {settings['batch_size']}, "
+        f"{_update_rule_label(settings)}, base width {settings['base_width']}, PC T={settings['inference_steps']}, "
+        f"mean of {seeds} seed{'s' if seeds != 1 else ''}\n{machine_line(result['machine'])}")
 
 
 def write_transfer(result: dict[str, Any], out: Path) -> list[Path]:

@@ -159,3 +159,49 @@ def test_resume_rejects_a_checkpoint_that_does_not_fit(tmp_path, capsys):
     torch.save({"format": "something else"}, path)
     assert main(["train", "--resume", str(path)]) == 2
     assert "not a pcfast train checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ --optimizer adam
+
+
+def test_the_update_rule_sets_the_default_learning_rate_and_momentum():
+    from pcfast.experiments.train import TrainConfig
+
+    sgd = TrainConfig(("pc",))
+    assert (sgd.optimizer, sgd.lr, sgd.momentum) == ("sgd", 0.03, 0.9)
+    for rule in ("adam", "adamw"):
+        config = TrainConfig(("pc",), optimizer=rule)
+        assert (config.lr, config.momentum) == (1e-3, None)
+    assert TrainConfig(("pc",), optimizer="adam", lr=0.01).lr == 0.01
+    with pytest.raises(ValueError, match="momentum"):
+        TrainConfig(("pc",), optimizer="adam", momentum=0.9)
+    with pytest.raises(TypeError):
+        run_train(["pc"], config=sgd)
+
+
+def test_train_with_adam_keeps_adam_state_in_its_checkpoint_and_resumes_with_it(tmp_path, capsys, monkeypatch):
+    """``pcfast train --optimizer adam``: the optimizers step with torch.optim.Adam (its moment
+    estimates are in the checkpoint), and a run interrupted and resumed equals the uninterrupted one."""
+    from pcfast.cli import main
+
+    args = ["train", "--algo", "bp", "pc", "--optimizer", "adam", "--epochs", "2", "--width", "16",
+            "--train-size", "128", "--inference-steps", "2", "--no-progress"]
+    assert main([*args, "--save", str(tmp_path / "full.pt"), "--json", str(tmp_path / "full.json")]) == 0
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    assert full["settings"]["optimizer"] == "adam" and full["settings"]["lr"] == 1e-3
+    assert full["settings"]["momentum"] is None
+    for algo in ("bp", "pc"):
+        state = full["runs"][algo]["optimizer"]["state"]
+        assert state and all({"exp_avg", "exp_avg_sq"} <= set(s) for s in state.values())
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "progress", _InterruptAfter("pc", 3))  # 2 steps per epoch: in epoch 2
+        assert main([*args, "--save", str(tmp_path / "part.pt")]) == 130
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "part.pt"), "--no-progress",
+                 "--json", str(tmp_path / "resumed.json")]) == 0
+    assert "pc: resuming after epoch 1 of 2" in capsys.readouterr().out
+    assert _without_times(json.loads((tmp_path / "resumed.json").read_text())) == _without_times(
+        json.loads((tmp_path / "full.json").read_text()))
+    resumed = torch.load(tmp_path / "part.pt", weights_only=True)
+    for key, value in full["runs"]["pc"]["model"].items():
+        assert torch.equal(value, resumed["runs"]["pc"]["model"][key]), key

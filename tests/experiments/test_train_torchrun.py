@@ -92,7 +92,7 @@ def test_train_run_gives_each_rank_its_contiguous_share_of_every_batch(monkeypat
         monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
         monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: ranks)
         opt = _RecordingOptimizer()
-        train_run(opt, None, x, labels, epochs=1, batch_size=8, seed=3)
+        train_run(opt, x, labels, epochs=1, batch_size=8, seed=3)
         seen.append(opt.rows)
     batches = [torch.cat([seen[r][b] for r in range(ranks)]) for b in range(len(seen[0]))]
     assert [len(b) for b in batches] == [8, 8, 7]

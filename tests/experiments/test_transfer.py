@@ -258,3 +258,49 @@ def test_the_figure_keeps_every_label_and_legend_inside_the_image(tmp_path):
     widths, key = (legend.get_window_extent(renderer) for legend in fig.legends)
     assert all(widths.y1 <= ax.get_tightbbox(renderer).y0 + 1 for ax in fig.axes) and key.y1 <= widths.y0
     close(fig)
+
+
+# ------------------------------------------------------------------------------------ --optimizer adam
+
+
+def test_adam_sweeps_its_own_grid_without_momentum_and_sgd_results_do_not_name_the_optimizer():
+    from pcfast.experiments.transfer import ADAM_GRID, settings_for
+
+    sgd = settings_for("quick")
+    assert sgd.optimizer == "sgd" and sgd.momentum == 0.9 and sgd.grid("bp") == list(range(-8, -1))
+    assert "optimizer" not in sgd.as_dict()  # an SGD sweep's JSON and journal hash are those it always had
+    adam = settings_for("quick", optimizer="adam")
+    assert adam.momentum is None and adam.as_dict()["optimizer"] == "adam"
+    assert ADAM_GRID == (-13, -4)
+    assert all(adam.grid(v) == list(range(-13, -3)) for v in ("bp", "pc", "pc:-1", "tp", "dtp", "pc:-0.5"))
+    assert settings_for("quick", optimizer="adamw", grids={"bp": (-9, -8)}).grid("bp") == [-9, -8]
+    with pytest.raises(ValueError, match="momentum"):
+        settings_for("quick", optimizer="adam", momentum=0.5)
+    with pytest.raises(ValueError, match="optimizer"):
+        settings_for("quick", optimizer="lion")
+
+
+def test_transfer_with_adam_trains_with_adam(tmp_path, pcfast_main):
+    """``--optimizer adam``: every trial's optimizer updates through torch.optim.Adam, the settings
+    say so, and the losses differ from SGD's at the same learning rate."""
+    import torch
+
+    from pcfast.experiments import common
+
+    _, _, opt = common.build(common.Variant("pc"), "mup", 32, input_dim=784, num_classes=10, lr=1e-3,
+                             base_width=16, **common.update_rule("adam"))
+    assert type(opt.inner_optimizer) is torch.optim.Adam
+    rows = {}
+    for rule in ("sgd", "adam"):
+        code, out, err = pcfast_main("transfer", *TINY, "--algo", "bp", "pc", "--parametrization", "mup",
+                                     "--optimizer", rule, "--log2-lr", "-6", "-6", "--name", rule, "--out", tmp_path)
+        assert code == 0, err
+        result = json.loads((tmp_path / f"transfer_{rule}.json").read_text())
+        rows[rule] = result["rows"]
+        if rule == "adam":
+            assert "(quick, adam)" in out
+            assert result["settings"]["optimizer"] == "adam" and result["settings"]["momentum"] is None
+        else:
+            assert "optimizer" not in result["settings"] and result["settings"]["momentum"] == 0.9
+    assert all(not r["diverged"] and 0 < r["train_loss"] < 10 for r in rows["adam"])
+    assert [r["train_loss"] for r in rows["adam"]] != [r["train_loss"] for r in rows["sgd"]]
