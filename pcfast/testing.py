@@ -28,9 +28,12 @@ Example::
 ``interpreted(backend)`` says whether a backend runs under the Triton interpreter (100–2000×
 slower): tests give it their small problems (``tests/conftest.py``'s ``small`` fixture);
 ``device_for(backend)`` where its tensors live (CUDA for compiled Triton, else the CPU).
+``precision_mode("fp32" | "tf32" | "bf16")`` sets torch.matmul's mode for a GPU precision;
+``triton_options(cuda_graphs=..., stacked=...)`` sets the triton backend's launch options for a block.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -353,3 +356,51 @@ def interpreted(backend: str) -> bool:
     """Whether ``backend`` runs under the Triton interpreter (``TRITON_INTERPRET=1``), 100–2000× slower
     than the other CPU backends: tests give it their small problems."""
     return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU precisions.
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_mode(name: str) -> Iterator[torch.dtype]:
+    """For the duration, torch.matmul's float32 mode for precision ``name`` (TF32 only for
+    ``"tf32"``); yields the tensor dtype of that precision (bfloat16 for ``"bf16"``, else float32)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {name!r}")
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = name == "tf32"
+    try:
+        yield torch.bfloat16 if name == "bf16" else torch.float32
+    finally:
+        matmul.allow_tf32 = saved
+
+
+def precision_tolerance(name: str) -> Tolerance:
+    """The table row of GPU precision ``name``."""
+    return tolerance({"fp32": "float32", "tf32": "tf32", "bf16": "bfloat16"}[name])
+
+
+@contextlib.contextmanager
+def triton_options(**changes: bool) -> Iterator[object]:
+    """Run the block with these launch options of the ``triton`` backend (``cuda_graphs``, ``stacked``)
+    and yield ``pcfast.ops.triton``; the options are restored afterwards."""
+    from .ops import triton as backend
+
+    if hasattr(backend, "options"):
+        with backend.options(**changes):
+            yield backend
+        return
+    # The module flags, until pcfast.ops.triton.options replaces them.
+    flags = {"cuda_graphs": "CUDA_GRAPHS", "stacked": "STACKED"}
+    saved = {name: getattr(backend, flags[name]) for name in changes}
+    try:
+        for name, value in changes.items():
+            setattr(backend, flags[name], value)
+        yield backend
+    finally:
+        for name, value in saved.items():
+            setattr(backend, flags[name], value)
