@@ -5,8 +5,8 @@ Oracle: the same layers, with the same initial weights, written as a bare ``nn.S
 ``nn.Linear`` and activations. Each accepted form — a module holding a Sequential, a module whose
 forward chains its attributes, a ``torch.compile`` wrapper, nested Sequentials, ``nn.Dropout``,
 ``nn.Flatten()``, an ``nn.CrossEntropyLoss()`` object — is trained 3 steps by PC, BP, TP and DTP on
-every available backend (triton under its interpreter) in float64, and its parameters must equal the
-twin's bitwise.
+every available backend (triton under its interpreter, or on CUDA) in float64, and its parameters must
+equal the twin's bitwise.
 """
 import warnings
 
@@ -16,7 +16,7 @@ from torch import nn
 
 import pcfast
 from pcfast.network import parse_mlp, resolve_loss
-from pcfast.testing import make_batch, make_batches, make_model
+from pcfast.testing import device_for, make_batch, make_batches, make_model
 
 DIMS = (5, 7, 6, 3)
 BATCH = 4
@@ -29,9 +29,9 @@ OPTIMIZERS = {
 }
 
 
-def layers(seed=0):
+def layers(seed=0, device="cpu"):
     """Fresh ``Linear(5,7), Tanh, Linear(7,6), ReLU, Linear(6,3)`` in float64, the same for a seed."""
-    return list(make_model(DIMS, activation=["tanh", "relu"], dtype=torch.float64, seed=seed))
+    return list(make_model(DIMS, activation=["tanh", "relu"], dtype=torch.float64, device=device, seed=seed))
 
 
 class HoldsSequential(nn.Module):
@@ -68,9 +68,9 @@ FORMS = {
 }
 
 
-def batches(loss):
+def batches(loss, device="cpu"):
     """The ``STEPS`` training batches (float64 inputs; normal targets for mse, labels for ce)."""
-    return make_batches(DIMS, BATCH, STEPS, loss)
+    return make_batches(DIMS, BATCH, STEPS, loss, device=device)
 
 
 def inputs(seed=1):
@@ -79,7 +79,8 @@ def inputs(seed=1):
 
 def train(model, algo, backend, loss):
     opt = OPTIMIZERS[algo](model, loss=loss, backend=backend)
-    for x, y in batches("ce" if loss == "ce" or isinstance(loss, nn.CrossEntropyLoss) else "mse"):
+    device = next(model.parameters()).device
+    for x, y in batches("ce" if loss == "ce" or isinstance(loss, nn.CrossEntropyLoss) else "mse", device):
         opt.zero_grad()
         opt.step(x, y)
     return opt
@@ -99,7 +100,7 @@ def bare_twin(algo, backend, loss):
     twin is the same for every form)."""
     key = (algo, backend, loss)
     if key not in _TWINS:
-        bare = nn.Sequential(*layers())
+        bare = nn.Sequential(*layers(device=device_for(backend)))
         before = linear_params(bare)
         train(bare, algo, backend, loss)
         _TWINS[key] = before, linear_params(bare)
@@ -120,14 +121,14 @@ def assert_trained_like_bare(model, algo, backend, *, loss="mse", bare_loss=None
 
 @pytest.mark.parametrize("algo", list(OPTIMIZERS))
 @pytest.mark.parametrize("form", list(FORMS))
-def test_accepted_form_trains_like_bare_sequential(form, algo, backend):
-    model = FORMS[form](layers())
+def test_accepted_form_trains_like_bare_sequential(form, algo, backend, device):
+    model = FORMS[form](layers(device=device))
     assert_trained_like_bare(model, algo, backend)
 
 
 @pytest.mark.parametrize("algo", list(OPTIMIZERS))
-def test_cross_entropy_loss_object_trains_like_loss_ce(algo, backend):
-    model = nn.Sequential(*layers())
+def test_cross_entropy_loss_object_trains_like_loss_ce(algo, backend, device):
+    model = nn.Sequential(*layers(device=device))
     assert_trained_like_bare(model, algo, backend, loss=nn.CrossEntropyLoss(), bare_loss="ce")
 
 
