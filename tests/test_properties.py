@@ -22,7 +22,8 @@ import pcfast  # noqa: E402
 from pcfast import functional as F  # noqa: E402
 from pcfast import reference  # noqa: E402
 from pcfast.testing import (  # noqa: E402
-    assert_all_close, assert_close, interpreted, make_batch, make_feedback, make_model, make_net, make_noise,
+    assert_all_close, assert_close, interpreted, make_batch, make_batches, make_feedback, make_model, make_net,
+    make_noise,
 )
 from tests.test_layouts import LAYOUTS  # noqa: E402
 
@@ -267,9 +268,8 @@ def _optimizer(algo):
            "bp": lambda m: pcfast.optim.BP(m, lr=0.05, momentum=0.9),
            "tp": lambda m: pcfast.optim.TP(m, lr=0.05, momentum=0.9),
            "dtp": lambda m: pcfast.optim.DTP(m, lr=0.05, momentum=0.9, feedback_noise=0.1)}[algo](model)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(2):  # momentum buffers, .grad and feedback state exist
-        opt.step(torch.randn(2, 4, generator=gen), torch.randint(0, 3, (2,), generator=gen))
+    for x, y in make_batches((4, 5, 3), 2, 2, "ce", dtype=torch.float32):  # momentum, .grad, feedback state
+        opt.step(x, y)
     return model, opt
 
 
@@ -293,7 +293,7 @@ def _state_tensors(model, opt):
     return tensors
 
 
-GOOD_X, GOOD_Y = torch.randn(2, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 2])
+GOOD_X, GOOD_Y = make_batch((4, 5, 3), 2, dtype=torch.float32, seed=2).x, torch.tensor([0, 2])
 
 
 @st.composite
