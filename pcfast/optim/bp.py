@@ -7,6 +7,7 @@ finiteness flag (``LocalOptimizer``: norms read in one host sync) and the inner 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -76,8 +77,32 @@ class BP(LocalOptimizer):
             return result.weight_grads, result.bias_grads, {"loss": result.loss}, {}
         wanted = [p for p in (*weights, *biases) if p is not None and p.requires_grad]
         with torch.enable_grad():
-            us, _ = forward(weights, biases, self.mlp.activations, x)
+            us, hs = forward(weights, biases, self.mlp.activations, x)
             value = loss_sum(us[-1], target, self._setting("loss")) / x.shape[0]
-            found = dict(zip(wanted, torch.autograd.grad(value, wanted))) if wanted else {}
-        grad = lambda p: None if p is None else found[p] if p in found else torch.zeros_like(p)
+            found = torch.autograd.grad(value, wanted + us)
+        grads, deltas = dict(zip(wanted, found[:len(wanted)])), list(found[len(wanted):])
+        self._activities = (deltas, hs)  # for _grad_norm_terms, this step only
+        grad = lambda p: None if p is None else grads[p] if p in grads else torch.zeros_like(p)
         return [grad(w) for w in weights], [grad(b) for b in biases], {"loss": value.detach()}, {}
+
+    def _grad_norm_terms(self, stepped):
+        r"""Bounds from ``δ_l = ∂(ℓ/B)/∂u_l`` and ``h_{l-1}`` (small, B × width) rather than from the
+        gradients: ``g_{W_l} = δ_lᵀ h_{l-1}`` and ``g_{b_l} = Σ_b δ_l`` give ``‖g_W‖ ≤ ‖δ_l‖‖h_{l-1}‖``
+        and ``‖g_b‖ ≤ √B ‖δ_l‖``. In float16/bfloat16, whose rounding is coarse, with groups added by
+        ``add_param_group`` or a data-parallel reduction, the gradients' own norms are read instead."""
+        found, self._activities = getattr(self, "_activities", None), None
+        slots = [(l, kind) for l, lin in enumerate(self.mlp.linears) for kind in ("weight", "bias")
+                 if getattr(lin, kind) is not None]
+        params = [getattr(self.mlp.linears[l], kind) for l, kind in slots]
+        if (found is None or self.process_group is not None or len(stepped) != len(slots)
+                or any(p is not q for (_, p, _), q in zip(stepped, params))
+                or stepped[0][1].dtype in (torch.float16, torch.bfloat16)):
+            return super()._grad_norm_terms(stepped)
+        deltas, activities = found
+        depth, root_batch = len(deltas), math.sqrt(activities[0].shape[0])
+
+        def combine(norms: list[float]) -> list[float]:
+            delta, activity = norms[:depth], norms[depth:]
+            return [delta[l] * activity[l] if kind == "weight" else root_batch * delta[l] for l, kind in slots]
+
+        return deltas + activities, combine
