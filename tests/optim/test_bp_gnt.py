@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import pcfast
+from pcfast import testing
 from pcfast import functional as F
 from pcfast import reference
 from pcfast.optim.base import LocalOptimizer
@@ -18,15 +19,11 @@ ACTS = ["tanh", "gelu"]
 
 
 def make_model(width=24, dtype=torch.float64, bias=True, classes=4):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, width, bias=bias), nn.Tanh(), nn.Linear(width, width, bias=bias), nn.GELU(),
-                         nn.Linear(width, classes, bias=bias)).to(dtype)
+    return testing.make_model((10, width, width, classes), activation=["tanh", "gelu"], bias=bias, dtype=dtype)
 
 
 def make_batches(n=5, batch=8, dtype=torch.float64, classes=4, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 10, generator=gen, dtype=dtype), torch.randint(0, classes, (batch,), generator=gen))
-            for _ in range(n)]
+    return [tuple(b) for b in testing.make_batches((10, 24, 24, classes), batch, n, "ce", dtype=dtype, seed=seed)]
 
 
 def linears(model):

@@ -14,8 +14,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: the triton cases run on CPU
-
 import pytest
 import torch
 from torch import nn

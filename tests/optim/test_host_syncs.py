@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pcfast
+from pcfast.testing import device_for
 
 
 class HostReads(TorchDispatchMode):
@@ -51,12 +52,13 @@ CASES = [("pc", "triton"), ("pc", "torch"), ("pc", "cpp"), ("bp", "auto")]
 def test_one_optimizer_step_reads_the_host_once(monkeypatch, algo, backend, target):
     if not pcfast.ops.is_available(backend if backend != "auto" else "torch"):
         pytest.skip(f"backend {backend} is not available here")
+    device = device_for(backend)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
     settings = dict(inference_steps=3) if algo == "pc" else {}
     opt = {"pc": pcfast.optim.PC, "bp": pcfast.optim.BP}[algo](model, lr=0.1, momentum=0.9, backend=backend,
                                                               **settings)
-    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+    x, y = torch.randn(4, 6, device=device), torch.tensor([0, 1, 2, 1], device=device)
     if target == "one-hot":
         y = nn.functional.one_hot(y, 3).float()
     opt.step(x, y)  # momentum buffers exist

@@ -10,20 +10,17 @@ from torch import nn
 
 import pcfast
 from pcfast import functional as F
+from pcfast import testing
 
 OPTIMIZERS = {"pc": pcfast.optim.PC, "bp": pcfast.optim.BP, "tp": pcfast.optim.TP, "dtp": pcfast.optim.DTP}
 
 
 def make_model(width=24, dtype=torch.float64, bias=True):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, width, bias=bias), nn.Tanh(), nn.Linear(width, width, bias=bias), nn.GELU(),
-                         nn.Linear(width, 4, bias=bias)).to(dtype)
+    return testing.make_model((10, width, width, 4), activation=["tanh", "gelu"], bias=bias, dtype=dtype)
 
 
 def make_batches(n=6, batch=8, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(3)
-    return [(torch.randn(batch, 10, generator=gen, dtype=dtype), torch.randint(0, 4, (batch,), generator=gen))
-            for _ in range(n)]
+    return [tuple(b) for b in testing.make_batches((10, 24, 24, 4), batch, n, "ce", dtype=dtype, seed=3)]
 
 
 def make_opt(algo, model, **kwargs):
