@@ -1,0 +1,123 @@
+"""Small value types that travel together through pcfast's layers: a network, its feedback maps, and
+the settings of a PC or TP/DTP step.
+
+Each is a frozen dataclass that checks itself once, when it is made (with the checks of
+``pcfast.network`` and ``pcfast.activations``), so the backends that receive one (``pcfast.ops``)
+need not check it again. Sequences are stored as tuples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import Tensor
+
+from .activations import check_activation
+from .network import LOSSES, check_params, check_pc_options, check_tp_options, resolve_precisions
+
+# Layer kinds a Net can hold. Only dense layers today; convolutions will add theirs.
+LAYER_KINDS = ("linear",)
+
+
+def _check_loss(loss) -> None:
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+
+
+@dataclass(frozen=True)
+class Net:
+    """A feedforward network: ``weights[l]`` (out, in) and ``biases[l]`` (or None) of layer l+1, the
+    activation after every hidden layer (L − 1 names for L layers), and each layer's kind."""
+
+    weights: tuple[Tensor, ...]
+    biases: tuple[Tensor | None, ...]
+    activations: tuple[str, ...]
+    kinds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_params(self.weights, self.biases, self.activations)
+        for l, act in enumerate(self.activations):
+            check_activation(act, f"activations[{l}]")
+        object.__setattr__(self, "weights", tuple(self.weights))
+        object.__setattr__(self, "biases", tuple(self.biases))
+        object.__setattr__(self, "activations", tuple(self.activations))
+        kinds = tuple(self.kinds) or ("linear",) * len(self.weights)
+        if len(kinds) != len(self.weights):
+            raise ValueError(f"kinds: expected {len(self.weights)} entries, one per layer, got {len(kinds)}")
+        for l, kind in enumerate(kinds):
+            if kind not in LAYER_KINDS:
+                raise ValueError(f"kinds[{l}]: expected one of {LAYER_KINDS}, got {kind!r}")
+        object.__setattr__(self, "kinds", kinds)
+
+    @property
+    def depth(self) -> int:
+        """L, the number of layers."""
+        return len(self.weights)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """The feedback maps ``g_l(v) = ψ_l(v Q_lᵀ + c_l)`` of layers l = 2 … L: ``weights[k]`` is Q_{k+2}
+    with shape (d_{k+1}, d_{k+2}), ``biases[k]`` is c_{k+2} or None, ``activations[k]`` is ψ_{k+2}."""
+
+    weights: tuple[Tensor, ...]
+    biases: tuple[Tensor | None, ...]
+    activations: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(self.biases) or len(self.weights) != len(self.activations):
+            raise ValueError(f"feedback: expected as many weights, biases and activations, got "
+                             f"{len(self.weights)}, {len(self.biases)} and {len(self.activations)}")
+        for k, act in enumerate(self.activations):
+            if not isinstance(act, str):
+                raise TypeError(f"feedback_activations[{k}]: expected an activation name (str), got "
+                                f"{type(act).__name__}")
+            check_activation(act, f"feedback_activations[{k}]")
+        object.__setattr__(self, "weights", tuple(self.weights))
+        object.__setattr__(self, "biases", tuple(self.biases))
+        object.__setattr__(self, "activations", tuple(self.activations))
+
+
+@dataclass(frozen=True)
+class PCConfig:
+    """The settings of one PC train step (DESIGN §3): ``precisions`` [γ_1 … γ_L], ``inference_steps``
+    T, ``inference_lr`` κ, the ``schedule`` (``"jacobi"`` or ``"sequential"``), ``fpa``, the ``loss``
+    (``"mse"`` or ``"ce"``) and whether to return the latents after every step."""
+
+    precisions: tuple[float, ...]
+    inference_steps: int = 20
+    inference_lr: float = 0.1
+    schedule: str = "jacobi"
+    fpa: bool = False
+    loss: str = "mse"
+    return_trajectory: bool = False
+
+    def __post_init__(self) -> None:
+        check_pc_options(inference_steps=self.inference_steps, inference_lr=self.inference_lr,
+                         schedule=self.schedule, fpa=self.fpa, return_trajectory=self.return_trajectory)
+        _check_loss(self.loss)
+        if not isinstance(self.precisions, (list, tuple)):
+            raise TypeError(f"precisions: expected a list or tuple of numbers, got {type(self.precisions).__name__}")
+        object.__setattr__(self, "precisions", tuple(resolve_precisions(list(self.precisions), len(self.precisions))))
+        object.__setattr__(self, "inference_lr", float(self.inference_lr))
+
+    @classmethod
+    def of(cls, depth: int, precisions: Sequence[float] | float | None = None, **settings) -> PCConfig:
+        """The config of a ``depth``-layer net, with ``precisions`` as ``pcfast.functional`` takes them
+        (None: all ones; a number: γ_L alone)."""
+        return cls(tuple(resolve_precisions(precisions, depth)), **settings)
+
+
+@dataclass(frozen=True)
+class TPConfig:
+    """The settings of one TP/DTP train step (DESIGN §4): the output nudge ``beta``, the ``loss``, and
+    ``difference`` (DTP's difference correction, else plain TP)."""
+
+    beta: float = 0.1
+    loss: str = "mse"
+    difference: bool = True
+
+    def __post_init__(self) -> None:
+        check_tp_options(beta=self.beta, difference=self.difference)
+        _check_loss(self.loss)
+        object.__setattr__(self, "beta", float(self.beta))
