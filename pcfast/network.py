@@ -233,6 +233,97 @@ def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]], unread:
                         f"forward?). {advice}")
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` with every ``torch.compile`` wrapper around it taken off."""
+    while (inner := _compiled_inner(model)) is not None:
+        model = inner
+    return model
+
+
+def _read_chain(chain: list[tuple[str, nn.Module]]) -> tuple[list[nn.Linear], list[str], list[str]]:
+    """``(linears, activations, dropouts)`` of a chain ``_collect`` gathered: the Linears in order, the
+    activation between each pair of them (``"identity"`` where there is none), and where the Dropouts
+    with p > 0 are. Raises for a chain that is not ``Linear, act, …, Linear``."""
+    linears: list[nn.Linear] = []
+    activations: list[str] = []
+    dropouts: list[str] = []
+    pending: tuple[str, str] | None = None  # (where, name) of the activation seen since the last Linear
+    for where, module in chain:
+        if type(module) is nn.Linear:
+            _check_linear(where, module, linears)
+            if linears:
+                activations.append(pending[1] if pending else "identity")
+                _check_fits(where, module, linears[-1])
+            elif pending is not None:
+                raise TypeError(
+                    f"{pending[0]}: an activation before the first Linear is not supported; "
+                    "pcfast feeds the input x to the first layer unchanged — apply it to x before the step"
+                )
+            linears.append(module)
+            pending = None
+        elif not _is_pass_through(where, module, dropouts):
+            name = module_activation(module)
+            if name == "identity":
+                continue
+            if pending is not None:
+                raise TypeError(
+                    f"{where}: two activations in a row ({pending[1]}, {name}) are not supported; keep one"
+                )
+            pending = (where, name)
+    if not linears:
+        raise TypeError(f"model: contains no nn.Linear; pcfast supports {_supported()}")
+    if pending is not None:
+        raise TypeError(
+            f"{pending[0]}: the model ends with an activation ({pending[1]}); pcfast expects a linear "
+            "readout — remove the last activation (use loss='ce' for classification)"
+        )
+    return linears, activations, dropouts
+
+
+def _check_linear(where: str, module: nn.Linear, earlier: list[nn.Linear]) -> None:
+    """Raise ``TypeError`` unless ``module`` is a Linear of its own with plain ``nn.Parameter``s."""
+    if any(module is lin for lin in earlier):
+        raise TypeError(
+            f"{where}: this nn.Linear appears earlier in the model too (shared weights); pcfast "
+            "trains each layer's own weights — give every layer its own nn.Linear"
+        )
+    for key in ("weight", "bias"):
+        value = getattr(module, key)
+        if value is not None and not isinstance(value, nn.Parameter):
+            raise TypeError(
+                f"{where}: its {key} is a {type(value).__name__}, not an nn.Parameter (a "
+                "reparametrisation such as weight_norm?); pcfast updates plain nn.Linear parameters "
+                "in place — remove the reparametrisation"
+            )
+
+
+def _check_fits(where: str, module: nn.Linear, previous: nn.Linear) -> None:
+    """Raise ``ValueError`` unless ``module`` takes what ``previous`` gives."""
+    if module.in_features != previous.out_features:
+        raise ValueError(
+            f"{where}: Linear expects {module.in_features} inputs but the "
+            f"previous Linear gives {previous.out_features}"
+        )
+
+
+def _is_pass_through(where: str, module: nn.Module, dropouts: list[str]) -> bool:
+    """Whether ``module`` is a Dropout or a Flatten, the identity for pcfast; a Dropout with p > 0 is
+    noted in ``dropouts``, a Flatten other than ``nn.Flatten()`` raises ``TypeError``."""
+    if type(module) is nn.Dropout:
+        if module.p > 0:
+            dropouts.append(f"{where} (p={module.p:g})")
+        return True
+    if type(module) is nn.Flatten:
+        if (module.start_dim, module.end_dim) != (1, -1):
+            raise TypeError(
+                f"{where}: nn.Flatten(start_dim={module.start_dim}, end_dim={module.end_dim}) is not "
+                "supported; pcfast takes x of shape (batch, features) and accepts nn.Flatten() with its "
+                "defaults (the identity on such x) — flatten x yourself with x.flatten(1)"
+            )
+        return True
+    return False
+
+
 def parse_mlp(model: nn.Module) -> MLP:
     """Read the layers and activations of ``model``, keeping the user's own ``nn.Linear`` modules.
 
@@ -249,9 +340,7 @@ def parse_mlp(model: nn.Module) -> MLP:
     modules, activations at the ends, parameters outside the Linears — raises ``TypeError`` saying
     what is supported and what to do.
     """
-    top = model
-    while (inner := _compiled_inner(top)) is not None:
-        top = inner
+    top = _uncompiled(model)
     if not isinstance(top, (nn.Sequential, nn.Linear)) and not any(True for _ in top.children()):
         raise TypeError(
             f"model: expected an nn.Sequential of {_supported()}; got {type(top).__name__} — {_TO_DO}"
@@ -259,67 +348,7 @@ def parse_mlp(model: nn.Module) -> MLP:
     chain: list[tuple[str, nn.Module]] = []
     unread: list[str] = []
     _collect(model, "model", chain, unread)
-    linears: list[nn.Linear] = []
-    activations: list[str] = []
-    pending: tuple[str, str] | None = None  # (where, name) of the activation seen since the last Linear
-    dropouts: list[str] = []
-    for where, module in chain:
-        if type(module) is nn.Linear:
-            if any(module is lin for lin in linears):
-                raise TypeError(
-                    f"{where}: this nn.Linear appears earlier in the model too (shared weights); pcfast "
-                    "trains each layer's own weights — give every layer its own nn.Linear"
-                )
-            for key in ("weight", "bias"):
-                value = getattr(module, key)
-                if value is not None and not isinstance(value, nn.Parameter):
-                    raise TypeError(
-                        f"{where}: its {key} is a {type(value).__name__}, not an nn.Parameter (a "
-                        "reparametrisation such as weight_norm?); pcfast updates plain nn.Linear parameters "
-                        "in place — remove the reparametrisation"
-                    )
-            if linears:
-                activations.append(pending[1] if pending else "identity")
-                if module.in_features != linears[-1].out_features:
-                    raise ValueError(
-                        f"{where}: Linear expects {module.in_features} inputs but the "
-                        f"previous Linear gives {linears[-1].out_features}"
-                    )
-            elif pending is not None:
-                raise TypeError(
-                    f"{pending[0]}: an activation before the first Linear is not supported; "
-                    "pcfast feeds the input x to the first layer unchanged — apply it to x before the step"
-                )
-            linears.append(module)
-            pending = None
-            continue
-        if type(module) is nn.Dropout:
-            if module.p > 0:
-                dropouts.append(f"{where} (p={module.p:g})")
-            continue
-        if type(module) is nn.Flatten:
-            if (module.start_dim, module.end_dim) != (1, -1):
-                raise TypeError(
-                    f"{where}: nn.Flatten(start_dim={module.start_dim}, end_dim={module.end_dim}) is not "
-                    "supported; pcfast takes x of shape (batch, features) and accepts nn.Flatten() with its "
-                    "defaults (the identity on such x) — flatten x yourself with x.flatten(1)"
-                )
-            continue
-        name = module_activation(module)
-        if name == "identity":
-            continue
-        if pending is not None:
-            raise TypeError(
-                f"{where}: two activations in a row ({pending[1]}, {name}) are not supported; keep one"
-            )
-        pending = (where, name)
-    if not linears:
-        raise TypeError(f"model: contains no nn.Linear; pcfast supports {_supported()}")
-    if pending is not None:
-        raise TypeError(
-            f"{pending[0]}: the model ends with an activation ({pending[1]}); pcfast expects a linear "
-            "readout — remove the last activation (use loss='ce' for classification)"
-        )
+    linears, activations, dropouts = _read_chain(chain)
     if unread:
         _check_forward(top, chain, unread)
     if dropouts:
