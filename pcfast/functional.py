@@ -253,18 +253,24 @@ def tp_train_step(
     target = check_batch(x, y, weights, loss)
     check_tp_options(beta=beta, difference=difference)
     beta = float(beta)
-    _, fn = ops.resolve(backend, "tp_train_step", x.device, weights[0].dtype)
     inputs = _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
                      feedback_biases=feedback_biases)
-    result = fn(
-        _readable_all(weights), _readable_all(biases), activations, _readable_all(feedback_weights),
-        _readable_all(feedback_biases), psi, _readable(x), _readable(target),
-        beta=beta, loss=loss, difference=difference,
-    )
+    result = tp_grads(weights, biases, activations, feedback_weights, feedback_biases, psi, x, target,
+                      beta=beta, loss=loss, difference=difference, backend=backend)
     _check_finite_result("tp_train_step", {"loss": result.loss, "local_loss": result.local_loss,
                                            "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
                          inputs)
     return result
+
+
+def tp_grads(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x, target, *,
+             beta: float, loss: str, difference: bool, backend: str = "auto") -> TPResult:
+    """``tp_train_step`` on validated arguments (``target`` as ``check_batch`` returns it, the
+    feedback activations resolved), with no check of its results (the optimizers' hot path)."""
+    _, fn = ops.resolve(backend, "tp_train_step", x.device, weights[0].dtype)
+    return fn(_readable_all(weights), _readable_all(biases), activations, _readable_all(feedback_weights),
+              _readable_all(feedback_biases), feedback_activations, _readable(x), _readable(target),
+              beta=float(beta), loss=loss, difference=difference)
 
 
 def feedback_grads(
@@ -308,25 +314,34 @@ def feedback_grads(
         check_int("noise_seed", noise_seed)
         if noise_seed >= 2**63:
             raise ValueError(f"noise_seed: expected an int in [0, 2**63), got {noise_seed!r}")
-    name, fn = ops.resolve(backend, "feedback_grads", x.device, weights[0].dtype)
     inputs = _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
                      feedback_biases=feedback_biases)
-    weights, biases, x = _readable_all(weights), _readable_all(biases), _readable(x)
-    feedback_weights, feedback_biases = _readable_all(feedback_weights), _readable_all(feedback_biases)
-    if noise_seed is not None and name == "triton":
-        result = fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x,
-                    noise_seed=noise_seed, noise_std=noise_std)
-    else:
-        if noise_seed is not None:
-            generator = torch.Generator(device=x.device).manual_seed(noise_seed)
-            noise = [torch.randn(x.shape[0], w.shape[0], generator=generator, dtype=x.dtype, device=x.device)
-                     .mul_(noise_std) for w in weights[:-1]]
-        else:
-            noise = None if noise is None else _readable_all(noise)
-        result = fn(weights, biases, activations, feedback_weights, feedback_biases, psi, x, noise)
+    result = reconstruction_grads(weights, biases, activations, feedback_weights, feedback_biases, psi, x,
+                                  None if noise is None else list(noise), noise_seed=noise_seed,
+                                  noise_std=noise_std, backend=backend)
     _check_finite_result("feedback_grads", {"loss": result.loss, "weight_grads": result.weight_grads,
                                             "bias_grads": result.bias_grads}, inputs)
     return result
+
+
+def reconstruction_grads(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x,
+                         noise=None, *, noise_seed: int | None = None, noise_std: float = 0.0,
+                         backend: str = "auto") -> FeedbackResult:
+    """``feedback_grads`` on validated arguments (feedback activations resolved), with no check of
+    its results (the optimizers' hot path)."""
+    name, fn = ops.resolve(backend, "feedback_grads", x.device, weights[0].dtype)
+    weights, biases, x = _readable_all(weights), _readable_all(biases), _readable(x)
+    feedback_weights, feedback_biases = _readable_all(feedback_weights), _readable_all(feedback_biases)
+    if noise_seed is not None and name == "triton":
+        return fn(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x,
+                  noise_seed=noise_seed, noise_std=noise_std)
+    if noise_seed is not None:
+        generator = torch.Generator(device=x.device).manual_seed(noise_seed)
+        noise = [torch.randn(x.shape[0], w.shape[0], generator=generator, dtype=x.dtype, device=x.device)
+                 .mul_(noise_std) for w in weights[:-1]]
+    else:
+        noise = None if noise is None else _readable_all(noise)
+    return fn(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x, noise)
 
 
 def ridge_feedback(

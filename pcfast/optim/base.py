@@ -724,6 +724,17 @@ class LocalOptimizer(torch.optim.Optimizer):
         bad_grads = [p for p, g in grads.items() if not bool(torch.isfinite(g).all())]
         if not bad_stats and not bad_grads:
             return
+        self._raise_for_inputs(batch)
+        hint = "(lower the learning rates or inference_lr)"
+        if bad_stats:
+            raise DivergenceError(f"{bad_stats[0]} is {values[bad_stats[0]]}: the step diverged; nothing was "
+                                  f"changed {hint}")
+        module, kind = next((m, k) for m, k, p in self._slots if p is bad_grads[0])
+        raise DivergenceError(f"gradient of {self._layer_name(module)} {kind} is not finite: the step diverged; "
+                              f"nothing was changed {hint}")
+
+    def _raise_for_inputs(self, batch) -> None:
+        """The ``ValueError`` naming a batch argument or model parameter that is not valid and finite."""
         x, y, target = batch
         check_batch(x, y, self.mlp.weights(), self._setting("loss"))  # the ValueError naming the argument
         for name, t in (("x", x), ("y", target)):
@@ -733,13 +744,6 @@ class LocalOptimizer(torch.optim.Optimizer):
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"{self._layer_name(module)} {kind}: contains NaN or infinite values "
                                  "(the model was not finite before this step)")
-        hint = "(lower the learning rates or inference_lr)"
-        if bad_stats:
-            raise DivergenceError(f"{bad_stats[0]} is {values[bad_stats[0]]}: the step diverged; nothing was "
-                                  f"changed {hint}")
-        module, kind = next((m, k) for m, k, p in self._slots if p is bad_grads[0])
-        raise DivergenceError(f"gradient of {self._layer_name(module)} {kind} is not finite: the step diverged; "
-                              f"nothing was changed {hint}")
 
     # ------------------------------------------------------------------ copies
 

@@ -1,6 +1,7 @@
 """``pcfast.optim.TP`` and ``DTP``: (difference) target propagation with trained feedback maps."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -158,8 +159,8 @@ class TP(LocalOptimizer):
             else:
                 new_q, new_c = self._sharded_ridge_feedback(x, ridge, bias, collectives)
             new_c = [None if c is None else nc for c, nc in zip(cs, new_c)]
-            result = functional.feedback_grads(weights, biases, acts, new_q, new_c, self.feedback_activations, x,
-                                               backend=self._setting("backend"))
+            result = functional.reconstruction_grads(weights, biases, acts, new_q, new_c, self.feedback_activations,
+                                                     x, backend=self._setting("backend"))
             return new_q, new_c, result.loss
         lr, decay, sigma = self._setting("feedback_lr"), self._setting("feedback_weight_decay"), self._setting("feedback_noise")
         loss = x.new_zeros(())
@@ -182,8 +183,8 @@ class TP(LocalOptimizer):
                     torch.randn(total, w.shape[0], generator=self.generator, dtype=x.dtype, device=x.device)[rows].mul_(sigma)
                     for w in weights[:-1]
                 ]
-            result = functional.feedback_grads(weights, biases, acts, qs, cs, self.feedback_activations, x, noise,
-                                               noise_seed=seed, noise_std=sigma, backend=backend)
+            result = functional.reconstruction_grads(weights, biases, acts, qs, cs, self.feedback_activations, x,
+                                                     noise, noise_seed=seed, noise_std=sigma, backend=backend)
             weight_grads, bias_grads, loss = result.weight_grads, result.bias_grads, result.loss
             if collectives is not None:  # the group's mean gradients, so that every rank's Q_l stays the same
                 depth = len(weight_grads)
@@ -247,20 +248,29 @@ class TP(LocalOptimizer):
 
     def _local_gradients(self, x: Tensor, target: Tensor):
         qs, cs, reconstruction = self._new_feedback(x)
-        for k, q in enumerate(qs):
-            if not bool(torch.isfinite(q).all()):
-                raise DivergenceError(f"feedback weights of layer {k + 2} are not finite: feedback training "
-                                      "diverged (lower feedback_lr); nothing was changed")
         weights, biases = self._params()
-        result = functional.tp_train_step(
+        result = functional.tp_grads(
             weights, biases, self.mlp.activations, qs, cs, self.feedback_activations, x, target,
             beta=self._setting("beta"), loss=self._setting("loss"), difference=self.difference,
             backend=self._setting("backend"),
         )
         stats = {"loss": result.loss, "local_loss": result.local_loss, "reconstruction": reconstruction}
+        self._pending_feedback = (qs, cs)  # named by _raise_non_finite if the step fails
         return result.weight_grads, result.bias_grads, stats, {"feedback": (qs, cs)}
 
+    def _raise_non_finite(self, stats, grads, values, batch) -> None:
+        """As the base class, after naming feedback weights that feedback training made non-finite."""
+        pending, self._pending_feedback = getattr(self, "_pending_feedback", None), None
+        if pending is not None and not all(map(math.isfinite, values.values())):
+            self._raise_for_inputs(batch)
+            for k, q in enumerate(pending[0]):
+                if not bool(torch.isfinite(q).all()):
+                    raise DivergenceError(f"feedback weights of layer {k + 2} are not finite: feedback training "
+                                          "diverged (lower feedback_lr); nothing was changed")
+        super()._raise_non_finite(stats, grads, values, batch)
+
     def _commit_extra(self, pending: dict) -> None:
+        self._pending_feedback = None
         if "feedback" in pending:
             qs, cs = pending["feedback"]
             # In place: the tensors keep their addresses (the triton backend's CUDA graphs key on them).
@@ -273,6 +283,7 @@ class TP(LocalOptimizer):
         return self.generator.get_state()
 
     def _restore(self, snapshot: Any) -> None:
+        self._pending_feedback = None
         self.generator.set_state(snapshot)
 
     # ------------------------------------------------------------------ state
