@@ -1,23 +1,28 @@
-"""What the Triton kernels of every op family share: activations, the GEMM main loop, configs.
+"""What the Triton kernels of every op family share: jit helpers, autotune configs, launch helpers.
 
-Imported only by the Triton op modules (``pc_relax``, ``tp_targets``) and ``pcfast.ops.triton``,
-which the backend registry loads on demand, so ``import pcfast`` never imports triton.
+Imported only by the Triton op modules (``linear_epilogue``, ``pc_update``, ``local_grad``,
+``tp_targets``) and the Triton backend, which the registry loads on demand, so ``import pcfast``
+never imports triton.
 
 - ``phi`` / ``phi_grad``: φ and φ' selected by the constexpr ``ACT`` (codes in :data:`ACTIVATION_CODES`),
   written with ``tl.exp``/``tl.sigmoid``/``tl.erf`` only: ``tl.extra.libdevice`` does not run in the
   interpreter. Inputs are already in the accumulator dtype (fp32, or fp64 for fp64 tensors).
 - ``matmul_tile``: one output tile of ``φ(A) B`` with φ applied to A as it is loaded.
-- ``gemm_configs`` / ``prune_configs``: autotune configs, one small config under the interpreter.
+- ``gemm_configs`` / ``prune_*_configs``: autotune configs, one small config under the interpreter.
+- ``Noise`` (in-kernel Gaussian noise), ``LayerTable`` (separate equal tensors addressed as one
+  stack), and the shape checks and grids of the launchers.
 """
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # φ codes: the constexpr ACT of every kernel.
 ACTIVATION_CODES = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3, "gelu": 4}
@@ -279,3 +284,96 @@ def aot_signature(fn, pointer_types: dict[str, str], constexprs: dict[str, Any])
         else:
             signature[name] = "i32"
     return signature
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers: what the launchers of every op family pass or check
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Gaussian noise drawn inside a kernel: ``std · ξ`` with ξ element (m, k) of an (M, K) operand
+    at Philox counter ``offset + m K + k`` under ``seed`` (``tp_targets.gaussian_noise`` draws the same)."""
+
+    seed: int
+    std: float
+    offset: int = 0
+
+
+NO_NOISE = Noise(0, 0.0, 0)
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """Separate, equally shaped tensors (a model's parameters) addressed as one stack: the first
+    tensor, and the int64 element offsets of every tensor from it, on the tensors' device."""
+
+    base: Tensor
+    offsets: Tensor
+
+    @staticmethod
+    def of(tensors: list[Tensor]) -> LayerTable | None:
+        """The table of ``tensors``, or None when they differ in shape, strides, dtype or device."""
+        base = tensors[0]
+        size = base.element_size()
+        offsets = []
+        for t in tensors:
+            if (t.shape, t.stride(), t.dtype, t.device) != (base.shape, base.stride(), base.dtype, base.device):
+                return None
+            distance = t.data_ptr() - base.data_ptr()
+            if distance % size:
+                return None
+            offsets.append(distance // size)
+        return LayerTable(base, torch.tensor(offsets, dtype=torch.int64, device=base.device))
+
+    def __len__(self) -> int:
+        return self.offsets.numel()
+
+
+def tiles(meta: dict, rows: int, cols: int, row_block: str = "BLOCK_M", col_block: str = "BLOCK_N") -> tuple[int]:
+    """The 1-D grid of output tiles of a (rows, cols) result."""
+    return (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
+
+
+def check_matrix(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+
+
+def check_same_layout(name: str, t: Tensor, like: Tensor) -> None:
+    """Tensors that a kernel reads through one set of strides: shape, strides and dtype of ``like``."""
+    if t.shape != like.shape or t.stride() != like.stride() or t.dtype != like.dtype:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)}, strides {like.stride()}, dtype "
+                         f"{like.dtype}; got {tuple(t.shape)}, {t.stride()}, {t.dtype}")
+
+
+def check_table(name: str, table: LayerTable | None, layers: int) -> None:
+    if table is not None and len(table) != layers:
+        raise ValueError(f"{name}: expected a table of {layers} layers, got {len(table)}")
+
+
+def resolved(t: Tensor) -> Tensor:
+    """``t`` with its lazy negative/conjugate bits applied: the kernels read raw memory."""
+    if t.is_conj():
+        t = t.resolve_conj()
+    return t.resolve_neg() if t.is_neg() else t
+
+
+def as_contiguous(t: Tensor) -> Tensor:
+    """``t`` as a contiguous tensor whose memory holds its values (negative/conjugate bits applied)."""
+    t = resolved(t)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def kernel_layout(weights: tuple[Tensor, ...], biases: tuple[Tensor | None, ...]) -> tuple[list, list, bool]:
+    """Parameters as the kernels read them: matrices through their strides (any layout, read in
+    place), vectors (biases) contiguous, lazy negative/conjugate bits applied. Returns the weights,
+    the biases and whether any of them had to be copied (a copy's address means nothing to a CUDA
+    graph, so such a call runs eagerly)."""
+    new_weights = [resolved(w) for w in weights]
+    new_biases = [None if b is None else as_contiguous(b) for b in biases]
+    copied = any(n is not o for n, o in zip([*new_weights, *new_biases], [*weights, *biases]))
+    return new_weights, new_biases, copied

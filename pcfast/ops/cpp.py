@@ -1,6 +1,6 @@
 """The C++ CPU engine, ``pcfast._C``: the ``cpp`` backend.
 
-Each function runs a whole train step in one call into C++ (``torch.ops.pcfast.*``, registered by
+``CppBackend`` runs a whole train step in one call into C++ (``torch.ops.pcfast.*``, registered by
 ``csrc/pcfast.cpp``): the PC relaxation over all steps and layers plus the weight gradients, or the
 TP/DTP targets plus the local gradients. Signatures and results are those of ``pcfast.ops.torch_pc``
 and ``pcfast.ops.torch_tp``; the math is ``pcfast.reference``. CPU tensors, float32 or float64.
@@ -24,8 +24,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..network import check_pc_options, check_tp_options, resolve_precisions
 from ..results import FeedbackResult, PCResult, TPResult
+from ..types import Feedback, Net, PCConfig, TPConfig
+from .backend import HostNoiseBackend, feedback_grads_of, pc_train_step_of, tp_train_step_of
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.pcfast)
@@ -37,7 +38,8 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 _ops = torch.ops.pcfast
 
-__all__ = ["activation", "engine_info", "feedback_grads", "pc_train_step", "set_engine", "tp_train_step"]
+__all__ = ["CppBackend", "activation", "engine_info", "feedback_grads", "pc_train_step", "set_engine",
+           "tp_train_step"]
 
 
 def _outputs_type(op_name: str, type_name: str) -> type:
@@ -71,91 +73,63 @@ def activation(u: Tensor, name: str) -> ActivationOutputs:
     return ActivationOutputs(*_ops.activation(u, name))
 
 
-def pc_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    precisions: Sequence[float] | float | None,
-    inference_steps: int,
-    inference_lr: float,
-    schedule: str,
-    fpa: bool,
-    loss: str,
-    return_trajectory: bool = False,
-) -> PCResult:
-    """PC relaxation and local gradients in C++; see :func:`pcfast.reference.pc_train_step`."""
-    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
-                     return_trajectory=return_trajectory)
-    gammas = resolve_precisions(precisions, len(weights))
-    out = PCStepOutputs(*_ops.pc_train_step(
-        list(weights), list(biases), list(activations), x, target, gammas, int(inference_steps),
-        float(inference_lr), schedule, bool(fpa), loss, bool(return_trajectory),
-    ))
-    trajectory = None
-    if return_trajectory:
-        # One (T+1, B, d_l) block per hidden layer; step t is a list of views into them.
-        per_layer = [block.unbind(0) for block in out.trajectory]
-        trajectory = [[steps[t] for steps in per_layer] for t in range(int(inference_steps) + 1)]
-    return PCResult(
-        latents=list(out.latents),
-        errors=list(out.errors),
-        weight_grads=list(out.weight_grads),
-        bias_grads=list(out.bias_grads),
-        energy=out.energy,
-        loss=out.loss,
-        trajectory=trajectory,
-    )
+class CppBackend(HostNoiseBackend):
+    """The C++ CPU engine: a whole train step per call into ``torch.ops.pcfast``."""
+
+    name = "cpp"
+
+    def pc_grads(self, net: Net, x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
+        """PC relaxation and local gradients in C++; see :func:`pcfast.reference.pc_train_step`."""
+        out = PCStepOutputs(*_ops.pc_train_step(
+            list(net.weights), list(net.biases), list(net.activations), x, target, list(config.precisions),
+            config.inference_steps, config.inference_lr, config.schedule, config.fpa, config.loss,
+            config.return_trajectory,
+        ))
+        trajectory = None
+        if config.return_trajectory:
+            # One (T+1, B, d_l) block per hidden layer; step t is a list of views into them.
+            per_layer = [block.unbind(0) for block in out.trajectory]
+            trajectory = [[steps[t] for steps in per_layer] for t in range(config.inference_steps + 1)]
+        return PCResult(
+            latents=list(out.latents),
+            errors=list(out.errors),
+            weight_grads=list(out.weight_grads),
+            bias_grads=list(out.bias_grads),
+            energy=out.energy,
+            loss=out.loss,
+            trajectory=trajectory,
+        )
+
+    def tp_grads(self, net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
+        """TP/DTP targets and local gradients in C++; see :func:`pcfast.reference.tp_train_step`."""
+        out = TPStepOutputs(*_ops.tp_train_step(
+            list(net.weights), list(net.biases), list(net.activations), list(feedback.weights),
+            list(feedback.biases), list(feedback.activations), x, target, config.beta, config.loss,
+            config.difference,
+        ))
+        return TPResult(
+            targets=list(out.targets),
+            activities=list(out.activities),
+            weight_grads=list(out.weight_grads),
+            bias_grads=list(out.bias_grads),
+            loss=out.loss,
+            local_loss=out.local_loss,
+        )
+
+    def reconstruction_grads(self, net: Net, feedback: Feedback, x: Tensor,
+                             noise: Sequence[Tensor | None] | None) -> FeedbackResult:
+        """Feedback reconstruction gradients in C++; see :func:`pcfast.reference.feedback_grads`."""
+        out = FeedbackOutputs(*_ops.feedback_grads(
+            list(net.weights), list(net.biases), list(net.activations), list(feedback.weights),
+            list(feedback.biases), list(feedback.activations), x, [] if noise is None else list(noise),
+        ))
+        return FeedbackResult(weight_grads=list(out.weight_grads), bias_grads=list(out.bias_grads), loss=out.loss)
 
 
-def tp_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    beta: float,
-    loss: str,
-    difference: bool,
-) -> TPResult:
-    """TP/DTP targets and local gradients in C++; see :func:`pcfast.reference.tp_train_step`."""
-    check_tp_options(beta=beta, difference=difference)
-    out = TPStepOutputs(*_ops.tp_train_step(
-        list(weights), list(biases), list(activations), list(feedback_weights), list(feedback_biases),
-        list(feedback_activations), x, target, float(beta), loss, bool(difference),
-    ))
-    return TPResult(
-        targets=list(out.targets),
-        activities=list(out.activities),
-        weight_grads=list(out.weight_grads),
-        bias_grads=list(out.bias_grads),
-        loss=out.loss,
-        local_loss=out.local_loss,
-    )
-
-
-def feedback_grads(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str],
-    x: Tensor,
-    noise: Sequence[Tensor | None] | None = None,
-) -> FeedbackResult:
-    """Feedback reconstruction gradients in C++; see :func:`pcfast.reference.feedback_grads`."""
-    out = FeedbackOutputs(*_ops.feedback_grads(
-        list(weights), list(biases), list(activations), list(feedback_weights), list(feedback_biases),
-        list(feedback_activations), x, [] if noise is None else list(noise),
-    ))
-    return FeedbackResult(weight_grads=list(out.weight_grads), bias_grads=list(out.bias_grads), loss=out.loss)
+_cpp = CppBackend()
+pc_train_step = pc_train_step_of(_cpp.pc_grads)
+tp_train_step = tp_train_step_of(_cpp.tp_grads)
+feedback_grads = feedback_grads_of(_cpp.feedback_grads)
 
 
 # ------------------------------------------------------------------------------------------------

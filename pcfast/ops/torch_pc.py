@@ -7,14 +7,13 @@ top-down GEMMs remain. Runs on any device and dtype. The math is ``pcfast.refere
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
-from ..network import check_pc_options
 from ..results import PCResult
+from ..types import Net, PCConfig
+from .backend import pc_train_step_of
 
 
 def _affine(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -40,31 +39,15 @@ def _loss_sum(f: Tensor, target: Tensor, loss: str) -> Tensor:
 
 
 @torch.no_grad()
-def pc_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    precisions: Sequence[float],
-    inference_steps: int,
-    inference_lr: float,
-    schedule: str,
-    fpa: bool,
-    loss: str,
-    return_trajectory: bool = False,
-) -> PCResult:
-    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
-                     return_trajectory=return_trajectory)
+def pc_grads(net: Net, x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
+    """PC relaxation and local gradients (the ``torch`` backend's ``pc_grads``)."""
+    weights, biases, activations = net.weights, net.biases, net.activations
+    schedule, fpa, loss = config.schedule, config.fpa, config.loss
     depth, batch = len(weights), x.shape[0]
     hidden = depth - 1
-    gammas, kappa = list(precisions), float(inference_lr)
+    gammas, kappa = config.precisions, config.inference_lr
     phis = [phi(a) for a in activations]
     dphis = [phi_grad(a) for a in activations]
-
-    if schedule not in ("jacobi", "sequential"):
-        raise ValueError(f"schedule: expected 'jacobi' or 'sequential', got {schedule!r}")
 
     # Feedforward pass. Forward initialisation: z_l = u_l, so ε_l = 0 for l < L, ε_L = −∂ℓ/∂f_0.
     predictions: list[Tensor] = []  # prediction of each layer; layer 1's is constant (φ(z_0) = x)
@@ -112,8 +95,8 @@ def pc_train_step(
         latents[l].add_(step)
         return step
 
-    trajectory = [[z.clone() for z in latents]] if return_trajectory else None
-    for _ in range(inference_steps):
+    trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
+    for _ in range(config.inference_steps):
         if schedule == "jacobi":
             for l in range(hidden):
                 torch.mm(errors[l + 1], weights[l + 1], out=topdown[l])
@@ -138,7 +121,7 @@ def pc_train_step(
                 errors[l].add_(apply_update(l))
         if trajectory is not None:
             trajectory.append([z.clone() for z in latents])
-    if not fpa and schedule == "sequential" and inference_steps > 0:
+    if not fpa and schedule == "sequential" and config.inference_steps > 0:
         refresh_all()  # a sweep leaves the activities and the errors above each layer stale
 
     # Weight gradients at the final state: −γ_l ε_lᵀ a_{l-1} / B.
@@ -161,3 +144,6 @@ def pc_train_step(
         loss=loss_value,
         trajectory=trajectory,
     )
+
+
+pc_train_step = pc_train_step_of(pc_grads)

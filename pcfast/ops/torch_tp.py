@@ -1,56 +1,58 @@
-"""TP/DTP targets, local gradients and feedback gradients with explicit formulas: ``torch`` backend.
+"""TP/DTP targets, local gradients and feedback gradients with explicit formulas; the ``torch``
+backend (``TorchBackend``: these and ``torch_pc.pc_grads``).
 
 No autograd. DTP evaluates each feedback map on the stacked ``[ĥ_l; h_l]`` with one GEMM so both
-share Q_l, then takes the difference. The math is ``pcfast.reference.tp``.
+share Q_l, then takes the difference. The math is ``pcfast.reference.tp``. ``feedforward`` is the
+layer loop the Triton schedules share.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
-from ..network import check_tp_options
 from ..results import FeedbackResult, TPResult
-from .torch_pc import _affine, _loss_sum, _output_error
+from ..types import Feedback, Net, TPConfig
+from .backend import HostNoiseBackend, feedback_grads_of, tp_train_step_of
+from .torch_pc import _affine, _loss_sum, _output_error, pc_grads
+
+# One layer of the feedforward pass: (l, h_{l-1}, φ_l or None on the readout) -> (u_l, h_l).
+Layer = Callable[[int, Tensor, "str | None"], "tuple[Tensor, Tensor]"]
 
 
-def _forward(weights, biases, activations, x) -> tuple[list[Tensor], list[Tensor]]:
-    """Pre-activations [u_1 … u_L] and activities [h_1 … h_{L-1}, f]."""
+def feedforward(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str], x: Tensor,
+                layer: Layer | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Pre-activations [u_1 … u_L] and activities [h_1 … h_{L-1}, f] (f = u_L: the readout is
+    linear), one ``layer`` call per layer (by default torch's ``h Wᵀ + b`` and φ)."""
+
+    def torch_layer(l: int, h: Tensor, act: str | None) -> tuple[Tensor, Tensor]:
+        w, b = weights[l], biases[l]
+        u = _affine(torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device), h, w, b)
+        return u, (u if act is None else phi(act)(u))
+
+    layer = layer or torch_layer
+    depth = len(weights)
     us, hs, h = [], [], x
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        u = _affine(torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device), h, w, b)
+    for l in range(depth):
+        u, h = layer(l, h, activations[l] if l < depth - 1 else None)
         us.append(u)
-        h = u if l == len(weights) - 1 else phi(activations[l])(u)
         hs.append(h)
     return us, hs
 
 
 @torch.no_grad()
-def tp_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    beta: float,
-    loss: str,
-    difference: bool,
-) -> TPResult:
-    check_tp_options(beta=beta, difference=difference)
-    depth, batch = len(weights), x.shape[0]
-    us, activities = _forward(weights, biases, activations, x)
+def tp_grads(net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
+    """TP/DTP targets and local gradients (the ``torch`` backend's ``tp_grads``)."""
+    depth, batch = net.depth, x.shape[0]
+    us, activities = feedforward(net.weights, net.biases, net.activations, x)
     f = activities[-1]
     targets: list[Tensor] = [None] * depth  # type: ignore[list-item]
-    targets[-1] = _output_error(torch.empty_like(f), f, target, loss).mul_(beta).add_(f)
+    targets[-1] = _output_error(torch.empty_like(f), f, target, config.loss).mul_(config.beta).add_(f)
     for l in reversed(range(1, depth)):
-        q, c, psi = feedback_weights[l - 1], feedback_biases[l - 1], phi(feedback_activations[l - 1])
-        if difference:
+        q, c, psi = feedback.weights[l - 1], feedback.biases[l - 1], phi(feedback.activations[l - 1])
+        if config.difference:
             stacked = _affine(
                 torch.empty(2 * batch, q.shape[0], dtype=x.dtype, device=x.device),
                 torch.cat([targets[l], activities[l]]), q, c,
@@ -69,41 +71,35 @@ def tp_train_step(
         delta = targets[l] - activities[l]
         local_loss += 0.5 * torch.sum(delta * delta) / batch
         if l < depth - 1:
-            delta.mul_(phi_grad(activations[l])(us[l]))
+            delta.mul_(phi_grad(net.activations[l])(us[l]))
         weight_grads.append(torch.mm(delta.T, inputs[l]).mul_(-1.0 / batch))
-        bias_grads.append(None if biases[l] is None else delta.sum(0).mul_(-1.0 / batch))
+        bias_grads.append(None if net.biases[l] is None else delta.sum(0).mul_(-1.0 / batch))
     return TPResult(
         targets=targets,
         activities=activities,
         weight_grads=weight_grads,
         bias_grads=bias_grads,
-        loss=_loss_sum(f, target, loss) / batch,
+        loss=_loss_sum(f, target, config.loss) / batch,
         local_loss=local_loss,
     )
 
 
 @torch.no_grad()
-def feedback_grads(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str],
-    x: Tensor,
-    noise: Sequence[Tensor | None] | None = None,
-) -> FeedbackResult:
-    depth, batch = len(weights), x.shape[0]
-    _, activities = _forward(weights, biases, activations, x)
+def reconstruction_grads(net: Net, feedback: Feedback, x: Tensor,
+                         noise: Sequence[Tensor | None] | None = None) -> FeedbackResult:
+    """Gradients of ``½‖g_l(f_l(h_{l-1}+ξ_l)) − (h_{l-1}+ξ_l)‖²`` (batch mean) for l = 2 … L."""
+    depth, batch = net.depth, x.shape[0]
+    _, activities = feedforward(net.weights, net.biases, net.activations, x)
     weight_grads, bias_grads = [], []
     total = x.new_zeros(())
     for l in range(1, depth):
         xi = None if noise is None else noise[l - 1]
         h_in = activities[l - 1] if xi is None else activities[l - 1] + xi
-        h_out = _affine(torch.empty(batch, weights[l].shape[0], dtype=x.dtype, device=x.device), h_in, weights[l], biases[l])
+        w = net.weights[l]
+        h_out = _affine(torch.empty(batch, w.shape[0], dtype=x.dtype, device=x.device), h_in, w, net.biases[l])
         if l < depth - 1:
-            h_out = phi(activations[l])(h_out)
-        q, c, psi = feedback_weights[l - 1], feedback_biases[l - 1], feedback_activations[l - 1]
+            h_out = phi(net.activations[l])(h_out)
+        q, c, psi = feedback.weights[l - 1], feedback.biases[l - 1], feedback.activations[l - 1]
         pre = _affine(torch.empty_like(h_in), h_out, q, c)
         slope = phi_grad(psi)(pre)
         residual = phi(psi)(pre) - h_in
@@ -112,3 +108,16 @@ def feedback_grads(
         weight_grads.append(torch.mm(delta.T, h_out).mul_(1.0 / batch))
         bias_grads.append(None if c is None else delta.sum(0).mul_(1.0 / batch))
     return FeedbackResult(weight_grads, bias_grads, total)
+
+
+class TorchBackend(HostNoiseBackend):
+    """Explicit formulas, no autograd, preallocated buffers: any device, any floating dtype."""
+
+    name = "torch"
+    pc_grads = staticmethod(pc_grads)
+    tp_grads = staticmethod(tp_grads)
+    reconstruction_grads = staticmethod(reconstruction_grads)
+
+
+tp_train_step = tp_train_step_of(tp_grads)
+feedback_grads = feedback_grads_of(TorchBackend().feedback_grads)

@@ -6,14 +6,15 @@ loads a tile of Q_l once and multiplies it with the same rows of both ĥ_l and h
 ``[ĥ_l; h_l]`` sharing Q_l), so the difference ``h_{l-1} + ψ(·)_top − ψ(·)_bottom`` is formed in the
 epilogue without writing either map to memory.
 
-The feedforward pass, the output target ``ĥ_L = f + β ε_L`` and the local gradients
-``−(φ'(u_l) ⊙ (ĥ_l − h_l))ᵀ h_{l-1} / B`` reuse ``pc_relax``'s prediction and weight-gradient
-kernels (epilogue ``ADD_PRED`` and the ``DELTA_FROM_TARGET`` flag). ``tp_targets`` below is the launcher.
+The feedforward pass and the output target ``ĥ_L = f + β ε_L`` are ``linear_epilogue``'s kernels
+(``linear``, ``output_error`` with ``add_pred``); the local gradients
+``−(φ'(u_l) ⊙ (ĥ_l − h_l))ᵀ h_{l-1} / B`` are ``local_grad``'s TP variant. ``tp_targets`` below is
+the launcher; the schedule is ``triton_tp``.
 
 DTP's feedback loss trains Q_l on noisy inputs h_{l-1} + ξ. With a seed, ξ is drawn inside the kernels
-that read it (``pc_relax.Noise``: the forward GEMM adds it to its operand on load, the gradient
-kernel to its target), as a function of (seed, element), so it is never stored and the same seed
-gives the same result. ``gaussian_noise`` materialises the same numbers (tests, and the oracle).
+that read it (``Noise``: the forward GEMM adds it to its operand on load, the gradient kernel to its
+target), as a function of (seed, element), so it is never stored and the same seed gives the same
+result. ``gaussian_noise`` materialises the same numbers (tests, the oracle, and other backends).
 """
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ from torch import Tensor
 from ._triton_common import (
     activation_code,
     as_acc,
+    check_matrix,
+    check_same_layout,
     gaussian,
     gemm_configs,
     input_precision,
     phi,
     prune_tile_configs,
     tile_offsets,
+    tiles,
 )
 
 
@@ -108,25 +112,20 @@ def tp_targets(
     h_{l-1} (``activity_below``; read only for DTP). Returns ``out``."""
     batch, width = target.shape
     below = feedback_weight.shape[0]
-    if tuple(feedback_weight.shape) != (below, width) or feedback_weight.dtype != target.dtype:
-        raise ValueError(f"feedback_weight: expected shape ({below}, {width}), dtype {target.dtype}; got "
-                         f"{tuple(feedback_weight.shape)}, {feedback_weight.dtype}")
-    if activity.shape != target.shape or activity.stride() != target.stride() or activity.dtype != target.dtype:
-        raise ValueError(f"activity: expected shape {tuple(target.shape)}, strides {target.stride()}, dtype "
-                         f"{target.dtype}; got {tuple(activity.shape)}, {activity.stride()}, {activity.dtype}")
-    if feedback_bias is not None and tuple(feedback_bias.shape) != (below,):
-        raise ValueError(f"feedback_bias: expected shape ({below},), got {tuple(feedback_bias.shape)}")
+    check_matrix("feedback_weight", feedback_weight, (below, width), target.dtype)
+    check_same_layout("activity", activity, target)
+    if feedback_bias is not None:
+        check_matrix("feedback_bias", feedback_bias, (below,))
     if out is None:
         out = torch.empty(batch, below, dtype=target.dtype, device=target.device)
-    if tuple(out.shape) != (batch, below) or activity_below.shape != out.shape or activity_below.stride() != out.stride():
-        raise ValueError(f"out/activity_below: expected shape ({batch}, {below}) with equal strides, got "
-                         f"{tuple(out.shape)} {out.stride()} and {tuple(activity_below.shape)} {activity_below.stride()}")
-    _tp_target_kernel_tuned[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]) * triton.cdiv(below, meta["BLOCK_N"]),)](
-        target, activity, feedback_weight, feedback_bias if feedback_bias is not None else feedback_weight,
-        activity_below, out,
-        batch, below, width,
-        target.stride(0), target.stride(1), feedback_weight.stride(0), feedback_weight.stride(1),
-        out.stride(0), out.stride(1),
+    check_matrix("out", out, (batch, below))
+    check_same_layout("activity_below", activity_below, out)
+    _tp_target_kernel_tuned[lambda meta: tiles(meta, batch, below)](
+        t_ptr=target, h_ptr=activity, q_ptr=feedback_weight, c_ptr=feedback_bias, h_prev_ptr=activity_below,
+        out_ptr=out,
+        M=batch, N=below, K=width,
+        stride_tm=target.stride(0), stride_tk=target.stride(1), stride_qn=feedback_weight.stride(0),
+        stride_qk=feedback_weight.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
         ACT=activation_code(act), HAS_BIAS=feedback_bias is not None, DIFFERENCE=difference,
         INPUT_PRECISION=input_precision(target),
     )
@@ -160,6 +159,8 @@ def gaussian_noise(seed: int, std: float, batch: int, widths: list[int], *, dtyp
     for width, offset in zip(widths, noise_offsets(batch, widths)):
         xi = torch.empty(batch, width, dtype=dtype, device=device)
         block = 1024
-        _gaussian_kernel[(triton.cdiv(xi.numel(), block),)](xi, xi.numel(), int(seed), offset, float(std), BLOCK=block)
+        _gaussian_kernel[(triton.cdiv(xi.numel(), block),)](
+            out_ptr=xi, numel=xi.numel(), seed=int(seed), offset=offset, std=float(std), BLOCK=block,
+        )
         out.append(xi)
     return out

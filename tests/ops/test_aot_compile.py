@@ -2,7 +2,7 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole pipeline
 (TTIR → TTGIR → LLVM → PTX → ptxas → cubin) on the CPU. The compiles run in one subprocess per
-architecture without ``TRITON_INTERPRET`` (the interpreter tests of this directory set it, and an
+architecture without ``TRITON_INTERPRET`` (tests/conftest.py sets it on machines without a GPU, and an
 interpreted ``@triton.jit`` function cannot be compiled), which also gives the GPU autotune configs.
 Each test prints registers, spills and shared memory per config (``pytest -s`` shows them) and fails
 on a compile error or on shared memory beyond what the architecture can give one block.
@@ -10,8 +10,8 @@ on a compile error or on shared memory beyond what the architecture can give one
 Compile matrix: on both architectures every config of every autotuned kernel in fp32 (the dot's
 input precision is ``tf32x3``, what fp32 runs with on CUDA) and every config that survives the fp64
 pruning in fp64; on sm_90 (what the benchmarks target) also every config in bf16 and the flag
-variants; fp16, TF32 (and bf16 on sm_80) with the smallest config. About 130 compiles, ~1.5 min on
-two cores. Pointers are marked 16-byte aligned
+variants; fp16, TF32 (and bf16 on sm_80) with the smallest config. About 210 compiles (79 for sm_80,
+134 for sm_90), ~2.5 min on two idle cores. Pointers are marked 16-byte aligned
 integer sizes and strides divisible by 16, and unit strides constant 1, as the JIT specialises
 contiguous tensors of 16-divisible widths at run time.
 
@@ -32,8 +32,9 @@ import pytest
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (bytes): A100 164 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
-KERNELS = ("pc_error", "pc_error_ce_fused", "ce_error", "pc_update", "pc_weight_grad", "tp_target")
-WORKER_TIMEOUT_S = 600  # a hang guard; ~70 s on two idle cores
+KERNELS = ("linear", "hidden_error", "output_error", "output_error_ce_fused", "ce_error", "pc_update",
+           "pc_weight_grad", "tp_weight_grad", "tp_target")
+WORKER_TIMEOUT_S = 600  # a hang guard; ~90 s on two idle cores, ~260 s on two busy ones
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -50,138 +51,87 @@ def _variants(arch: int):
     import triton
 
     from pcfast.ops import _triton_common as common
-    from pcfast.ops import pc_relax, tp_targets
+    from pcfast.ops import linear_epilogue, local_grad, pc_update, tp_targets
 
     def metas(configs):
         return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
 
-    def fp64(configs, rows, cols):
-        return metas(common._fp64_fit(list(configs), rows, cols))
-
     def precision(dtype, tf32=False):
         return ("tf32" if tf32 else "tf32x3") if dtype == "fp32" else "ieee"
 
-    def ptrs_of(fn, dtype):
-        """Tensors of ``dtype``; offset tables (``*_table_ptr``) are int64, SGD's rates (``hyper_ptr``) float64."""
-        special = {"hyper_ptr": "*fp64"}
-        return {n: "*i64" if n.endswith("_table_ptr") else special.get(n, f"*{dtype}")
+    def ptrs_of(fn, dtype, **special):
+        """Tensors of ``dtype``; offset tables (``*_table_ptr``) int64; ``special`` by name."""
+        return {n: special.get(n, "*i64" if n.endswith("_table_ptr") else f"*{dtype}")
                 for n in fn.arg_names if n.endswith("_ptr")}
 
     sweep_dtypes = ("fp32", "bf16") if arch == 90 else ("fp32",)
-    flag_variants = arch == 90
+    low_dtypes = ("fp16",) if arch == 90 else ("fp16", "bf16")
     out = []
 
-    # _pc_error_kernel: autotuned epilogues 0–2 and LOAD_PRED; epilogue 3 (CE) is launched directly.
-    error = pc_relax._pc_error_kernel_tuned
-    error_units = ("stride_ak", "stride_wk", "stride_on", "stride_tn")
+    def sweep(name, tuned, flags, units, fit, variants, **special):
+        """Every config in the sweep dtypes, the fp64-fitted configs, the flag ``variants`` (sm_90) and
+        TF32, fp16 (and bf16 on sm_80) with the smallest config."""
+        def add(meta, dtype, tf32=False, **changes):
+            row_flags = dict(flags, INPUT_PRECISION=precision(dtype, tf32), **changes)
+            out.append((name, tuned.fn, meta, row_flags, dtype, ptrs_of(tuned.fn, dtype, **special), units))
 
-    def error_flags(dtype, tf32=False, **kw):
-        flags = dict(ACT_IN=1, ACT_OUT=0, HAS_BIAS=True, EPILOGUE=pc_relax.EPILOGUE_HIDDEN_ERROR, ADD_PRED=False,
-                     STORE_PRED=True, LOAD_PRED=False, STACKED=False, NOISE=False,
-                     INPUT_PRECISION=precision(dtype, tf32))
-        flags.update(kw)
-        return flags
+        for dtype in sweep_dtypes:
+            for meta in metas(tuned.configs):
+                add(meta, dtype)
+        for meta in metas(common._fp64_fit(list(tuned.configs), *fit)):
+            add(meta, "fp64")
+        smallest = metas(tuned.configs)[-1]
+        for changes in variants if arch == 90 else ():
+            add(smallest, "fp32", **changes)
+        add(smallest, "fp32", tf32=True)
+        for dtype in low_dtypes:
+            add(smallest, dtype)
 
-    def error_ptrs(dtype, labels=False):
-        return ptrs_of(error.fn, dtype) | ({"target_ptr": "*i64"} if labels else {})
-
-    smallest = metas(error.configs)[-1]
-    for dtype in sweep_dtypes:
-        for meta in metas(error.configs):
-            out.append(("pc_error", error.fn, meta, error_flags(dtype), dtype, error_ptrs(dtype), error_units))
-    for meta in fp64(error.configs, "BLOCK_M", "BLOCK_N"):
-        out.append(("pc_error", error.fn, meta, error_flags("fp64"), "fp64", error_ptrs("fp64"), error_units))
-    for label, flags in (
-        ("affine-gelu", dict(EPILOGUE=pc_relax.EPILOGUE_AFFINE, ACT_IN=4, ACT_OUT=4)),
-        ("mse-target", dict(EPILOGUE=pc_relax.EPILOGUE_MSE, ACT_IN=3, ADD_PRED=True)),
-        ("load-pred", dict(LOAD_PRED=True, STORE_PRED=False, ACT_IN=0, HAS_BIAS=False)),
-        ("relu", dict(ACT_IN=2)),
-        ("stacked", dict(STACKED=True, STORE_PRED=False)),
-        ("noise", dict(NOISE=True, EPILOGUE=pc_relax.EPILOGUE_AFFINE, ACT_IN=0, ACT_OUT=1)),
-    ) if flag_variants else ():
-        out.append(("pc_error", error.fn, smallest, error_flags("fp32", **flags), "fp32", error_ptrs("fp32"), error_units))
-    out.append(("pc_error", error.fn, smallest, error_flags("fp32", tf32=True), "fp32", error_ptrs("fp32"), error_units))
-    for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):
-        out.append(("pc_error", error.fn, smallest, error_flags(dtype), dtype, error_ptrs(dtype), error_units))
+    tile = ("BLOCK_M", "BLOCK_N")
+    linear_units = ("stride_ak", "stride_wk", "stride_on")
+    sweep("linear", linear_epilogue._linear_kernel_tuned,
+          dict(ACT_IN=1, ACT_OUT=0, HAS_BIAS=True, STORE_PRED=True, NOISE=False), linear_units, tile,
+          [dict(ACT_IN=4, ACT_OUT=4), dict(NOISE=True, ACT_IN=0, ACT_OUT=1, STORE_PRED=False, HAS_BIAS=False)])
+    sweep("hidden_error", linear_epilogue._hidden_error_kernel_tuned,
+          dict(ACT_IN=1, HAS_BIAS=True, STACKED=False), linear_units, tile,
+          [dict(ACT_IN=2), dict(STACKED=True), dict(STACKED=True, HAS_BIAS=False, ACT_IN=3)])
+    output_flags = dict(ACT_IN=1, HAS_BIAS=True, LOSS=linear_epilogue.LOSS_CODES["mse"], ADD_PRED=False)
+    output_units = ("stride_ak", "stride_wk", "stride_on", "stride_tn")
+    sweep("output_error", linear_epilogue._output_error_kernel_tuned, output_flags, output_units, tile,
+          [dict(ADD_PRED=True, ACT_IN=3), dict(HAS_BIAS=False, ACT_IN=0)])
 
     # CE in one tile: BLOCK_N covers the row, for every class count up to CE_FUSED_MAX_CLASSES.
-    classes = [16, 32, 64, 128, pc_relax.CE_FUSED_MAX_CLASSES]
+    fused = linear_epilogue._output_error_kernel
+    ce_flags = dict(output_flags, LOSS=linear_epilogue.LOSS_CODES["ce"])
     for dtype in sweep_dtypes:
-        for c in classes:
-            meta = pc_relax.ce_fused_config(c)
-            flags = error_flags(dtype, EPILOGUE=pc_relax.EPILOGUE_CE, ACT_IN=1)
-            out.append(("pc_error_ce_fused", error.fn, meta, flags, dtype, error_ptrs(dtype, labels=True), error_units))
-    meta = pc_relax.ce_fused_config(16)
-    out.append(("pc_error_ce_fused", error.fn, meta, error_flags("fp64", EPILOGUE=pc_relax.EPILOGUE_CE), "fp64",
-                error_ptrs("fp64", labels=True), error_units))
+        for c in [16, 32, 64, 128, linear_epilogue.CE_FUSED_MAX_CLASSES]:
+            out.append(("output_error_ce_fused", fused, linear_epilogue.ce_fused_config(c),
+                        dict(ce_flags, INPUT_PRECISION=precision(dtype)), dtype,
+                        ptrs_of(fused, dtype, target_ptr="*i64"), output_units))
+    out.append(("output_error_ce_fused", fused, linear_epilogue.ce_fused_config(16),
+                dict(ce_flags, ADD_PRED=True, INPUT_PRECISION="ieee"), "fp64", ptrs_of(fused, "fp64", target_ptr="*i64"),
+                output_units))
 
-    ce = pc_relax._ce_error_kernel
+    ce = linear_epilogue._ce_error_kernel
     for dtype in ("fp32", "bf16", "fp64") if arch == 90 else ("fp32",):
-        ptrs = {"f_ptr": f"*{dtype}", "labels_ptr": "*i64", "out_ptr": f"*{dtype}"}
-        out.append(("ce_error", ce, pc_relax.ce_error_config(), dict(ADD_PRED=True), dtype, ptrs, ("stride_n",)))
+        out.append(("ce_error", ce, linear_epilogue.ce_error_config(), dict(ADD_PRED=True), dtype,
+                    ptrs_of(ce, dtype, labels_ptr="*i64"), ("stride_n",)))
 
-    # _pc_update_kernel
-    update = pc_relax._pc_update_kernel_tuned
-    update_units = ("stride_ek", "stride_wn", "stride_zn")
+    sweep("pc_update", pc_update._pc_update_kernel_tuned,
+          dict(ACT=1, FPA=False, UPDATE_ERROR=True, STACKED=False), ("stride_ek", "stride_wn", "stride_zn"), tile,
+          [dict(FPA=True, ACT=4), dict(UPDATE_ERROR=False, ACT=2), dict(STACKED=True, FPA=True)])
 
-    def update_flags(dtype, tf32=False, **kw):
-        return dict(ACT=1, FPA=False, UPDATE_ERROR=True, STACKED=False, INPUT_PRECISION=precision(dtype, tf32)) | kw
+    grad_tile = ("BLOCK_N", "BLOCK_K")
+    sweep("pc_weight_grad", local_grad._pc_weight_grad_kernel_tuned,
+          dict(ACT_A=1, HAS_BIAS=True, STACKED=False), ("stride_en", "stride_ak"), grad_tile,
+          [dict(STACKED=True), dict(ACT_A=3, HAS_BIAS=False)])
+    sweep("tp_weight_grad", local_grad._tp_weight_grad_kernel_tuned,
+          dict(ACT_E=1, HAS_BIAS=True, STACKED=False, NOISE=False, LOSS=False), ("stride_tn", "stride_ak"), grad_tile,
+          [dict(ACT_E=3, STACKED=True), dict(NOISE=True, LOSS=True, ACT_E=1), dict(ACT_E=0, HAS_BIAS=False)])
 
-    for dtype in sweep_dtypes:
-        for meta in metas(update.configs):
-            out.append(("pc_update", update.fn, meta, update_flags(dtype), dtype, ptrs_of(update.fn, dtype), update_units))
-    for meta in fp64(update.configs, "BLOCK_M", "BLOCK_N"):
-        out.append(("pc_update", update.fn, meta, update_flags("fp64"), "fp64", ptrs_of(update.fn, "fp64"), update_units))
-    small = metas(update.configs)[-1]
-    flags_list = [update_flags("fp32", FPA=True, ACT=4), update_flags("fp32", UPDATE_ERROR=False, ACT=2),
-                  update_flags("fp32", STACKED=True, FPA=True)] if flag_variants else []
-    for flags in flags_list + [update_flags("fp32", tf32=True)]:
-        out.append(("pc_update", update.fn, small, flags, "fp32", ptrs_of(update.fn, "fp32"), update_units))
-    for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):
-        out.append(("pc_update", update.fn, small, update_flags(dtype), dtype, ptrs_of(update.fn, dtype), update_units))
-
-    # _pc_weight_grad_kernel
-    grad = pc_relax._pc_weight_grad_kernel_tuned
-    grad_units = ("stride_en", "stride_ak", "stride_gk")
-
-    def grad_flags(dtype, tf32=False, **kw):
-        return dict(ACT_A=1, ACT_E=0, HAS_BIAS=True, DELTA_FROM_TARGET=False, STACKED=False, NOISE=False, LOSS=False,
-                    SGD=False, MOMENTUM=False, HAS_BUFFER=False, NESTEROV=False, INPUT_PRECISION=precision(dtype, tf32)) | kw
-
-    for dtype in sweep_dtypes:
-        for meta in metas(grad.configs):
-            out.append(("pc_weight_grad", grad.fn, meta, grad_flags(dtype), dtype, ptrs_of(grad.fn, dtype), grad_units))
-    for meta in fp64(grad.configs, "BLOCK_N", "BLOCK_K"):
-        out.append(("pc_weight_grad", grad.fn, meta, grad_flags("fp64"), "fp64", ptrs_of(grad.fn, "fp64"), grad_units))
-    small = metas(grad.configs)[-1]
-    flags_list = [grad_flags("fp32", DELTA_FROM_TARGET=True, ACT_E=3, ACT_A=0), grad_flags("fp32", STACKED=True),
-                  grad_flags("fp32", DELTA_FROM_TARGET=True, NOISE=True, LOSS=True, ACT_E=1, ACT_A=0),
-                  grad_flags("fp32", SGD=True, MOMENTUM=True, HAS_BUFFER=True, NESTEROV=True),
-                  grad_flags("fp32", SGD=True),
-                  grad_flags("fp32", STACKED=True, DELTA_FROM_TARGET=True, ACT_E=1, ACT_A=0)] if flag_variants else []
-    for flags in flags_list + [grad_flags("fp32", tf32=True)]:
-        out.append(("pc_weight_grad", grad.fn, small, flags, "fp32", ptrs_of(grad.fn, "fp32"), grad_units))
-    for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):
-        out.append(("pc_weight_grad", grad.fn, small, grad_flags(dtype), dtype, ptrs_of(grad.fn, dtype), grad_units))
-
-    # _tp_target_kernel
-    target = tp_targets._tp_target_kernel_tuned
-    target_units = ("stride_tk", "stride_qk", "stride_on")
-
-    def target_flags(dtype, tf32=False, **kw):
-        return dict(ACT=1, HAS_BIAS=True, DIFFERENCE=True, INPUT_PRECISION=precision(dtype, tf32)) | kw
-
-    for dtype in sweep_dtypes:
-        for meta in metas(target.configs):
-            out.append(("tp_target", target.fn, meta, target_flags(dtype), dtype, ptrs_of(target.fn, dtype), target_units))
-    for meta in fp64(target.configs, "BLOCK_M", "BLOCK_N"):
-        out.append(("tp_target", target.fn, meta, target_flags("fp64"), "fp64", ptrs_of(target.fn, "fp64"), target_units))
-    small = metas(target.configs)[-1]
-    flags_list = [target_flags("fp32", DIFFERENCE=False, ACT=4)] if flag_variants else []
-    for flags in flags_list + [target_flags("fp32", tf32=True)]:
-        out.append(("tp_target", target.fn, small, flags, "fp32", ptrs_of(target.fn, "fp32"), target_units))
-    for dtype in ("fp16",) if arch == 90 else ("fp16", "bf16"):
-        out.append(("tp_target", target.fn, small, target_flags(dtype), dtype, ptrs_of(target.fn, dtype), target_units))
+    sweep("tp_target", tp_targets._tp_target_kernel_tuned,
+          dict(ACT=1, HAS_BIAS=True, DIFFERENCE=True), ("stride_tk", "stride_qk", "stride_on"), tile,
+          [dict(DIFFERENCE=False, ACT=4)])
     del triton
     return out
 

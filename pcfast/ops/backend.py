@@ -1,0 +1,223 @@
+"""The ``Backend`` protocol every compute backend satisfies, and what the backends share.
+
+A backend computes gradients, never updates: PC's relaxation and local gradients (``pc_grads``),
+TP/DTP's targets and local gradients (``tp_grads``), and the feedback maps' reconstruction
+gradients (``feedback_grads``), from value types that checked themselves when they were made
+(``pcfast.types``), so a backend checks nothing again beyond what guards its raw-pointer kernels.
+
+Also here: ``ReferenceBackend`` (``pcfast.reference``, autograd), the dtype table of every backend,
+``draw_noise`` (the seeded noise of backends without in-kernel noise), and the factories of the
+positional module-level functions (``pc_train_step`` …) that every backend module still exposes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..results import FeedbackResult, PCResult, TPResult
+from ..types import Feedback, Net, PCConfig, TPConfig
+
+# Capabilities: the three ops, and "seeded_noise" for backends that draw DTP's feedback noise from a
+# seed inside their kernels (the others draw it with draw_noise, before the computation).
+CAPABILITIES = frozenset({"pc", "tp", "feedback"})
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A compute backend (``pcfast.ops.get_backend`` picks one).
+
+    Example::
+
+        backend = pcfast.ops.get_backend("auto", "pc", x.device, x.dtype)
+        result = backend.pc_grads(Net(weights, biases, activations), x, target,
+                                  PCConfig.of(len(weights), precisions, inference_steps=20))
+    """
+
+    name: str
+    capabilities: frozenset[str]
+
+    def supports_dtype(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this backend computes in ``dtype`` on ``device``."""
+        ...
+
+    def pc_grads(self, net: Net, x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
+        """PC relaxation from the feedforward pass and the local gradients (DESIGN §3)."""
+        ...
+
+    def tp_grads(self, net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
+        """TP/DTP targets and local gradients (DESIGN §4)."""
+        ...
+
+    def feedback_grads(self, net: Net, feedback: Feedback, x: Tensor, *, noise: Sequence[Tensor | None] | None = None,
+                       noise_seed: int | None = None, noise_std: float = 0.0) -> FeedbackResult:
+        """Gradients of the feedback reconstruction losses, on inputs perturbed by ``noise`` (tensors)
+        or by noise of standard deviation ``noise_std`` drawn from ``noise_seed``."""
+        ...
+
+
+def dtype_supported(name: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether backend ``name`` computes in ``dtype`` on ``device``: ``cpp`` in float32 and float64;
+    ``triton`` also in float16 and bfloat16 on CUDA (the interpreter: float32 and float64 only);
+    ``reference`` and ``torch`` in every floating dtype torch has."""
+    if name == "cpp":
+        return dtype in (torch.float32, torch.float64)
+    if name == "triton":
+        wide = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        return dtype in (wide if device.type == "cuda" else (torch.float32, torch.float64))
+    return dtype.is_floating_point
+
+
+def draw_noise(seed: int, std: float, x: Tensor, widths: Sequence[int]) -> list[Tensor]:
+    """ξ_l ~ N(0, std²) of shape (B, width_l) for each feedback layer, drawn in layer order from a
+    ``torch.Generator`` on x's device seeded with ``seed``."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return [torch.randn(x.shape[0], width, generator=generator, dtype=x.dtype, device=x.device).mul_(std)
+            for width in widths]
+
+
+class HostNoiseBackend:
+    """Shared by the backends that take DTP's feedback noise as tensors: ``feedback_grads`` draws it
+    from the seed first (``draw_noise``), then calls ``reconstruction_grads``."""
+
+    name: str = ""
+    capabilities = CAPABILITIES
+
+    def supports_dtype(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return dtype_supported(self.name, dtype, device)
+
+    def feedback_grads(self, net: Net, feedback: Feedback, x: Tensor, *, noise: Sequence[Tensor | None] | None = None,
+                       noise_seed: int | None = None, noise_std: float = 0.0) -> FeedbackResult:
+        if noise_seed is not None:
+            noise = draw_noise(noise_seed, noise_std, x, [w.shape[0] for w in net.weights[:-1]])
+        return self.reconstruction_grads(net, feedback, x, noise)
+
+    def reconstruction_grads(self, net: Net, feedback: Feedback, x: Tensor,
+                             noise: Sequence[Tensor | None] | None) -> FeedbackResult:
+        raise NotImplementedError
+
+
+class ReferenceBackend(HostNoiseBackend):
+    """``pcfast.reference``: autograd on the energy and the local losses — the specification."""
+
+    name = "reference"
+
+    def pc_grads(self, net: Net, x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
+        from .. import reference
+
+        return reference.pc_train_step(
+            list(net.weights), list(net.biases), list(net.activations), x, target, precisions=list(config.precisions),
+            inference_steps=config.inference_steps, inference_lr=config.inference_lr, schedule=config.schedule,
+            fpa=config.fpa, loss=config.loss, return_trajectory=config.return_trajectory,
+        )
+
+    def tp_grads(self, net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
+        from .. import reference
+
+        return reference.tp_train_step(
+            list(net.weights), list(net.biases), list(net.activations), list(feedback.weights),
+            list(feedback.biases), list(feedback.activations), x, target, beta=config.beta, loss=config.loss,
+            difference=config.difference,
+        )
+
+    def reconstruction_grads(self, net, feedback, x, noise) -> FeedbackResult:
+        from .. import reference
+
+        return reference.feedback_grads(
+            list(net.weights), list(net.biases), list(net.activations), list(feedback.weights),
+            list(feedback.biases), list(feedback.activations), x, noise,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The module-level functions of each backend module (``torch_pc.pc_train_step``, ``cpp.…``,
+# ``triton.…``): the positional signatures of ``pcfast.reference``, checking their settings (they
+# may be called directly), then the backend's method.
+# ---------------------------------------------------------------------------------------------
+
+
+def pc_train_step_of(pc_grads: Callable[[Net, Tensor, Tensor, PCConfig], PCResult]) -> Callable[..., PCResult]:
+    """``pc_train_step(weights, biases, activations, x, target, *, precisions, …)`` over ``pc_grads``."""
+
+    @torch.no_grad()
+    def pc_train_step(
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor | None],
+        activations: Sequence[str],
+        x: Tensor,
+        target: Tensor,
+        *,
+        precisions: Sequence[float] | float | None,
+        inference_steps: int,
+        inference_lr: float,
+        schedule: str,
+        fpa: bool,
+        loss: str,
+        return_trajectory: bool = False,
+    ) -> PCResult:
+        """PC relaxation and local gradients; see :func:`pcfast.reference.pc_train_step`."""
+        config = PCConfig.of(len(weights), precisions, inference_steps=inference_steps, inference_lr=inference_lr,
+                             schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
+        return pc_grads(Net(weights, biases, activations), x, target, config)
+
+    pc_train_step.__qualname__ = "pc_train_step"
+    return pc_train_step
+
+
+def tp_train_step_of(tp_grads: Callable[[Net, Feedback, Tensor, Tensor, TPConfig], TPResult]) -> Callable[..., TPResult]:
+    """``tp_train_step(weights, …, feedback_activations, x, target, *, beta, loss, difference)`` over ``tp_grads``."""
+
+    @torch.no_grad()
+    def tp_train_step(
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor | None],
+        activations: Sequence[str],
+        feedback_weights: Sequence[Tensor],
+        feedback_biases: Sequence[Tensor | None],
+        feedback_activations: Sequence[str],
+        x: Tensor,
+        target: Tensor,
+        *,
+        beta: float,
+        loss: str,
+        difference: bool,
+    ) -> TPResult:
+        """TP/DTP targets and local gradients; see :func:`pcfast.reference.tp_train_step`."""
+        config = TPConfig(beta=beta, loss=loss, difference=difference)
+        return tp_grads(Net(weights, biases, activations), Feedback(feedback_weights, feedback_biases,
+                                                                   feedback_activations), x, target, config)
+
+    tp_train_step.__qualname__ = "tp_train_step"
+    return tp_train_step
+
+
+def feedback_grads_of(feedback_grads: Callable[..., FeedbackResult]) -> Callable[..., FeedbackResult]:
+    """``feedback_grads(weights, …, x, noise=None, *, noise_seed=None, noise_std=0.0)`` over a
+    backend's ``feedback_grads``."""
+
+    @torch.no_grad()
+    def positional_feedback_grads(
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor | None],
+        activations: Sequence[str],
+        feedback_weights: Sequence[Tensor],
+        feedback_biases: Sequence[Tensor | None],
+        feedback_activations: Sequence[str],
+        x: Tensor,
+        noise: Sequence[Tensor | None] | None = None,
+        *,
+        noise_seed: int | None = None,
+        noise_std: float = 0.0,
+    ) -> FeedbackResult:
+        """Feedback reconstruction gradients; see :func:`pcfast.reference.feedback_grads` (and
+        ``pcfast.functional.feedback_grads`` for ``noise_seed``)."""
+        if noise is not None and noise_seed is not None:
+            raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
+        return feedback_grads(Net(weights, biases, activations),
+                              Feedback(feedback_weights, feedback_biases, feedback_activations), x,
+                              noise=noise, noise_seed=noise_seed, noise_std=noise_std)
+
+    positional_feedback_grads.__name__ = positional_feedback_grads.__qualname__ = "feedback_grads"
+    return positional_feedback_grads

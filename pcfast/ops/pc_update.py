@@ -1,0 +1,181 @@
+"""Triton kernel of the PC latent update (DESIGN §3, §6): the top-down GEMM ``ε_{l+1} W_{l+1}`` with
+the relaxation step in its epilogue, one launch per layer and inference step.
+
+``_pc_update_kernel`` updates z_l (and, where layer l's prediction does not move with z_l, ε_l) in
+place. Its stacked form runs a Jacobi step of equal-width hidden layers in one launch (grid axis 1),
+their state in (H, B, M) buffers and their separate W_{l+1} found through an offset table. The μP
+coefficients ``κ γ_{l+1}/γ_l`` and ``κ`` are ``tl.float64`` arguments. ``latent_update`` and
+``stacked_latent_update`` are the launchers; the schedule is ``triton_pc``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._triton_common import (
+    LayerTable,
+    activation_code,
+    as_acc,
+    check_matrix,
+    check_same_layout,
+    check_table,
+    gemm_configs,
+    input_precision,
+    matmul_tile,
+    phi_grad,
+    prune_tile_configs,
+    tile_offsets,
+    tiles,
+)
+
+
+@triton.jit
+def _pc_update_kernel(
+    # GEMM operands: td = ε_{l+1} W_{l+1}; ε_{l+1} is (M, K), W_{l+1} is (K, N)
+    e_next_ptr, w_next_ptr,
+    # state of layer l, (M, N), updated in place; u: feedforward pre-activation (FPA's φ');
+    # e_out: where ε_l + step goes (e_ptr itself, or the other buffer of a stacked FPA step)
+    z_ptr, e_ptr, u_ptr, e_out_ptr,
+    # STACKED: int64 element offsets of layer g's W_{l+1} from w_next_ptr
+    w_table_ptr,
+    # sizes
+    M, N, K,
+    # strides; z, ε, u and e_out share (stride_zm, stride_zn); STACKED: layer stride of all five
+    stride_em, stride_ek, stride_wk, stride_wn, stride_zm, stride_zn, layer_stride,
+    # scalars: coefficient = κ γ_{l+1} / γ_l, kappa = κ
+    coefficient: tl.float64, kappa: tl.float64,
+    # meta-parameters
+    ACT: tl.constexpr, FPA: tl.constexpr, UPDATE_ERROR: tl.constexpr, STACKED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """z_l ← z_l − (κ/γ_l) ∂F/∂z_l, i.e.
+
+        step = κ (γ_{l+1}/γ_l) φ'(s) ⊙ (ε_{l+1} W_{l+1}) − κ ε_l,   s = u_l (FPA) or z_l
+        z_l += step;   e_out = ε_l + step  (UPDATE_ERROR: FPA, or the sequential sweep, where layer
+                                           l's prediction does not depend on z_l)
+
+    STACKED: grid axis 1 runs over G consecutive layers of equal width in one launch (a Jacobi
+    step): layer g's state sits at ``g·layer_stride`` from z, ε, u, e_out and ε_{l+1} at the same
+    distance from e_next; W_{l+1} comes from the offset table.
+    """
+    ACC: tl.constexpr = tl.float64 if w_next_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if STACKED:
+        layer = tl.program_id(1)
+        w_next_ptr += tl.load(w_table_ptr + layer)
+        shift = layer.to(tl.int64) * layer_stride
+        e_next_ptr += shift
+        z_ptr += shift
+        e_ptr += shift
+        e_out_ptr += shift
+        if FPA:
+            u_ptr += shift
+    offs_m, offs_n, _ = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    topdown = matmul_tile(
+        e_next_ptr, w_next_ptr, offs_m, offs_n, M, N, K, stride_em, stride_ek, stride_wk, stride_wn,
+        0, 0, 0.0, 0, False, ACC, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offsets = offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+    z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    e = tl.load(e_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    if FPA:
+        slope = phi_grad(tl.load(u_ptr + offsets, mask=mask, other=0.0).to(ACC), ACT)
+    else:
+        slope = phi_grad(z, ACT)
+    step = as_acc(coefficient, ACC) * slope * topdown - as_acc(kappa, ACC) * e
+    tl.store(z_ptr + offsets, (z + step).to(z_ptr.dtype.element_ty), mask=mask)
+    if UPDATE_ERROR:
+        tl.store(e_out_ptr + offsets, (e + step).to(e_out_ptr.dtype.element_ty), mask=mask)
+
+
+_pc_update_kernel_tuned = triton.autotune(
+    configs=gemm_configs(),
+    key=["M", "N", "K", "ACT", "FPA", "UPDATE_ERROR", "STACKED", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
+    restore_value=["z_ptr", "e_ptr", "e_out_ptr"],  # benchmarking must not advance the state
+)(_pc_update_kernel)
+
+
+def _check_fpa(latent: Tensor, fpa: bool, preactivation: Tensor | None, error_out: Tensor | None) -> None:
+    if fpa:
+        if preactivation is None:
+            raise ValueError("preactivation: FPA takes φ' at the feedforward u_l")
+        check_same_layout("preactivation", preactivation, latent)
+    if error_out is not None:
+        check_same_layout("error_out", error_out, latent)
+
+
+def latent_update(
+    latent: Tensor,
+    error: Tensor,
+    error_next: Tensor,
+    weight_next: Tensor,
+    *,
+    act: str,
+    coefficient: float,
+    kappa: float,
+    fpa: bool,
+    update_error: bool,
+    preactivation: Tensor | None = None,
+    error_out: Tensor | None = None,
+) -> None:
+    """Launch ``_pc_update_kernel``: one relaxation step of ``latent`` (and ``error``) in place.
+    ``preactivation`` (u_l) supplies φ' under FPA; ``error_out`` receives ε_l + step instead of
+    ``error`` (a stacked FPA step reads the old errors of every layer while writing the new)."""
+    batch, width = latent.shape
+    check_same_layout("error", error, latent)
+    check_matrix("weight_next", weight_next, (error_next.shape[1], width), latent.dtype)
+    check_matrix("error_next", error_next, (batch, weight_next.shape[0]), latent.dtype)
+    _check_fpa(latent, fpa, preactivation, error_out)
+    _pc_update_kernel_tuned[lambda meta: tiles(meta, batch, width)](
+        e_next_ptr=error_next, w_next_ptr=weight_next, z_ptr=latent, e_ptr=error,
+        u_ptr=preactivation if fpa else None, e_out_ptr=error if error_out is None else error_out, w_table_ptr=None,
+        M=batch, N=width, K=weight_next.shape[0],
+        stride_em=error_next.stride(0), stride_ek=error_next.stride(1), stride_wk=weight_next.stride(0),
+        stride_wn=weight_next.stride(1), stride_zm=latent.stride(0), stride_zn=latent.stride(1), layer_stride=0,
+        coefficient=float(coefficient), kappa=float(kappa),
+        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, STACKED=False,
+        INPUT_PRECISION=input_precision(latent),
+    )
+
+
+def stacked_latent_update(
+    latents: Tensor,
+    errors: Tensor,
+    errors_next: Tensor,
+    weights_next: LayerTable,
+    *,
+    act: str,
+    coefficient: float,
+    kappa: float,
+    fpa: bool,
+    update_error: bool,
+    preactivations: Tensor | None = None,
+    errors_out: Tensor | None = None,
+) -> None:
+    """One Jacobi relaxation step of G equal-width layers in one launch (see ``latent_update``):
+    ``latents``, ``errors``, ``errors_next``, ``preactivations``, ``errors_out`` are (G, B, N) with
+    one layout; W_{l+1} (N, N) from the table. Every layer reads ``errors`` before any writes
+    ``errors_out``, so with ``update_error`` the two must be different buffers."""
+    layers, batch, width = latents.shape
+    check_matrix("weight_next", weights_next.base, (width, width), latents.dtype)
+    check_table("weights_next", weights_next, layers)
+    check_same_layout("errors", errors, latents)
+    check_same_layout("errors_next", errors_next, latents)
+    _check_fpa(latents, fpa, preactivations, errors_out)
+    if update_error and (errors_out is None or errors_out.data_ptr() == errors.data_ptr()):
+        raise ValueError("errors_out: a stacked step that moves the errors writes them to another buffer")
+    _pc_update_kernel_tuned[lambda meta: (tiles(meta, batch, width)[0], layers)](
+        e_next_ptr=errors_next, w_next_ptr=weights_next.base, z_ptr=latents, e_ptr=errors,
+        u_ptr=preactivations if fpa else None, e_out_ptr=errors if errors_out is None else errors_out,
+        w_table_ptr=weights_next.offsets,
+        M=batch, N=width, K=width,
+        stride_em=errors_next.stride(1), stride_ek=errors_next.stride(2), stride_wk=weights_next.base.stride(0),
+        stride_wn=weights_next.base.stride(1), stride_zm=latents.stride(1), stride_zn=latents.stride(2),
+        layer_stride=latents.stride(0),
+        coefficient=float(coefficient), kappa=float(kappa),
+        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, STACKED=True,
+        INPUT_PRECISION=input_precision(latents),
+    )

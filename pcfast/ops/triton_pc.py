@@ -1,0 +1,204 @@
+"""The Triton backend's PC train step: which kernel runs when (DESIGN §3, §6).
+
+Launch schedule of one PC step (L layers, T steps); the kernels are ``linear_epilogue``,
+``pc_update`` and ``local_grad``:
+
+- feedforward: L−1 ``linear`` launches (φ applied on load, z_l = u_l stored twice: the latent and
+  FPA's frozen prediction) and the output error ε_L with its prediction f in one launch;
+- per step, jacobi: L−1 update launches bottom-up (under FPA each also moves ε_l, which the layer
+  below has already read), then, without FPA, L error launches (layer 1's prediction is constant:
+  its error is a subtraction);
+- per step, sequential: per layer top-down one error launch (without FPA) then one update launch;
+- weight gradients: L launches, bias row sums in the same pass.
+
+The scalar energy and loss are torch reductions over the final buffers.
+
+Stacked path (Jacobi schedule, H ≥ 2 hidden layers of one width, activation and precision; see
+``stack_plan``): the hidden layers' state lives in (H, B, M) buffers and the model's separate
+W_2 … W_H are addressed through an offset table, so each pass is one launch for all of them —
+per step one update launch for layers 1 … H−1 plus one for layer H, and (without FPA) one error
+launch for layers 2 … H plus layer 1's and the output's: 5 launches instead of 2H + 1; under FPA,
+2 instead of H, with the errors written to a second buffer (every layer reads the step's old ε).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..results import PCResult
+from ..types import PCConfig
+from . import linear_epilogue, local_grad, pc_update
+from ._triton_common import LayerTable
+from .torch_pc import _loss_sum
+
+Stack = tuple[LayerTable, LayerTable | None]
+
+
+def stack_plan(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str],
+               config: PCConfig) -> Stack | None:
+    """Offset tables of W_2 … W_H (and b_2 … b_H) when the hidden layers can share launches, else None.
+
+    A Jacobi step reads every layer's state from before the step, so equal-width hidden layers with
+    one activation and one precision run as one launch per pass (grid axis 1 = layer). The
+    sequential sweep is ordered by definition and never stacks."""
+    hidden = len(weights) - 1
+    if config.schedule != "jacobi" or hidden < 2:
+        return None
+    width = weights[0].shape[0]
+    if any(w.shape[0] != width for w in weights[:hidden]) or len(set(activations[:hidden])) != 1:
+        return None
+    if len(set(config.precisions[:hidden])) != 1:
+        return None
+    weight_table = LayerTable.of(list(weights[1:hidden]))
+    if weight_table is None:
+        return None
+    inner = list(biases[1:hidden])
+    if all(b is None for b in inner):
+        return weight_table, None
+    if any(b is None for b in inner):
+        return None
+    bias_table = LayerTable.of(inner)
+    return None if bias_table is None else (weight_table, bias_table)
+
+
+def pc_step(
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    activations: Sequence[str],
+    x: Tensor,
+    target: Tensor,
+    config: PCConfig,
+    stack: Stack | None,
+    ce_fused_max_classes: int,
+) -> PCResult:
+    """One PC train step with the kernels (inputs in the kernels' layout; see the module docstring)."""
+    depth, batch = len(weights), x.shape[0]
+    hidden = depth - 1
+    gammas, kappa, fpa = config.precisions, config.inference_lr, config.fpa
+    new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)
+    zeros = lambda *shape: torch.zeros(*shape, dtype=x.dtype, device=x.device)
+
+    # predictions[l]: u_l from the feedforward pass (FPA's frozen values and φ'; layer 1's prediction
+    # is constant), except the output layer's, refreshed with ε_L (the energy needs f).
+    # latents[l] = z_l; errors[l] = ε_l. With a stack (see stack_plan) the hidden layers' state
+    # are views of (H, B, M) buffers, and FPA keeps a second error buffer to write the next step into.
+    if stack is None:
+        predictions = [new(w.shape[0]) for w in weights]
+        latents = [new(w.shape[0]) for w in weights[:hidden]]
+        errors = [zeros(batch, w.shape[0]) for w in weights]
+    else:
+        width = weights[0].shape[0]
+        stacked_z, stacked_u = (torch.empty(hidden, batch, width, dtype=x.dtype, device=x.device) for _ in range(2))
+        stacked_e = [zeros(hidden, batch, width) for _ in range(2 if fpa else 1)]
+        predictions = list(stacked_u) + [new(weights[-1].shape[0])]
+        latents = list(stacked_z)
+        errors = list(stacked_e[0]) + [zeros(batch, weights[-1].shape[0])]
+
+    def presynaptic(l: int, frozen: bool = False) -> tuple[Tensor, str]:
+        """Layer l's input before φ, and φ: x, or z_{l-1} (u_{l-1} when ``frozen``)."""
+        if l == 0:
+            return x, "identity"
+        return (predictions if frozen else latents)[l - 1], activations[l - 1]
+
+    def refresh_error(l: int) -> None:
+        if l == 0 and hidden > 0:  # layer 1's prediction is constant
+            torch.sub(latents[0], predictions[0], out=errors[0])
+            return
+        a, act = presynaptic(l)
+        if l < hidden:
+            linear_epilogue.hidden_error(a, weights[l], biases[l], latents[l], act_in=act, out=errors[l])
+        else:
+            linear_epilogue.output_error(a, weights[l], biases[l], target, loss=config.loss, pred=predictions[l],
+                                         out=errors[l], act_in=act, ce_fused_max_classes=ce_fused_max_classes)
+
+    def update(l: int, update_error: bool, error_out: Tensor | None = None) -> None:
+        pc_update.latent_update(
+            latents[l], errors[l], errors[l + 1], weights[l + 1], act=activations[l],
+            coefficient=kappa * gammas[l + 1] / gammas[l], kappa=kappa, fpa=fpa,
+            update_error=update_error, preactivation=predictions[l], error_out=error_out,
+        )
+
+    def stacked_jacobi_step() -> None:
+        """Hidden layers 1 … H−1 (whose W_{l+1} are M × M) in one update launch, layer H alone;
+        then the errors of layers 2 … H in one launch (layer 1's and ε_L's alone)."""
+        weight_table, bias_table = stack
+        coefficient = kappa * gammas[1] / gammas[0]
+        if fpa:  # read this step's errors from stacked_e[0], write the next step's into stacked_e[1]
+            current, following = stacked_e
+            pc_update.stacked_latent_update(
+                stacked_z[:-1], current[:-1], current[1:], weight_table, act=activations[0],
+                coefficient=coefficient, kappa=kappa, fpa=True, update_error=True,
+                preactivations=stacked_u[:-1], errors_out=following[:-1],
+            )
+            update(hidden - 1, update_error=True, error_out=following[-1])
+            stacked_e.reverse()
+            errors[:hidden] = list(following)
+            return
+        pc_update.stacked_latent_update(
+            stacked_z[:-1], stacked_e[0][:-1], stacked_e[0][1:], weight_table, act=activations[0],
+            coefficient=coefficient, kappa=kappa, fpa=False, update_error=False,
+        )
+        update(hidden - 1, update_error=False)
+        refresh_error(0)
+        linear_epilogue.stacked_hidden_error(stacked_z[:-1], stacked_z[1:], stacked_e[0][1:], weight_table,
+                                             bias_table, act_in=activations[0])
+        refresh_error(depth - 1)
+
+    # Feedforward pass: z_l = u_l (so ε_l = 0 for l < L), ε_L = −∂ℓ/∂f_0.
+    for l in range(hidden):
+        a, act = presynaptic(l)
+        linear_epilogue.linear(a, weights[l], biases[l], act_in=act, out=latents[l], pred=predictions[l])
+    refresh_error(depth - 1)
+    loss_value = _loss_sum(predictions[-1], target, config.loss) / batch
+
+    trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
+    for _ in range(config.inference_steps):
+        if stack is not None:
+            stacked_jacobi_step()
+        elif config.schedule == "jacobi":
+            for l in range(hidden):  # bottom-up: layer l moves ε_l after layer l−1 has read it
+                update(l, update_error=fpa)
+            if not fpa:
+                for l in range(depth):
+                    refresh_error(l)
+        else:
+            if not fpa:
+                refresh_error(depth - 1)
+            for l in reversed(range(hidden)):
+                if not fpa:
+                    refresh_error(l)
+                update(l, update_error=True)
+        if trajectory is not None:
+            trajectory.append([z.clone() for z in latents])
+    if not fpa and config.schedule == "sequential" and config.inference_steps > 0:
+        for l in range(depth):  # a sweep leaves the errors above each layer stale
+            refresh_error(l)
+
+    # Weight gradients at the final state: −γ_l ε_lᵀ φ(z_{l-1}) / B (FPA: φ(u_{l-1})).
+    weight_grads, bias_grads = [], []
+    for l in range(depth):
+        if stack is not None and 0 < l < hidden:
+            continue
+        a, act = presynaptic(l, frozen=fpa)
+        gw, gb = local_grad.pc_weight_grad(errors[l], a, scale=-gammas[l] / batch, act_in=act,
+                                           has_bias=biases[l] is not None)
+        weight_grads.append(gw)
+        bias_grads.append(gb)
+    if stack is not None:  # layers 2 … H in one launch
+        gw, gb = local_grad.stacked_pc_weight_grad(
+            stacked_e[0][1:], (stacked_u if fpa else stacked_z)[:-1], scale=-gammas[1] / batch,
+            act_in=activations[0], has_bias=stack[1] is not None,
+        )
+        weight_grads[1:1] = list(gw)
+        bias_grads[1:1] = list(gb) if gb is not None else [None] * (hidden - 1)
+
+    energy = x.new_zeros(())
+    for l in range(hidden):
+        energy += 0.5 * gammas[l] * torch.sum(errors[l] * errors[l])
+    energy += gammas[-1] * _loss_sum(predictions[-1], target, config.loss)
+    return PCResult(
+        latents=latents, errors=errors, weight_grads=weight_grads, bias_grads=bias_grads,
+        energy=energy, loss=loss_value, trajectory=trajectory,
+    )

@@ -1,0 +1,56 @@
+"""The PC latent-update kernel (``pcfast/ops/pc_update.py``): one relaxation step against its
+formula, and what its stacked launcher refuses. Whole trajectories through it: ``test_triton_pc``."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pcfast.activations import phi_grad
+from pcfast.ops import pc_update
+from pcfast.ops._triton_common import LayerTable
+from pcfast.testing import assert_close
+
+
+@pytest.mark.parametrize("fpa, update_error", [(False, False), (False, True), (True, True)],
+                         ids=["jacobi", "sequential", "fpa"])
+def test_latent_update_equals_its_formula(fpa, update_error):
+    """step = κ (γ_{l+1}/γ_l) φ'(s) ⊙ (ε_{l+1} W_{l+1}) − κ ε_l with s = u (FPA) or z; z += step and,
+    with update_error, ε += step — batch 33 and widths 40/37 span several tiles."""
+    gen = torch.Generator().manual_seed(0)
+    z, e, u = (torch.randn(33, 40, generator=gen, dtype=torch.float64) for _ in range(3))
+    e_next = torch.randn(33, 37, generator=gen, dtype=torch.float64)
+    w_next = torch.randn(37, 40, generator=gen, dtype=torch.float64)
+    coefficient, kappa = 0.3, 0.2
+    slope = phi_grad("tanh")(u if fpa else z)
+    step = coefficient * slope * (e_next @ w_next) - kappa * e
+    expected_z, expected_e = z + step, (e + step if update_error else e.clone())
+    pc_update.latent_update(z, e, e_next, w_next, act="tanh", coefficient=coefficient, kappa=kappa, fpa=fpa,
+                            update_error=update_error, preactivation=u if fpa else None)
+    assert_close(z, expected_z, name="latent")
+    assert_close(e, expected_e, name="error")
+
+
+def test_latent_update_under_fpa_needs_the_preactivation():
+    z = torch.zeros(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="preactivation"):
+        pc_update.latent_update(z, z.clone(), z.clone(), torch.zeros(4, 4, dtype=torch.float64), act="tanh",
+                                coefficient=1.0, kappa=0.1, fpa=True, update_error=True)
+
+
+def test_stacked_update_refuses_to_write_errors_it_reads():
+    """A stacked step that moves the errors must write them to another buffer: layer l reads ε_{l+1}
+    while layer l+1 moves it."""
+    z, e = torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4, dtype=torch.float64)
+    table = LayerTable.of([torch.zeros(4, 4, dtype=torch.float64) for _ in range(2)])
+    with pytest.raises(ValueError, match="errors_out"):
+        pc_update.stacked_latent_update(z, e, e, table, act="tanh", coefficient=1.0, kappa=0.1, fpa=True,
+                                        update_error=True, preactivations=z, errors_out=e)
+
+
+def test_layer_table_rejects_tensors_that_cannot_share_a_launch():
+    a = torch.zeros(4, 4)
+    assert LayerTable.of([a, torch.zeros(4, 5)]) is None
+    assert LayerTable.of([a, torch.zeros(4, 4).T.contiguous().T]) is None  # other strides
+    assert LayerTable.of([a, torch.zeros(4, 4, dtype=torch.float64)]) is None
+    table = LayerTable.of([a, torch.zeros(4, 4)])
+    assert table.offsets[0] == 0 and table.offsets.dtype == torch.int64
