@@ -1,7 +1,7 @@
 """One train step of PC, TP, DTP and BP per provider and configuration.
 
 Providers: ``reference`` (the specification, autograd), ``torch`` (explicit backend), ``cpp`` (the C++
-engine, when built) and ``compile`` (``torch.compile`` of the torch backend). Run with
+engine, when built) and ``compile`` (``torch.compile`` of the torch backend's ``pc_grads``). Run with
 
     pytest benchmarks/test_bench_train_step.py --benchmark-json=bench.json
     python benchmarks/report.py bench.json
@@ -17,6 +17,7 @@ from pcfast import functional as F
 from pcfast import ops
 from pcfast.ops import torch_pc
 from pcfast.testing import make_batch, make_feedback, make_net
+from pcfast.types import Net, PCConfig
 
 from .conftest import CONFIGS, Case, record
 
@@ -43,14 +44,13 @@ def step_function(algo: str, provider: str, dims, size):
         fn = F.pc_train_step
         if provider == "compile":
             if "pc" not in _compiled:
-                _compiled["pc"] = torch.compile(torch_pc.pc_train_step, dynamic=False)
+                _compiled["pc"] = torch.compile(torch_pc.pc_grads, dynamic=False)
             compiled = _compiled["pc"]
+            net = Net(weights, biases, acts)  # the parameters themselves: sgd updates them in place
+            config = PCConfig.of(len(dims) - 1, inference_steps=Case(dims, size).steps, inference_lr=0.1)
 
             def run():
-                out = compiled(weights, biases, acts, x, y, precisions=[1.0] * (len(dims) - 1),
-                               inference_steps=Case(dims, size).steps, inference_lr=0.1, schedule="jacobi",
-                               fpa=False, loss="mse")
-                sgd(out.weight_grads)
+                sgd(compiled(net, x, y, config).weight_grads)
             return run
 
         def run():
