@@ -1,4 +1,4 @@
-"""Device-to-host reads in one optimizer step: PC and BP read the host once per step (the step's
+"""Device-to-host reads in one optimizer step: PC, BP, TP and DTP read the host once per step (the step's
 statistics with its finiteness flag), so a CUDA step never waits on the GPU more than once.
 
 Counted under a dispatch mode: calls of ``aten::_local_scalar_dense`` (``item()``, ``bool()``,
@@ -44,7 +44,8 @@ def count_host_reads(monkeypatch, run, host_tensors=()) -> int:
     return reads.count
 
 
-CASES = [("pc", "triton"), ("pc", "torch"), ("pc", "cpp"), ("bp", "auto")]
+# (TP/DTP on triton read once more per feedback step: the seed of the in-kernel noise.)
+CASES = [("pc", "triton"), ("pc", "torch"), ("pc", "cpp"), ("bp", "auto"), ("tp", "torch"), ("dtp", "cpp")]
 
 
 @pytest.mark.parametrize("target", ["labels", "one-hot"])
@@ -56,8 +57,8 @@ def test_one_optimizer_step_reads_the_host_once(monkeypatch, algo, backend, targ
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
     settings = dict(inference_steps=3) if algo == "pc" else {}
-    opt = {"pc": pcfast.optim.PC, "bp": pcfast.optim.BP}[algo](model, lr=0.1, momentum=0.9, backend=backend,
-                                                              **settings)
+    optimizers = {"pc": pcfast.optim.PC, "bp": pcfast.optim.BP, "tp": pcfast.optim.TP, "dtp": pcfast.optim.DTP}
+    opt = optimizers[algo](model, lr=0.1, momentum=0.9, backend=backend, **settings)
     x, y = torch.randn(4, 6, device=device), torch.tensor([0, 1, 2, 1], device=device)
     if target == "one-hot":
         y = nn.functional.one_hot(y, 3).float()
