@@ -254,8 +254,19 @@ def parametrize(
     """
     mlp = parse_mlp(model)
     check_bool("init", init)
-    b, c, gb = exponents(preset, algo, gamma_bar)
-    depth = mlp.depth
+    _, _, gb = exponents(preset, algo, gamma_bar)
+    _check_settings(mlp.depth, preset, base_width, sigma=sigma, gamma=gamma, readout_scale=readout_scale)
+    layers = _layer_scales(mlp, preset, algo, base_width, gamma_bar, sigma=sigma, gamma=gamma,
+                           readout_scale=readout_scale)
+    if init:
+        _reinitialise(mlp, layers, generator)
+    return Parametrization(preset, algo, base_width, gb, float(sigma), float(gamma), layers)
+
+
+def _check_settings(depth: int, preset: str, base_width: int | None, **scales: float) -> None:
+    """Raise ``ValueError`` for settings ``parametrize`` cannot use: μP on a model without a hidden
+    layer or without ``base_width``, a ``base_width`` that is not a positive int, or a scale
+    (``sigma``, ``gamma``, ``readout_scale``) that is not a finite number > 0."""
     if preset == "mup":
         if depth < 2:
             raise ValueError("model: μP needs at least one hidden layer (two nn.Linear); use preset='sp'")
@@ -266,9 +277,17 @@ def parametrize(
             )
     if base_width is not None and (isinstance(base_width, bool) or int(base_width) != base_width or base_width < 1):
         raise ValueError(f"base_width: expected a positive int, got {base_width!r}")
-    for name, value in (("sigma", sigma), ("gamma", gamma), ("readout_scale", readout_scale)):
+    for name, value in scales.items():
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+
+
+def _layer_scales(mlp: MLP, preset: str, algo: str, base_width: int | None, gamma_bar: float, *,
+                  sigma: float, gamma: float, readout_scale: float) -> list[LayerScale]:
+    """Each layer's width multiplier, init std, learning-rate multipliers and precision (the formulas
+    of :func:`parametrize`), from the exponents of ``preset`` and ``algo``."""
+    b, c, gb = exponents(preset, algo, gamma_bar)
+    depth = mlp.depth
     layers = []
     for l, lin in enumerate(mlp.linears):
         group = _group(l, depth) if depth > 1 else "first"
@@ -280,10 +299,13 @@ def parametrize(
         precision = gamma * m**-gb if (algo == "pc" and group == "last") else 1.0
         bias_mult = m ** -bias_exponent(c, group)
         layers.append(LayerScale(group, lin.in_features, lin.out_features, m, std, m ** -c[group], bias_mult, precision))
-    if init:
-        with torch.no_grad():
-            for lin, scale in zip(mlp.linears, layers):
-                lin.weight.normal_(0.0, scale.init_std, generator=generator)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-    return Parametrization(preset, algo, base_width, gb, float(sigma), float(gamma), layers)
+    return layers
+
+
+def _reinitialise(mlp: MLP, layers: list[LayerScale], generator: torch.Generator | None) -> None:
+    """Draw every weight from N(0, σ_l²) (in layer order, from ``generator``) and zero every bias."""
+    with torch.no_grad():
+        for lin, scale in zip(mlp.linears, layers):
+            lin.weight.normal_(0.0, scale.init_std, generator=generator)
+            if lin.bias is not None:
+                lin.bias.zero_()
