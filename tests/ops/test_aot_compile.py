@@ -11,9 +11,10 @@ Compile matrix: on both architectures every config of every autotuned kernel in 
 input precision is ``tf32x3``, what fp32 runs with on CUDA) and every config that survives the fp64
 pruning in fp64; on sm_90 (what the benchmarks target) also every config in bf16 and the flag
 variants; fp16, TF32 (and bf16 on sm_80) with the smallest config. About 210 compiles (79 for sm_80,
-134 for sm_90), ~2.5 min on two idle cores. Pointers are marked 16-byte aligned
-integer sizes and strides divisible by 16, and unit strides constant 1, as the JIT specialises
-contiguous tensors of 16-divisible widths at run time.
+135 for sm_90), ~2.5 min on two idle cores. Pointers that a launcher passes as None under a
+variant's flags compile as constexpr None, as the JIT compiles them; the other pointers are marked
+16-byte aligned, integer sizes and strides divisible by 16, and unit strides constant 1, as the JIT
+specialises contiguous tensors of 16-divisible widths at run time.
 
 Run the worker by hand: ``python tests/ops/test_aot_compile.py 90`` prints the JSON report.
 """
@@ -64,6 +65,25 @@ def _variants(arch: int):
         return {n: special.get(n, "*i64" if n.endswith("_table_ptr") else f"*{dtype}")
                 for n in fn.arg_names if n.endswith("_ptr")}
 
+    def absent(name, flags):
+        """The pointers a launcher passes as None under ``flags`` (the JIT compiles them as constexpr None)."""
+        bias, stacked = flags.get("HAS_BIAS"), flags.get("STACKED")
+        off = {
+            "linear": {"bias_ptr": not bias, "pred_ptr": not flags.get("STORE_PRED")},
+            "hidden_error": {"bias_ptr": not bias, "w_table_ptr": not stacked, "b_table_ptr": not (stacked and bias)},
+            "output_error": {"bias_ptr": not bias},
+            "output_error_ce_fused": {"bias_ptr": not bias},
+            "pc_update": {"u_ptr": not flags.get("FPA"), "w_table_ptr": not stacked},
+            "pc_weight_grad": {"grad_b_ptr": not bias},
+            "tp_weight_grad": {"grad_b_ptr": not bias, "sq_ptr": not flags.get("LOSS")},
+            "tp_target": {"c_ptr": not bias},
+        }.get(name, {})
+        return {pointer for pointer, is_off in off.items() if is_off}
+
+    def pointers(name, fn, dtype, flags, **special):
+        """``ptrs_of`` with the absent pointers None."""
+        return {n: None if n in absent(name, flags) else t for n, t in ptrs_of(fn, dtype, **special).items()}
+
     sweep_dtypes = ("fp32", "bf16") if arch == 90 else ("fp32",)
     low_dtypes = ("fp16",) if arch == 90 else ("fp16", "bf16")
     out = []
@@ -73,7 +93,8 @@ def _variants(arch: int):
         TF32, fp16 (and bf16 on sm_80) with the smallest config."""
         def add(meta, dtype, tf32=False, **changes):
             row_flags = dict(flags, INPUT_PRECISION=precision(dtype, tf32), **changes)
-            out.append((name, tuned.fn, meta, row_flags, dtype, ptrs_of(tuned.fn, dtype, **special), units))
+            out.append((name, tuned.fn, meta, row_flags, dtype, pointers(name, tuned.fn, dtype, row_flags, **special),
+                        units))
 
         for dtype in sweep_dtypes:
             for meta in metas(tuned.configs):
@@ -108,9 +129,9 @@ def _variants(arch: int):
             out.append(("output_error_ce_fused", fused, linear_epilogue.ce_fused_config(c),
                         dict(ce_flags, INPUT_PRECISION=precision(dtype)), dtype,
                         ptrs_of(fused, dtype, target_ptr="*i64"), output_units))
-    out.append(("output_error_ce_fused", fused, linear_epilogue.ce_fused_config(16),
-                dict(ce_flags, ADD_PRED=True, INPUT_PRECISION="ieee"), "fp64", ptrs_of(fused, "fp64", target_ptr="*i64"),
-                output_units))
+    fp64_flags = dict(ce_flags, ADD_PRED=True, HAS_BIAS=False, INPUT_PRECISION="ieee")
+    out.append(("output_error_ce_fused", fused, linear_epilogue.ce_fused_config(16), fp64_flags, "fp64",
+                pointers("output_error_ce_fused", fused, "fp64", fp64_flags, target_ptr="*i64"), output_units))
 
     ce = linear_epilogue._ce_error_kernel
     for dtype in ("fp32", "bf16", "fp64") if arch == 90 else ("fp32",):
@@ -131,7 +152,7 @@ def _variants(arch: int):
 
     sweep("tp_target", tp_targets._tp_target_kernel_tuned,
           dict(ACT=1, HAS_BIAS=True, DIFFERENCE=True), ("stride_tk", "stride_qk", "stride_on"), tile,
-          [dict(DIFFERENCE=False, ACT=4)])
+          [dict(DIFFERENCE=False, ACT=4), dict(HAS_BIAS=False)])
     del triton
     return out
 
@@ -151,11 +172,13 @@ def _compile_one(arch, kernel, fn, meta, flags, dtype, pointer_types, unit_strid
     meta = dict(meta)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages", 3)}
     constexprs = {**meta, **flags, **{name: 1 for name in unit_strides}}
+    constexprs.update({name: None for name, kind in pointer_types.items() if kind is None})  # absent pointers
     signature = aot_signature(fn, pointer_types, constexprs)
     # As the JIT specialises aligned tensors of 16-divisible sizes (784, 256, 4096, batch 64, …).
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if signature[name] in ("i32",) or signature[name].startswith("*")}
-    row = {"kernel": kernel, "arch": arch, "dtype": dtype, "meta": meta, "flags": flags, **options}
+    row = {"kernel": kernel, "arch": arch, "dtype": dtype, "meta": meta, "flags": flags, **options,
+           "absent": sorted(name for name, kind in pointer_types.items() if kind is None)}
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     start = time.perf_counter()
