@@ -4,6 +4,9 @@ No autograd. Every buffer is allocated once per call and reused across inference
 errors and activities are updated in place. Per step and layer there is one GEMM for the prediction
 (the first layer's is constant and computed once) and one for the top-down term; with FPA only the
 top-down GEMMs remain. Runs on any device and dtype. The math is ``pcfast.reference.pc``.
+
+``pc_grads`` takes a ``Net`` and a ``PCConfig`` (``TorchBackend.pc_grads``); ``pc_train_step`` is its
+positional form with the signature of ``pcfast.reference.pc_train_step``, which checks its settings.
 """
 from __future__ import annotations
 
