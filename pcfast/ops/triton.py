@@ -110,17 +110,21 @@ class TritonBackend:
         opts = self._options()
         x, target = as_contiguous(x), as_contiguous(target)
         weights, biases, copied = kernel_layout(net.weights, net.biases)
-        stack = triton_pc.stack_plan(weights, biases, net.activations, config) if opts.stacked else None
+        # The stack plan (its offset tables are device tensors) is made by the first run that needs
+        # it: a replayed graph needs none, and ``plan`` keeps the tables alive as long as the graph.
+        plan: list = []
 
         def run(x_in: Tensor, target_in: Tensor) -> PCResult:
-            return triton_pc.pc_step(weights, biases, net.activations, x_in, target_in, config, stack,
+            if not plan:
+                plan.append(triton_pc.stack_plan(weights, biases, net.activations, config) if opts.stacked else None)
+            return triton_pc.pc_step(weights, biases, net.activations, x_in, target_in, config, plan[0],
                                      opts.ce_fused_max_classes)
 
         if not (opts.cuda_graphs and x.is_cuda and not config.return_trajectory) or copied:
             return run(x, target)
         key = ("pc", cuda_graphs.parameter_key(weights), cuda_graphs.parameter_key(biases), net.activations,
                _batch_key(x, target), config, opts, input_precision(x))
-        return cuda_graphs.graphs.run(key, run, (x, target), capacity=opts.graph_cache_size, keep=stack)
+        return cuda_graphs.graphs.run(key, run, (x, target), capacity=opts.graph_cache_size, keep=plan)
 
     @torch.no_grad()
     def tp_grads(self, net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
