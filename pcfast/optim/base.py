@@ -41,11 +41,13 @@ collective, so every rank raises, and none changes anything.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 import warnings
 import weakref
-from typing import Any, Callable
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +56,7 @@ from torch.optim.sgd import sgd as functional_sgd
 from .. import distributed
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization, standard
-from ..network import MLP, check_batch, labels_out_of_range, parse_mlp
+from ..network import MLP, check_batch, labels_out_of_range, parse_mlp, resolve_loss
 
 # Keys of the model's parameter groups beside ``defaults``.
 _LAYER_KEYS = ("layer", "kind")
@@ -119,6 +121,23 @@ def _saved_value_fits(saved: Any, mine: Any) -> bool:
     return type(saved) is type(mine)
 
 
+@dataclass(frozen=True)
+class Options:
+    """An algorithm's settings, checked once when made. The fields become keyword arguments of the
+    optimizer's constructor and, except those in ``constructor_only``, settings of every parameter
+    group (so that ``state_dict`` keeps them)."""
+
+    loss: str = "mse"
+
+    constructor_only: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss", resolve_loss(self.loss))  # a name, or nn.CrossEntropyLoss()
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.constructor_only}
+
+
 class LocalOptimizer(torch.optim.Optimizer):
     """Base class: parameter groups from a parametrization, an inner update rule, transactional steps.
 
@@ -155,24 +174,49 @@ class LocalOptimizer(torch.optim.Optimizer):
     algo = "any"
     # The statistics ``_local_gradients`` returns, in order (batch means; data parallel reduces them).
     stat_names: tuple[str, ...] = ("loss",)
+    # The algorithm's settings (an ``Options`` dataclass); ``backends``: those it runs on.
+    options: ClassVar[type[Options]] = Options
+    backends: ClassVar[tuple[str, ...] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each optimizer the signature its keyword arguments make, for ``help`` and
+        ``inspect.signature``: the shared ones, the algorithm's options, then the update rule's."""
+        super().__init_subclass__(**kwargs)
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        head = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                inspect.Parameter("parametrization", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+                inspect.Parameter("lr", keyword, default=0.1),
+                inspect.Parameter("optimizer", keyword, default=torch.optim.SGD)]
+        own = [inspect.Parameter(f.name, keyword, default=f.default) for f in fields(cls.options)]
+        tail = [inspect.Parameter("backend", keyword, default="auto"),
+                inspect.Parameter("process_group", keyword, default=distributed.AUTO),
+                inspect.Parameter("optimizer_kwargs", inspect.Parameter.VAR_KEYWORD)]
+        cls.__signature__ = inspect.Signature(head + own + tail)
 
     def __init__(
         self,
         model: nn.Module,
-        parametrization: Parametrization | None,
+        parametrization: Parametrization | None = None,
         *,
-        lr: float,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        optimizer_kwargs: dict[str, Any],
-        backend: str,
+        lr: float = 0.1,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        backend: str = "auto",
         process_group: Any = distributed.AUTO,
-        **algo_defaults: Any,
+        **kwargs: Any,
     ) -> None:
+        """See the class docstring; ``kwargs`` holds the algorithm's options (``options``' fields)
+        and, after them, the update rule's keyword arguments."""
+        names = {f.name for f in fields(self.options)}
+        self.config = self.options(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        optimizer_kwargs = kwargs
         _check_number("lr", lr, inclusive=False)
         from ..ops import BACKENDS
 
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if self.backends is not None and backend not in self.backends:
+            raise ValueError(f"backend: {type(self).__name__} has only the reference implementation; expected one of "
+                             f"{self.backends}, got {backend!r}")
         self.mlp: MLP = parse_mlp(model)
         if parametrization is None:
             parametrization = standard(model)
@@ -185,7 +229,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         layers = []  # (layer index, kind, parameter) in model order
         for l, lin in enumerate(self.mlp.linears):
             layers += [(l, kind, getattr(lin, kind)) for kind in ("weight", "bias") if getattr(lin, kind) is not None]
-        inner = self._build_inner(optimizer, [p for _, _, p in layers], lr, optimizer_kwargs)
+        inner = self._build_inner(optimizer, [p for _, _, p in layers], lr, optimizer_kwargs, sorted(names))
         self.update_rule = update_rule(inner)
         scales = self._scales(parametrization, type(inner).__name__)
         hyper = {k: v for k, v in inner.defaults.items() if k not in ("lr", "params")}
@@ -195,7 +239,7 @@ class LocalOptimizer(torch.optim.Optimizer):
             groups.append({"params": [p], "lr": lr, "lr_mult": scale.lr_mult, "eps_mult": scale.eps_mult,
                            "weight_decay_mult": scale.weight_decay_mult, "layer": l, "kind": kind})
         defaults = dict(lr=lr, lr_mult=1.0, eps_mult=1.0, weight_decay_mult=1.0, **hyper, backend=backend,
-                        **algo_defaults)
+                        **self.config.settings())
         self._inner_keys = tuple(hyper)
         self._setting_names = tuple(defaults)  # torch may add keys to self.defaults later
         super().__init__(groups, defaults)
@@ -217,7 +261,8 @@ class LocalOptimizer(torch.optim.Optimizer):
             distributed.broadcast_from_first_rank([p for _, _, p in self._slots], self.process_group)
 
     @staticmethod
-    def _build_inner(optimizer, params: list[Tensor], lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    def _build_inner(optimizer, params: list[Tensor], lr: float, kwargs: dict[str, Any],
+                     options: list[str]) -> torch.optim.Optimizer:
         if not callable(optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer class or a factory "
                             f"f(param_groups, lr=..., **kwargs), got {type(optimizer).__name__}")
@@ -227,7 +272,8 @@ class LocalOptimizer(torch.optim.Optimizer):
             inner = optimizer([{"params": [p]} for p in params], lr=lr, **kwargs)
         except TypeError as error:
             name = getattr(optimizer, "__name__", type(optimizer).__name__)
-            raise TypeError(f"optimizer: {name} does not take the arguments {sorted(kwargs)} ({error})") from None
+            raise TypeError(f"optimizer: {name} does not take the arguments {sorted(kwargs)} ({error}); the "
+                            f"algorithm's own options are {options}") from None
         if not isinstance(inner, torch.optim.Optimizer) or isinstance(inner, LocalOptimizer):
             raise TypeError(f"optimizer: expected a factory of torch.optim optimizers, got one that made a "
                             f"{type(inner).__name__}")

@@ -8,14 +8,10 @@ finiteness flag (``LocalOptimizer``: norms read in one host sync) and the inner 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional
-from ..mup.presets import Parametrization
-from ..network import resolve_loss
 from ..reference.common import forward, loss_sum
 from .base import LocalOptimizer
 
@@ -49,22 +45,6 @@ class BP(LocalOptimizer):
     """
 
     algo = "bp"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        parametrization: Parametrization | None = None,
-        *,
-        lr: float = 0.1,
-        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-        loss: str = "mse",
-        backend: str = "auto",
-        process_group: Any = "auto",
-        **optimizer_kwargs: Any,
-    ) -> None:
-        loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
-        super().__init__(model, parametrization, lr=lr, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
-                         backend=backend, loss=loss, process_group=process_group)
 
     def _local_gradients(self, x: Tensor, target: Tensor):
         """``reference.bp_train_step`` on the live parameters (autograd, op for op; no host sync).

@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional
-from ..mup.presets import Parametrization
-from ..network import resolve_loss
-from .base import LocalOptimizer
+from .base import LocalOptimizer, Options
+
+
+@dataclass(frozen=True)
+class GNTOptions(Options):
+    """GNT's settings: β, the size of the Newton step, and the loss."""
+
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        beta = self.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"beta: expected a finite number >= 0, got {beta!r}")
+        object.__setattr__(self, "beta", float(beta))
 
 
 class GNT(LocalOptimizer):
@@ -51,28 +62,8 @@ class GNT(LocalOptimizer):
     """
 
     algo = "gnt"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        parametrization: Parametrization | None = None,
-        *,
-        lr: float = 0.1,
-        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-        beta: float = 1.0,
-        loss: str = "mse",
-        backend: str = "auto",
-        process_group: Any = "auto",
-        **optimizer_kwargs: Any,
-    ) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"beta: expected a finite number >= 0, got {beta!r}")
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend: GNT has only the reference implementation; expected 'auto' or "
-                             f"'reference', got {backend!r}")
-        loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
-        super().__init__(model, parametrization, lr=lr, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
-                         backend=backend, beta=float(beta), loss=loss, process_group=process_group)
+    options = GNTOptions
+    backends = ("auto", "reference")
 
     def _local_gradients(self, x: Tensor, target: Tensor):
         weights, biases = self._params()

@@ -1,15 +1,35 @@
 """``pcfast.optim.PC``: predictive coding as a drop-in ``torch.optim.Optimizer``."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional
-from ..mup.presets import Parametrization
-from ..network import SCHEDULES, resolve_loss
-from .base import LocalOptimizer
+from ..network import SCHEDULES
+from .base import LocalOptimizer, Options
+
+
+@dataclass(frozen=True)
+class PCOptions(Options):
+    """PC's settings: T (``inference_steps``), κ (``inference_lr``), the schedule, FPA and the loss."""
+
+    inference_steps: int = 20
+    inference_lr: float = 0.1
+    schedule: str = "jacobi"
+    fpa: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        steps, rate = self.inference_steps, self.inference_lr
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"inference_steps: expected an int >= 0, got {steps!r}")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+            raise ValueError(f"inference_lr: expected a finite number > 0, got {rate!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        object.__setattr__(self, "inference_lr", float(rate))
+        object.__setattr__(self, "fpa", bool(self.fpa))
 
 
 class PC(LocalOptimizer):
@@ -56,35 +76,7 @@ class PC(LocalOptimizer):
 
     algo = "pc"
     stat_names = ("loss", "energy")
-
-    def __init__(
-        self,
-        model: nn.Module,
-        parametrization: Parametrization | None = None,
-        *,
-        lr: float = 0.1,
-        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-        inference_steps: int = 20,
-        inference_lr: float = 0.1,
-        schedule: str = "jacobi",
-        fpa: bool = False,
-        loss: str = "mse",
-        backend: str = "auto",
-        process_group: Any = "auto",
-        **optimizer_kwargs: Any,
-    ) -> None:
-        if isinstance(inference_steps, bool) or not isinstance(inference_steps, int) or inference_steps < 0:
-            raise ValueError(f"inference_steps: expected an int >= 0, got {inference_steps!r}")
-        if not isinstance(inference_lr, (int, float)) or not 0 < inference_lr < float("inf"):
-            raise ValueError(f"inference_lr: expected a finite number > 0, got {inference_lr!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-        loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
-        super().__init__(
-            model, parametrization, lr=lr, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, backend=backend,
-            process_group=process_group, inference_steps=inference_steps, inference_lr=float(inference_lr), schedule=schedule,
-            fpa=bool(fpa), loss=loss,
-        )
+    options = PCOptions
 
     def _local_gradients(self, x: Tensor, target: Tensor):
         weights, biases = self._params()

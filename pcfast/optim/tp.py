@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -11,11 +12,39 @@ from .. import distributed, functional, ops
 from ..activations import check_activation
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization
-from ..network import resolve_loss
 from ..reference.common import forward
-from .base import LocalOptimizer, _check_number, _describe
+from .base import LocalOptimizer, Options, _check_number, _describe
 
 FEEDBACK_MODES = ("trained", "ridge")
+
+
+@dataclass(frozen=True)
+class TPOptions(Options):
+    """TP/DTP's settings: β, the feedback maps' training (mode, rate, steps, noise, weight decay,
+    activations) and the seed of their noise generator; ``feedback_activations`` and ``seed`` are
+    used when the optimizer is built and are not group settings."""
+
+    beta: float = 0.5
+    feedback: str = "trained"
+    feedback_lr: float = 0.01
+    feedback_steps: int = 1
+    feedback_noise: float = 0.1
+    feedback_weight_decay: float = 0.0
+    feedback_activations: list[str] | None = None
+    seed: int = 0
+
+    constructor_only: ClassVar[tuple[str, ...]] = ("feedback_activations", "seed")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("beta", "feedback_lr", "feedback_noise", "feedback_weight_decay"):
+            _check_number(name, getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))
+        steps = self.feedback_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"feedback_steps: expected an int >= 0, got {steps!r}")
+        if self.feedback not in FEEDBACK_MODES:
+            raise ValueError(f"feedback: expected one of {FEEDBACK_MODES}, got {self.feedback!r}")
 
 
 class TP(LocalOptimizer):
@@ -68,43 +97,11 @@ class TP(LocalOptimizer):
     algo = "tp"
     difference = False
     stat_names = ("loss", "local_loss", "reconstruction")
+    options = TPOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        parametrization: Parametrization | None = None,
-        *,
-        lr: float = 0.1,
-        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-        beta: float = 0.5,
-        feedback: str = "trained",
-        feedback_lr: float = 0.01,
-        feedback_steps: int = 1,
-        feedback_noise: float = 0.1,
-        feedback_weight_decay: float = 0.0,
-        feedback_activations: list[str] | None = None,
-        loss: str = "mse",
-        seed: int = 0,
-        backend: str = "auto",
-        process_group: Any = "auto",
-        **optimizer_kwargs: Any,
-    ) -> None:
-        _check_number("beta", beta)
-        _check_number("feedback_lr", feedback_lr)
-        _check_number("feedback_noise", feedback_noise)
-        _check_number("feedback_weight_decay", feedback_weight_decay)
-        if isinstance(feedback_steps, bool) or not isinstance(feedback_steps, int) or feedback_steps < 0:
-            raise ValueError(f"feedback_steps: expected an int >= 0, got {feedback_steps!r}")
-        if feedback not in FEEDBACK_MODES:
-            raise ValueError(f"feedback: expected one of {FEEDBACK_MODES}, got {feedback!r}")
-        loss = resolve_loss(loss)  # a name, or nn.CrossEntropyLoss() (see pcfast.network.resolve_loss)
-        super().__init__(
-            model, parametrization, lr=lr, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, backend=backend,
-            process_group=process_group, beta=float(beta),
-            feedback=feedback, feedback_lr=float(feedback_lr), feedback_steps=feedback_steps,
-            feedback_noise=float(feedback_noise), feedback_weight_decay=float(feedback_weight_decay),
-            loss=loss,
-        )
+    def __init__(self, model: nn.Module, parametrization: Parametrization | None = None, **kwargs: Any) -> None:
+        super().__init__(model, parametrization, **kwargs)
+        feedback, feedback_activations, seed = self.config.feedback, self.config.feedback_activations, self.config.seed
         depth = self.mlp.depth
         if feedback_activations is None:
             feedback_activations = ["identity"] * (depth - 1) if feedback == "ridge" else list(self.mlp.activations)
