@@ -5,19 +5,21 @@ record, per layer l and step t, the RMS size of ``Δu_l = h_{l-1}^{(0)} (W_l^{(t
 pre-activation change the weight update causes), of the bias step ``b_l^{(t)} − b_l^{(0)}`` (the
 pre-activation change the bias update causes, the same for every sample) and of the activity
 ``h_l^{(t)}``. Under a μP preset every layer's Δu and every bias step is width independent (slope ≈ 0
-in log-log); under SP at least one grows or shrinks.
+in log-log); under SP at least one grows or shrinks. The settings of a check are one
+``CoordCheckConfig`` (or the keywords named like its fields).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..network import MLP
 from ..reference.common import forward
-from .presets import parametrize
+from .presets import exponents, parametrize
 
 MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "identity": nn.Identity}
 
@@ -33,13 +35,21 @@ def make_mlp(input_dim: int, width: int, num_classes: int, *, hidden_layers: int
     return nn.Sequential(*layers)
 
 
+# The algorithms with a pcfast optimizer, which a coordinate check steps.
+_OPTIMIZER_ALGOS = ("bp", "pc", "tp", "dtp")
+
+
+def _check_optimizer_algo(algo: str) -> None:
+    if algo not in _OPTIMIZER_ALGOS:
+        raise ValueError(f"algo: expected one of {sorted(_OPTIMIZER_ALGOS)}, got {algo!r}")
+
+
 def make_optimizer(algo: str, model: nn.Module, par, lr: float, **kwargs: Any):
     """The pcfast optimizer for ``algo``."""
     from .. import optim
 
+    _check_optimizer_algo(algo)
     classes = {"bp": optim.BP, "pc": optim.PC, "tp": optim.TP, "dtp": optim.DTP}
-    if algo not in classes:
-        raise ValueError(f"algo: expected one of {sorted(classes)}, got {algo!r}")
     return classes[algo](model, par, lr=lr, **kwargs)
 
 
@@ -96,87 +106,170 @@ class CoordCheck:
         return out
 
 
+@dataclass(frozen=True)
+class CoordCheckConfig:
+    """Settings of a coordinate check: what is trained, how, and on which batch.
+
+    Checked once, when made: ``preset``, ``algo`` and ``gamma_bar`` as :func:`parametrize` checks
+    them, then that ``algo`` has a pcfast optimizer (``ValueError`` naming the setting).
+
+    Attributes:
+        algo: ``"bp"``, ``"pc"``, ``"tp"`` or ``"dtp"`` — the optimizer stepped and the algorithm μP
+            is computed for.
+        preset: ``"sp"`` or ``"mup"``.
+        base_width: the width at which μP equals SP (``parametrize``'s ``base_width``).
+        gamma_bar: γ̄_L ∈ [−1, 0], PC's output-precision exponent (``parametrize``'s ``gamma_bar``).
+        lr: the optimizer's learning rate η at the base width.
+        steps: optimizer steps taken per model; every step is recorded (1 … steps).
+        seeds: one model per width and seed; the seed drives ``parametrize``'s re-initialisation.
+            Stored as a tuple.
+        batch_size: samples in the default batch.
+        readout_scale: factor on the readout init (see ``parametrize``). At the base width μP
+            starts from SP's Θ(1) random output f_0, which then shrinks as m^{-1/2}; its pull on the
+            first gradient makes Δu drift with width at small widths. 0.1 removes that transient
+            without changing any exponent; pass 1.0 to see it.
+        input_dim: features of the default batch's inputs.
+        num_classes: outputs of the default model and one-hot classes of the default batch's targets.
+        hidden_layers: hidden layers of the default model (:func:`make_mlp`).
+        activation: activation of the default model: ``"tanh"``, ``"relu"``, ``"sigmoid"``,
+            ``"gelu"`` or ``"identity"``.
+        dtype: dtype of the default batch and of every model.
+
+    The default batch is ``batch_size`` pixel-like inputs uniform in [0, 1] of ``input_dim``
+    features with random one-hot targets over ``num_classes``, drawn from a generator seeded 1234;
+    ``input_dim`` and ``batch_size`` are unused when :func:`coord_check` is given ``data``, and
+    ``num_classes``, ``hidden_layers`` and ``activation`` when it is given ``make_model``.
+    """
+
+    algo: str = "pc"
+    preset: str = "mup"
+    base_width: int = 64
+    gamma_bar: float = 0.0
+    lr: float = 0.1
+    steps: int = 3
+    seeds: Sequence[int] = (0, 1)
+    batch_size: int = 32
+    readout_scale: float = 0.1
+    input_dim: int = 784
+    num_classes: int = 10
+    hidden_layers: int = 2
+    activation: str = "tanh"
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        exponents(self.preset, self.algo, self.gamma_bar)
+        _check_optimizer_algo(self.algo)
+
+
+_SETTINGS = frozenset(f.name for f in fields(CoordCheckConfig))
+
+
 def coord_check(
     widths: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
     *,
-    algo: str = "pc",
-    preset: str = "mup",
-    base_width: int = 64,
-    gamma_bar: float = 0.0,
-    lr: float = 0.1,
-    steps: int = 3,
-    seeds: Sequence[int] = (0, 1),
-    batch_size: int = 32,
-    readout_scale: float = 0.1,
-    input_dim: int = 784,
-    num_classes: int = 10,
-    hidden_layers: int = 2,
-    activation: str = "tanh",
-    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: CoordCheckConfig | None = None,
+    data: tuple[Tensor, Tensor] | None = None,
     make_model: Callable[[int], nn.Module] | None = None,
-    dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int], None] | None = None,
-    **optimizer_kwargs: Any,
+    **kwargs: Any,
 ) -> CoordCheck:
-    """Measure per-layer Δu, bias-step and activation sizes across ``widths`` for ``steps`` optimizer steps.
+    """Measure per-layer Δu, bias-step and activation sizes across ``widths`` for ``config.steps``
+    optimizer steps.
 
     Each record holds ``delta_u`` (RMS of ``h_{l-1}^{(0)} (W_l^{(t)} − W_l^{(0)})ᵀ``), ``bias_step``
     (RMS of ``b_l^{(t)} − b_l^{(0)}``; only for layers with a bias) and ``activation`` (RMS of
     ``h_l^{(t)}``, the output f for the readout).
 
+    The settings come either as ``config`` or as keywords named like its fields
+    (``coord_check(widths, algo="tp", lr=0.05)`` is
+    ``coord_check(widths, config=CoordCheckConfig(algo="tp", lr=0.05))``), not both.
+
     Args:
-        algo: ``"bp"``, ``"pc"``, ``"tp"`` or ``"dtp"``; preset: ``"sp"`` or ``"mup"``.
-        data: a fixed batch ``(x, y)``; by default pixel-like inputs uniform in [0, 1] and random
-            one-hot targets.
-        readout_scale: factor on the readout init (see ``parametrize``). At the base width μP
-            starts from SP's Θ(1) random output f_0, which then shrinks as m^{-1/2}; its pull on the
-            first gradient makes Δu drift with width at small widths. 0.1 removes that transient
-            without changing any exponent; pass 1.0 to see it.
-        make_model: ``width -> nn.Sequential``; by default :func:`make_mlp`.
+        widths: the hidden widths, one model each per seed.
+        config: the settings (:class:`CoordCheckConfig`, which documents each); by default made from
+            the keywords among ``kwargs`` that name its fields.
+        data: a fixed batch ``(x, y)``; by default the config's (pixel-like inputs uniform in [0, 1]
+            and random one-hot targets).
+        make_model: ``width -> nn.Sequential``; by default :func:`make_mlp` with the config's
+            ``num_classes``, ``hidden_layers`` and ``activation``.
         progress: called with (done, total) after every model.
-        optimizer_kwargs: passed to the optimizer (``inference_steps``, ``beta``, ``loss`` …).
+        kwargs: without ``config``, the settings named like :class:`CoordCheckConfig` fields; every
+            other keyword is passed to the optimizer (``optimizer``, ``weight_decay``,
+            ``inference_steps``, ``beta``, ``loss`` …).
     """
-    if data is None:
-        gen = torch.Generator().manual_seed(1234)
-        x = torch.rand(batch_size, input_dim, generator=gen, dtype=dtype)
-        labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
-        y = torch.nn.functional.one_hot(labels, num_classes).to(dtype)
-    else:
-        x, y = data
-    result = CoordCheck(algo, preset, [int(w) for w in widths])
-    total, done = len(widths) * len(seeds), 0
+    config, optimizer_kwargs = _settings(config, kwargs)
+    x, y = _default_batch(config) if data is None else data
+    result = CoordCheck(config.algo, config.preset, [int(w) for w in widths])
+    total, done = len(widths) * len(config.seeds), 0
     for width in widths:
-        for seed in seeds:
+        for seed in config.seeds:
             model = (make_model(width) if make_model else make_mlp(
-                x.shape[1], width, num_classes, hidden_layers=hidden_layers, activation=activation)).to(dtype)
-            par = parametrize(model, preset, algo=algo, base_width=base_width,
-                              gamma_bar=gamma_bar, readout_scale=readout_scale,
-                              generator=torch.Generator().manual_seed(seed))
-            opt = make_optimizer(algo, model, par, lr, **optimizer_kwargs)
-            weights = [lin.weight for lin in opt.mlp.linears]
-            biases = [lin.bias for lin in opt.mlp.linears]
-            acts = opt.mlp.activations
-            with torch.no_grad():
-                initial = [w.clone() for w in weights]
-                initial_biases = [None if b is None else b.clone() for b in biases]
-                _, inputs = forward(weights, biases, acts, x)
-            for step in range(1, steps + 1):
-                opt.zero_grad()
-                opt.step(x, y)
-                with torch.no_grad():
-                    us, hs = forward(weights, biases, acts, x)
-                    for l, (w, w0) in enumerate(zip(weights, initial)):
-                        delta = inputs[l] @ (w - w0).T
-                        act = hs[l + 1] if l + 1 < len(hs) else us[-1]
-                        record = {
-                            "width": int(width), "seed": int(seed), "step": step, "layer": l + 1,
-                            "delta_u": float(delta.pow(2).mean().sqrt()),
-                            "activation": float(act.pow(2).mean().sqrt()),
-                        }
-                        if biases[l] is not None:
-                            record["bias_step"] = float((biases[l] - initial_biases[l]).pow(2).mean().sqrt())
-                        result.records.append(record)
+                x.shape[1], width, config.num_classes, hidden_layers=config.hidden_layers,
+                activation=config.activation)).to(config.dtype)
+            opt = _parametrized_optimizer(model, seed, config, optimizer_kwargs)
+            result.records += _measure(opt, x, y, config.steps, width=int(width), seed=int(seed))
             done += 1
             if progress is not None:
                 progress(done, total)
     return result
+
+
+def _settings(config: CoordCheckConfig | None, kwargs: dict[str, Any]) -> tuple[CoordCheckConfig, dict[str, Any]]:
+    """The config and the optimizer's keywords, from ``coord_check``'s ``config`` and keywords."""
+    settings = {key: value for key, value in kwargs.items() if key in _SETTINGS}
+    optimizer_kwargs = {key: value for key, value in kwargs.items() if key not in _SETTINGS}
+    if config is None:
+        return CoordCheckConfig(**settings), optimizer_kwargs
+    if settings:
+        raise TypeError(
+            f"coord_check: {', '.join(sorted(settings))} given both in config and as keywords; pass "
+            "them in config (dataclasses.replace(config, ...) changes some) or leave config out"
+        )
+    return config, optimizer_kwargs
+
+
+def _default_batch(config: CoordCheckConfig) -> tuple[Tensor, Tensor]:
+    """``batch_size`` inputs uniform in [0, 1] and one-hot targets, from a generator seeded 1234."""
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.rand(config.batch_size, config.input_dim, generator=gen, dtype=config.dtype)
+    labels = torch.randint(0, config.num_classes, (config.batch_size,), generator=gen)
+    y = torch.nn.functional.one_hot(labels, config.num_classes).to(config.dtype)
+    return x, y
+
+
+def _parametrized_optimizer(model: nn.Module, seed: int, config: CoordCheckConfig,
+                            optimizer_kwargs: dict[str, Any]):
+    """Parametrize ``model`` by the config (re-initialised from ``seed``) and make its optimizer."""
+    par = parametrize(model, config.preset, algo=config.algo, base_width=config.base_width,
+                      gamma_bar=config.gamma_bar, readout_scale=config.readout_scale,
+                      generator=torch.Generator().manual_seed(seed))
+    return make_optimizer(config.algo, model, par, config.lr, **optimizer_kwargs)
+
+
+def _measure(opt, x: Tensor, y: Tensor, steps: int, *, width: int, seed: int) -> list[dict]:
+    """Take ``steps`` steps of ``opt`` on ``(x, y)``; one record per step and layer."""
+    mlp: MLP = opt.mlp
+    weights, biases = mlp.weights(), mlp.biases()
+    with torch.no_grad():
+        initial = [w.clone() for w in weights]
+        initial_biases = [None if b is None else b.clone() for b in biases]
+        _, inputs = forward(weights, biases, mlp.activations, x)
+    records = []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        opt.step(x, y)
+        with torch.no_grad():
+            us, hs = forward(weights, biases, mlp.activations, x)
+            for l, (w, w0) in enumerate(zip(weights, initial)):
+                record = {"width": width, "seed": seed, "step": step, "layer": l + 1,
+                          "delta_u": _rms(inputs[l] @ (w - w0).T),
+                          "activation": _rms(hs[l + 1] if l + 1 < len(hs) else us[-1])}
+                if biases[l] is not None:
+                    record["bias_step"] = _rms(biases[l] - initial_biases[l])
+                records.append(record)
+    return records
+
+
+def _rms(t: Tensor) -> float:
+    return float(t.pow(2).mean().sqrt())
