@@ -10,6 +10,7 @@ in log-log); under SP at least one grows or shrinks. The settings of a check are
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
@@ -214,6 +215,24 @@ def coord_check(
                 progress(done, total)
     return result
 
+
+
+def _signature() -> inspect.Signature:
+    """``coord_check``'s signature as ``help()`` and ``inspect.signature`` show it: the widths, the
+    config, every setting by name (``CoordCheckConfig``'s fields), the batch, model and progress
+    hooks, then the optimizer's keywords."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    own = inspect.signature(coord_check)
+    params = own.parameters
+    settings = [inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
+                for f in fields(CoordCheckConfig)]
+    return own.replace(parameters=[
+        params["widths"], params["config"], *settings, params["data"], params["make_model"], params["progress"],
+        inspect.Parameter("optimizer_kwargs", inspect.Parameter.VAR_KEYWORD),
+    ])
+
+
+coord_check.__signature__ = _signature()
 
 def _settings(config: CoordCheckConfig | None, kwargs: dict[str, Any]) -> tuple[CoordCheckConfig, dict[str, Any]]:
     """The config and the optimizer's keywords, from ``coord_check``'s ``config`` and keywords."""

@@ -64,3 +64,12 @@ def test_every_setting_is_documented():
     doc = CoordCheckConfig.__doc__
     missing = [f.name for f in dataclasses.fields(CoordCheckConfig) if f"    {f.name}: " not in doc]
     assert not missing, missing
+
+
+def test_the_signature_names_every_setting_with_its_default():
+    import inspect
+
+    params = inspect.signature(pcfast.coord_check).parameters
+    for f in dataclasses.fields(CoordCheckConfig):
+        assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY and params[f.name].default == f.default, f.name
+    assert list(params)[:2] == ["widths", "config"] and params["optimizer_kwargs"].kind is inspect.Parameter.VAR_KEYWORD
