@@ -109,20 +109,19 @@ class TritonBackend:
         _check_dtype(x)
         opts = self._options()
         x, target = as_contiguous(x), as_contiguous(target)
-        weights, biases, copied = kernel_layout(net.weights, net.biases)
+        net, copied = _kernel_net(net)
         # The stack plan (its offset tables are device tensors) is made by the first run that needs
         # it: a replayed graph needs none, and ``plan`` keeps the tables alive as long as the graph.
         plan: list = []
 
         def run(x_in: Tensor, target_in: Tensor) -> PCResult:
             if not plan:
-                plan.append(triton_pc.stack_plan(weights, biases, net.activations, config) if opts.stacked else None)
-            return triton_pc.pc_step(weights, biases, net.activations, x_in, target_in, config, plan[0],
-                                     opts.ce_fused_max_classes)
+                plan.append(triton_pc.stack_plan(*_params(net), config) if opts.stacked else None)
+            return triton_pc.pc_step(net, x_in, target_in, config, plan[0], opts.ce_fused_max_classes)
 
         if not (opts.cuda_graphs and x.is_cuda and not config.return_trajectory) or copied:
             return run(x, target)
-        key = ("pc", cuda_graphs.parameter_key(weights), cuda_graphs.parameter_key(biases), net.activations,
+        key = ("pc", cuda_graphs.parameter_key(net.weights), cuda_graphs.parameter_key(net.biases), net.activations,
                _batch_key(x, target), config, opts, input_precision(x))
         return cuda_graphs.graphs.run(key, run, (x, target), capacity=opts.graph_cache_size, keep=plan)
 
@@ -131,18 +130,17 @@ class TritonBackend:
         _check_dtype(x)
         opts = self._options()
         x, target = as_contiguous(x), as_contiguous(target)
-        weights, biases, copied = kernel_layout(net.weights, net.biases)
-        feedback_weights, feedback_biases, copied_feedback = kernel_layout(feedback.weights, feedback.biases)
+        net, copied = _kernel_net(net)
+        feedback, copied_feedback = _kernel_net(feedback)
 
         def run(x_in: Tensor, target_in: Tensor) -> TPResult:
-            return triton_tp.tp_step(weights, biases, net.activations, feedback_weights, feedback_biases,
-                                     feedback.activations, x_in, target_in, config, stacked=opts.stacked,
+            return triton_tp.tp_step(net, feedback, x_in, target_in, config, stacked=opts.stacked,
                                      ce_fused_max_classes=opts.ce_fused_max_classes)
 
         if not (opts.cuda_graphs and x.is_cuda) or copied or copied_feedback:
             return run(x, target)
-        key = ("tp", cuda_graphs.parameter_key(weights), cuda_graphs.parameter_key(biases),
-               cuda_graphs.parameter_key(feedback_weights), cuda_graphs.parameter_key(feedback_biases),
+        key = ("tp", cuda_graphs.parameter_key(net.weights), cuda_graphs.parameter_key(net.biases),
+               cuda_graphs.parameter_key(feedback.weights), cuda_graphs.parameter_key(feedback.biases),
                net.activations, feedback.activations, _batch_key(x, target), config, opts, input_precision(x))
         return cuda_graphs.graphs.run(key, run, (x, target), capacity=opts.graph_cache_size)
 
@@ -151,10 +149,20 @@ class TritonBackend:
                        noise_seed: int | None = None, noise_std: float = 0.0) -> FeedbackResult:
         """ξ is ``noise`` (tensors), or with ``noise_seed`` drawn inside the kernels, or zero."""
         _check_dtype(x)
-        weights, biases, _ = kernel_layout(net.weights, net.biases)
-        feedback_weights, feedback_biases, _ = kernel_layout(feedback.weights, feedback.biases)
-        return triton_tp.feedback_step(weights, biases, net.activations, feedback_weights, feedback_biases,
-                                       feedback.activations, as_contiguous(x), noise, noise_seed, noise_std)
+        net, _ = _kernel_net(net)
+        feedback, _ = _kernel_net(feedback)
+        return triton_tp.feedback_step(net, feedback, as_contiguous(x), noise, noise_seed, noise_std)
+
+
+def _kernel_net(net: Net | Feedback) -> tuple[Net | Feedback, bool]:
+    """``net`` with its parameters as the kernels read them (``kernel_layout``), and whether any had
+    to be copied; the same object, unchecked again, when none had."""
+    weights, biases, copied = kernel_layout(net.weights, net.biases)
+    return (dataclasses.replace(net, weights=weights, biases=biases) if copied else net), copied
+
+
+def _params(net: Net) -> tuple:
+    return net.weights, net.biases, net.activations
 
 
 def _batch_key(x: Tensor, target: Tensor) -> tuple:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..results import PCResult
-from ..types import PCConfig
+from ..types import Net, PCConfig
 from . import linear_epilogue, local_grad, pc_update
 from ._triton_common import LayerTable
 from .torch_pc import _loss_sum
@@ -63,142 +63,163 @@ def stack_plan(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activ
     return None if bias_table is None else (weight_table, bias_table)
 
 
-def pc_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    config: PCConfig,
-    stack: Stack | None,
-    ce_fused_max_classes: int,
-) -> PCResult:
-    """One PC train step with the kernels (inputs in the kernels' layout; see the module docstring)."""
-    depth, batch = len(weights), x.shape[0]
-    hidden = depth - 1
-    gammas, kappa, fpa = config.precisions, config.inference_lr, config.fpa
-    new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)
-    zeros = lambda *shape: torch.zeros(*shape, dtype=x.dtype, device=x.device)
+class _Relaxation:
+    """The state of one PC step in the kernels' buffers, and the launches that move it.
 
-    # predictions[l]: u_l from the feedforward pass (FPA's frozen values and φ'; layer 1's prediction
-    # is constant), except the output layer's, refreshed with ε_L (the energy needs f).
-    # latents[l] = z_l; errors[l] = ε_l. With a stack (see stack_plan) the hidden layers' state
-    # are views of (H, B, M) buffers, and FPA keeps a second error buffer to write the next step into.
-    if stack is None:
-        predictions = [new(w.shape[0]) for w in weights]
-        latents = [new(w.shape[0]) for w in weights[:hidden]]
-        errors = [zeros(batch, w.shape[0]) for w in weights]
-    else:
+    predictions[l]: u_l from the feedforward pass (FPA's frozen values and φ'; layer 1's prediction
+    is constant), except the output layer's, refreshed with ε_L (the energy needs f).
+    latents[l] = z_l; errors[l] = ε_l. With a stack (see stack_plan) the hidden layers' state are
+    views of (H, B, M) buffers, and FPA keeps a second error buffer to write the next step into."""
+
+    def __init__(self, net: Net, x: Tensor, target: Tensor, config: PCConfig, stack: Stack | None,
+                 ce_fused_max_classes: int) -> None:
+        self.net, self.x, self.target, self.config, self.stack = net, x, target, config, stack
+        self.ce_fused_max_classes = ce_fused_max_classes
+        self.depth, self.batch = net.depth, x.shape[0]
+        self.hidden = self.depth - 1
+        weights, batch, hidden = net.weights, self.batch, self.hidden
+        new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=x.dtype, device=x.device)
+        if stack is None:
+            self.predictions = [new(w.shape[0]) for w in weights]
+            self.latents = [new(w.shape[0]) for w in weights[:hidden]]
+            self.errors = [zeros(batch, w.shape[0]) for w in weights]
+            return
         width = weights[0].shape[0]
-        stacked_z, stacked_u = (torch.empty(hidden, batch, width, dtype=x.dtype, device=x.device) for _ in range(2))
-        stacked_e = [zeros(hidden, batch, width) for _ in range(2 if fpa else 1)]
-        predictions = list(stacked_u) + [new(weights[-1].shape[0])]
-        latents = list(stacked_z)
-        errors = list(stacked_e[0]) + [zeros(batch, weights[-1].shape[0])]
+        self.stacked_z, self.stacked_u = (torch.empty(hidden, batch, width, dtype=x.dtype, device=x.device)
+                                          for _ in range(2))
+        self.stacked_e = [zeros(hidden, batch, width) for _ in range(2 if config.fpa else 1)]
+        self.predictions = list(self.stacked_u) + [new(weights[-1].shape[0])]
+        self.latents = list(self.stacked_z)
+        self.errors = list(self.stacked_e[0]) + [zeros(batch, weights[-1].shape[0])]
 
-    def presynaptic(l: int, frozen: bool = False) -> tuple[Tensor, str]:
+    def presynaptic(self, l: int, frozen: bool = False) -> tuple[Tensor, str]:
         """Layer l's input before φ, and φ: x, or z_{l-1} (u_{l-1} when ``frozen``)."""
         if l == 0:
-            return x, "identity"
-        return (predictions if frozen else latents)[l - 1], activations[l - 1]
+            return self.x, "identity"
+        return (self.predictions if frozen else self.latents)[l - 1], self.net.activations[l - 1]
 
-    def refresh_error(l: int) -> None:
-        if l == 0 and hidden > 0:  # layer 1's prediction is constant
-            torch.sub(latents[0], predictions[0], out=errors[0])
+    def feedforward(self) -> None:
+        """z_l = u_l (so ε_l = 0 for l < L), ε_L = −∂ℓ/∂f_0."""
+        net = self.net
+        for l in range(self.hidden):
+            a, act = self.presynaptic(l)
+            linear_epilogue.linear(a, net.weights[l], net.biases[l], act_in=act, out=self.latents[l],
+                                   pred=self.predictions[l])
+        self.refresh_error(self.depth - 1)
+
+    def refresh_error(self, l: int) -> None:
+        net = self.net
+        if l == 0 and self.hidden > 0:  # layer 1's prediction is constant
+            torch.sub(self.latents[0], self.predictions[0], out=self.errors[0])
             return
-        a, act = presynaptic(l)
-        if l < hidden:
-            linear_epilogue.hidden_error(a, weights[l], biases[l], latents[l], act_in=act, out=errors[l])
+        a, act = self.presynaptic(l)
+        if l < self.hidden:
+            linear_epilogue.hidden_error(a, net.weights[l], net.biases[l], self.latents[l], act_in=act,
+                                         out=self.errors[l])
         else:
-            linear_epilogue.output_error(a, weights[l], biases[l], target, loss=config.loss, pred=predictions[l],
-                                         out=errors[l], act_in=act, ce_fused_max_classes=ce_fused_max_classes)
+            linear_epilogue.output_error(a, net.weights[l], net.biases[l], self.target, loss=self.config.loss,
+                                         pred=self.predictions[l], out=self.errors[l], act_in=act,
+                                         ce_fused_max_classes=self.ce_fused_max_classes)
 
-    def update(l: int, update_error: bool, error_out: Tensor | None = None) -> None:
+    def update(self, l: int, update_error: bool, error_out: Tensor | None = None) -> None:
+        gammas, kappa = self.config.precisions, self.config.inference_lr
         pc_update.latent_update(
-            latents[l], errors[l], errors[l + 1], weights[l + 1], act=activations[l],
-            coefficient=kappa * gammas[l + 1] / gammas[l], kappa=kappa, fpa=fpa,
-            update_error=update_error, preactivation=predictions[l], error_out=error_out,
+            self.latents[l], self.errors[l], self.errors[l + 1], self.net.weights[l + 1],
+            act=self.net.activations[l], coefficient=kappa * gammas[l + 1] / gammas[l], kappa=kappa,
+            fpa=self.config.fpa, update_error=update_error, preactivation=self.predictions[l], error_out=error_out,
         )
 
-    def stacked_jacobi_step() -> None:
-        """Hidden layers 1 … H−1 (whose W_{l+1} are M × M) in one update launch, layer H alone;
-        then the errors of layers 2 … H in one launch (layer 1's and ε_L's alone)."""
-        weight_table, bias_table = stack
-        coefficient = kappa * gammas[1] / gammas[0]
-        if fpa:  # read this step's errors from stacked_e[0], write the next step's into stacked_e[1]
-            current, following = stacked_e
-            pc_update.stacked_latent_update(
-                stacked_z[:-1], current[:-1], current[1:], weight_table, act=activations[0],
-                coefficient=coefficient, kappa=kappa, fpa=True, update_error=True,
-                preactivations=stacked_u[:-1], errors_out=following[:-1],
-            )
-            update(hidden - 1, update_error=True, error_out=following[-1])
-            stacked_e.reverse()
-            errors[:hidden] = list(following)
-            return
-        pc_update.stacked_latent_update(
-            stacked_z[:-1], stacked_e[0][:-1], stacked_e[0][1:], weight_table, act=activations[0],
-            coefficient=coefficient, kappa=kappa, fpa=False, update_error=False,
-        )
-        update(hidden - 1, update_error=False)
-        refresh_error(0)
-        linear_epilogue.stacked_hidden_error(stacked_z[:-1], stacked_z[1:], stacked_e[0][1:], weight_table,
-                                             bias_table, act_in=activations[0])
-        refresh_error(depth - 1)
-
-    # Feedforward pass: z_l = u_l (so ε_l = 0 for l < L), ε_L = −∂ℓ/∂f_0.
-    for l in range(hidden):
-        a, act = presynaptic(l)
-        linear_epilogue.linear(a, weights[l], biases[l], act_in=act, out=latents[l], pred=predictions[l])
-    refresh_error(depth - 1)
-    loss_value = _loss_sum(predictions[-1], target, config.loss) / batch
-
-    trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
-    for _ in range(config.inference_steps):
-        if stack is not None:
-            stacked_jacobi_step()
-        elif config.schedule == "jacobi":
+    def step(self) -> None:
+        """One inference step of the schedule."""
+        fpa, depth, hidden = self.config.fpa, self.depth, self.hidden
+        if self.stack is not None:
+            self.stacked_jacobi_step()
+        elif self.config.schedule == "jacobi":
             for l in range(hidden):  # bottom-up: layer l moves ε_l after layer l−1 has read it
-                update(l, update_error=fpa)
+                self.update(l, update_error=fpa)
             if not fpa:
                 for l in range(depth):
-                    refresh_error(l)
+                    self.refresh_error(l)
         else:
             if not fpa:
-                refresh_error(depth - 1)
+                self.refresh_error(depth - 1)
             for l in reversed(range(hidden)):
                 if not fpa:
-                    refresh_error(l)
-                update(l, update_error=True)
+                    self.refresh_error(l)
+                self.update(l, update_error=True)
+
+    def stacked_jacobi_step(self) -> None:
+        """Hidden layers 1 … H−1 (whose W_{l+1} are M × M) in one update launch, layer H alone;
+        then the errors of layers 2 … H in one launch (layer 1's and ε_L's alone)."""
+        weight_table, bias_table = self.stack
+        gammas, kappa, act = self.config.precisions, self.config.inference_lr, self.net.activations[0]
+        coefficient = kappa * gammas[1] / gammas[0]
+        z, hidden = self.stacked_z, self.hidden
+        if self.config.fpa:  # read this step's errors from stacked_e[0], write the next step's into stacked_e[1]
+            current, following = self.stacked_e
+            pc_update.stacked_latent_update(
+                z[:-1], current[:-1], current[1:], weight_table, act=act, coefficient=coefficient, kappa=kappa,
+                fpa=True, update_error=True, preactivations=self.stacked_u[:-1], errors_out=following[:-1],
+            )
+            self.update(hidden - 1, update_error=True, error_out=following[-1])
+            self.stacked_e.reverse()
+            self.errors[:hidden] = list(following)
+            return
+        errors = self.stacked_e[0]
+        pc_update.stacked_latent_update(z[:-1], errors[:-1], errors[1:], weight_table, act=act,
+                                        coefficient=coefficient, kappa=kappa, fpa=False, update_error=False)
+        self.update(hidden - 1, update_error=False)
+        self.refresh_error(0)
+        linear_epilogue.stacked_hidden_error(z[:-1], z[1:], errors[1:], weight_table, bias_table, act_in=act)
+        self.refresh_error(self.depth - 1)
+
+    def weight_grads(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """−γ_l ε_lᵀ φ(z_{l-1}) / B at the final state (FPA: φ(u_{l-1})); layers 2 … H in one launch
+        when stacked."""
+        gammas, fpa, hidden, batch = self.config.precisions, self.config.fpa, self.hidden, self.batch
+        weight_grads, bias_grads = [], []
+        for l in range(self.depth):
+            if self.stack is not None and 0 < l < hidden:
+                continue
+            a, act = self.presynaptic(l, frozen=fpa)
+            gw, gb = local_grad.pc_weight_grad(self.errors[l], a, scale=-gammas[l] / batch, act_in=act,
+                                               has_bias=self.net.biases[l] is not None)
+            weight_grads.append(gw)
+            bias_grads.append(gb)
+        if self.stack is not None:
+            gw, gb = local_grad.stacked_pc_weight_grad(
+                self.stacked_e[0][1:], (self.stacked_u if fpa else self.stacked_z)[:-1], scale=-gammas[1] / batch,
+                act_in=self.net.activations[0], has_bias=self.stack[1] is not None,
+            )
+            weight_grads[1:1] = list(gw)
+            bias_grads[1:1] = list(gb) if gb is not None else [None] * (hidden - 1)
+        return weight_grads, bias_grads
+
+    def energy(self) -> Tensor:
+        gammas = self.config.precisions
+        energy = self.x.new_zeros(())
+        for l in range(self.hidden):
+            energy += 0.5 * gammas[l] * torch.sum(self.errors[l] * self.errors[l])
+        return energy + gammas[-1] * _loss_sum(self.predictions[-1], self.target, self.config.loss)
+
+
+def pc_step(net: Net, x: Tensor, target: Tensor, config: PCConfig, stack: Stack | None,
+            ce_fused_max_classes: int) -> PCResult:
+    """One PC train step with the kernels (``net`` in the kernels' layout; see the module docstring)."""
+    state = _Relaxation(net, x, target, config, stack, ce_fused_max_classes)
+    state.feedforward()
+    loss_value = _loss_sum(state.predictions[-1], target, config.loss) / state.batch
+    trajectory = [[z.clone() for z in state.latents]] if config.return_trajectory else None
+    for _ in range(config.inference_steps):
+        state.step()
         if trajectory is not None:
-            trajectory.append([z.clone() for z in latents])
-    if not fpa and config.schedule == "sequential" and config.inference_steps > 0:
-        for l in range(depth):  # a sweep leaves the errors above each layer stale
-            refresh_error(l)
-
-    # Weight gradients at the final state: −γ_l ε_lᵀ φ(z_{l-1}) / B (FPA: φ(u_{l-1})).
-    weight_grads, bias_grads = [], []
-    for l in range(depth):
-        if stack is not None and 0 < l < hidden:
-            continue
-        a, act = presynaptic(l, frozen=fpa)
-        gw, gb = local_grad.pc_weight_grad(errors[l], a, scale=-gammas[l] / batch, act_in=act,
-                                           has_bias=biases[l] is not None)
-        weight_grads.append(gw)
-        bias_grads.append(gb)
-    if stack is not None:  # layers 2 … H in one launch
-        gw, gb = local_grad.stacked_pc_weight_grad(
-            stacked_e[0][1:], (stacked_u if fpa else stacked_z)[:-1], scale=-gammas[1] / batch,
-            act_in=activations[0], has_bias=stack[1] is not None,
-        )
-        weight_grads[1:1] = list(gw)
-        bias_grads[1:1] = list(gb) if gb is not None else [None] * (hidden - 1)
-
-    energy = x.new_zeros(())
-    for l in range(hidden):
-        energy += 0.5 * gammas[l] * torch.sum(errors[l] * errors[l])
-    energy += gammas[-1] * _loss_sum(predictions[-1], target, config.loss)
+            trajectory.append([z.clone() for z in state.latents])
+    if not config.fpa and config.schedule == "sequential" and config.inference_steps > 0:
+        for l in range(state.depth):  # a sweep leaves the errors above each layer stale
+            state.refresh_error(l)
+    weight_grads, bias_grads = state.weight_grads()
     return PCResult(
-        latents=latents, errors=errors, weight_grads=weight_grads, bias_grads=bias_grads,
-        energy=energy, loss=loss_value, trajectory=trajectory,
+        latents=state.latents, errors=state.errors, weight_grads=weight_grads, bias_grads=bias_grads,
+        energy=state.energy(), loss=loss_value, trajectory=trajectory,
     )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..results import FeedbackResult, TPResult
-from ..types import TPConfig
+from ..types import Feedback, Net, TPConfig
 from . import linear_epilogue, local_grad, tp_targets
 from ._triton_common import Noise, as_contiguous
 from .torch_pc import _loss_sum
@@ -58,10 +58,10 @@ def _forward(weights: Params, biases: Biases, activations: Sequence[str], x: Ten
     return us, hs, output_target[0] if output_target else None, stacks
 
 
-def tp_step(weights: Params, biases: Biases, activations: Sequence[str], feedback_weights: Params,
-            feedback_biases: Biases, feedback_activations: Sequence[str], x: Tensor, target: Tensor,
-            config: TPConfig, *, stacked: bool, ce_fused_max_classes: int) -> TPResult:
-    """One TP/DTP train step with the kernels (inputs in the kernels' layout)."""
+def tp_step(net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig, *, stacked: bool,
+            ce_fused_max_classes: int) -> TPResult:
+    """One TP/DTP train step with the kernels (parameters in the kernels' layout)."""
+    weights, biases, activations = net.weights, net.biases, net.activations
     depth, batch = len(weights), x.shape[0]
     hidden = depth - 1
     # Local gradients of equal-width hidden layers 2 … H in one launch: their u, h and ĥ are stacked.
@@ -74,8 +74,8 @@ def tp_step(weights: Params, biases: Biases, activations: Sequence[str], feedbac
     stacked_targets = torch.empty(hidden, batch, weights[0].shape[0], dtype=x.dtype, device=x.device) if stacked else None
     for l in reversed(range(1, depth)):
         targets[l - 1] = tp_targets.tp_targets(
-            targets[l], activities[l], as_contiguous(feedback_weights[l - 1]), feedback_biases[l - 1],
-            activities[l - 1], act=feedback_activations[l - 1], difference=config.difference,
+            targets[l], activities[l], as_contiguous(feedback.weights[l - 1]), feedback.biases[l - 1],
+            activities[l - 1], act=feedback.activations[l - 1], difference=config.difference,
             out=None if stacked_targets is None else stacked_targets[l - 1],
         )
 
@@ -107,10 +107,10 @@ def tp_step(weights: Params, biases: Biases, activations: Sequence[str], feedbac
     )
 
 
-def feedback_step(weights: Params, biases: Biases, activations: Sequence[str], feedback_weights: Params,
-                  feedback_biases: Biases, feedback_activations: Sequence[str], x: Tensor,
-                  noise: Sequence[Tensor | None] | None, noise_seed: int | None, noise_std: float) -> FeedbackResult:
+def feedback_step(net: Net, feedback: Feedback, x: Tensor, noise: Sequence[Tensor | None] | None,
+                  noise_seed: int | None, noise_std: float) -> FeedbackResult:
     """Gradients of ``½‖g_l(f_l(h_{l-1}+ξ)) − (h_{l-1}+ξ)‖²`` (batch mean) for l = 2 … L."""
+    weights, biases, activations = net.weights, net.biases, net.activations
     depth, batch = len(weights), x.shape[0]
     _, activities, _, _ = _forward(weights, biases, activations, x)
     offsets = tp_targets.noise_offsets(batch, [w.shape[0] for w in weights[:-1]])
@@ -122,7 +122,7 @@ def feedback_step(weights: Params, biases: Biases, activations: Sequence[str], f
         drawn = None if noise_seed is None else Noise(int(noise_seed), float(noise_std), offsets[l - 1])
         h_out = linear_epilogue.linear(h_in, weights[l], biases[l],
                                        act_out=activations[l] if l < depth - 1 else "identity", noise=drawn)
-        q, c, psi = as_contiguous(feedback_weights[l - 1]), feedback_biases[l - 1], feedback_activations[l - 1]
+        q, c, psi = as_contiguous(feedback.weights[l - 1]), feedback.biases[l - 1], feedback.activations[l - 1]
         pre = linear_epilogue.linear(h_out, q, c, out=torch.empty_like(h_in))
         squares = torch.empty(h_in.shape[1], dtype=x.dtype, device=x.device)
         gw, gb = local_grad.tp_weight_grad(h_in, pre, h_out, scale=-1.0 / batch, act=psi, has_bias=c is not None,
