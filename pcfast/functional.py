@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .activations import check_activation
+from .types import Feedback, Net, PCConfig, TPConfig
 from .errors import DivergenceError
 from .network import (
     _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params, check_pc_options,
@@ -33,17 +34,12 @@ __all__ = [
 ]
 
 
-def _check_network(weights, biases, activations) -> None:
-    check_params(weights, biases, activations)
-    for l, act in enumerate(activations):
-        check_activation(act, f"activations[{l}]")
-
-
 def _readable(t: Tensor | None) -> Tensor | None:
     """``t`` with its lazy negative/conjugate bits applied (a copy only when one is set): the fused
-    backends read memory through raw pointers, which do not see those bits. Strides are kept."""
-    if t is None:
-        return None
+    backends read memory through raw pointers, which do not see those bits. Strides are kept.
+    Anything but a tensor is returned as it is (for the checks to name)."""
+    if not isinstance(t, Tensor):
+        return t
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
@@ -52,7 +48,15 @@ def _readable(t: Tensor | None) -> Tensor | None:
 
 
 def _readable_all(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    if not isinstance(tensors, (list, tuple)):
+        return tensors
     return [_readable(t) for t in tensors]
+
+
+def as_net(weights, biases, activations) -> Net:
+    """The network as a checked ``Net`` (types, shapes, dtypes, devices, activation names) of
+    tensors the fused backends can read (lazy bits applied)."""
+    return Net(_readable_all(weights), _readable_all(biases), activations)
 
 
 def _check_input(name: str, x, weights: Sequence[Tensor]) -> None:
@@ -135,30 +139,21 @@ def pc_train_step(
         fpa: fixed-prediction assumption — predictions and φ' frozen at their feedforward values.
         return_trajectory: also return the latents after every step.
     """
-    _check_network(weights, biases, activations)
+    net = as_net(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
-    gammas = resolve_precisions(precisions, len(weights))
-    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
-                     return_trajectory=return_trajectory)
-    result = pc_grads(weights, biases, activations, x, target, precisions=gammas, inference_steps=inference_steps,
-                      inference_lr=float(inference_lr), schedule=schedule, fpa=fpa, loss=loss,
-                      return_trajectory=return_trajectory, backend=backend)
+    config = PCConfig.of(net.depth, precisions, inference_steps=inference_steps, inference_lr=inference_lr,
+                         schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
+    result = pc_grads(net, _readable(x), _readable(target), config, backend)
     _check_finite_result("pc_train_step", {"energy": result.energy, "loss": result.loss,
                                            "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
                          _inputs(weights=weights, biases=biases))
     return result
 
 
-def pc_grads(weights, biases, activations, x, target, *, precisions: list[float], inference_steps: int,
-             inference_lr: float, schedule: str, fpa: bool, loss: str, return_trajectory: bool = False,
-             backend: str = "auto") -> PCResult:
-    """``pc_train_step`` on arguments that were already validated (``target`` as ``check_batch``
-    returns it, ``precisions`` one per layer), with no check of its results: the optimizers' hot
-    path, which checks each step with one device-side finiteness flag instead."""
-    _, fn = ops.resolve(backend, "pc_train_step", x.device, weights[0].dtype)
-    return fn(_readable_all(weights), _readable_all(biases), activations, _readable(x), _readable(target),
-              precisions=precisions, inference_steps=inference_steps, inference_lr=inference_lr,
-              schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
+def pc_grads(net: Net, x: Tensor, target: Tensor, config: PCConfig, backend: str = "auto") -> PCResult:
+    """``pc_train_step`` on checked values (``target`` as ``check_batch`` returns it), with no check
+    of its results: the optimizers' hot path, which checks each step with one finiteness flag."""
+    return ops.get_backend(backend, "pc", x.device, x.dtype).pc_grads(net, x, target, config)
 
 
 def pc_energy(
@@ -174,7 +169,7 @@ def pc_energy(
     fpa: bool = False,
 ) -> Tensor:
     """The PC energy F(z), summed over the batch (the reference definition; differentiable)."""
-    _check_network(weights, biases, activations)
+    as_net(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
     check_sequence("latents", latents)
     if len(latents) != len(weights) - 1:
@@ -248,29 +243,26 @@ def tp_train_step(
     """Targets ``ĥ_L = f − β ∂ℓ/∂f`` propagated down by the feedback maps — DTP
     (``difference=True``: ``ĥ_{l-1} = h_{l-1} + g_l(ĥ_l) − g_l(h_l)``) or TP (``ĥ_{l-1} = g_l(ĥ_l)``) —
     and each layer's local gradient of ``½‖ĥ_l − h_l‖²`` (DESIGN §4)."""
-    _check_network(weights, biases, activations)
-    psi = _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
+    net = as_net(weights, biases, activations)
+    feedback = _as_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
     target = check_batch(x, y, weights, loss)
-    check_tp_options(beta=beta, difference=difference)
-    beta = float(beta)
-    inputs = _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
-                     feedback_biases=feedback_biases)
-    result = tp_grads(weights, biases, activations, feedback_weights, feedback_biases, psi, x, target,
-                      beta=beta, loss=loss, difference=difference, backend=backend)
+    result = tp_grads(net, feedback, _readable(x), _readable(target), TPConfig(beta, loss, difference), backend)
     _check_finite_result("tp_train_step", {"loss": result.loss, "local_loss": result.local_loss,
                                            "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
-                         inputs)
+                         _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
+                                 feedback_biases=feedback_biases))
     return result
 
 
-def tp_grads(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x, target, *,
-             beta: float, loss: str, difference: bool, backend: str = "auto") -> TPResult:
-    """``tp_train_step`` on validated arguments (``target`` as ``check_batch`` returns it, the
-    feedback activations resolved), with no check of its results (the optimizers' hot path)."""
-    _, fn = ops.resolve(backend, "tp_train_step", x.device, weights[0].dtype)
-    return fn(_readable_all(weights), _readable_all(biases), activations, _readable_all(feedback_weights),
-              _readable_all(feedback_biases), feedback_activations, _readable(x), _readable(target),
-              beta=float(beta), loss=loss, difference=difference)
+def tp_grads(net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig,
+             backend: str = "auto") -> TPResult:
+    """``tp_train_step`` on checked values, with no check of its results (the optimizers' hot path)."""
+    return ops.get_backend(backend, "tp", x.device, x.dtype).tp_grads(net, feedback, x, target, config)
+
+
+def _as_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations) -> Feedback:
+    psi = _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
+    return Feedback(_readable_all(feedback_weights), _readable_all(feedback_biases), psi)
 
 
 def feedback_grads(
@@ -294,8 +286,8 @@ def feedback_grads(
     ``triton`` backend (never stored; ``pcfast.ops.tp_targets.gaussian_noise`` gives the same
     numbers), from a ``torch.Generator`` seeded with it elsewhere. The same seed on the same backend
     gives the same result; different backends draw different (equally distributed) numbers."""
-    _check_network(weights, biases, activations)
-    psi = _check_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
+    net = as_net(weights, biases, activations)
+    feedback = _as_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
     _check_input("x", x, weights)
     if noise is not None:
         check_sequence("noise", noise)
@@ -314,34 +306,22 @@ def feedback_grads(
         check_int("noise_seed", noise_seed)
         if noise_seed >= 2**63:
             raise ValueError(f"noise_seed: expected an int in [0, 2**63), got {noise_seed!r}")
-    inputs = _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
-                     feedback_biases=feedback_biases)
-    result = reconstruction_grads(weights, biases, activations, feedback_weights, feedback_biases, psi, x,
-                                  None if noise is None else list(noise), noise_seed=noise_seed,
-                                  noise_std=noise_std, backend=backend)
+    result = reconstruction_grads(net, feedback, _readable(x), None if noise is None else _readable_all(noise),
+                                  noise_seed=noise_seed, noise_std=noise_std, backend=backend)
     _check_finite_result("feedback_grads", {"loss": result.loss, "weight_grads": result.weight_grads,
-                                            "bias_grads": result.bias_grads}, inputs)
+                                            "bias_grads": result.bias_grads},
+                         _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,
+                                 feedback_biases=feedback_biases))
     return result
 
 
-def reconstruction_grads(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x,
-                         noise=None, *, noise_seed: int | None = None, noise_std: float = 0.0,
+def reconstruction_grads(net: Net, feedback: Feedback, x: Tensor, noise: Sequence[Tensor | None] | None = None, *,
+                         noise_seed: int | None = None, noise_std: float = 0.0,
                          backend: str = "auto") -> FeedbackResult:
-    """``feedback_grads`` on validated arguments (feedback activations resolved), with no check of
-    its results (the optimizers' hot path)."""
-    name, fn = ops.resolve(backend, "feedback_grads", x.device, weights[0].dtype)
-    weights, biases, x = _readable_all(weights), _readable_all(biases), _readable(x)
-    feedback_weights, feedback_biases = _readable_all(feedback_weights), _readable_all(feedback_biases)
-    if noise_seed is not None and name == "triton":
-        return fn(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x,
-                  noise_seed=noise_seed, noise_std=noise_std)
-    if noise_seed is not None:
-        generator = torch.Generator(device=x.device).manual_seed(noise_seed)
-        noise = [torch.randn(x.shape[0], w.shape[0], generator=generator, dtype=x.dtype, device=x.device)
-                 .mul_(noise_std) for w in weights[:-1]]
-    else:
-        noise = None if noise is None else _readable_all(noise)
-    return fn(weights, biases, activations, feedback_weights, feedback_biases, feedback_activations, x, noise)
+    """``feedback_grads`` on checked values, with no check of its results (the optimizers' hot
+    path). The noise: tensors, or drawn from ``noise_seed`` (in the kernels where the backend can)."""
+    chosen = ops.get_backend(backend, "feedback", x.device, x.dtype)
+    return chosen.feedback_grads(net, feedback, x, noise=noise, noise_seed=noise_seed, noise_std=noise_std)
 
 
 def ridge_feedback(
@@ -354,7 +334,7 @@ def ridge_feedback(
     bias: bool = True,
 ) -> tuple[list[Tensor], list[Tensor | None]]:
     """Closed-form linear feedback weights (ψ = identity) on a batch; see ``reference.ridge_feedback``."""
-    _check_network(weights, biases, activations)
+    as_net(weights, biases, activations)
     _check_input("x", x, weights)
     ridge = check_number("ridge", ridge, allow_zero=True)
     check_bool("bias", bias)
@@ -377,7 +357,7 @@ def bp_train_step(
     loss: str = "mse",
 ) -> GradResult:
     """Backprop gradients of the mean loss (autograd; the baseline)."""
-    _check_network(weights, biases, activations)
+    as_net(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
     result = reference.bp_train_step(weights, biases, activations, x, target, loss=loss)
     _check_finite_result("bp_train_step", {"loss": result.loss, "weight_grads": result.weight_grads,
@@ -396,7 +376,7 @@ def gnt_train_step(
     loss: str = "mse",
 ) -> GradResult:
     """Local gradients toward the Gauss–Newton targets ``Δu_l = −β J_l⁺ ∂ℓ/∂f`` (reference only)."""
-    _check_network(weights, biases, activations)
+    as_net(weights, biases, activations)
     target = check_batch(x, y, weights, loss)
     beta = check_number("beta", beta, allow_zero=True)
     inputs = _inputs(weights=weights, biases=biases)

@@ -17,8 +17,6 @@ class PCResult:
     energy: Tensor  # F at the final state, summed over the batch (0-dim)
     loss: Tensor  # feedforward loss ℓ(f_0, y), mean over the batch (0-dim)
     trajectory: list[list[Tensor]] | None = None  # latents after step 0 (init) … T, if asked for
-    # With ``sgd=``: (new parameter, new momentum buffer or None) for W_1, b_1, W_2, … (no absent biases)
-    sgd_updates: list[tuple[Tensor, Tensor | None]] | None = None
 
 
 @dataclass

@@ -390,17 +390,5 @@ def triton_options(**changes: bool) -> Iterator[object]:
     and yield ``pcfast.ops.triton``; the options are restored afterwards."""
     from .ops import triton as backend
 
-    if hasattr(backend, "options"):
-        with backend.options(**changes):
-            yield backend
-        return
-    # The module flags, until pcfast.ops.triton.options replaces them.
-    flags = {"cuda_graphs": "CUDA_GRAPHS", "stacked": "STACKED"}
-    saved = {name: getattr(backend, flags[name]) for name in changes}
-    try:
-        for name, value in changes.items():
-            setattr(backend, flags[name], value)
+    with backend.options(**changes):
         yield backend
-    finally:
-        for name, value in saved.items():
-            setattr(backend, flags[name], value)

@@ -56,6 +56,8 @@ from torch.optim.sgd import sgd as functional_sgd
 from .. import distributed
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization, standard
+from ..functional import as_net
+from ..types import Net
 from ..network import MLP, check_batch, labels_out_of_range, parse_mlp, resolve_loss
 
 # Keys of the model's parameter groups beside ``defaults``.
@@ -304,6 +306,14 @@ class LocalOptimizer(torch.optim.Optimizer):
 
     def _params(self) -> tuple[list[Tensor], list[Tensor | None]]:
         return [lin.weight for lin in self.mlp.linears], [lin.bias for lin in self.mlp.linears]
+
+    def _net(self) -> Net:
+        """The model as a checked ``Net``, made once: ``_check_ready`` has made sure that the model
+        still holds the parameters it was made of (updates are in place)."""
+        if getattr(self, "_net_value", None) is None:
+            weights, biases = self._params()
+            self._net_value = as_net(weights, biases, self.mlp.activations)
+        return self._net_value
 
     def _check_batch(self, x: Tensor, y: Tensor) -> Tensor:
         """The target as the loss expects it. Nothing is read on the host: x and float targets are

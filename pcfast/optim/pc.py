@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import functional
 from ..network import SCHEDULES
+from ..types import PCConfig
 from .base import LocalOptimizer, Options
 
 
@@ -79,16 +80,13 @@ class PC(LocalOptimizer):
     options = PCOptions
 
     def _local_gradients(self, x: Tensor, target: Tensor):
-        weights, biases = self._params()
-        result = functional.pc_grads(
-            weights, biases, self.mlp.activations, x, target,
-            precisions=self.parametrization.precisions,
-            inference_steps=self._setting("inference_steps"),
-            inference_lr=self._setting("inference_lr"),
-            schedule=self._setting("schedule"),
-            fpa=self._setting("fpa"),
-            loss=self._setting("loss"),
-            backend=self._setting("backend"),
-        )
+        settings = self.param_groups[0]
+        key = (settings["inference_steps"], settings["inference_lr"], settings["schedule"], settings["fpa"],
+               settings["loss"], tuple(self.parametrization.precisions))
+        if getattr(self, "_config_key", None) != key:  # checked when made; made again when a setting changes
+            self._config = PCConfig(key[5], inference_steps=key[0], inference_lr=key[1], schedule=key[2],
+                                    fpa=key[3], loss=key[4])
+            self._config_key = key
+        result = functional.pc_grads(self._net(), x, target, self._config, settings["backend"])
         stats = {"loss": result.loss, "energy": result.energy / x.shape[0]}
         return result.weight_grads, result.bias_grads, stats, {}

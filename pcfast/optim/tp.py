@@ -12,6 +12,7 @@ from .. import distributed, functional, ops
 from ..activations import check_activation
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization
+from ..types import Feedback, TPConfig
 from ..reference.common import forward
 from .base import LocalOptimizer, Options, _check_number, _describe
 
@@ -156,14 +157,15 @@ class TP(LocalOptimizer):
             else:
                 new_q, new_c = self._sharded_ridge_feedback(x, ridge, bias, collectives)
             new_c = [None if c is None else nc for c, nc in zip(cs, new_c)]
-            result = functional.reconstruction_grads(weights, biases, acts, new_q, new_c, self.feedback_activations,
-                                                     x, backend=self._setting("backend"))
+            result = functional.reconstruction_grads(self._net(), self._feedback(new_q, new_c), x,
+                                                     backend=self._setting("backend"))
             return new_q, new_c, result.loss
         lr, decay, sigma = self._setting("feedback_lr"), self._setting("feedback_weight_decay"), self._setting("feedback_noise")
         loss = x.new_zeros(())
         mults = self.feedback_lr_mults
         backend = self._setting("backend")
-        in_kernel_noise = collectives is None and ops.resolve(backend, "feedback_grads", x.device)[0] == "triton"
+        in_kernel_noise = collectives is None and "seeded_noise" in ops.get_backend(
+            backend, "feedback", x.device, x.dtype).capabilities
         steps = self._setting("feedback_steps")
         rows = slice(0, x.shape[0])  # this rank's rows of the (group's) batch
         total = x.shape[0]
@@ -180,8 +182,8 @@ class TP(LocalOptimizer):
                     torch.randn(total, w.shape[0], generator=self.generator, dtype=x.dtype, device=x.device)[rows].mul_(sigma)
                     for w in weights[:-1]
                 ]
-            result = functional.reconstruction_grads(weights, biases, acts, qs, cs, self.feedback_activations, x,
-                                                     noise, noise_seed=seed, noise_std=sigma, backend=backend)
+            result = functional.reconstruction_grads(self._net(), self._feedback(qs, cs), x, noise, noise_seed=seed,
+                                                     noise_std=sigma, backend=backend)
             weight_grads, bias_grads, loss = result.weight_grads, result.bias_grads, result.loss
             if collectives is not None:  # the group's mean gradients, so that every rank's Q_l stays the same
                 depth = len(weight_grads)
@@ -245,15 +247,14 @@ class TP(LocalOptimizer):
 
     def _local_gradients(self, x: Tensor, target: Tensor):
         qs, cs, reconstruction = self._new_feedback(x)
-        weights, biases = self._params()
-        result = functional.tp_grads(
-            weights, biases, self.mlp.activations, qs, cs, self.feedback_activations, x, target,
-            beta=self._setting("beta"), loss=self._setting("loss"), difference=self.difference,
-            backend=self._setting("backend"),
-        )
+        config = TPConfig(self._setting("beta"), self._setting("loss"), self.difference)
+        result = functional.tp_grads(self._net(), self._feedback(qs, cs), x, target, config, self._setting("backend"))
         stats = {"loss": result.loss, "local_loss": result.local_loss, "reconstruction": reconstruction}
         self._pending_feedback = (qs, cs)  # named by _raise_non_finite if the step fails
         return result.weight_grads, result.bias_grads, stats, {"feedback": (qs, cs)}
+
+    def _feedback(self, qs: list[Tensor], cs: list[Tensor | None]) -> Feedback:
+        return Feedback(qs, cs, self.feedback_activations)
 
     def _raise_non_finite(self, stats, grads, values, batch) -> None:
         """As the base class, after naming feedback weights that feedback training made non-finite."""

@@ -46,10 +46,6 @@ def _triton():
 
 def stacks(net, precisions) -> bool:
     """Whether a Jacobi PC step of ``net`` runs its hidden layers as one stacked launch per pass."""
-    from pcfast.ops import triton as backend
-
-    if hasattr(backend, "_stack_plan"):  # until the stack plan moves to pcfast.ops.triton_pc
-        return backend._stack_plan(*net, precisions, "jacobi") is not None
     from pcfast.ops import triton_pc
     from pcfast.types import PCConfig
 
