@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
-from ..network import check_pc_options, resolve_precisions
+from ..network import resolve_precisions
 from ..results import PCResult
+from ..types import Net, PCConfig
 from .common import forward, linear, loss_sum, output_error
 
 
@@ -114,49 +115,32 @@ def pc_activity_grads(
         return list(torch.autograd.grad(energy, zs)) if zs else []
 
 
-def pc_relax(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    precisions: Sequence[float] | float | None = None,
-    inference_steps: int = 20,
-    inference_lr: float = 0.1,
-    schedule: str = "jacobi",
-    fpa: bool = False,
-    loss: str = "mse",
-    return_trajectory: bool = False,
-) -> tuple[list[Tensor], list[list[Tensor]] | None]:
+def pc_relax(net: Net, x: Tensor, target: Tensor, config: PCConfig) -> tuple[list[Tensor], list[list[Tensor]] | None]:
     """Relax the latents from their feedforward values; return them (and every step's, if asked).
 
     Each update is ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l`` with κ = ``inference_lr``. ``jacobi`` updates
     all layers from the same state; ``sequential`` sweeps l = L−1 … 1, each from the freshest state.
     """
-    gammas = resolve_precisions(precisions, len(weights))
-    weights = [w.detach() for w in weights]
-    biases = [None if b is None else b.detach() for b in biases]
+    gammas, rate, activations = list(config.precisions), config.inference_lr, net.activations
+    weights = [w.detach() for w in net.weights]
+    biases = [None if b is None else b.detach() for b in net.biases]
     us, _ = forward(weights, biases, activations, x)
     latents = [u.clone() for u in us[:-1]]
-    trajectory = [[z.clone() for z in latents]] if return_trajectory else None
+    trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
     hidden = len(latents)
 
     def grads():
-        return pc_activity_grads(
-            weights, biases, activations, x, target, latents, precisions=gammas, loss=loss, fpa=fpa
-        )
+        return pc_activity_grads(weights, biases, activations, x, target, latents, precisions=gammas,
+                                 loss=config.loss, fpa=config.fpa)
 
-    for _ in range(inference_steps):
-        if schedule == "jacobi":
+    for _ in range(config.inference_steps):
+        if config.schedule == "jacobi":
             g = grads()
-            latents = [latents[l] - inference_lr / gammas[l] * g[l] for l in range(hidden)]
-        elif schedule == "sequential":
+            latents = [latents[l] - rate / gammas[l] * g[l] for l in range(hidden)]
+        else:  # "sequential" (PCConfig checked the name)
             for l in reversed(range(hidden)):
                 g = grads()
-                latents[l] = latents[l] - inference_lr / gammas[l] * g[l]
-        else:
-            raise ValueError(f"schedule: expected 'jacobi' or 'sequential', got {schedule!r}")
+                latents[l] = latents[l] - rate / gammas[l] * g[l]
         if trajectory is not None:
             trajectory.append([z.clone() for z in latents])
     return latents, trajectory
@@ -207,14 +191,10 @@ def pc_train_step(
     return_trajectory: bool = False,
 ) -> PCResult:
     """Relaxation, then local weight gradients at the final state (DESIGN §3)."""
-    check_pc_options(inference_steps=inference_steps, inference_lr=inference_lr, schedule=schedule, fpa=fpa,
-                     return_trajectory=return_trajectory)
-    gammas = resolve_precisions(precisions, len(weights))
-    latents, trajectory = pc_relax(
-        weights, biases, activations, x, target, precisions=gammas, inference_steps=inference_steps,
-        inference_lr=inference_lr, schedule=schedule, fpa=fpa, loss=loss,
-        return_trajectory=return_trajectory,
-    )
+    config = PCConfig.of(len(weights), precisions, inference_steps=inference_steps, inference_lr=inference_lr,
+                         schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
+    gammas = list(config.precisions)
+    latents, trajectory = pc_relax(Net(weights, biases, activations), x, target, config)
     weights = [w.detach() for w in weights]
     biases = [None if b is None else b.detach() for b in biases]
     kwargs = dict(precisions=gammas, loss=loss, fpa=fpa)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..activations import phi
-from ..network import check_tp_options
+from ..types import Feedback, Net, TPConfig
 from ..results import FeedbackResult, TPResult
 from .common import forward, linear, loss_sum, output_error
 
@@ -35,28 +35,16 @@ def feedback_map(v: Tensor, weight: Tensor, bias: Tensor | None, activation: str
     return phi(activation)(linear(v, weight, bias))
 
 
-def tp_targets(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    beta: float = 0.1,
-    loss: str = "mse",
-    difference: bool = True,
-) -> tuple[list[Tensor], list[Tensor]]:
+def tp_targets(net: Net, feedback: Feedback, x: Tensor, target: Tensor,
+               config: TPConfig) -> tuple[list[Tensor], list[Tensor]]:
     """Targets ``[ĥ_1 … ĥ_L]`` and activities ``[h_1 … h_{L-1}, f]``."""
-    us, hs = forward(weights, biases, activations, x)
+    us, hs = forward(net.weights, net.biases, net.activations, x)
     activities = hs[1:] + [us[-1]]
-    targets = [activities[-1] + beta * output_error(us[-1], target, loss)]
-    for l in reversed(range(1, len(weights))):  # 0-based layer l maps back to layer l-1
-        q, c, psi = feedback_weights[l - 1], feedback_biases[l - 1], feedback_activations[l - 1]
+    targets = [activities[-1] + config.beta * output_error(us[-1], target, config.loss)]
+    for l in reversed(range(1, net.depth)):  # 0-based layer l maps back to layer l-1
+        q, c, psi = feedback.weights[l - 1], feedback.biases[l - 1], feedback.activations[l - 1]
         projected = feedback_map(targets[0], q, c, psi)
-        if difference:
+        if config.difference:
             projected = activities[l - 1] + projected - feedback_map(activities[l], q, c, psi)
         targets.insert(0, projected)
     return targets, activities
@@ -77,11 +65,9 @@ def tp_train_step(
     difference: bool = True,
 ) -> TPResult:
     """Targets, then each layer's local gradient (autograd of its local loss, batch mean)."""
-    check_tp_options(beta=beta, difference=difference)
-    targets, activities = tp_targets(
-        weights, biases, activations, feedback_weights, feedback_biases, feedback_activations,
-        x, target, beta=beta, loss=loss, difference=difference,
-    )
+    targets, activities = tp_targets(Net(weights, biases, activations),
+                                     Feedback(feedback_weights, feedback_biases, feedback_activations), x, target,
+                                     TPConfig(beta, loss, difference))
     batch = x.shape[0]
     inputs = [x] + activities[:-1]
     weight_grads, bias_grads = [], []
