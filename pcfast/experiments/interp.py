@@ -106,6 +106,7 @@ def _one(settings: InterpSettings, x: Tensor, y: Tensor, width: int, gamma_bar: 
     from ..mup import make_mlp
     from ..network import parse_mlp
     from ..reference.pc import pc_weight_grads
+    from ..types import Net, PCConfig
 
     model = make_mlp(x.shape[1], width, y.shape[1], hidden_layers=settings.hidden_layers, activation="identity",
                      bias=False).to(torch.float64)
@@ -125,9 +126,9 @@ def _one(settings: InterpSettings, x: Tensor, y: Tensor, width: int, gamma_bar: 
     gnt = functional.gnt_train_step(weights, biases, acts, x, y).weight_grads
     exact = closed_form_pc_grads(weights, x, y, gammas)
     relaxed = pc.weight_grads
+    net, config = Net(weights, biases, acts), PCConfig(tuple(gammas))
     if curve and steps != main_steps:
-        relaxed = pc_weight_grads(weights, biases, acts, x, y, pc.trajectory[main_steps],
-                                  precisions=gammas)[0]
+        relaxed = pc_weight_grads(net, x, y, pc.trajectory[main_steps], config)[0]
     rel_err = max(float((a - b).norm() / b.norm()) for a, b in zip(relaxed, exact))
 
     def cosines(grads: list[Tensor]) -> dict[str, Any]:
@@ -151,7 +152,7 @@ def _one(settings: InterpSettings, x: Tensor, y: Tensor, width: int, gamma_bar: 
     if curve:
         record["curve"] = []
         for t in settings.steps_curve:
-            grads = pc_weight_grads(weights, biases, acts, x, y, pc.trajectory[t], precisions=gammas)[0]
+            grads = pc_weight_grads(net, x, y, pc.trajectory[t], config)[0]
             record["curve"].append({"steps": t, **cosines(grads)})
     return record
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..activations import phi_grad
 from ..results import GradResult
+from ..types import Net
 from .common import forward, loss_sum, output_error
 
 
@@ -30,22 +31,13 @@ def output_jacobians(
     return jacobians
 
 
-def gnt_targets(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    beta: float = 1.0,
-    loss: str = "mse",
-) -> list[Tensor]:
+def gnt_targets(net: Net, x: Tensor, target: Tensor, *, beta: float = 1.0, loss: str = "mse") -> list[Tensor]:
     """``[Δu_1 … Δu_L]``, the Gauss–Newton target displacements of the pre-activations."""
-    us, _ = forward(weights, biases, activations, x)
+    us, _ = forward(net.weights, net.biases, net.activations, x)
     residual = output_error(us[-1], target, loss)  # −∂ℓ/∂f
     return [
         beta * torch.einsum("bdc,bc->bd", torch.linalg.pinv(jac), residual)
-        for jac in output_jacobians(weights, activations, us)
+        for jac in output_jacobians(net.weights, net.activations, us)
     ]
 
 
@@ -61,7 +53,7 @@ def gnt_train_step(
 ) -> GradResult:
     """Local gradients toward the Gauss–Newton targets."""
     us, hs = forward(weights, biases, activations, x)
-    deltas = gnt_targets(weights, biases, activations, x, target, beta=beta, loss=loss)
+    deltas = gnt_targets(Net(weights, biases, activations), x, target, beta=beta, loss=loss)
     batch = x.shape[0]
     weight_grads = [-(d.T @ h) / batch for d, h in zip(deltas, hs)]
     bias_grads = [None if b is None else -d.sum(0) / batch for d, b in zip(deltas, biases)]

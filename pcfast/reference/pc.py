@@ -62,18 +62,10 @@ def pc_energy(
     return energy + gammas[-1] * loss_sum(f, target, loss)
 
 
-def pc_errors(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    latents: Sequence[Tensor],
-    *,
-    loss: str = "mse",
-    fpa: bool = False,
-) -> list[Tensor]:
+def pc_errors(net: Net, x: Tensor, target: Tensor, latents: Sequence[Tensor], config: PCConfig) -> list[Tensor]:
     """``[ε_1 … ε_L]``: ``ε_l = z_l − prediction_l`` for l < L, ``ε_L = −∂ℓ/∂f``."""
+    weights, biases, activations = net.weights, net.biases, net.activations
+    loss, fpa = config.loss, config.fpa
     if fpa:
         us, pre = _fpa_presynaptic(weights, biases, activations, x)
     else:
@@ -83,27 +75,18 @@ def pc_errors(
     return errors + [output_error(f, target, loss)]
 
 
-def pc_activity_grads(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    latents: Sequence[Tensor],
-    *,
-    precisions: Sequence[float] | float | None = None,
-    loss: str = "mse",
-    fpa: bool = False,
-) -> list[Tensor]:
+def pc_activity_grads(net: Net, x: Tensor, target: Tensor, latents: Sequence[Tensor],
+                      config: PCConfig) -> list[Tensor]:
     """``[∂F/∂z_1 … ∂F/∂z_{L-1}]``.
 
     Without FPA: autograd of :func:`pc_energy`. With FPA:
     ``γ_l ε_l − γ_{l+1} φ'(u_l) ⊙ (ε_{l+1} W_{l+1})`` with frozen predictions and φ'.
     """
-    gammas = resolve_precisions(precisions, len(weights))
+    weights, biases, activations = net.weights, net.biases, net.activations
+    gammas, loss, fpa = list(config.precisions), config.loss, config.fpa
     if fpa:
         us, _ = _fpa_presynaptic(weights, biases, activations, x)
-        errors = pc_errors(weights, biases, activations, x, target, latents, loss=loss, fpa=True)
+        errors = pc_errors(net, x, target, latents, config)
         return [
             gammas[l] * errors[l]
             - gammas[l + 1] * phi_grad(activations[l])(us[l]) * (errors[l + 1] @ weights[l + 1])
@@ -129,9 +112,10 @@ def pc_relax(net: Net, x: Tensor, target: Tensor, config: PCConfig) -> tuple[lis
     trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
     hidden = len(latents)
 
+    detached = Net(weights, biases, activations)
+
     def grads():
-        return pc_activity_grads(weights, biases, activations, x, target, latents, precisions=gammas,
-                                 loss=config.loss, fpa=config.fpa)
+        return pc_activity_grads(detached, x, target, latents, config)
 
     for _ in range(config.inference_steps):
         if config.schedule == "jacobi":
@@ -146,22 +130,14 @@ def pc_relax(net: Net, x: Tensor, target: Tensor, config: PCConfig) -> tuple[lis
     return latents, trajectory
 
 
-def pc_weight_grads(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    latents: Sequence[Tensor],
-    *,
-    precisions: Sequence[float] | float | None = None,
-    loss: str = "mse",
-    fpa: bool = False,
-) -> tuple[list[Tensor], list[Tensor | None]]:
+def pc_weight_grads(net: Net, x: Tensor, target: Tensor, latents: Sequence[Tensor],
+                    config: PCConfig) -> tuple[list[Tensor], list[Tensor | None]]:
     """``∂(F/B)/∂W_l`` and ``∂(F/B)/∂b_l`` at the given latents: ``−γ_l ε_lᵀ φ(z_{l-1}) / B``.
 
     With FPA the presynaptic activity is the feedforward ``φ(u_{l-1})``.
     """
+    weights, biases, activations = net.weights, net.biases, net.activations
+    precisions, loss, fpa = list(config.precisions), config.loss, config.fpa
     with torch.enable_grad():
         ws = [w.detach().requires_grad_(True) for w in weights]
         bs = [None if b is None else b.detach().requires_grad_(True) for b in biases]
@@ -197,10 +173,10 @@ def pc_train_step(
     latents, trajectory = pc_relax(Net(weights, biases, activations), x, target, config)
     weights = [w.detach() for w in weights]
     biases = [None if b is None else b.detach() for b in biases]
-    kwargs = dict(precisions=gammas, loss=loss, fpa=fpa)
-    weight_grads, bias_grads = pc_weight_grads(weights, biases, activations, x, target, latents, **kwargs)
-    errors = pc_errors(weights, biases, activations, x, target, latents, loss=loss, fpa=fpa)
-    energy = pc_energy(weights, biases, activations, x, target, latents, **kwargs)
+    net = Net(weights, biases, activations)
+    weight_grads, bias_grads = pc_weight_grads(net, x, target, latents, config)
+    errors = pc_errors(net, x, target, latents, config)
+    energy = pc_energy(weights, biases, activations, x, target, latents, precisions=gammas, loss=loss, fpa=fpa)
     f0 = forward(weights, biases, activations, x)[0][-1]
     return PCResult(
         latents=latents,

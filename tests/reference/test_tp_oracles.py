@@ -16,6 +16,7 @@ import torch
 from pcfast import functional as F
 from pcfast import reference
 from pcfast.testing import assert_all_close, make_batch, make_feedback, make_net
+from pcfast.types import Net
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
@@ -30,7 +31,7 @@ def test_t1_dtp_with_exact_inverses_gives_gauss_newton_targets(backend, device, 
     beta = 0.3
     out = F.tp_train_step(weights, biases, acts, qs, cs, ["identity"] * 2, x, y, beta=beta, loss=loss,
                           difference=True, backend=backend)
-    deltas = reference.gnt_targets(weights, biases, acts, x, y, beta=beta, loss=loss)
+    deltas = reference.gnt_targets(Net(weights, biases, acts), x, y, beta=beta, loss=loss)
     assert_all_close(out.targets, [h + d for h, d in zip(out.activities, deltas)], name="targets")
 
 
