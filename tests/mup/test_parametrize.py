@@ -118,9 +118,15 @@ def test_coordinate_check_mup_is_width_independent_and_sp_is_not(algo, gamma_bar
     under SP some layer's step-1 Δu does not."""
     mup = pcfast.coord_check(WIDTHS, algo=algo, preset="mup", base_width=64, gamma_bar=gamma_bar, steps=3)
     sp = pcfast.coord_check(WIDTHS, algo=algo, preset="sp", base_width=64, gamma_bar=gamma_bar, steps=1)
+    assert_flat_under_mup_and_not_under_sp(mup, sp, f"{algo} {gamma_bar:+g}")
+
+
+def assert_flat_under_mup_and_not_under_sp(mup, sp, label: str) -> None:
+    """Every weight's Δu and bias step has |slope| ≤ 0.15 at steps 1–3 under μP; some step-1 Δu
+    slope under SP is ≥ 0.3."""
     for step in (1, 2, 3):
         weights, biases = mup.slopes("delta_u", step), mup.slopes("bias_step", step)
-        print(f"{algo} {gamma_bar:+g} step {step}: mup Δu slopes {[round(s, 3) for s in weights]}, "
+        print(f"{label} step {step}: mup Δu slopes {[round(s, 3) for s in weights]}, "
               f"bias slopes {[round(s, 3) for s in biases]}")
         assert len(weights) == len(biases) == 3
         assert all(abs(s) <= 0.15 for s in weights), (step, weights)
@@ -142,15 +148,7 @@ def test_coordinate_check_with_adam_mup_is_width_independent_and_sp_is_not(algo,
     common = dict(algo=algo, base_width=64, gamma_bar=gamma_bar, lr=1e-3, optimizer=optimizer, weight_decay=1e-2)
     mup = pcfast.coord_check(WIDTHS, preset="mup", steps=3, **common)
     sp = pcfast.coord_check(WIDTHS, preset="sp", steps=1, **common)
-    for step in (1, 2, 3):
-        weights, biases = mup.slopes("delta_u", step), mup.slopes("bias_step", step)
-        print(f"{algo} {gamma_bar:+g} {optimizer.__name__} step {step}: mup Δu slopes "
-              f"{[round(s, 3) for s in weights]}, bias slopes {[round(s, 3) for s in biases]}")
-        assert len(weights) == len(biases) == 3
-        assert all(abs(s) <= 0.15 for s in weights), (step, weights)
-        assert all(abs(s) <= 0.15 for s in biases), (step, biases)
-    sp_slopes = sp.slopes("delta_u", 1)
-    assert max(abs(s) for s in sp_slopes) >= 0.3, sp_slopes
+    assert_flat_under_mup_and_not_under_sp(mup, sp, f"{algo} {gamma_bar:+g} {optimizer.__name__}")
 
 
 def test_coordinate_check_records_bias_steps_per_layer():
