@@ -214,3 +214,20 @@ def test_adam_steps_that_diverge_or_get_bad_batches_change_nothing(algo):
     with pytest.raises(pcfast.DivergenceError, match="exceeds the largest torch.float32"):
         opt.step(x, y)
     assert_same_tensors(everything(model, opt)[:3], before[:3])  # (the groups hold the new rate)
+
+
+def test_schedulers_reach_the_inner_rule_with_the_mup_ratios():
+    """OneCycleLR writes one rate and cycles Adam's β1 in every group; the inner Adam steps with the
+    rate times each group's multiplier and the scheduled β1."""
+    model = make_model(width=32)
+    par = pcfast.parametrize(model, "mup", algo="pc", base_width=8)
+    opt = pcfast.optim.PC(model, par, lr=1e-3, optimizer=torch.optim.Adam, inference_steps=3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    for x, y in make_batches(3):
+        schedule.step()
+        opt.step(x, y)
+        for group, inner in zip(opt.param_groups, opt.inner_optimizer.param_groups):
+            assert inner["lr"] == pytest.approx(group["lr"] * group["lr_mult"])
+            assert inner["betas"] == group["betas"]
+    assert opt.param_groups[0]["betas"][0] != 0.9  # the scheduler moved β1 (cycle_momentum)
+    assert len({g["lr"] * g["lr_mult"] for g in opt.param_groups}) > 1
