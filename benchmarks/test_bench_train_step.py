@@ -15,7 +15,6 @@ import torch
 
 from pcfast import functional as F
 from pcfast import ops
-from pcfast.ops import torch_pc
 from pcfast.testing import make_batch, make_feedback, make_net
 from pcfast.types import Net, PCConfig
 
@@ -44,7 +43,7 @@ def step_function(algo: str, provider: str, dims, size):
         fn = F.pc_train_step
         if provider == "compile":
             if "pc" not in _compiled:
-                _compiled["pc"] = torch.compile(torch_pc.pc_grads, dynamic=False)
+                _compiled["pc"] = torch.compile(ops.get_backend("torch", "pc", x.device).pc_grads, dynamic=False)
             compiled = _compiled["pc"]
             net = Net(weights, biases, acts)  # the parameters themselves: sgd updates them in place
             config = PCConfig.of(len(dims) - 1, inference_steps=Case(dims, size).steps, inference_lr=0.1)

@@ -393,7 +393,7 @@ def test_auto_backend_runs_low_precision_models_on_cpu(dtype):
     w, b, x, y, (q, c) = functional_problem()
     w, b, x, y = [t.to(dtype) for t in w], [t.to(dtype) for t in b], x.to(dtype), y.to(dtype)
     q, c = [t.to(dtype) for t in q], [t.to(dtype) for t in c]
-    assert pcfast.ops.resolve("auto", "pc_train_step", x.device, dtype)[0] == "torch"
+    assert pcfast.ops.get_backend("auto", "pc", x.device, dtype).name == "torch"
     auto = F.pc_train_step(w, b, ["tanh"], x, y, inference_steps=3)
     explicit = F.pc_train_step(w, b, ["tanh"], x, y, inference_steps=3, backend="torch")
     assert auto.energy.dtype == dtype and torch.equal(auto.energy, explicit.energy)
@@ -414,23 +414,8 @@ def test_explicit_backend_dtype_error_names_the_backends_that_support_it(backend
         F.pc_train_step(w, b, ["tanh"], x, y, backend=backend)
 
 
-def _raw_backends():
-    import importlib
-
-    raw = {"reference": "pcfast.reference", "torch": None, "cpp": "pcfast.ops.cpp", "triton": "pcfast.ops.triton"}
-    for name, module in raw.items():
-        if not pcfast.ops.is_available(name):
-            continue
-        if name == "torch":
-            from pcfast.ops import torch_pc, torch_tp
-
-            yield name, torch_pc.pc_train_step, torch_tp.tp_train_step
-        else:
-            mod = importlib.import_module(module)
-            yield name, mod.pc_train_step, mod.tp_train_step
-
-
-@pytest.mark.parametrize("backend, pc_step, tp_step", [pytest.param(*r, id=r[0]) for r in _raw_backends()])
+@pytest.mark.parametrize("backend", [name for name in ("reference", "torch", "cpp", "triton")
+                                     if pcfast.ops.is_available(name)])
 @pytest.mark.parametrize("change, message", [
     ({"inference_steps": 2.0}, "inference_steps: expected an int >= 0, got float 2.0"),
     ({"inference_steps": 2.5}, "inference_steps: expected an int >= 0, got float 2.5"),
@@ -440,15 +425,27 @@ def _raw_backends():
     ({"beta": "0.1"}, "beta: expected a finite number >= 0, got str"),
     ({"difference": 1}, "difference: expected a bool, got int"),
 ])
-def test_raw_backend_ops_check_their_settings(backend, pc_step, tp_step, change, message):
-    """The backends behind pcfast.functional, called directly, refuse the same settings."""
+def test_raw_backend_ops_check_their_settings(backend, change, message):
+    """The backends behind pcfast.functional, called directly (a Backend from pcfast.ops.get_backend
+    with the value types, and the reference's own functions), refuse the same settings."""
+    from pcfast import reference
+    from pcfast.types import Feedback, Net, PCConfig, TPConfig
+
     w, b, x, y, (q, c) = functional_problem()
+    chosen = pcfast.ops.get_backend(backend, "pc", x.device, x.dtype)
+    net = Net(w, b, ["tanh"])
     if "beta" in change or "difference" in change:
         kwargs = {"beta": 0.1, "loss": "mse", "difference": True, **change}
         with pytest.raises(TypeError, match=message):
-            tp_step(w, b, ["tanh"], q, c, ["tanh"], x, y, **kwargs)
+            chosen.tp_grads(net, Feedback(q, c, ["tanh"]), x, y, TPConfig(**kwargs))
+        if backend == "reference":
+            with pytest.raises(TypeError, match=message):
+                reference.tp_train_step(w, b, ["tanh"], q, c, ["tanh"], x, y, **kwargs)
         return
     kwargs = dict(precisions=[1.0, 1.0], inference_steps=2, inference_lr=0.1, schedule="jacobi", fpa=False, loss="mse")
     kwargs.update(change)
     with pytest.raises(TypeError, match=message):
-        pc_step(w, b, ["tanh"], x, y, **kwargs)
+        chosen.pc_grads(net, x, y, PCConfig.of(len(w), **kwargs))
+    if backend == "reference":
+        with pytest.raises(TypeError, match=message):
+            reference.pc_train_step(w, b, ["tanh"], x, y, **kwargs)

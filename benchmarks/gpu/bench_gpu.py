@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-from pcfast import reference
-from pcfast.ops import torch_pc, torch_tp
-from pcfast.testing import PRECISIONS, make_batch, make_feedback, make_net, precision_mode, triton_options
+from pcfast import ops
+from pcfast.testing import PRECISIONS, make_batch, make_feedback, make_net, precision_mode
+from pcfast.types import Feedback, Net, PCConfig, TPConfig
 
 
 @dataclass(frozen=True)
@@ -164,42 +164,34 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 8192) -> d
 _compiled: dict[str, object] = {}
 
 
+def provider_grads(provider: str, device: torch.device) -> tuple:
+    """(pc_grads, tp_grads) of ``provider``: a backend's methods, called with the value types."""
+    if provider in ("reference", "torch"):
+        backend = ops.get_backend(provider, "pc", device)
+        return backend.pc_grads, backend.tp_grads
+    if provider == "compile":
+        if "pc" not in _compiled:
+            backend = ops.get_backend("torch", "pc", device)
+            _compiled["pc"] = torch.compile(backend.pc_grads, dynamic=False)
+            _compiled["tp"] = torch.compile(backend.tp_grads, dynamic=False)
+        return _compiled["pc"], _compiled["tp"]
+    if provider in ("triton", "triton+graph"):
+        from pcfast.ops import triton
+
+        triton.clear_graphs()
+        backend = triton.TritonBackend(triton.TritonOptions(cuda_graphs=provider == "triton+graph"))
+        return backend.pc_grads, backend.tp_grads
+    raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+
+
 def step_function(algo: str, provider: str, case: Case, dtype, device):
     """A zero-argument callable running one train step (gradients + SGD update) for ``provider``."""
     dims, depth = case.dims, len(case.dims) - 1
     weights, biases, acts = make_net(case.dims, dtype=dtype, device=device)
+    net = Net(weights, biases, acts)  # the parameters themselves: sgd updates them in place
     x, onehot = make_batch(dims, case.batch, targets="onehot", inputs="uniform", dtype=dtype, device=device)
     lr = 1e-3
-    options = None
-
-    if provider == "reference":
-        pc_fn, tp_fn = reference.pc_train_step, reference.tp_train_step
-    elif provider == "torch":
-        pc_fn, tp_fn = torch_pc.pc_train_step, torch_tp.tp_train_step
-    elif provider == "compile":
-        if "pc" not in _compiled:
-            _compiled["pc"] = torch.compile(torch_pc.pc_train_step, dynamic=False)
-            _compiled["tp"] = torch.compile(torch_tp.tp_train_step, dynamic=False)
-        pc_fn, tp_fn = _compiled["pc"], _compiled["tp"]
-    elif provider in ("triton", "triton+graph"):
-        options = dict(cuda_graphs=provider == "triton+graph")
-        with triton_options(**options) as backend:
-            backend.clear_graphs()
-            pc_fn, tp_fn = backend.pc_train_step, backend.tp_train_step
-    else:
-        raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
-
-    def in_options(fn):
-        """``fn`` run inside the provider's triton options (none for the other providers)."""
-        if options is None:
-            return fn
-
-        def run(*args, **kwargs):
-            with triton_options(**options):
-                return fn(*args, **kwargs)
-        return run
-
-    pc_fn, tp_fn = in_options(pc_fn), in_options(tp_fn)
+    pc_grads, tp_grads = provider_grads(provider, device)
 
     def sgd(grads, bias_grads):
         with torch.no_grad():
@@ -210,18 +202,19 @@ def step_function(algo: str, provider: str, case: Case, dtype, device):
                     b.sub_(g, alpha=lr)
 
     if algo == "pc":
-        kwargs = dict(precisions=[1.0] * depth, inference_steps=case.steps, inference_lr=0.1, schedule="jacobi",
-                      fpa=False, loss="mse")
+        config = PCConfig((1.0,) * depth, inference_steps=case.steps, inference_lr=0.1, schedule="jacobi",
+                          fpa=False, loss="mse")
 
         def run():
-            out = pc_fn(weights, biases, acts, x, onehot, **kwargs)
+            out = pc_grads(net, x, onehot, config)
             sgd(out.weight_grads, out.bias_grads)
         return run
 
     qs, cs, _ = make_feedback(dims, dtype=dtype, device=device, seed=2)
+    feedback, config = Feedback(qs, cs, acts), TPConfig(beta=0.1, loss="mse", difference=True)
 
     def run():
-        out = tp_fn(weights, biases, acts, qs, cs, acts, x, onehot, beta=0.1, loss="mse", difference=True)
+        out = tp_grads(net, feedback, x, onehot, config)
         sgd(out.weight_grads, out.bias_grads)
     return run
 

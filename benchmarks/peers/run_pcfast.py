@@ -69,7 +69,7 @@ def main(argv=None):
     if a.backend == "cpp" and not ops.is_available("cpp"):
         print(json.dumps({"peer": "pcfast-cpp", "error": "cpp backend not available (pcfast._C not built)"}))
         return 2
-    resolved, _ = ops.resolve(a.backend, "pc_train_step", torch.device("cpu"))
+    resolved = ops.get_backend(a.backend, "pc", torch.device("cpu")).name
 
     c = np.load(a.case)
     L = sum(1 for k in c.files if k.startswith("W"))

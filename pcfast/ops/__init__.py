@@ -19,51 +19,44 @@ A backend is chosen once, then called with value types that checked themselves::
     result = get_backend("auto", "tp", x.device, x.dtype).tp_grads(net, feedback, x, target, TPConfig(beta=0.1))
     grads = get_backend("auto", "feedback", x.device, x.dtype).feedback_grads(
         net, feedback, x, noise_seed=seed, noise_std=0.1)   # noise drawn in-kernel or from a seeded generator
-
-``resolve`` (the backend name and a module-level function with the positional signatures of
-``pcfast.reference``) is the older entry point; both apply the same rules and raise the same errors.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import torch
 
 from .backend import Backend, dtype_supported
 
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton")
-OPS = ("pc_train_step", "tp_train_step", "feedback_grads")
-# The op names of get_backend (capabilities) and of resolve (module-level functions).
-_CAPABILITY = {"pc_train_step": "pc", "tp_train_step": "tp", "feedback_grads": "feedback"}
+OPS = ("pc", "tp", "feedback")
+# Each backend's module and the class in it that satisfies Backend.
+_HOMES = {
+    "reference": ("pcfast.ops.backend", "ReferenceBackend"),
+    "torch": ("pcfast.ops.torch_tp", "TorchBackend"),
+    "cpp": ("pcfast.ops.cpp", "CppBackend"),
+    "triton": ("pcfast.ops.triton", "TritonBackend"),
+}
+_HINTS = {
+    "cpp": "reinstall pcfast with a C++ compiler (pip install --no-build-isolation .) to build pcfast._C",
+    "triton": "install triton (pip install pcfast[triton]) and run on a CUDA device",
+}
 
-_loaded: dict[str, ModuleType | SimpleNamespace] = {}
+_loaded: dict[str, ModuleType] = {}
 _unavailable: dict[str, str] = {}
+_backends: dict[str, Backend] = {}
 
 
-def _load(name: str):
+def _load(name: str) -> ModuleType | None:
+    """The module of backend ``name`` (see ``_HOMES``), or None when it cannot be imported here."""
     if name in _loaded:
         return _loaded[name]
     if name in _unavailable:
         return None
     try:
-        if name == "reference":
-            module = importlib.import_module("pcfast.reference")
-        elif name == "torch":
-            from . import torch_pc, torch_tp
-
-            module = SimpleNamespace(
-                pc_train_step=torch_pc.pc_train_step,
-                tp_train_step=torch_tp.tp_train_step,
-                feedback_grads=torch_tp.feedback_grads,
-            )
-        elif name == "cpp":
-            module = importlib.import_module("pcfast.ops.cpp")
-        elif name == "triton":
-            module = importlib.import_module("pcfast.ops.triton")
-        else:
-            raise ValueError(name)
+        module = importlib.import_module(_HOMES[name][0])
     except (ImportError, OSError, RuntimeError) as exc:
         _unavailable[name] = f"{type(exc).__name__}: {exc}"
         return None
@@ -94,63 +87,35 @@ def _dtype_error(backend: str, dtype: torch.dtype, device: torch.device) -> Type
     )
 
 
-def _choose(backend: str, op: str, device: torch.device, dtype: torch.dtype | None):
-    """The name and loaded namespace of the backend that runs ``op`` (a name in OPS)."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        order = ["triton", "torch"] if device.type == "cuda" else ["cpp", "torch"]
-        for name in order:
-            if dtype is not None and not supports_dtype(name, dtype, device):
-                continue
-            if (name != "triton" or is_available(name)) and (module := _load(name)) is not None:
-                if getattr(module, op, None) is not None:
-                    return name, module
-        raise RuntimeError(f"no backend implements {op}")  # unreachable: torch implements all
-    module = _load(backend)
-    if module is None or (backend == "triton" and not is_available("triton")):
-        why = _unavailable.get(backend, "needs a CUDA device or TRITON_INTERPRET=1")
-        hint = {
-            "cpp": "reinstall pcfast with a C++ compiler (pip install --no-build-isolation .) to build pcfast._C",
-            "triton": "install triton (pip install pcfast[triton]) and run on a CUDA device",
-        }.get(backend, "")
-        raise RuntimeError(f"backend={backend!r} is not available here ({why}); {hint}")
-    if getattr(module, op, None) is None:
-        raise NotImplementedError(f"backend={backend!r} does not implement {op}; use backend='torch'")
-    if dtype is not None and not supports_dtype(backend, dtype, device):
-        raise _dtype_error(backend, dtype, device)
-    return backend, module
-
-
-def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, object]:
-    """The backend name and module-level function that run ``op`` (one of ``OPS``) for ``backend``
-    on ``device`` (in ``dtype``, when given: ``auto`` then skips backends that do not support it)."""
-    name, module = _choose(backend, op, device, dtype)
-    return name, getattr(module, op)
+def _backend(name: str) -> Backend:
+    """The one ``Backend`` object of an available backend ``name``."""
+    if name not in _backends:
+        _backends[name] = getattr(_load(name), _HOMES[name][1])()
+    return _backends[name]
 
 
 def get_backend(name: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
-    """The ``Backend`` that runs ``op`` (``"pc"``, ``"tp"`` or ``"feedback"``) for backend ``name``
-    (one of ``BACKENDS``) on ``device`` in ``dtype``; the rules and errors of ``resolve``."""
-    ops = {capability: op_name for op_name, capability in _CAPABILITY.items()}
-    if op not in ops:
-        raise ValueError(f"op: expected one of {tuple(ops)}, got {op!r}")
-    chosen, _ = _choose(name, ops[op], device, dtype)
-    if chosen not in _backends:
-        _backends[chosen] = _new_backend(chosen)
-    return _backends[chosen]
-
-
-_backends: dict[str, Backend] = {}
-
-
-def _new_backend(name: str) -> Backend:
-    if name == "reference":
-        from .backend import ReferenceBackend
-
-        return ReferenceBackend()
-    if name == "torch":
-        from .torch_tp import TorchBackend
-
-        return TorchBackend()
-    return _load(name).CppBackend() if name == "cpp" else _load(name).TritonBackend()
+    """The ``Backend`` that runs ``op`` (one of ``OPS``: ``"pc"``, ``"tp"``, ``"feedback"``) for backend
+    ``name`` (one of ``BACKENDS``) on ``device`` (in ``dtype``, when given: ``auto`` then skips the
+    backends that do not support it; an explicit backend that does not raises TypeError naming those
+    that do)."""
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        for candidate in ("triton", "torch") if device.type == "cuda" else ("cpp", "torch"):
+            if dtype is not None and not supports_dtype(candidate, dtype, device):
+                continue
+            if is_available(candidate) and op in _backend(candidate).capabilities:
+                return _backend(candidate)
+        raise RuntimeError(f"no backend implements {op}")  # unreachable: torch implements all
+    if not is_available(name):
+        why = _unavailable.get(name, "needs a CUDA device or TRITON_INTERPRET=1")
+        raise RuntimeError(f"backend={name!r} is not available here ({why}); {_HINTS.get(name, '')}")
+    backend = _backend(name)
+    if op not in backend.capabilities:
+        raise NotImplementedError(f"backend={name!r} does not implement {op}; use backend='torch'")
+    if dtype is not None and not supports_dtype(name, dtype, device):
+        raise _dtype_error(name, dtype, device)
+    return backend

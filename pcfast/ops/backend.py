@@ -6,12 +6,11 @@ gradients (``feedback_grads``), from value types that checked themselves when th
 (``pcfast.types``), so a backend checks nothing again beyond what guards its raw-pointer kernels.
 
 Also here: ``ReferenceBackend`` (``pcfast.reference``, autograd), the dtype table of every backend,
-``draw_noise`` (the seeded noise of backends without in-kernel noise), and the factories of the
-positional module-level functions (``pc_train_step`` …) that every backend module still exposes.
+and ``draw_noise`` (the seeded noise of backends without in-kernel noise).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -129,95 +128,3 @@ class ReferenceBackend(HostNoiseBackend):
             list(net.weights), list(net.biases), list(net.activations), list(feedback.weights),
             list(feedback.biases), list(feedback.activations), x, noise,
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# The module-level functions of each backend module (``torch_pc.pc_train_step``, ``cpp.…``,
-# ``triton.…``): the positional signatures of ``pcfast.reference``, checking their settings (they
-# may be called directly), then the backend's method.
-# ---------------------------------------------------------------------------------------------
-
-
-def pc_train_step_of(pc_grads: Callable[[Net, Tensor, Tensor, PCConfig], PCResult]) -> Callable[..., PCResult]:
-    """``pc_train_step(weights, biases, activations, x, target, *, precisions, …)`` over ``pc_grads``."""
-
-    @torch.no_grad()
-    def pc_train_step(
-        weights: Sequence[Tensor],
-        biases: Sequence[Tensor | None],
-        activations: Sequence[str],
-        x: Tensor,
-        target: Tensor,
-        *,
-        precisions: Sequence[float] | float | None,
-        inference_steps: int,
-        inference_lr: float,
-        schedule: str,
-        fpa: bool,
-        loss: str,
-        return_trajectory: bool = False,
-    ) -> PCResult:
-        """PC relaxation and local gradients; see :func:`pcfast.reference.pc_train_step`."""
-        config = PCConfig.of(len(weights), precisions, inference_steps=inference_steps, inference_lr=inference_lr,
-                             schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
-        return pc_grads(Net(weights, biases, activations), x, target, config)
-
-    pc_train_step.__qualname__ = "pc_train_step"
-    return pc_train_step
-
-
-def tp_train_step_of(tp_grads: Callable[[Net, Feedback, Tensor, Tensor, TPConfig], TPResult]) -> Callable[..., TPResult]:
-    """``tp_train_step(weights, …, feedback_activations, x, target, *, beta, loss, difference)`` over ``tp_grads``."""
-
-    @torch.no_grad()
-    def tp_train_step(
-        weights: Sequence[Tensor],
-        biases: Sequence[Tensor | None],
-        activations: Sequence[str],
-        feedback_weights: Sequence[Tensor],
-        feedback_biases: Sequence[Tensor | None],
-        feedback_activations: Sequence[str],
-        x: Tensor,
-        target: Tensor,
-        *,
-        beta: float,
-        loss: str,
-        difference: bool,
-    ) -> TPResult:
-        """TP/DTP targets and local gradients; see :func:`pcfast.reference.tp_train_step`."""
-        config = TPConfig(beta=beta, loss=loss, difference=difference)
-        return tp_grads(Net(weights, biases, activations), Feedback(feedback_weights, feedback_biases,
-                                                                   feedback_activations), x, target, config)
-
-    tp_train_step.__qualname__ = "tp_train_step"
-    return tp_train_step
-
-
-def feedback_grads_of(feedback_grads: Callable[..., FeedbackResult]) -> Callable[..., FeedbackResult]:
-    """``feedback_grads(weights, …, x, noise=None, *, noise_seed=None, noise_std=0.0)`` over a
-    backend's ``feedback_grads``."""
-
-    @torch.no_grad()
-    def positional_feedback_grads(
-        weights: Sequence[Tensor],
-        biases: Sequence[Tensor | None],
-        activations: Sequence[str],
-        feedback_weights: Sequence[Tensor],
-        feedback_biases: Sequence[Tensor | None],
-        feedback_activations: Sequence[str],
-        x: Tensor,
-        noise: Sequence[Tensor | None] | None = None,
-        *,
-        noise_seed: int | None = None,
-        noise_std: float = 0.0,
-    ) -> FeedbackResult:
-        """Feedback reconstruction gradients; see :func:`pcfast.reference.feedback_grads` (and
-        ``pcfast.functional.feedback_grads`` for ``noise_seed``)."""
-        if noise is not None and noise_seed is not None:
-            raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
-        return feedback_grads(Net(weights, biases, activations),
-                              Feedback(feedback_weights, feedback_biases, feedback_activations), x,
-                              noise=noise, noise_seed=noise_seed, noise_std=noise_std)
-
-    positional_feedback_grads.__name__ = positional_feedback_grads.__qualname__ = "feedback_grads"
-    return positional_feedback_grads

@@ -2,8 +2,8 @@
 
 ``CppBackend`` runs a whole train step in one call into C++ (``torch.ops.pcfast.*``, registered by
 ``csrc/pcfast.cpp``): the PC relaxation over all steps and layers plus the weight gradients, or the
-TP/DTP targets plus the local gradients. Signatures and results are those of ``pcfast.ops.torch_pc``
-and ``pcfast.ops.torch_tp``; the math is ``pcfast.reference``. CPU tensors, float32 or float64.
+TP/DTP targets plus the local gradients. Results are those of the ``torch`` backend
+(``pcfast.ops.torch_pc``, ``pcfast.ops.torch_tp``); the math is ``pcfast.reference``. CPU tensors, float32 or float64.
 
 The ops keep the custom-op contract of ``torch.library``: functional schemas (no input is mutated, no
 output aliases an input), CPU kernels, a "not differentiable" autograd kernel (outputs carry no graph),
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..results import FeedbackResult, PCResult, TPResult
 from ..types import Feedback, Net, PCConfig, TPConfig
-from .backend import HostNoiseBackend, feedback_grads_of, pc_train_step_of, tp_train_step_of
+from .backend import HostNoiseBackend
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.pcfast)
@@ -38,8 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 _ops = torch.ops.pcfast
 
-__all__ = ["CppBackend", "activation", "engine_info", "feedback_grads", "pc_train_step", "set_engine",
-           "tp_train_step"]
+__all__ = ["CppBackend", "activation", "engine_info", "set_engine"]
 
 
 def _outputs_type(op_name: str, type_name: str) -> type:
@@ -124,12 +123,6 @@ class CppBackend(HostNoiseBackend):
             list(feedback.biases), list(feedback.activations), x, [] if noise is None else list(noise),
         ))
         return FeedbackResult(weight_grads=list(out.weight_grads), bias_grads=list(out.bias_grads), loss=out.loss)
-
-
-_cpp = CppBackend()
-pc_train_step = pc_train_step_of(_cpp.pc_grads)
-tp_train_step = tp_train_step_of(_cpp.tp_grads)
-feedback_grads = feedback_grads_of(_cpp.feedback_grads)
 
 
 # ------------------------------------------------------------------------------------------------

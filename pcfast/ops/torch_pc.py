@@ -5,8 +5,7 @@ errors and activities are updated in place. Per step and layer there is one GEMM
 (the first layer's is constant and computed once) and one for the top-down term; with FPA only the
 top-down GEMMs remain. Runs on any device and dtype. The math is ``pcfast.reference.pc``.
 
-``pc_grads`` takes a ``Net`` and a ``PCConfig`` (``TorchBackend.pc_grads``); ``pc_train_step`` is its
-positional form with the signature of ``pcfast.reference.pc_train_step``, which checks its settings.
+``pc_grads`` takes a ``Net`` and a ``PCConfig`` (``TorchBackend.pc_grads``).
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from torch import Tensor
 from ..activations import phi, phi_grad
 from ..results import PCResult
 from ..types import Net, PCConfig
-from .backend import pc_train_step_of
 
 
 def _affine(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -147,6 +145,3 @@ def pc_grads(net: Net, x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
         loss=loss_value,
         trajectory=trajectory,
     )
-
-
-pc_train_step = pc_train_step_of(pc_grads)

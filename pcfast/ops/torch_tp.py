@@ -15,7 +15,7 @@ from torch import Tensor
 from ..activations import phi, phi_grad
 from ..results import FeedbackResult, TPResult
 from ..types import Feedback, Net, TPConfig
-from .backend import HostNoiseBackend, feedback_grads_of, tp_train_step_of
+from .backend import HostNoiseBackend
 from .torch_pc import _affine, _loss_sum, _output_error, pc_grads
 
 # One layer of the feedforward pass: (l, h_{l-1}, φ_l or None on the readout) -> (u_l, h_l).
@@ -117,7 +117,3 @@ class TorchBackend(HostNoiseBackend):
     pc_grads = staticmethod(pc_grads)
     tp_grads = staticmethod(tp_grads)
     reconstruction_grads = staticmethod(reconstruction_grads)
-
-
-tp_train_step = tp_train_step_of(tp_grads)
-feedback_grads = feedback_grads_of(TorchBackend().feedback_grads)

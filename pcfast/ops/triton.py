@@ -9,7 +9,7 @@ drawn inside the kernels from a seed.
 
 On CUDA the whole step is captured as a CUDA graph the second time a configuration is seen and
 replayed afterwards (``cuda_graphs``). Options (``TritonOptions``) belong to a ``TritonBackend``;
-one made without them, and the module-level functions, use the options of the enclosing
+one made without them (the one ``pcfast.ops.get_backend`` gives) uses the options of the enclosing
 ``with options(...)`` block::
 
     with pcfast.ops.triton.options(cuda_graphs=False, stacked=False):
@@ -30,7 +30,7 @@ from ..results import FeedbackResult, PCResult, TPResult
 from ..types import Feedback, Net, PCConfig, TPConfig
 from . import cuda_graphs, linear_epilogue, triton_pc, triton_tp
 from ._triton_common import as_contiguous, input_precision, kernel_layout
-from .backend import CAPABILITIES, dtype_supported, feedback_grads_of, pc_train_step_of, tp_train_step_of
+from .backend import CAPABILITIES, dtype_supported
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,3 @@ def _params(net: Net) -> tuple:
 
 def _batch_key(x: Tensor, target: Tensor) -> tuple:
     return tuple(x.shape), x.dtype, x.device, tuple(target.shape), target.dtype
-
-
-_default = TritonBackend()
-pc_train_step = pc_train_step_of(_default.pc_grads)
-tp_train_step = tp_train_step_of(_default.tp_grads)
-feedback_grads = feedback_grads_of(_default.feedback_grads)

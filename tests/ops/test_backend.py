@@ -1,8 +1,8 @@
 """The ``Backend`` protocol (``pcfast/ops/backend.py``), ``pcfast.ops.get_backend`` and the value types
 of ``pcfast/types.py``: every available backend satisfies the protocol and computes what
-``pcfast.reference`` computes from the same ``Net``/``Feedback``/config; ``get_backend`` applies
-``resolve``'s rules and errors; the value types refuse what ``pcfast.functional`` refuses; the
-Triton backend's options are explicit values."""
+``pcfast.reference`` computes from the same ``Net``/``Feedback``/config; ``get_backend`` picks by
+device and dtype and names what it cannot run; the value types refuse what ``pcfast.functional``
+refuses; the Triton backend's options are explicit values."""
 import dataclasses
 
 import pytest
@@ -94,13 +94,16 @@ def test_draw_noise_is_what_functional_draws_for_a_seed():
     assert all(torch.equal(a, b) for a, b in zip(draw_noise(5, 0.2, x, [4, 2]), expected))
 
 
-def test_get_backend_follows_resolve():
+def test_get_backend_picks_by_device_and_dtype():
     cpu = torch.device("cpu")
-    for op, capability in (("pc_train_step", "pc"), ("tp_train_step", "tp"), ("feedback_grads", "feedback")):
-        for dtype in (torch.float32, torch.bfloat16):
-            assert ops.get_backend("auto", capability, cpu, dtype).name == ops.resolve("auto", op, cpu, dtype)[0]
-    assert ops.get_backend("auto", "pc", cpu, torch.float32).name == ("cpp" if ops.is_available("cpp") else "torch")
-    assert ops.get_backend("auto", "pc", cpu, torch.float16).name == "torch"
+    fast = "cpp" if ops.is_available("cpp") else "torch"
+    for op in ops.OPS:
+        assert ops.get_backend("auto", op, cpu, torch.float32).name == fast
+        assert ops.get_backend("auto", op, cpu).name == fast
+        for dtype in (torch.bfloat16, torch.float16):
+            assert ops.get_backend("auto", op, cpu, dtype).name == "torch"
+        for name in NAMES:
+            assert ops.get_backend(name, op, cpu, torch.float64) is ops.get_backend(name, "pc", cpu)
     with pytest.raises(ValueError, match="backend: expected one of"):
         ops.get_backend("fast", "pc", cpu)
     with pytest.raises(ValueError, match="op: expected one of"):

@@ -19,6 +19,7 @@ import torch
 from pcfast import functional as F
 from pcfast import ops
 from pcfast.testing import assert_all_close, assert_close
+from pcfast.types import Net, PCConfig
 
 from tests.conftest import random_batch, random_mlp
 
@@ -175,16 +176,15 @@ def test_pc_cpp_accepts_non_contiguous_and_grad_inputs():
     x_wide = torch.zeros(7, 2 * dims[0], dtype=x.dtype)
     x_wide[:, ::2] = x
     assert not weights_t[0].is_contiguous() and not x_wide[:, ::2].is_contiguous()
-    out = cpp.pc_train_step(weights_t, biases, acts, x_wide[:, ::2], y, precisions=None, inference_steps=4,
-                            inference_lr=0.1, schedule="jacobi", fpa=False, loss="mse")
+    out = cpp.CppBackend().pc_grads(Net(weights_t, biases, acts), x_wide[:, ::2], y,
+                                    PCConfig.of(len(weights), inference_steps=4, inference_lr=0.1))
     assert_all_close(out.weight_grads, ref.weight_grads)
     assert not any(g.requires_grad for g in out.weight_grads) and out.energy.grad_fn is None
 
 
 def test_cpp_is_the_auto_backend_on_cpu():
     assert "cpp" in ops.available_backends()
-    name, _ = ops.resolve("auto", "pc_train_step", torch.device("cpu"))
-    assert name == "cpp"
+    assert ops.get_backend("auto", "pc", torch.device("cpu")).name == "cpp"
     assert cpp.engine_info().split("/")[0] in ("avx512", "avx2", "baseline")
 
 

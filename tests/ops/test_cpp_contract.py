@@ -17,6 +17,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from pcfast import ops
+from pcfast.types import Feedback, Net, PCConfig, TPConfig
 
 from tests.conftest import random_batch, random_mlp
 
@@ -181,19 +182,24 @@ def compiled(fn, recorder, **kwargs):
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 def test_compiled_pc_and_tp_steps_match_eager_in_one_graph(dtype):
-    """One function calls all four ops through pcfast.ops.cpp (named results included) and compiles
-    with fullgraph=True — a graph break would raise — into one graph holding the four ops."""
+    """One function builds the value types and calls all four ops through pcfast.ops.cpp's CppBackend
+    (named results included) and compiles with fullgraph=True — a graph break would raise — into one
+    graph holding the four ops."""
     dims, batch = (11, 1, 6, 3), 7
     weights, biases, acts = network(dims, "mixed", DTYPES[dtype])
     qs, cs, psis = feedback(dims, True, DTYPES[dtype])
     x, labels = random_batch(dims, batch, "ce", dtype=DTYPES[dtype])
 
+    backend = cpp.CppBackend()
+    pc_config = PCConfig.of(len(weights), [1.0, 2.0, 0.5], inference_steps=4, inference_lr=0.2,
+                            schedule="sequential", fpa=False, loss="ce", return_trajectory=True)
+    tp_config = TPConfig(beta=0.3, loss="ce", difference=True)
+
     def step(weights, biases, qs, cs, x, labels):
-        pc = cpp.pc_train_step(weights, biases, acts, x, labels, precisions=[1.0, 2.0, 0.5], inference_steps=4,
-                               inference_lr=0.2, schedule="sequential", fpa=False, loss="ce",
-                               return_trajectory=True)
-        tp = cpp.tp_train_step(weights, biases, acts, qs, cs, psis, x, labels, beta=0.3, loss="ce", difference=True)
-        fb = cpp.feedback_grads(weights, biases, acts, qs, cs, psis, x)
+        net, fb_maps = Net(weights, biases, acts), Feedback(qs, cs, psis)
+        pc = backend.pc_grads(net, x, labels, pc_config)
+        tp = backend.tp_grads(net, fb_maps, x, labels, tp_config)
+        fb = backend.feedback_grads(net, fb_maps, x)
         act = cpp.activation(pc.latents[1], "gelu")
         return pc, tp, fb, act.value * act.slope
 

@@ -12,6 +12,7 @@ from pcfast.ops import linear_epilogue, tp_targets
 from pcfast.ops import triton as triton_backend
 from pcfast.ops._triton_common import Noise
 from pcfast.testing import assert_close
+from pcfast.types import Feedback, Net, PCConfig, TPConfig
 from tests.conftest import random_batch
 from tests.ops.cases import assert_same_pc, assert_same_tp, pc_kwargs, pc_network, tp_network
 
@@ -84,7 +85,8 @@ def test_pc_triton_ce_row_kernel_equals_reference(schedule):
     x, y = random_batch(dims, 5, "ce")
     kwargs = pc_kwargs(case, 3)
     with triton_backend.options(ce_fused_max_classes=0):
-        out = triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs)
+        out = triton_backend.TritonBackend().pc_grads(Net(weights, biases, acts), x, y,
+                                                      PCConfig.of(len(weights), **kwargs))
     assert_same_pc(out, reference.pc_train_step(weights, biases, acts, x, y, **kwargs), torch.float64)
 
 
@@ -95,5 +97,6 @@ def test_dtp_triton_ce_row_kernel_equals_reference():
     x, y = random_batch(dims, 33, "ce")
     kwargs = dict(beta=0.5, loss="ce", difference=True)
     with triton_backend.options(ce_fused_max_classes=0):
-        out = triton_backend.tp_train_step(weights, biases, acts, qs, cs, psis, x, y, **kwargs)
+        out = triton_backend.TritonBackend().tp_grads(Net(weights, biases, acts), Feedback(qs, cs, psis), x, y,
+                                                      TPConfig(**kwargs))
     assert_same_tp(out, reference.tp_train_step(weights, biases, acts, qs, cs, psis, x, y, **kwargs), torch.float64)

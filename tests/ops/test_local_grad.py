@@ -13,6 +13,7 @@ from pcfast.ops import local_grad, tp_targets
 from pcfast.ops import triton as triton_backend
 from pcfast.ops._triton_common import Noise
 from pcfast.testing import assert_close
+from pcfast.types import Feedback, Net, TPConfig
 from tests.conftest import random_batch, random_mlp
 from tests.ops.cases import DTYPES, assert_same_tp, count_calls
 
@@ -85,6 +86,7 @@ def test_tp_triton_stacked_local_gradients_equal_reference(case, monkeypatch):
     x, y = random_batch(dims, case["batch"], case["loss"], dtype=dtype)
     kwargs = dict(beta=0.3, loss=case["loss"], difference=case["difference"])
     calls = count_calls(monkeypatch, local_grad, "stacked_tp_weight_grad")
-    out = triton_backend.tp_train_step(weights, biases, acts, qs, cs, acts, x, y, **kwargs)
+    out = triton_backend.TritonBackend().tp_grads(Net(weights, biases, acts), Feedback(qs, cs, acts), x, y,
+                                                  TPConfig(**kwargs))
     assert len(calls) == 1, "the stacked launch did not run"
     assert_same_tp(out, reference.tp_train_step(weights, biases, acts, qs, cs, acts, x, y, **kwargs), dtype)

@@ -21,8 +21,11 @@ from pcfast.ops import pc_update
 from pcfast.ops import triton as triton_backend
 from pcfast.ops._triton_common import LayerTable
 from pcfast.testing import assert_all_close
+from pcfast.types import Net, PCConfig
 from tests.conftest import random_batch, random_mlp
 from tests.ops.cases import BATCHES, DEPTHS, DTYPES, STEPS, WIDTHS, assert_same_pc, count_calls, pc_kwargs, pc_network
+
+TRITON = triton_backend.TritonBackend()  # the options of the enclosing triton_backend.options() block
 
 
 def _cases():
@@ -60,7 +63,7 @@ def test_pc_triton_equals_reference(case):
     x, y = random_batch(dims, case["batch"], case["loss"], dtype=dtype)
     kwargs = pc_kwargs(case, case["depth"])
     ref = reference.pc_train_step(weights, biases, acts, x, y, **kwargs)
-    out = triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    out = TRITON.pc_grads(Net(weights, biases, acts), x, y, PCConfig.of(len(weights), **kwargs))
     assert_same_pc(out, ref, dtype)
 
 
@@ -101,7 +104,7 @@ def test_pc_triton_stacked_hidden_layers_equal_reference(case, monkeypatch):
     kwargs = dict(precisions=[1.3] * (depth - 1) + [0.6], inference_steps=STEPS, inference_lr=0.2, schedule="jacobi",
                   fpa=case["fpa"], loss=case["loss"], return_trajectory=True)
     launches = count_calls(monkeypatch, pc_update, "stacked_latent_update")
-    out = triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    out = TRITON.pc_grads(Net(weights, biases, acts), x, y, PCConfig.of(len(weights), **kwargs))
     assert len(launches) == STEPS, "the stacked path did not run"
     assert_same_pc(out, reference.pc_train_step(weights, biases, acts, x, y, **kwargs), dtype)
 
@@ -127,7 +130,7 @@ def test_pc_triton_stack_falls_back_to_per_layer_launches(change, monkeypatch):
                   loss="mse", return_trajectory=True)
     launches = count_calls(monkeypatch, pc_update, "stacked_latent_update")
     with triton_backend.options(stacked=change != "switched off"):
-        out = triton_backend.pc_train_step(weights, biases, acts, x, y, **kwargs)
+        out = TRITON.pc_grads(Net(weights, biases, acts), x, y, PCConfig.of(len(weights), **kwargs))
     assert launches == []
     assert_same_pc(out, reference.pc_train_step(weights, biases, acts, x, y, **kwargs), torch.float64)
 
@@ -150,8 +153,8 @@ def test_pc_triton_zero_inference_steps_is_forward_state():
     dims, weights, biases, acts = pc_network(dict(width=17, depth=3, loss="mse", bias=True, dtype="f64", act_offset=0))
     x, y = random_batch(dims, 5, "mse")
     for schedule in ("jacobi", "sequential"):
-        out = triton_backend.pc_train_step(weights, biases, acts, x, y, precisions=[1.0, 1.0, 1.0], inference_steps=0,
-                                           inference_lr=0.1, schedule=schedule, fpa=False, loss="mse")
+        out = TRITON.pc_grads(Net(weights, biases, acts), x, y,
+                              PCConfig.of(len(weights), inference_steps=0, schedule=schedule))
         assert all(float(e.abs().max()) == 0.0 for e in out.errors[:-1])
         ref = reference.pc_train_step(weights, biases, acts, x, y, inference_steps=0, schedule=schedule)
         assert_all_close(out.weight_grads, ref.weight_grads, name="weight grads")
@@ -162,8 +165,8 @@ def test_pc_triton_equals_bp_under_fpa():
     dims, weights, biases, acts = pc_network(dict(width=17, depth=4, loss="mse", bias=True, dtype="f64", act_offset=1))
     x, y = random_batch(dims, 5, "mse")
     gamma_out = 0.7
-    out = triton_backend.pc_train_step(weights, biases, acts, x, y, precisions=[1.0, 1.0, 1.0, gamma_out],
-                                       inference_steps=1, inference_lr=1.0, schedule="sequential", fpa=True, loss="mse")
+    config = PCConfig((1.0, 1.0, 1.0, gamma_out), inference_steps=1, inference_lr=1.0, schedule="sequential", fpa=True)
+    out = TRITON.pc_grads(Net(weights, biases, acts), x, y, config)
     bp = reference.bp_train_step(weights, biases, acts, x, y, loss="mse")
     assert_all_close(out.weight_grads, [gamma_out * g for g in bp.weight_grads], name="weight grads")
     assert_all_close(out.bias_grads, [gamma_out * g for g in bp.bias_grads], name="bias grads")
@@ -173,8 +176,8 @@ def test_pc_triton_rejects_half_precision_on_cpu():
     dims, weights, biases, acts = pc_network(dict(width=17, depth=2, loss="mse", bias=False, dtype="f32", act_offset=0))
     x, y = random_batch(dims, 5, "mse", dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="float16"):
-        triton_backend.pc_train_step([w.half() for w in weights], biases, acts, x.half(), y.half(), precisions=[1.0, 1.0],
-                                     inference_steps=1, inference_lr=0.1, schedule="jacobi", fpa=False, loss="mse")
+        TRITON.pc_grads(Net([w.half() for w in weights], biases, acts), x.half(), y.half(),
+                        PCConfig((1.0, 1.0), inference_steps=1, inference_lr=0.1))
 
 
 def test_import_pcfast_does_not_import_triton():

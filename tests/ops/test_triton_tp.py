@@ -17,8 +17,11 @@ from pcfast import functional as F
 from pcfast import reference
 from pcfast.ops import triton as triton_backend
 from pcfast.testing import assert_all_close, assert_close
+from pcfast.types import Feedback, Net, TPConfig
 from tests.conftest import random_batch
 from tests.ops.cases import BATCHES, DEPTHS, DTYPES, FEEDBACK_CASES, WIDTHS, assert_same_tp, feedback_id, tp_network
+
+TRITON = triton_backend.TritonBackend()
 
 
 def _cases():
@@ -49,7 +52,7 @@ def test_tp_triton_equals_reference(case):
     x, y = random_batch(dims, case["batch"], case["loss"], dtype=dtype)
     kwargs = dict(beta=0.3, loss=case["loss"], difference=case["difference"])
     ref = reference.tp_train_step(weights, biases, acts, qs, cs, psis, x, y, **kwargs)
-    out = triton_backend.tp_train_step(weights, biases, acts, qs, cs, psis, x, y, **kwargs)
+    out = TRITON.tp_grads(Net(weights, biases, acts), Feedback(qs, cs, psis), x, y, TPConfig(**kwargs))
     assert_same_tp(out, ref, dtype)
 
 
@@ -63,7 +66,7 @@ def test_feedback_grads_triton_equals_reference(case, noisy):
     noise = [0.1 * torch.randn(case["batch"], dims[l - 1], generator=gen, dtype=dtype) for l in range(2, case["depth"] + 1)] \
         if noisy else None
     ref = reference.feedback_grads(weights, biases, acts, qs, cs, psis, x, noise)
-    out = triton_backend.feedback_grads(weights, biases, acts, qs, cs, psis, x, noise)
+    out = TRITON.feedback_grads(Net(weights, biases, acts), Feedback(qs, cs, psis), x, noise=noise)
     assert_all_close(out.weight_grads, ref.weight_grads, dtype=dtype, name="feedback weight grads")
     assert_all_close(out.bias_grads, ref.bias_grads, dtype=dtype, name="feedback bias grads")
     assert_close(out.loss, ref.loss, dtype=dtype, name="reconstruction loss")
