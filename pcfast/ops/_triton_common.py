@@ -190,6 +190,15 @@ def matmul_tile(
 INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
+def _configs(names: tuple[str, str, str], shapes: list[tuple[int, ...]]) -> list[triton.Config]:
+    """One config per row (three block sizes, named by ``names``; stages; warps), GROUP_M 8; under the
+    interpreter the one INTERPRETER_BLOCKS config."""
+    if interpreting():
+        return [triton.Config(dict(INTERPRETER_BLOCKS, GROUP_M=8), num_warps=4, num_stages=1)]
+    return [triton.Config({**dict(zip(names, blocks)), "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+            for *blocks, stages, warps in shapes]
+
+
 def gemm_configs(*, two_accumulators: bool = False) -> list[triton.Config]:
     """Configs of the output-tile GEMMs (prediction/error, top-down/update, DTP targets).
 
@@ -197,8 +206,6 @@ def gemm_configs(*, two_accumulators: bool = False) -> list[triton.Config]:
     64); ``two_accumulators`` (DTP: ĥ and h share each Q tile) drops the 128×128 tile for registers.
     fp32 runs the dot as 3xTF32, which needs about three times the operand registers of bf16: the
     wide tiles use 8 warps so that they fit (tests/ops/test_aot_compile.py prints the spills)."""
-    if interpreting():
-        return [triton.Config(dict(INTERPRETER_BLOCKS, GROUP_M=8), num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
         (128, 128, 32, 3, 8),
         (128, 64, 32, 3, 8),
@@ -209,28 +216,19 @@ def gemm_configs(*, two_accumulators: bool = False) -> list[triton.Config]:
     ]
     if two_accumulators:
         shapes = [s for s in shapes if s[0] * s[1] < 128 * 128]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w)
-        for bm, bn, bk, st, w in shapes
-    ]
+    return _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes)
 
 
 def grad_configs() -> list[triton.Config]:
     """Configs of the weight-gradient GEMM: output tile (BLOCK_N, BLOCK_K) of W, reduction over the
     batch in chunks of BLOCK_M."""
-    if interpreting():
-        return [triton.Config(dict(INTERPRETER_BLOCKS, GROUP_M=8), num_warps=4, num_stages=1)]
-    shapes = [  # BLOCK_N, BLOCK_K, BLOCK_M, stages, warps
+    return _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), [  # BLOCK_N, BLOCK_K, BLOCK_M, stages, warps
         (128, 128, 32, 3, 8),
         (128, 64, 32, 3, 8),
         (64, 128, 32, 3, 8),
         (64, 64, 32, 4, 4),
         (32, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP_M": 8}, num_stages=st, num_warps=w)
-        for bn, bk, bm, st, w in shapes
-    ]
+    ])
 
 
 def _is_fp64(named_args: dict[str, Any]) -> bool:

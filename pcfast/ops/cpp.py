@@ -72,6 +72,18 @@ def activation(u: Tensor, name: str) -> ActivationOutputs:
     return ActivationOutputs(*_ops.activation(u, name))
 
 
+def _lists(params: Net | Feedback) -> tuple[list, list, list]:
+    """Weights, biases and activation names as the ops' schemas take them."""
+    return list(params.weights), list(params.biases), list(params.activations)
+
+
+def _result(result_type: type, outputs: tuple, **changes):
+    """``result_type`` from an op's named ``outputs`` (their sequences as lists), ``changes`` replacing fields."""
+    fields = {name: list(value) if isinstance(value, (list, tuple)) else value
+              for name, value in outputs._asdict().items()}
+    return result_type(**{**fields, **changes})
+
+
 class CppBackend(HostNoiseBackend):
     """The C++ CPU engine: a whole train step per call into ``torch.ops.pcfast``."""
 
@@ -80,49 +92,28 @@ class CppBackend(HostNoiseBackend):
     def pc_grads(self, net: Net, x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
         """PC relaxation and local gradients in C++; see :func:`pcfast.reference.pc_train_step`."""
         out = PCStepOutputs(*_ops.pc_train_step(
-            list(net.weights), list(net.biases), list(net.activations), x, target, list(config.precisions),
-            config.inference_steps, config.inference_lr, config.schedule, config.fpa, config.loss,
-            config.return_trajectory,
+            *_lists(net), x, target, list(config.precisions), config.inference_steps, config.inference_lr,
+            config.schedule, config.fpa, config.loss, config.return_trajectory,
         ))
         trajectory = None
         if config.return_trajectory:
             # One (T+1, B, d_l) block per hidden layer; step t is a list of views into them.
             per_layer = [block.unbind(0) for block in out.trajectory]
             trajectory = [[steps[t] for steps in per_layer] for t in range(config.inference_steps + 1)]
-        return PCResult(
-            latents=list(out.latents),
-            errors=list(out.errors),
-            weight_grads=list(out.weight_grads),
-            bias_grads=list(out.bias_grads),
-            energy=out.energy,
-            loss=out.loss,
-            trajectory=trajectory,
-        )
+        return _result(PCResult, out, trajectory=trajectory)
 
     def tp_grads(self, net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
         """TP/DTP targets and local gradients in C++; see :func:`pcfast.reference.tp_train_step`."""
-        out = TPStepOutputs(*_ops.tp_train_step(
-            list(net.weights), list(net.biases), list(net.activations), list(feedback.weights),
-            list(feedback.biases), list(feedback.activations), x, target, config.beta, config.loss,
-            config.difference,
-        ))
-        return TPResult(
-            targets=list(out.targets),
-            activities=list(out.activities),
-            weight_grads=list(out.weight_grads),
-            bias_grads=list(out.bias_grads),
-            loss=out.loss,
-            local_loss=out.local_loss,
-        )
+        out = TPStepOutputs(*_ops.tp_train_step(*_lists(net), *_lists(feedback), x, target, config.beta, config.loss,
+                                                config.difference))
+        return _result(TPResult, out)
 
     def reconstruction_grads(self, net: Net, feedback: Feedback, x: Tensor,
                              noise: Sequence[Tensor | None] | None) -> FeedbackResult:
         """Feedback reconstruction gradients in C++; see :func:`pcfast.reference.feedback_grads`."""
-        out = FeedbackOutputs(*_ops.feedback_grads(
-            list(net.weights), list(net.biases), list(net.activations), list(feedback.weights),
-            list(feedback.biases), list(feedback.activations), x, [] if noise is None else list(noise),
-        ))
-        return FeedbackResult(weight_grads=list(out.weight_grads), bias_grads=list(out.bias_grads), loss=out.loss)
+        out = FeedbackOutputs(*_ops.feedback_grads(*_lists(net), *_lists(feedback), x,
+                                                   [] if noise is None else list(noise)))
+        return _result(FeedbackResult, out)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,29 +17,16 @@ grid and launch; the schedules (which launch when) are ``triton_pc`` and ``trito
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import (
-    NO_NOISE,
-    LayerTable,
-    Noise,
-    activation_code,
-    as_acc,
-    check_matrix,
-    check_same_layout,
-    check_table,
-    gemm_configs,
-    input_precision,
-    interpreting,
-    matmul_tile,
-    phi,
-    prune_tile_configs,
-    tile_offsets,
-    tiles,
-)
+from ._triton_common import NO_NOISE, LayerTable, Noise, activation_code, as_acc, check_matrix, check_same_layout
+from ._triton_common import check_table, gemm_configs, input_precision, interpreting, matmul_tile, phi
+from ._triton_common import prune_tile_configs, tile_offsets, tiles
 
 # Output losses of _output_error_kernel (its LOSS constexpr).
 LOSS_CODES = {"mse": 0, "ce": 1}
@@ -269,6 +256,31 @@ def ce_error_config() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OutputLoss:
+    """What ``output_error``'s epilogue makes of the prediction f: ``add_pred·f + scale·(−∂ℓ/∂f)``
+    for ``target`` under ``loss`` (MSE: float y (B, C); CE: int64 labels (B,)) — PC's ε_L (scale 1)
+    or TP's output target f + β ε_L (scale β, add_pred)."""
+
+    target: Tensor
+    loss: str
+    scale: float = 1.0
+    add_pred: bool = False
+
+    def target_strides(self, batch: int, classes: int) -> tuple[int, int]:
+        """Check the target against a (batch, classes) prediction; its row and class strides (CE: 0)."""
+        target = self.target
+        if self.loss == "mse":
+            check_matrix("target", target, (batch, classes))
+            return target.stride(0), target.stride(1)
+        if self.loss == "ce":
+            if target.shape != (batch,) or target.dtype != torch.int64:
+                raise ValueError(f"target: expected int64 labels of shape ({batch},), got {target.dtype} "
+                                 f"{tuple(target.shape)}")
+            return target.stride(0), 0
+        raise ValueError(f"loss: expected 'mse' or 'ce', got {self.loss!r}")
+
+
 def _check_operands(a: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
     """Check a, W, b and ``out`` (allocated when None) of ``φ(a) Wᵀ + b``; return ``out``."""
     batch, features = a.shape
@@ -355,43 +367,25 @@ def stacked_hidden_error(
     return out
 
 
-def output_error(
-    a: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor,
-    *,
-    loss: str,
-    pred: Tensor,
-    out: Tensor | None = None,
-    act_in: str = "identity",
-    scale: float = 1.0,
-    add_pred: bool = False,
-    ce_fused_max_classes: int = CE_FUSED_MAX_CLASSES,
-) -> Tensor:
-    """``f = φ_in(a) Wᵀ + b`` into ``pred`` and ``out = add_pred·f + scale·(−∂ℓ/∂f)`` (MSE:
-    ``y − f`` with float ``target`` (B, C); CE: ``onehot(y) − softmax(f)`` with int64 labels (B,)) —
-    one launch of ``_output_error_kernel``, or, for CE rows over ``ce_fused_max_classes`` classes,
-    ``_linear_kernel`` then ``_ce_error_kernel``. Returns ``out``."""
+def output_error(a: Tensor, weight: Tensor, bias: Tensor | None, objective: OutputLoss, *, pred: Tensor,
+                 out: Tensor | None = None, act_in: str = "identity",
+                 ce_fused_max_classes: int = CE_FUSED_MAX_CLASSES) -> Tensor:
+    """``f = φ_in(a) Wᵀ + b`` into ``pred`` and ``out = add_pred·f + scale·(−∂ℓ/∂f)`` (``objective``:
+    MSE ``y − f``, CE ``onehot(y) − softmax(f)``) — one launch of ``_output_error_kernel``, or, for CE
+    rows over ``ce_fused_max_classes`` classes, ``_linear_kernel`` then ``_ce_error_kernel``.
+    Returns ``out``."""
     out = _check_operands(a, weight, bias, out)
     check_same_layout("pred", pred, out)
     batch, classes = out.shape
-    if loss == "mse":
-        check_matrix("target", target, (batch, classes))
-        stride_tm, stride_tn = target.stride()
-    elif loss == "ce":
-        if target.shape != (batch,) or target.dtype != torch.int64:
-            raise ValueError(f"target: expected int64 labels of shape ({batch},), got {target.dtype} {tuple(target.shape)}")
-        stride_tm, stride_tn = target.stride(0), 0
-    else:
-        raise ValueError(f"loss: expected 'mse' or 'ce', got {loss!r}")
-    if loss == "ce" and classes > ce_fused_max_classes:
+    target, scale, add_pred = objective.target, float(objective.scale), objective.add_pred
+    stride_tm, stride_tn = objective.target_strides(batch, classes)
+    if objective.loss == "ce" and classes > ce_fused_max_classes:
         # The row spans several tiles: store the logits, then the row-wise kernel.
         linear(a, weight, bias, act_in=act_in, out=pred)
         meta = ce_error_config()
         _ce_error_kernel[(triton.cdiv(batch, meta["BLOCK_M"]),)](
             f_ptr=pred, labels_ptr=target, out_ptr=out, M=batch, N=classes, stride_m=out.stride(0),
-            stride_n=out.stride(1), stride_label=target.stride(0), scale=float(scale), ADD_PRED=add_pred, **meta,
+            stride_n=out.stride(1), stride_label=target.stride(0), scale=scale, ADD_PRED=add_pred, **meta,
         )
         return out
     args = dict(
@@ -399,11 +393,11 @@ def output_error(
         M=batch, N=classes, K=a.shape[1],
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_om=out.stride(0), stride_on=out.stride(1), stride_tm=stride_tm, stride_tn=stride_tn,
-        scale=float(scale),
-        ACT_IN=activation_code(act_in), HAS_BIAS=bias is not None, LOSS=LOSS_CODES[loss], ADD_PRED=add_pred,
+        scale=scale,
+        ACT_IN=activation_code(act_in), HAS_BIAS=bias is not None, LOSS=LOSS_CODES[objective.loss], ADD_PRED=add_pred,
         INPUT_PRECISION=input_precision(a),
     )
-    if loss == "ce":
+    if objective.loss == "ce":
         meta = ce_fused_config(classes)
         _output_error_kernel[(triton.cdiv(batch, meta["BLOCK_M"]),)](**args, **meta)
     else:

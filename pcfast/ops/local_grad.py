@@ -19,28 +19,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import (
-    NO_NOISE,
-    Noise,
-    activation_code,
-    as_acc,
-    check_matrix,
-    check_same_layout,
-    gaussian,
-    grad_configs,
-    input_precision,
-    phi,
-    phi_grad,
-    prune_grad_configs,
-    tile_offsets,
-    tiles,
-)
+from ._triton_common import NO_NOISE, Noise, activation_code, as_acc, check_matrix, check_same_layout, gaussian
+from ._triton_common import grad_configs, input_precision, phi, phi_grad, prune_grad_configs, tile_offsets, tiles
 
 
 @triton.jit
 def _store_grads(acc, bias_acc, grad_w_ptr, grad_b_ptr, offs_n, offs_k, pid_k, N, K, scale,
-                 ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """g_W = scale·acc into the contiguous (N, K) tile; the first column tile also stores g_b."""
+                 ACC: tl.constexpr, HAS_BIAS: tl.constexpr, STACKED: tl.constexpr):
+    """g_W = scale·acc into the contiguous (N, K) tile; the first column tile also stores g_b.
+    STACKED: layer ``program_id(1)``'s gradients, of the (G, N, K) and (G, N) outputs."""
+    if STACKED:
+        layer = tl.program_id(1).to(tl.int64)
+        grad_w_ptr += layer * N * K
+        if HAS_BIAS:
+            grad_b_ptr += layer * N
     s = as_acc(scale, ACC)
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_k < K)[None, :]
@@ -72,9 +64,6 @@ def _pc_weight_grad_kernel(
         layer = tl.program_id(1).to(tl.int64)
         e_ptr += layer * layer_stride_e
         a_ptr += layer * layer_stride_a
-        grad_w_ptr += layer * N * K
-        if HAS_BIAS:
-            grad_b_ptr += layer * N
     offs_n, offs_k, pid_k = tile_offsets(N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     # Rows of W past N and columns past K wrap (in-bounds loads; the store is masked); the batch is masked.
@@ -93,7 +82,7 @@ def _pc_weight_grad_kernel(
             bias_acc += tl.sum(delta.to(ACC), axis=1)
         e_ptrs += BLOCK_M * stride_em
         a_ptrs += BLOCK_M * stride_am
-    _store_grads(acc, bias_acc, grad_w_ptr, grad_b_ptr, offs_n, offs_k, pid_k, N, K, scale, ACC, HAS_BIAS)
+    _store_grads(acc, bias_acc, grad_w_ptr, grad_b_ptr, offs_n, offs_k, pid_k, N, K, scale, ACC, HAS_BIAS, STACKED)
 
 
 @triton.jit
@@ -128,9 +117,6 @@ def _tp_weight_grad_kernel(
         t_ptr += layer * layer_stride_t
         u_ptr += layer * layer_stride_t
         a_ptr += layer * layer_stride_a
-        grad_w_ptr += layer * N * K
-        if HAS_BIAS:
-            grad_b_ptr += layer * N
     offs_n, offs_k, pid_k = tile_offsets(N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     rows_n = offs_n % N  # rows of W past N and columns past K wrap; the batch is masked
@@ -158,7 +144,7 @@ def _tp_weight_grad_kernel(
         t_ptrs += BLOCK_M * stride_tm
         u_ptrs += BLOCK_M * stride_tm
         a_ptrs += BLOCK_M * stride_am
-    _store_grads(acc, bias_acc, grad_w_ptr, grad_b_ptr, offs_n, offs_k, pid_k, N, K, scale, ACC, HAS_BIAS)
+    _store_grads(acc, bias_acc, grad_w_ptr, grad_b_ptr, offs_n, offs_k, pid_k, N, K, scale, ACC, HAS_BIAS, STACKED)
     if LOSS:  # noqa: SIM102
         if pid_k == 0:
             tl.store(sq_ptr + offs_n, sq_acc.to(sq_ptr.dtype.element_ty), mask=offs_n < N)

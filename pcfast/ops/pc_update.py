@@ -4,30 +4,22 @@ the relaxation step in its epilogue, one launch per layer and inference step.
 ``_pc_update_kernel`` updates z_l (and, where layer l's prediction does not move with z_l, ε_l) in
 place. Its stacked form runs a Jacobi step of equal-width hidden layers in one launch (grid axis 1),
 their state in (H, B, M) buffers and their separate W_{l+1} found through an offset table. The μP
-coefficients ``κ γ_{l+1}/γ_l`` and ``κ`` are ``tl.float64`` arguments. ``latent_update`` and
-``stacked_latent_update`` are the launchers; the schedule is ``triton_pc``.
+coefficients ``κ γ_{l+1}/γ_l`` and ``κ`` are ``tl.float64`` arguments; a layer's settings travel as
+one ``RelaxationStep``. ``latent_update`` and ``stacked_latent_update`` are the launchers; the
+schedule is ``triton_pc``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_common import (
-    LayerTable,
-    activation_code,
-    as_acc,
-    check_matrix,
-    check_same_layout,
-    check_table,
-    gemm_configs,
-    input_precision,
-    matmul_tile,
-    phi_grad,
-    prune_tile_configs,
-    tile_offsets,
-    tiles,
-)
+from ..types import Net, PCConfig
+from ._triton_common import LayerTable, activation_code, as_acc, check_matrix, check_same_layout, check_table
+from ._triton_common import gemm_configs, input_precision, matmul_tile, phi_grad, prune_tile_configs, tile_offsets
+from ._triton_common import tiles
 
 
 @triton.jit
@@ -98,6 +90,23 @@ _pc_update_kernel_tuned = triton.autotune(
 )(_pc_update_kernel)
 
 
+@dataclass(frozen=True)
+class RelaxationStep:
+    """The settings of hidden layer l's relaxation step (DESIGN §3): its activation φ_l (``act``), the
+    top-down ``coefficient`` κ γ_{l+1}/γ_l, ``kappa`` κ, and ``fpa`` (φ' frozen at the feedforward u_l)."""
+
+    act: str
+    coefficient: float
+    kappa: float
+    fpa: bool
+
+    @classmethod
+    def of(cls, net: Net, config: PCConfig, layer: int) -> RelaxationStep:
+        """The step of 0-based hidden layer ``layer`` of ``net`` under ``config``."""
+        gammas, kappa = config.precisions, config.inference_lr
+        return cls(net.activations[layer], kappa * gammas[layer + 1] / gammas[layer], kappa, config.fpa)
+
+
 def _check_fpa(latent: Tensor, fpa: bool, preactivation: Tensor | None, error_out: Tensor | None) -> None:
     if fpa:
         if preactivation is None:
@@ -107,55 +116,49 @@ def _check_fpa(latent: Tensor, fpa: bool, preactivation: Tensor | None, error_ou
         check_same_layout("error_out", error_out, latent)
 
 
-def latent_update(
-    latent: Tensor,
-    error: Tensor,
-    error_next: Tensor,
-    weight_next: Tensor,
-    *,
-    act: str,
-    coefficient: float,
-    kappa: float,
-    fpa: bool,
-    update_error: bool,
-    preactivation: Tensor | None = None,
-    error_out: Tensor | None = None,
-) -> None:
-    """Launch ``_pc_update_kernel``: one relaxation step of ``latent`` (and ``error``) in place.
+def _launch(latents: Tensor, errors: Tensor, errors_next: Tensor, weight_next: Tensor, weight_table: Tensor | None,
+            step: RelaxationStep, update_error: bool, preactivations: Tensor | None,
+            errors_out: Tensor | None) -> None:
+    """Launch ``_pc_update_kernel`` over (G, B, N) state (G = 1 without ``weight_table``: one layer,
+    W_{l+1} = ``weight_next``; else W_{l+1} of layer g at ``weight_table[g]`` from ``weight_next``)."""
+    layers, batch, width = latents.shape
+    _pc_update_kernel_tuned[lambda meta: (tiles(meta, batch, width)[0], layers)](
+        e_next_ptr=errors_next, w_next_ptr=weight_next, z_ptr=latents, e_ptr=errors,
+        u_ptr=preactivations if step.fpa else None, e_out_ptr=errors if errors_out is None else errors_out,
+        w_table_ptr=weight_table,
+        M=batch, N=width, K=weight_next.shape[0],
+        stride_em=errors_next.stride(1), stride_ek=errors_next.stride(2), stride_wk=weight_next.stride(0),
+        stride_wn=weight_next.stride(1), stride_zm=latents.stride(1), stride_zn=latents.stride(2),
+        layer_stride=latents.stride(0) if weight_table is not None else 0,
+        coefficient=float(step.coefficient), kappa=float(step.kappa),
+        ACT=activation_code(step.act), FPA=step.fpa, UPDATE_ERROR=update_error, STACKED=weight_table is not None,
+        INPUT_PRECISION=input_precision(latents),
+    )
+
+
+def _one(t: Tensor | None) -> Tensor | None:
+    """A (B, N) tensor as the (1, B, N) state of one layer."""
+    return None if t is None else t[None]
+
+
+def latent_update(latent: Tensor, error: Tensor, error_next: Tensor, weight_next: Tensor, step: RelaxationStep, *,
+                  update_error: bool, preactivation: Tensor | None = None, error_out: Tensor | None = None) -> None:
+    """Launch ``_pc_update_kernel``: one relaxation ``step`` of ``latent`` (and ``error``) in place.
     ``preactivation`` (u_l) supplies φ' under FPA; ``error_out`` receives ε_l + step instead of
     ``error`` (a stacked FPA step reads the old errors of every layer while writing the new)."""
     batch, width = latent.shape
     check_same_layout("error", error, latent)
     check_matrix("weight_next", weight_next, (error_next.shape[1], width), latent.dtype)
     check_matrix("error_next", error_next, (batch, weight_next.shape[0]), latent.dtype)
-    _check_fpa(latent, fpa, preactivation, error_out)
-    _pc_update_kernel_tuned[lambda meta: tiles(meta, batch, width)](
-        e_next_ptr=error_next, w_next_ptr=weight_next, z_ptr=latent, e_ptr=error,
-        u_ptr=preactivation if fpa else None, e_out_ptr=error if error_out is None else error_out, w_table_ptr=None,
-        M=batch, N=width, K=weight_next.shape[0],
-        stride_em=error_next.stride(0), stride_ek=error_next.stride(1), stride_wk=weight_next.stride(0),
-        stride_wn=weight_next.stride(1), stride_zm=latent.stride(0), stride_zn=latent.stride(1), layer_stride=0,
-        coefficient=float(coefficient), kappa=float(kappa),
-        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, STACKED=False,
-        INPUT_PRECISION=input_precision(latent),
-    )
+    _check_fpa(latent, step.fpa, preactivation, error_out)
+    _launch(latent[None], error[None], error_next[None], weight_next, None, step, update_error, _one(preactivation),
+            _one(error_out))
 
 
-def stacked_latent_update(
-    latents: Tensor,
-    errors: Tensor,
-    errors_next: Tensor,
-    weights_next: LayerTable,
-    *,
-    act: str,
-    coefficient: float,
-    kappa: float,
-    fpa: bool,
-    update_error: bool,
-    preactivations: Tensor | None = None,
-    errors_out: Tensor | None = None,
-) -> None:
-    """One Jacobi relaxation step of G equal-width layers in one launch (see ``latent_update``):
+def stacked_latent_update(latents: Tensor, errors: Tensor, errors_next: Tensor, weights_next: LayerTable,
+                          step: RelaxationStep, *, update_error: bool, preactivations: Tensor | None = None,
+                          errors_out: Tensor | None = None) -> None:
+    """One Jacobi relaxation ``step`` of G equal-width layers in one launch (see ``latent_update``):
     ``latents``, ``errors``, ``errors_next``, ``preactivations``, ``errors_out`` are (G, B, N) with
     one layout; W_{l+1} (N, N) from the table. Every layer reads ``errors`` before any writes
     ``errors_out``, so with ``update_error`` the two must be different buffers."""
@@ -164,18 +167,8 @@ def stacked_latent_update(
     check_table("weights_next", weights_next, layers)
     check_same_layout("errors", errors, latents)
     check_same_layout("errors_next", errors_next, latents)
-    _check_fpa(latents, fpa, preactivations, errors_out)
+    _check_fpa(latents, step.fpa, preactivations, errors_out)
     if update_error and (errors_out is None or errors_out.data_ptr() == errors.data_ptr()):
         raise ValueError("errors_out: a stacked step that moves the errors writes them to another buffer")
-    _pc_update_kernel_tuned[lambda meta: (tiles(meta, batch, width)[0], layers)](
-        e_next_ptr=errors_next, w_next_ptr=weights_next.base, z_ptr=latents, e_ptr=errors,
-        u_ptr=preactivations if fpa else None, e_out_ptr=errors if errors_out is None else errors_out,
-        w_table_ptr=weights_next.offsets,
-        M=batch, N=width, K=width,
-        stride_em=errors_next.stride(1), stride_ek=errors_next.stride(2), stride_wk=weights_next.base.stride(0),
-        stride_wn=weights_next.base.stride(1), stride_zm=latents.stride(1), stride_zn=latents.stride(2),
-        layer_stride=latents.stride(0),
-        coefficient=float(coefficient), kappa=float(kappa),
-        ACT=activation_code(act), FPA=fpa, UPDATE_ERROR=update_error, STACKED=True,
-        INPUT_PRECISION=input_precision(latents),
-    )
+    _launch(latents, errors, errors_next, weights_next.base, weights_next.offsets, step, update_error, preactivations,
+            errors_out)

@@ -5,9 +5,13 @@ errors and activities are updated in place. Per step and layer there is one GEMM
 (the first layer's is constant and computed once) and one for the top-down term; with FPA only the
 top-down GEMMs remain. Runs on any device and dtype. The math is ``pcfast.reference.pc``.
 
-``pc_grads`` takes a ``Net`` and a ``PCConfig`` (``TorchBackend.pc_grads``).
+``pc_grads`` takes a ``Net`` and a ``PCConfig`` (``TorchBackend.pc_grads``). The state of one step
+and its in-place updates are ``_Relaxation``; ``relax`` runs the inference steps of any such state and
+collects the result — the triton backend's schedule (``triton_pc``) drives its kernels through it too.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -39,109 +43,158 @@ def _loss_sum(f: Tensor, target: Tensor, loss: str) -> Tensor:
     return torch.nn.functional.cross_entropy(f, target, reduction="sum")
 
 
+class Relaxation(Protocol):
+    """The state of one PC step after its feedforward pass, as ``relax`` drives it."""
+
+    latents: list[Tensor]
+    errors: list[Tensor]
+
+    def step(self) -> None:
+        """One inference step of the configured schedule."""
+
+    def refresh(self) -> None:
+        """Bring every error up to date with the latents (a sequential sweep leaves them stale)."""
+
+    def weight_grads(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """−γ_l ε_lᵀ a_{l-1} / B and its bias row sums, at the final state."""
+
+    def energy(self) -> Tensor:
+        """F at the final state (DESIGN §3)."""
+
+
+def relax(state: Relaxation, config: PCConfig, loss: Tensor) -> PCResult:
+    """Run ``config``'s inference steps on ``state`` and collect the result (``loss``: ℓ at the
+    feedforward pass, batch mean)."""
+    trajectory = [[z.clone() for z in state.latents]] if config.return_trajectory else None
+    for _ in range(config.inference_steps):
+        state.step()
+        if trajectory is not None:
+            trajectory.append([z.clone() for z in state.latents])
+    if not config.fpa and config.schedule == "sequential" and config.inference_steps > 0:
+        state.refresh()
+    weight_grads, bias_grads = state.weight_grads()
+    return PCResult(latents=state.latents, errors=state.errors, weight_grads=weight_grads, bias_grads=bias_grads,
+                    energy=state.energy(), loss=loss, trajectory=trajectory)
+
+
+class _Relaxation:
+    """One PC step in preallocated buffers (a ``Relaxation``), updated in place.
+
+    predictions[l]: layer l's prediction (layer 1's is constant: φ(z_0) = x); acts[l]: its
+    presynaptic activity x, φ(z_1), …, φ(z_{L-1}); latents[l] = z_l; errors[l] = ε_l; topdown[l]:
+    ε_{l+1} W_{l+1}; slopes[l]: φ'(z_l), frozen at φ'(u_l) under FPA."""
+
+    def __init__(self, net: Net, x: Tensor, target: Tensor, config: PCConfig) -> None:
+        self.net, self.target, self.config = net, target, config
+        self.depth, self.batch = net.depth, x.shape[0]
+        self.hidden = self.depth - 1
+        self.phis = [phi(a) for a in net.activations]
+        self.dphis = [phi_grad(a) for a in net.activations]
+        self.feedforward(x)
+        # z_l ← z_l − (κ/γ_l)(γ_l ε_l − γ_{l+1} φ'(z_l) ⊙ (ε_{l+1} W_{l+1}))
+        gammas, kappa = config.precisions, config.inference_lr
+        self.coefficients = [kappa * gammas[l + 1] / gammas[l] for l in range(self.hidden)]
+
+    def feedforward(self, x: Tensor) -> None:
+        """Forward initialisation: z_l = u_l, so ε_l = 0 for l < L, ε_L = −∂ℓ/∂f_0."""
+        weights, biases, hidden = self.net.weights, self.net.biases, self.hidden
+        self.predictions: list[Tensor] = []
+        self.acts: list[Tensor] = [x]
+        for l in range(self.depth):
+            out = torch.empty(self.batch, weights[l].shape[0], dtype=x.dtype, device=x.device)
+            self.predictions.append(_affine(out, self.acts[l], weights[l], biases[l]))
+            if l < hidden:
+                act = self.phis[l](out)
+                self.acts.append(act.clone() if act is out else act)  # own buffer: refreshed in place later
+        self.latents = [u.clone() for u in self.predictions[:hidden]]
+        self.f0 = self.predictions[-1].clone()
+        output_error = _output_error(torch.empty_like(self.f0), self.f0, self.target, self.config.loss)
+        self.errors = [torch.zeros_like(z) for z in self.latents] + [output_error]
+        self.topdown = [torch.empty_like(z) for z in self.latents]
+        fpa = self.config.fpa
+        self.slopes = [self.dphis[l](self.predictions[l]) if fpa else torch.empty_like(self.latents[l])
+                       for l in range(hidden)]
+
+    def refresh_activity(self, l: int) -> None:
+        """acts[l+1] = φ(z_{l+1}) (0-based hidden layer l)."""
+        self.acts[l + 1].copy_(self.phis[l](self.latents[l]))
+
+    def refresh_error(self, l: int) -> None:
+        """ε of 0-based layer l from the current presynaptic activity."""
+        if l > 0:
+            _affine(self.predictions[l], self.acts[l], self.net.weights[l], self.net.biases[l])
+        if l < self.hidden:
+            torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
+        else:
+            _output_error(self.errors[l], self.predictions[l], self.target, self.config.loss)
+
+    def refresh(self) -> None:
+        for l in range(self.hidden):
+            self.refresh_activity(l)
+        for l in range(self.depth):
+            self.refresh_error(l)
+
+    def apply_update(self, l: int) -> Tensor:
+        """Add the step to z_l, using topdown[l] = ε_{l+1} W_{l+1} (overwritten); return the step."""
+        if not self.config.fpa:
+            self.slopes[l].copy_(self.dphis[l](self.latents[l]))
+        step = self.topdown[l].mul_(self.slopes[l]).mul_(self.coefficients[l])
+        step.sub_(self.errors[l], alpha=self.config.inference_lr)
+        self.latents[l].add_(step)
+        return step
+
+    def step(self) -> None:
+        if self.config.schedule == "jacobi":
+            self.jacobi_step()
+        elif self.hidden > 0:
+            self.sequential_step()
+
+    def jacobi_step(self) -> None:
+        errors, weights, fpa = self.errors, self.net.weights, self.config.fpa
+        for l in range(self.hidden):
+            torch.mm(errors[l + 1], weights[l + 1], out=self.topdown[l])
+        for l in range(self.hidden):
+            step = self.apply_update(l)
+            if fpa:
+                errors[l].add_(step)  # predictions are frozen: ε_l moves with z_l
+        if not fpa:
+            self.refresh()
+
+    def sequential_step(self) -> None:
+        errors, weights, fpa, hidden = self.errors, self.net.weights, self.config.fpa, self.hidden
+        if not fpa:
+            self.refresh_activity(hidden - 1)
+            self.refresh_error(self.depth - 1)
+        for l in reversed(range(hidden)):
+            if not fpa:
+                if l > 0:
+                    self.refresh_activity(l - 1)
+                self.refresh_error(l)
+            torch.mm(errors[l + 1], weights[l + 1], out=self.topdown[l])
+            # Layer l's prediction does not depend on z_l, so ε_l moves with z_l; the next layer
+            # down reads this fresh ε_l in its top-down term.
+            errors[l].add_(self.apply_update(l))
+
+    def weight_grads(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """−γ_l ε_lᵀ a_{l-1} / B at the final state."""
+        weight_grads, bias_grads = [], []
+        for l in range(self.depth):
+            scale = -self.config.precisions[l] / self.batch
+            weight_grads.append(torch.mm(self.errors[l].T, self.acts[l]).mul_(scale))
+            bias_grads.append(None if self.net.biases[l] is None else self.errors[l].sum(0).mul_(scale))
+        return weight_grads, bias_grads
+
+    def energy(self) -> Tensor:
+        gammas, errors = self.config.precisions, self.errors
+        energy = self.f0.new_zeros(())
+        for l in range(self.hidden):
+            energy += 0.5 * gammas[l] * torch.sum(errors[l] * errors[l])
+        f = self.f0 if self.config.fpa else self.predictions[-1]
+        return energy + gammas[-1] * _loss_sum(f, self.target, self.config.loss)
+
+
 @torch.no_grad()
 def pc_grads(net: Net, x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
     """PC relaxation and local gradients (the ``torch`` backend's ``pc_grads``)."""
-    weights, biases, activations = net.weights, net.biases, net.activations
-    schedule, fpa, loss = config.schedule, config.fpa, config.loss
-    depth, batch = len(weights), x.shape[0]
-    hidden = depth - 1
-    gammas, kappa = config.precisions, config.inference_lr
-    phis = [phi(a) for a in activations]
-    dphis = [phi_grad(a) for a in activations]
-
-    # Feedforward pass. Forward initialisation: z_l = u_l, so ε_l = 0 for l < L, ε_L = −∂ℓ/∂f_0.
-    predictions: list[Tensor] = []  # prediction of each layer; layer 1's is constant (φ(z_0) = x)
-    acts: list[Tensor] = [x]  # presynaptic activity of each layer: x, φ(z_1), …, φ(z_{L-1})
-    for l in range(depth):
-        out = torch.empty(batch, weights[l].shape[0], dtype=x.dtype, device=x.device)
-        predictions.append(_affine(out, acts[l], weights[l], biases[l]))
-        if l < hidden:
-            act = phis[l](out)
-            acts.append(act.clone() if act is out else act)  # own buffer: refreshed in place later
-    latents = [u.clone() for u in predictions[:hidden]]
-    f0 = predictions[-1].clone()
-    loss_value = _loss_sum(f0, target, loss) / batch
-    errors = [torch.zeros_like(z) for z in latents] + [_output_error(torch.empty_like(f0), f0, target, loss)]
-    topdown = [torch.empty_like(z) for z in latents]
-    # φ'(z_l): frozen at φ'(u_l) under FPA, refreshed before every update otherwise.
-    slopes = [dphis[l](predictions[l]) if fpa else torch.empty_like(latents[l]) for l in range(hidden)]
-    # z_l ← z_l − (κ/γ_l)(γ_l ε_l − γ_{l+1} φ'(z_l) ⊙ (ε_{l+1} W_{l+1}))
-    coefficients = [kappa * gammas[l + 1] / gammas[l] for l in range(hidden)]
-
-    def refresh_activity(l: int) -> None:
-        """acts[l+1] = φ(z_{l+1}) (0-based hidden layer l)."""
-        acts[l + 1].copy_(phis[l](latents[l]))
-
-    def refresh_error(l: int) -> None:
-        """ε of 0-based layer l from the current presynaptic activity."""
-        if l > 0:
-            _affine(predictions[l], acts[l], weights[l], biases[l])
-        if l < hidden:
-            torch.sub(latents[l], predictions[l], out=errors[l])
-        else:
-            _output_error(errors[l], predictions[l], target, loss)
-
-    def refresh_all() -> None:
-        for l in range(hidden):
-            refresh_activity(l)
-        for l in range(depth):
-            refresh_error(l)
-
-    def apply_update(l: int) -> Tensor:
-        """Add the step to z_l, using topdown[l] = ε_{l+1} W_{l+1} (overwritten); return the step."""
-        if not fpa:
-            slopes[l].copy_(dphis[l](latents[l]))
-        step = topdown[l].mul_(slopes[l]).mul_(coefficients[l]).sub_(errors[l], alpha=kappa)
-        latents[l].add_(step)
-        return step
-
-    trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
-    for _ in range(config.inference_steps):
-        if schedule == "jacobi":
-            for l in range(hidden):
-                torch.mm(errors[l + 1], weights[l + 1], out=topdown[l])
-            for l in range(hidden):
-                step = apply_update(l)
-                if fpa:
-                    errors[l].add_(step)  # predictions are frozen: ε_l moves with z_l
-            if not fpa:
-                refresh_all()
-        elif hidden > 0:
-            if not fpa:
-                refresh_activity(hidden - 1)
-                refresh_error(depth - 1)
-            for l in reversed(range(hidden)):
-                if not fpa:
-                    if l > 0:
-                        refresh_activity(l - 1)
-                    refresh_error(l)
-                torch.mm(errors[l + 1], weights[l + 1], out=topdown[l])
-                # Layer l's prediction does not depend on z_l, so ε_l moves with z_l; the next
-                # layer down reads this fresh ε_l in its top-down term.
-                errors[l].add_(apply_update(l))
-        if trajectory is not None:
-            trajectory.append([z.clone() for z in latents])
-    if not fpa and schedule == "sequential" and config.inference_steps > 0:
-        refresh_all()  # a sweep leaves the activities and the errors above each layer stale
-
-    # Weight gradients at the final state: −γ_l ε_lᵀ a_{l-1} / B.
-    weight_grads, bias_grads = [], []
-    for l in range(depth):
-        scale = -gammas[l] / batch
-        weight_grads.append(torch.mm(errors[l].T, acts[l]).mul_(scale))
-        bias_grads.append(None if biases[l] is None else errors[l].sum(0).mul_(scale))
-
-    energy = x.new_zeros(())
-    for l in range(hidden):
-        energy += 0.5 * gammas[l] * torch.sum(errors[l] * errors[l])
-    energy += gammas[-1] * _loss_sum(f0 if fpa else predictions[-1], target, loss)
-    return PCResult(
-        latents=latents,
-        errors=errors,
-        weight_grads=weight_grads,
-        bias_grads=bias_grads,
-        energy=energy,
-        loss=loss_value,
-        trajectory=trajectory,
-    )
+    state = _Relaxation(net, x, target, config)
+    return relax(state, config, _loss_sum(state.f0, target, config.loss) / state.batch)

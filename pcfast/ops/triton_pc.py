@@ -31,7 +31,8 @@ from ..results import PCResult
 from ..types import Net, PCConfig
 from . import linear_epilogue, local_grad, pc_update
 from ._triton_common import LayerTable
-from .torch_pc import _loss_sum
+from .pc_update import RelaxationStep
+from .torch_pc import _loss_sum, relax
 
 Stack = tuple[LayerTable, LayerTable | None]
 
@@ -77,6 +78,8 @@ class _Relaxation:
         self.ce_fused_max_classes = ce_fused_max_classes
         self.depth, self.batch = net.depth, x.shape[0]
         self.hidden = self.depth - 1
+        self.steps = [RelaxationStep.of(net, config, l) for l in range(self.hidden)]
+        self.objective = linear_epilogue.OutputLoss(target, config.loss)  # ε_L = −∂ℓ/∂f
         weights, batch, hidden = net.weights, self.batch, self.hidden
         new = lambda width: torch.empty(batch, width, dtype=x.dtype, device=x.device)
         zeros = lambda *shape: torch.zeros(*shape, dtype=x.dtype, device=x.device)
@@ -118,17 +121,17 @@ class _Relaxation:
             linear_epilogue.hidden_error(a, net.weights[l], net.biases[l], self.latents[l], act_in=act,
                                          out=self.errors[l])
         else:
-            linear_epilogue.output_error(a, net.weights[l], net.biases[l], self.target, loss=self.config.loss,
-                                         pred=self.predictions[l], out=self.errors[l], act_in=act,
-                                         ce_fused_max_classes=self.ce_fused_max_classes)
+            linear_epilogue.output_error(a, net.weights[l], net.biases[l], self.objective, pred=self.predictions[l],
+                                         out=self.errors[l], act_in=act, ce_fused_max_classes=self.ce_fused_max_classes)
+
+    def refresh(self) -> None:
+        for l in range(self.depth):
+            self.refresh_error(l)
 
     def update(self, l: int, update_error: bool, error_out: Tensor | None = None) -> None:
-        gammas, kappa = self.config.precisions, self.config.inference_lr
-        pc_update.latent_update(
-            self.latents[l], self.errors[l], self.errors[l + 1], self.net.weights[l + 1],
-            act=self.net.activations[l], coefficient=kappa * gammas[l + 1] / gammas[l], kappa=kappa,
-            fpa=self.config.fpa, update_error=update_error, preactivation=self.predictions[l], error_out=error_out,
-        )
+        pc_update.latent_update(self.latents[l], self.errors[l], self.errors[l + 1], self.net.weights[l + 1],
+                                self.steps[l], update_error=update_error, preactivation=self.predictions[l],
+                                error_out=error_out)
 
     def step(self) -> None:
         """One inference step of the schedule."""
@@ -153,22 +156,18 @@ class _Relaxation:
         """Hidden layers 1 … H−1 (whose W_{l+1} are M × M) in one update launch, layer H alone;
         then the errors of layers 2 … H in one launch (layer 1's and ε_L's alone)."""
         weight_table, bias_table = self.stack
-        gammas, kappa, act = self.config.precisions, self.config.inference_lr, self.net.activations[0]
-        coefficient = kappa * gammas[1] / gammas[0]
+        step, act = self.steps[0], self.net.activations[0]  # layers 1 … H−1 share φ and κ γ_{l+1}/γ_l
         z, hidden = self.stacked_z, self.hidden
         if self.config.fpa:  # read this step's errors from stacked_e[0], write the next step's into stacked_e[1]
             current, following = self.stacked_e
-            pc_update.stacked_latent_update(
-                z[:-1], current[:-1], current[1:], weight_table, act=act, coefficient=coefficient, kappa=kappa,
-                fpa=True, update_error=True, preactivations=self.stacked_u[:-1], errors_out=following[:-1],
-            )
+            pc_update.stacked_latent_update(z[:-1], current[:-1], current[1:], weight_table, step, update_error=True,
+                                            preactivations=self.stacked_u[:-1], errors_out=following[:-1])
             self.update(hidden - 1, update_error=True, error_out=following[-1])
             self.stacked_e.reverse()
             self.errors[:hidden] = list(following)
             return
         errors = self.stacked_e[0]
-        pc_update.stacked_latent_update(z[:-1], errors[:-1], errors[1:], weight_table, act=act,
-                                        coefficient=coefficient, kappa=kappa, fpa=False, update_error=False)
+        pc_update.stacked_latent_update(z[:-1], errors[:-1], errors[1:], weight_table, step, update_error=False)
         self.update(hidden - 1, update_error=False)
         self.refresh_error(0)
         linear_epilogue.stacked_hidden_error(z[:-1], z[1:], errors[1:], weight_table, bias_table, act_in=act)
@@ -209,17 +208,4 @@ def pc_step(net: Net, x: Tensor, target: Tensor, config: PCConfig, stack: Stack 
     """One PC train step with the kernels (``net`` in the kernels' layout; see the module docstring)."""
     state = _Relaxation(net, x, target, config, stack, ce_fused_max_classes)
     state.feedforward()
-    loss_value = _loss_sum(state.predictions[-1], target, config.loss) / state.batch
-    trajectory = [[z.clone() for z in state.latents]] if config.return_trajectory else None
-    for _ in range(config.inference_steps):
-        state.step()
-        if trajectory is not None:
-            trajectory.append([z.clone() for z in state.latents])
-    if not config.fpa and config.schedule == "sequential" and config.inference_steps > 0:
-        for l in range(state.depth):  # a sweep leaves the errors above each layer stale
-            state.refresh_error(l)
-    weight_grads, bias_grads = state.weight_grads()
-    return PCResult(
-        latents=state.latents, errors=state.errors, weight_grads=weight_grads, bias_grads=bias_grads,
-        energy=state.energy(), loss=loss_value, trajectory=trajectory,
-    )
+    return relax(state, config, _loss_sum(state.predictions[-1], target, config.loss) / state.batch)

@@ -24,16 +24,12 @@ from ._triton_common import Noise, as_contiguous
 from .torch_pc import _loss_sum
 from .torch_tp import feedforward
 
-Params = Sequence[Tensor]
-Biases = Sequence[Tensor | None]
-
-
-def _forward(weights: Params, biases: Biases, activations: Sequence[str], x: Tensor, *, target: Tensor | None = None,
-             loss: str = "mse", beta: float = 0.0, stacked: bool = False,
+def _forward(net: Net, x: Tensor, *, objective: linear_epilogue.OutputLoss | None = None, stacked: bool = False,
              ce_fused_max_classes: int = linear_epilogue.CE_FUSED_MAX_CLASSES):
     """Pre-activations [u_1 … u_L] and activities [h_1 … h_{L-1}, f] with one launch per layer;
-    with ``target`` the last launch also returns the output target ``f + β ε_L``; ``stacked``: the
+    with ``objective`` the last launch also returns the output target ``f + β ε_L``; ``stacked``: the
     hidden layers' u and h are views of (H, B, M) buffers (equal widths), returned as the fourth value."""
+    weights, biases = net.weights, net.biases
     depth, batch = len(weights), x.shape[0]
     output_target = []
     stacks = None
@@ -48,13 +44,13 @@ def _forward(weights: Params, biases: Biases, activations: Sequence[str], x: Ten
             u = torch.empty(batch, w.shape[0], dtype=x.dtype, device=x.device) if u is None else u
             return u, linear_epilogue.linear(h, w, b, act_out=act, pred=u, out=out)
         u = torch.empty(batch, w.shape[0], dtype=x.dtype, device=x.device)
-        if target is None:
+        if objective is None:
             return u, linear_epilogue.linear(h, w, b, out=u)
-        output_target.append(linear_epilogue.output_error(h, w, b, target, loss=loss, pred=u, scale=beta,
-                                                          add_pred=True, ce_fused_max_classes=ce_fused_max_classes))
+        output_target.append(linear_epilogue.output_error(h, w, b, objective, pred=u,
+                                                          ce_fused_max_classes=ce_fused_max_classes))
         return u, u
 
-    us, hs = feedforward(weights, biases, activations, x, layer)
+    us, hs = feedforward(weights, biases, net.activations, x, layer)
     return us, hs, output_target[0] if output_target else None, stacks
 
 
@@ -67,8 +63,9 @@ def tp_step(net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPC
     # Local gradients of equal-width hidden layers 2 … H in one launch: their u, h and ĥ are stacked.
     stacked = (stacked and hidden >= 2 and len({w.shape[0] for w in weights[:hidden]}) == 1
                and len(set(activations[:hidden])) == 1 and len({b is None for b in biases[1:hidden]}) == 1)
-    us, activities, output_target, stacks = _forward(weights, biases, activations, x, target=target, loss=config.loss, beta=config.beta,
-                                                     stacked=stacked, ce_fused_max_classes=ce_fused_max_classes)
+    objective = linear_epilogue.OutputLoss(target, config.loss, scale=config.beta, add_pred=True)  # f + β ε_L
+    us, activities, output_target, stacks = _forward(net, x, objective=objective, stacked=stacked,
+                                                     ce_fused_max_classes=ce_fused_max_classes)
     targets: list[Tensor] = [None] * depth  # type: ignore[list-item]
     targets[-1] = output_target
     stacked_targets = torch.empty(hidden, batch, weights[0].shape[0], dtype=x.dtype, device=x.device) if stacked else None
@@ -112,7 +109,7 @@ def feedback_step(net: Net, feedback: Feedback, x: Tensor, noise: Sequence[Tenso
     """Gradients of ``½‖g_l(f_l(h_{l-1}+ξ)) − (h_{l-1}+ξ)‖²`` (batch mean) for l = 2 … L."""
     weights, biases, activations = net.weights, net.biases, net.activations
     depth, batch = len(weights), x.shape[0]
-    _, activities, _, _ = _forward(weights, biases, activations, x)
+    _, activities, _, _ = _forward(net, x)
     offsets = tp_targets.noise_offsets(batch, [w.shape[0] for w in weights[:-1]])
     weight_grads, bias_grads = [], []
     total = x.new_zeros(())

@@ -66,8 +66,8 @@ def test_output_error_is_the_scaled_negative_loss_gradient(loss, fused_max):
     target = (torch.randint(0, CLASSES, (BATCH,), generator=gen) if loss == "ce"
               else torch.randn(BATCH, CLASSES, generator=gen, dtype=torch.float64))
     pred = torch.empty(BATCH, CLASSES, dtype=torch.float64)
-    out = linear_epilogue.output_error(a, w, b, target, loss=loss, pred=pred, act_in="relu", scale=0.4, add_pred=True,
-                                       ce_fused_max_classes=fused_max)
+    objective = linear_epilogue.OutputLoss(target, loss, scale=0.4, add_pred=True)
+    out = linear_epilogue.output_error(a, w, b, objective, pred=pred, act_in="relu", ce_fused_max_classes=fused_max)
     f = _affine(a, w, b, "relu")
     if loss == "ce":
         gradient = torch.nn.functional.one_hot(target, CLASSES).double() - torch.softmax(f, dim=1)
@@ -100,3 +100,16 @@ def test_dtp_triton_ce_row_kernel_equals_reference():
         out = triton_backend.TritonBackend().tp_grads(Net(weights, biases, acts), Feedback(qs, cs, psis), x, y,
                                                       TPConfig(**kwargs))
     assert_same_tp(out, reference.tp_train_step(weights, biases, acts, qs, cs, psis, x, y, **kwargs), torch.float64)
+
+
+def test_output_loss_checks_its_target():
+    """MSE reads a float (B, C) target with its strides; CE int64 labels (B,) with class stride 0."""
+    y = torch.zeros(5, 3, dtype=torch.float64)
+    assert linear_epilogue.OutputLoss(y.T.contiguous().T, "mse").target_strides(5, 3) == (1, 5)
+    assert linear_epilogue.OutputLoss(torch.zeros(5, dtype=torch.int64), "ce").target_strides(5, 3) == (1, 0)
+    with pytest.raises(ValueError, match=r"target: expected int64 labels of shape \(5,\)"):
+        linear_epilogue.OutputLoss(torch.zeros(5), "ce").target_strides(5, 3)
+    with pytest.raises(ValueError, match="target"):
+        linear_epilogue.OutputLoss(y, "mse").target_strides(5, 4)
+    with pytest.raises(ValueError, match="loss: expected 'mse' or 'ce'"):
+        linear_epilogue.OutputLoss(y, "l1").target_strides(5, 3)

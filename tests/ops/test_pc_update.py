@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 from pcfast.activations import phi_grad
 from pcfast.ops import pc_update
 from pcfast.ops._triton_common import LayerTable
+from pcfast.ops.pc_update import RelaxationStep
 from pcfast.testing import assert_close
 
 
@@ -24,7 +25,7 @@ def test_latent_update_equals_its_formula(fpa, update_error):
     slope = phi_grad("tanh")(u if fpa else z)
     step = coefficient * slope * (e_next @ w_next) - kappa * e
     expected_z, expected_e = z + step, (e + step if update_error else e.clone())
-    pc_update.latent_update(z, e, e_next, w_next, act="tanh", coefficient=coefficient, kappa=kappa, fpa=fpa,
+    pc_update.latent_update(z, e, e_next, w_next, RelaxationStep("tanh", coefficient, kappa, fpa),
                             update_error=update_error, preactivation=u if fpa else None)
     assert_close(z, expected_z, name="latent")
     assert_close(e, expected_e, name="error")
@@ -33,8 +34,8 @@ def test_latent_update_equals_its_formula(fpa, update_error):
 def test_latent_update_under_fpa_needs_the_preactivation():
     z = torch.zeros(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="preactivation"):
-        pc_update.latent_update(z, z.clone(), z.clone(), torch.zeros(4, 4, dtype=torch.float64), act="tanh",
-                                coefficient=1.0, kappa=0.1, fpa=True, update_error=True)
+        pc_update.latent_update(z, z.clone(), z.clone(), torch.zeros(4, 4, dtype=torch.float64),
+                                RelaxationStep("tanh", coefficient=1.0, kappa=0.1, fpa=True), update_error=True)
 
 
 def test_stacked_update_refuses_to_write_errors_it_reads():
@@ -43,8 +44,18 @@ def test_stacked_update_refuses_to_write_errors_it_reads():
     z, e = torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 4, dtype=torch.float64)
     table = LayerTable.of([torch.zeros(4, 4, dtype=torch.float64) for _ in range(2)])
     with pytest.raises(ValueError, match="errors_out"):
-        pc_update.stacked_latent_update(z, e, e, table, act="tanh", coefficient=1.0, kappa=0.1, fpa=True,
+        pc_update.stacked_latent_update(z, e, e, table, RelaxationStep("tanh", coefficient=1.0, kappa=0.1, fpa=True),
                                         update_error=True, preactivations=z, errors_out=e)
+
+
+def test_relaxation_step_of_a_layer_is_its_coefficients():
+    """κ γ_{l+1}/γ_l and κ of hidden layer l, its activation, and FPA, from the net and the config."""
+    from pcfast.types import Net, PCConfig
+
+    net = Net([torch.zeros(3, 2), torch.zeros(3, 3), torch.zeros(1, 3)], [None] * 3, ["tanh", "gelu"])
+    config = PCConfig((1.0, 2.0, 0.5), inference_lr=0.2, fpa=True)
+    assert RelaxationStep.of(net, config, 0) == RelaxationStep("tanh", 0.2 * 2.0, 0.2, True)
+    assert RelaxationStep.of(net, config, 1) == RelaxationStep("gelu", 0.2 * 0.5 / 2.0, 0.2, True)
 
 
 def test_layer_table_rejects_tensors_that_cannot_share_a_launch():
