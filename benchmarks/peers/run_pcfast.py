@@ -17,43 +17,26 @@ What is computed (pcfast's own definition, the one make_case.py's float64 refere
   * timing: warmup untimed steps, then repeats timed steps (time.perf_counter around step + update);
     weights keep evolving under SGD, as for the peers.
 Threads: same as the peer runners (affinity to the first N CPUs, OMP/OPENBLAS/MKL_NUM_THREADS=N before
-torch is imported), plus torch.set_num_threads(N) and torch.set_num_interop_threads(1).
+torch is imported), plus torch.set_num_threads(N) and torch.set_num_interop_threads(1). What the three
+runners share (arguments, threads, case, update check, timing, JSON report) is _runner.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
+
+from _runner import load_case, parse_args, report, set_threads, time_steps, update_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _set_threads(n: int) -> None:
-    # Same as run_pcx.py / run_pydeepity.py.
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, cpus[:n])
-    except (AttributeError, OSError):
-        pass
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="pcfast runner for the peer comparison")
-    p.add_argument("case")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "reference"])
-    a = p.parse_args(argv)
-    _set_threads(a.threads)  # before torch (OpenMP) is loaded
+    a = parse_args("pcfast runner for the peer comparison", argv, backends=["auto", "torch", "cpp", "reference"])
+    set_threads(a.threads)  # before torch (OpenMP) is loaded
 
     sys.path.insert(0, ROOT)
-    import numpy as np
     import torch
 
     torch.set_num_threads(a.threads)
@@ -71,27 +54,20 @@ def main(argv=None):
         return 2
     resolved = ops.get_backend(a.backend, "pc", torch.device("cpu")).name
 
-    c = np.load(a.case)
-    L = sum(1 for k in c.files if k.startswith("W"))
-    W0 = [np.asarray(c[f"W{l}"], dtype=np.float32) for l in range(1, L + 1)]
-    b0 = [np.asarray(c[f"b{l}"], dtype=np.float32) for l in range(1, L + 1)]
-    x = torch.from_numpy(np.ascontiguousarray(c["x"], dtype=np.float32))
-    y = torch.from_numpy(np.ascontiguousarray(c["y"], dtype=np.float32))
-    T, kappa, lr = int(c["T"]), float(c["kappa"]), float(c["lr"])
-    B = int(x.shape[0])
-    sizes = [W0[0].shape[1]] + [W.shape[0] for W in W0]
-    acts = ["tanh"] * (L - 1)
+    case = load_case(a.case)
+    x, y = torch.from_numpy(case.x), torch.from_numpy(case.y)
+    acts = ["tanh"] * (case.depth - 1)
 
     def fresh():
-        return ([torch.from_numpy(W.copy()) for W in W0], [torch.from_numpy(b.copy()) for b in b0])
+        return [torch.from_numpy(W.copy()) for W in case.weights], [torch.from_numpy(b.copy()) for b in case.biases]
 
     def step(Ws, bs):
-        r = pc_train_step(Ws, bs, acts, x, y, inference_steps=T, inference_lr=kappa,
+        r = pc_train_step(Ws, bs, acts, x, y, inference_steps=case.T, inference_lr=case.kappa,
                           schedule="jacobi", loss="mse", backend=a.backend)
         for W, g in zip(Ws, r.weight_grads):
-            W.sub_(g, alpha=lr)
+            W.sub_(g, alpha=case.lr)
         for b, g in zip(bs, r.bias_grads):
-            b.sub_(g, alpha=lr)
+            b.sub_(g, alpha=case.lr)
         return r
 
     with torch.inference_mode():
@@ -100,61 +76,21 @@ def main(argv=None):
         r = step(Ws, bs)
         e_T = float(r.energy)
         assert r.energy.dtype == torch.float32, r.energy.dtype
-        upd = []
-        for i in range(L):
-            ref_W, ref_b = c[f"ref_W{i + 1}"], c[f"ref_b{i + 1}"]
-            dW = np.abs(Ws[i].numpy().astype(np.float64) - ref_W).max()
-            db = np.abs(bs[i].numpy().astype(np.float64) - ref_b).max()
-            upd.append(max(dW / max(np.abs(ref_W - W0[i]).max(), 1e-30),
-                           db / max(np.abs(ref_b - b0[i]).max(), 1e-30)))
+        upd = update_error(case, [W.numpy() for W in Ws], [b.numpy() for b in bs])
 
         # 3) timing
         Ws, bs = fresh()
-        for _ in range(a.warmup):
-            step(Ws, bs)
-        ts = []
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            step(Ws, bs)
-            ts.append((time.perf_counter() - t0) * 1e3)
-        cpu_util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    q = np.percentile(ts, [25, 50, 75])
+        timing = time_steps(lambda: step(Ws, bs), a.warmup, a.repeats)
 
-    ref = float(c["ref_energy_after_T"])
-    out = {
-        "peer": f"pcfast-{a.backend}",
-        "version": f"{pcfast.__version__}+torch{torch.__version__}",
-        "backend_resolved": resolved,
-        "energy_after_T": e_T,
-        "ref_energy_after_T": ref,
-        "energy_rel_diff": abs(e_T - ref) / abs(ref),
-        "weight_update_rel_err": float(max(upd)),
-        "ms_per_step_median": float(q[1]),
-        "ms_q25": float(q[0]),
-        "ms_q75": float(q[2]),
-        "sizes": sizes,
-        "batch": B,
-        "T": T,
-        "kappa": kappa,
-        "lr": lr,
-        "cpu_seconds_per_wall_second": round(cpu_util, 2),
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        "threads": {
-            "affinity": sorted(os.sched_getaffinity(0)),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-            "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
-            "torch_num_threads": torch.get_num_threads(),
-        },
-        "repeats": a.repeats,
-        "warmup": a.warmup,
-        "notes": (
-            f"pcfast.functional.pc_train_step(backend={a.backend!r} -> {resolved}), tanh hidden layers, "
-            "Jacobi, MSE, energy summed over the batch; step = pc_train_step + in-place SGD on weights "
-            "and biases (batch-mean grads); float32; CPU; torch.inference_mode."
-        ),
-    }
-    print(json.dumps(out))
+    head = {"peer": f"pcfast-{a.backend}", "version": f"{pcfast.__version__}+torch{torch.__version__}",
+            "backend_resolved": resolved}
+    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], "torch_num_threads": torch.get_num_threads()}
+    notes = (
+        f"pcfast.functional.pc_train_step(backend={a.backend!r} -> {resolved}), tanh hidden layers, "
+        "Jacobi, MSE, energy summed over the batch; step = pc_train_step + in-place SGD on weights "
+        "and biases (batch-mean grads); float32; CPU; torch.inference_mode."
+    )
+    print(json.dumps(report(head, case, e_T, upd, timing, a, threads=threads, notes=notes)))
     return 0
 
 

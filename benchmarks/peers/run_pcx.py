@@ -26,48 +26,27 @@ against make_case.py's float64 reference, see README.md):
   * T is a static Python loop inside one pxf.jit (unrolled), like the pcx examples.
 Threads: XLA CPU runtime; XLA_FLAGS gets "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=N"
 (and OMP/OPENBLAS vars are set for completeness).  Timing excludes compilation (warmup) and uses
-block_until_ready on the step's outputs.
+block_until_ready on the step's outputs. Arguments, threads, case, update check, timing and the JSON
+report are shared with the other runners (_runner.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 
-
-def _set_threads(n: int) -> None:
-    # Pin the process to the first n CPUs: the one limit every runtime honours (XLA sizes its
-    # thread pool from the affinity mask; OpenMP/OpenBLAS are also told through env vars).
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, cpus[:n])
-    except (AttributeError, OSError):
-        pass
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags += f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
-    os.environ["XLA_FLAGS"] = flags.strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from _runner import load_case, parse_args, report, set_threads, time_steps, update_error
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="pcx peer runner")
-    p.add_argument("case")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    _set_threads(a.threads)  # before jax is imported
+    a = parse_args("pcx peer runner", argv)
+    set_threads(a.threads, xla=True)  # before jax is imported
 
     from importlib.metadata import version
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     import pcx
     import pcx.functional as pxf
@@ -75,15 +54,9 @@ def main(argv=None):
     import pcx.predictive_coding as pxc
     import pcx.utils as pxu
 
-    c = np.load(a.case)
-    L = sum(1 for k in c.files if k.startswith("W"))
-    Ws = [np.asarray(c[f"W{l}"], dtype=np.float32) for l in range(1, L + 1)]
-    bs = [np.asarray(c[f"b{l}"], dtype=np.float32) for l in range(1, L + 1)]
-    x = jnp.asarray(c["x"], dtype=jnp.float32)
-    y = jnp.asarray(c["y"], dtype=jnp.float32)
-    T, kappa, lr = int(c["T"]), float(c["kappa"]), float(c["lr"])
-    B = int(x.shape[0])
-    sizes = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
+    case = load_case(a.case)
+    x, y = jnp.asarray(case.x), jnp.asarray(case.y)
+    T, kappa, lr, B, sizes = case.T, case.kappa, case.lr, case.batch, case.sizes
 
     class PCMLP(pxc.EnergyModule):
         def __init__(self, sizes, act_fn):
@@ -154,8 +127,8 @@ def main(argv=None):
 
     def load_params():
         for i, lay in enumerate(model.layers):
-            lay.nn.weight.set(jnp.asarray(Ws[i]))
-            lay.nn.bias.set(jnp.asarray(bs[i]))
+            lay.nn.weight.set(jnp.asarray(case.weights[i]))
+            lay.nn.bias.set(jnp.asarray(case.biases[i]))
 
     load_params()
     with pxu.step(model, pxc.STATUS.INIT, clear_params=pxc.VodeParam.Cache):
@@ -174,72 +147,29 @@ def main(argv=None):
             train_step(T, x, y, model=model, optim_h=optim_h, optim_w=optim_w)
         )
     )
-    upd = []
-    for i, lay in enumerate(model.layers):
-        ref_W, ref_b = c[f"ref_W{i + 1}"], c[f"ref_b{i + 1}"]
-        dW = np.abs(np.asarray(lay.nn.weight.get(), dtype=np.float64) - ref_W).max()
-        db = np.abs(np.asarray(lay.nn.bias.get(), dtype=np.float64) - ref_b).max()
-        upd.append(
-            max(
-                dW / max(np.abs(ref_W - Ws[i]).max(), 1e-30),
-                db / max(np.abs(ref_b - bs[i]).max(), 1e-30),
-            )
-        )
+    upd = update_error(case, [lay.nn.weight.get() for lay in model.layers], [lay.nn.bias.get() for lay in model.layers])
 
     # 3) timing: compile excluded (the call above compiled train_step), warmup, then repeats
     load_params()
-    for _ in range(a.warmup):
-        jax.block_until_ready(
-            train_step(T, x, y, model=model, optim_h=optim_h, optim_w=optim_w)
-        )
-    ts = []
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in range(a.repeats):
-        t0 = time.perf_counter()
+
+    def step():
         e = train_step(T, x, y, model=model, optim_h=optim_h, optim_w=optim_w)
         jax.block_until_ready((e, model.layers[0].nn.weight.get()))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    cpu_util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    q = np.percentile(ts, [25, 50, 75])
 
-    ref = float(c["ref_energy_after_T"])
-    out = {
-        "peer": "pcx",
-        "version": version("pcx"),
-        "jax_version": jax.__version__,
-        "energy_after_T": e_T,
-        "energy_after_T_from_train_step": e_T2,
-        "ref_energy_after_T": ref,
-        "energy_rel_diff": abs(e_T - ref) / abs(ref),
-        "weight_update_rel_err": float(max(upd)),
-        "ms_per_step_median": float(q[1]),
-        "ms_q25": float(q[0]),
-        "ms_q75": float(q[2]),
-        "sizes": sizes,
-        "batch": B,
-        "T": T,
-        "kappa": kappa,
-        "lr": lr,
-        "cpu_seconds_per_wall_second": round(cpu_util, 2),
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        "threads": {
-            "affinity": sorted(os.sched_getaffinity(0)),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-            "XLA_FLAGS": os.environ["XLA_FLAGS"],
-            "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
-            "devices": [str(d) for d in jax.devices()],
-        },
-        "repeats": a.repeats,
-        "warmup": a.warmup,
-        "notes": (
-            "custom pcx EnergyModule: vode(Linear(tanh(h_prev))) so latents are PRE-activation (pcfast); "
-            "pcx examples use vode(act(Linear(x))) = post-activation latents. se_energy, energy psum'ed over "
-            "the batch (examples use pmean); forward init via STATUS.INIT; Jacobi h -= kappa*dF/dh with "
-            "optax.sgd(kappa); weights: optax.sgd(lr) with scale_by=1/B (batch-mean grad) at the final "
-            "state; T unrolled in one pxf.jit; float32; CPU."
-        ),
-    }
-    print(json.dumps(out))
+    timing = time_steps(step, a.warmup, a.repeats)
+
+    head = {"peer": "pcx", "version": version("pcx"), "jax_version": jax.__version__}
+    threads = {"XLA_FLAGS": os.environ["XLA_FLAGS"], "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
+               "devices": [str(d) for d in jax.devices()]}
+    notes = (
+        "custom pcx EnergyModule: vode(Linear(tanh(h_prev))) so latents are PRE-activation (pcfast); "
+        "pcx examples use vode(act(Linear(x))) = post-activation latents. se_energy, energy psum'ed over "
+        "the batch (examples use pmean); forward init via STATUS.INIT; Jacobi h -= kappa*dF/dh with "
+        "optax.sgd(kappa); weights: optax.sgd(lr) with scale_by=1/B (batch-mean grad) at the final "
+        "state; T unrolled in one pxf.jit; float32; CPU."
+    )
+    print(json.dumps(report(head, case, e_T, upd, timing, a, threads=threads, notes=notes,
+                            energies={"energy_after_T_from_train_step": e_T2})))
     return 0
 
 

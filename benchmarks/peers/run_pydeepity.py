@@ -33,50 +33,28 @@ Mapping onto pcfast (verified numerically against make_case.py's float64 referen
     update_weights.  train_step_with_projection is timed as well ("native") for reference; it does the
     same arithmetic work.
 Threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS (the wheel bundles OpenMP OpenBLAS + libgomp).
+Arguments, threads, case, update check, timing and the JSON report are shared with the other runners
+(_runner.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 
-
-def _set_threads(n: int) -> None:
-    # Pin the process to the first n CPUs: the one limit every runtime honours (XLA sizes its
-    # thread pool from the affinity mask; OpenMP/OpenBLAS are also told through env vars).
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, cpus[:n])
-    except (AttributeError, OSError):
-        pass
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
+from _runner import load_case, parse_args, report, set_threads, time_steps, update_error
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="pydeepity peer runner")
-    p.add_argument("case")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    _set_threads(a.threads)  # before the C++ extension (OpenMP/OpenBLAS) is loaded
+    a = parse_args("pydeepity peer runner", argv)
+    set_threads(a.threads)  # before the C++ extension (OpenMP/OpenBLAS) is loaded
 
     import deepity as dy
-    import numpy as np
 
-    c = np.load(a.case)
-    L = sum(1 for k in c.files if k.startswith("W"))
-    Ws = [np.ascontiguousarray(c[f"W{l}"], dtype=np.float32) for l in range(1, L + 1)]
-    bs = [np.ascontiguousarray(c[f"b{l}"], dtype=np.float32) for l in range(1, L + 1)]
-    x = np.ascontiguousarray(c["x"], dtype=np.float32)
-    y = np.ascontiguousarray(c["y"], dtype=np.float32)
-    T, kappa, lr = int(c["T"]), float(c["kappa"]), float(c["lr"])
-    B = x.shape[0]
-    sizes = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
+    case = load_case(a.case)
+    x, y = case.x, case.y
+    T, kappa, lr, B, sizes, L = case.T, case.kappa, case.lr, case.batch, case.sizes, case.depth
 
     # Architecture: identity on the input layer, tanh on every hidden layer (see module docstring).
     arch = [dy.Linear(sizes[0], sizes[1])]
@@ -89,8 +67,8 @@ def main(argv=None):
 
     def load_params():
         for i in range(L):
-            net.layers[i].set_weights(Ws[i])
-            net.layers[i].set_biases(bs[i])
+            net.layers[i].set_weights(case.weights[i])
+            net.layers[i].set_biases(case.biases[i])
 
     xf, yf = x.ravel(), y.ravel()
 
@@ -120,75 +98,31 @@ def main(argv=None):
     energy = float(settle())
     net.update_weights()
     net[-1].unclamp_state()
-    upd = []
-    for i in range(L):
-        ref_W, ref_b = c[f"ref_W{i + 1}"], c[f"ref_b{i + 1}"]
-        dW = np.abs(np.asarray(net.layers[i].weights, dtype=np.float64) - ref_W).max()
-        db = np.abs(np.asarray(net.layers[i].biases, dtype=np.float64) - ref_b).max()
-        upd.append(
-            max(
-                dW / max(np.abs(ref_W - Ws[i]).max(), 1e-30),
-                db / max(np.abs(ref_b - bs[i]).max(), 1e-30),
-            )
-        )
+    upd = update_error(case, [net.layers[i].weights for i in range(L)], [net.layers[i].biases for i in range(L)])
 
     # 2) timings (weights evolve under SGD across repeats, as in training).
     def bench(fn):
         load_params()
-        for _ in range(a.warmup):
-            fn()
-        ts = []
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-        return np.percentile(ts, [25, 50, 75]), util
+        return time_steps(fn, a.warmup, a.repeats)
 
-    q, cpu_util = bench(train_step)
-    qn, _ = bench(native_step)
+    timing = bench(train_step)
+    native = bench(native_step)
 
-    ref = float(c["ref_energy_after_T"])
-    out = {
-        "peer": "pydeepity",
-        "version": dy.__version__,
-        "energy_after_T": energy,
-        "ref_energy_after_T": ref,
-        "energy_rel_diff": abs(energy - ref) / abs(ref),
-        "weight_update_rel_err": float(max(upd)),
-        "ms_per_step_median": float(q[1]),
-        "ms_q25": float(q[0]),
-        "ms_q75": float(q[2]),
-        "native_train_step_with_projection_ms_median": float(qn[1]),
-        "native_ms_q25": float(qn[0]),
-        "native_ms_q75": float(qn[2]),
-        "sizes": sizes,
-        "batch": B,
-        "T": T,
-        "kappa": kappa,
-        "lr": lr,
-        "cpu_seconds_per_wall_second": round(cpu_util, 2),
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        "threads": {
-            "affinity": sorted(os.sched_getaffinity(0)),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-            "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
-            "omp_max_threads": int(dy.omp_max_threads()),
-        },
-        "repeats": a.repeats,
-        "warmup": a.warmup,
-        "notes": (
-            "SimplePCN(Linear(d0,d1), [Linear(dl,dl+1), TanH()]*) on CPU, SGD, lmbda=0, ir=kappa: "
-            "tanh applied to each layer's own beliefs before W (pre-activation latents = pcfast). "
-            "Energy 1/2*sum of squared errors summed over batch; Jacobi; project_forward = forward init; "
-            "weight step = batch-mean gradient at the final state. Timed step composes the primitives "
-            "(reset/clamp/project_forward/T x(calculate_state,update_state)/calculate_state/update_weights) "
-            "because the library's own train_step loops update weights from state T-1; "
-            "native_* = C++ train_step_with_projection (same work, state-(T-1) weight update)."
-        ),
-    }
-    print(json.dumps(out))
+    head = {"peer": "pydeepity", "version": dy.__version__}
+    native_timings = {"native_train_step_with_projection_ms_median": native.median, "native_ms_q25": native.q25,
+                      "native_ms_q75": native.q75}
+    threads = {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], "omp_max_threads": int(dy.omp_max_threads())}
+    notes = (
+        "SimplePCN(Linear(d0,d1), [Linear(dl,dl+1), TanH()]*) on CPU, SGD, lmbda=0, ir=kappa: "
+        "tanh applied to each layer's own beliefs before W (pre-activation latents = pcfast). "
+        "Energy 1/2*sum of squared errors summed over batch; Jacobi; project_forward = forward init; "
+        "weight step = batch-mean gradient at the final state. Timed step composes the primitives "
+        "(reset/clamp/project_forward/T x(calculate_state,update_state)/calculate_state/update_weights) "
+        "because the library's own train_step loops update weights from state T-1; "
+        "native_* = C++ train_step_with_projection (same work, state-(T-1) weight update)."
+    )
+    print(json.dumps(report(head, case, energy, upd, timing, a, threads=threads, notes=notes,
+                            timings=native_timings)))
     return 0
 
 
