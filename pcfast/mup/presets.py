@@ -140,12 +140,14 @@ class Parametrization:
         return [layer.lr_mult for layer in self.layers]
 
     def scales(self, rule: str) -> list[tuple[GroupScale, GroupScale]]:
-        """(weight, bias) multipliers per layer for an update rule (``UPDATE_RULES``). SGD's are the
-        stored ``lr_mult``/``bias_lr_mult``; under SP every multiplier is one."""
+        """(weight, bias) multipliers per layer for an update rule (``UPDATE_RULES``). SGD's learning
+        rates are the stored ``lr_mult``/``bias_lr_mult`` and its weight decay their inverse; under SP
+        every multiplier is one."""
         if rule not in UPDATE_RULES:
             raise ValueError(f"rule: expected one of {UPDATE_RULES}, got {rule!r}")
-        if rule == "sgd":
-            return [(GroupScale(s.lr_mult), GroupScale(s.bias_lr_mult)) for s in self.layers]
+        if rule == "sgd":  # coupled decay: η_l λ_l, the shrink per step, width-independent (as mup's MuSGD)
+            return [(GroupScale(s.lr_mult, 1.0, 1.0 / s.lr_mult), GroupScale(s.bias_lr_mult, 1.0, 1.0 / s.bias_lr_mult))
+                    for s in self.layers]
         if self.preset != "mup":
             return [(GroupScale(1.0), GroupScale(1.0)) for _ in self.layers]
         b, c, _ = exponents(self.preset, self.algo, self.gamma_bar)

@@ -74,6 +74,22 @@ _ADAM_FAMILY = tuple(getattr(torch.optim, name) for name in ("Adam", "AdamW", "N
                      if hasattr(torch.optim, name))
 
 
+# The state an update rule keeps per element of its parameter (checked against the parameter's shape).
+_PER_ELEMENT_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_GUARD = "labels in range"  # the batch's guard among a step's checked values
+
+
+@dataclass
+class _Step:
+    """One step's batch and what the algorithm computed for it beyond gradients and statistics
+    (``pending``: state to commit, bounds for the finiteness check), passed along explicitly."""
+
+    x: Tensor
+    y: Tensor
+    target: Tensor
+    pending: dict
+
+
 def _check_number(name: str, value: Any, *, low: float = 0.0, inclusive: bool = True) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= low if inclusive else value > low)
@@ -219,6 +235,9 @@ class LocalOptimizer(torch.optim.Optimizer):
         if self.backends is not None and backend not in self.backends:
             raise ValueError(f"backend: {type(self).__name__} has only the reference implementation; expected one of "
                              f"{self.backends}, got {backend!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected the nn.Module to train (pcfast optimizers read its layers), got "
+                            f"{type(model).__name__}; pass the model, not model.parameters()")
         self.mlp: MLP = parse_mlp(model)
         if parametrization is None:
             parametrization = standard(model)
@@ -270,15 +289,24 @@ class LocalOptimizer(torch.optim.Optimizer):
                             f"f(param_groups, lr=..., **kwargs), got {type(optimizer).__name__}")
         if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.SGD):
             _check_sgd_settings(kwargs)
+        name = getattr(optimizer, "__name__", type(optimizer).__name__)
+        groups = [{"params": [p]} for p in params]
         try:
-            inner = optimizer([{"params": [p]} for p in params], lr=lr, **kwargs)
+            inspect.signature(optimizer).bind(groups, lr=lr, **kwargs)
         except TypeError as error:
-            name = getattr(optimizer, "__name__", type(optimizer).__name__)
             raise TypeError(f"optimizer: {name} does not take the arguments {sorted(kwargs)} ({error}); the "
                             f"algorithm's own options are {options}") from None
+        except ValueError:
+            pass  # no signature to check (a builtin): the call says
+        inner = optimizer(groups, lr=lr, **kwargs)
         if not isinstance(inner, torch.optim.Optimizer) or isinstance(inner, LocalOptimizer):
             raise TypeError(f"optimizer: expected a factory of torch.optim optimizers, got one that made a "
                             f"{type(inner).__name__}")
+        if len(inner.param_groups) != len(params) or any(
+                len(g["params"]) != 1 or g["params"][0] is not p for g, p in zip(inner.param_groups, params)):
+            raise TypeError(f"optimizer: {name} must keep the groups it is given — one per weight and bias, in "
+                            "order — since each carries its own μP multipliers; set per-group options on the "
+                            "pcfast optimizer's param_groups instead")
         return inner
 
     def _scales(self, parametrization: Parametrization, name: str):
@@ -323,10 +351,11 @@ class LocalOptimizer(torch.optim.Optimizer):
         weights, _ = self._params()
         return check_batch(x, y, weights, self._setting("loss"), check_finite=False, check_labels=False)
 
-    def _guards(self, y: Tensor) -> dict[str, Tensor]:
-        """0-d tensors, NaN when the batch is bad, read with the step's finiteness flag."""
+    def _guard(self, y: Tensor, like: Tensor) -> Tensor:
+        """A 0-d tensor, NaN when the batch's class labels are out of range, read (and, with a process
+        group, reduced) with the step's finiteness flag; 0 for float targets."""
         flag = labels_out_of_range(y, self.mlp.linears[-1].out_features)
-        return {} if flag is None else {"labels in range": flag}
+        return like.new_zeros(()) if flag is None else flag.to(like.dtype)
 
     def _check_parametrization(self, parametrization: Parametrization, name: str) -> None:
         parametrization.check_matches(self.mlp)
@@ -344,10 +373,9 @@ class LocalOptimizer(torch.optim.Optimizer):
             for key in self._inner_keys:
                 inner[key] = outer[key]
             inner["lr"] = outer["lr"] * outer["lr_mult"]
-            if "eps" in inner:
-                inner["eps"] = outer["eps"] * outer["eps_mult"]
-            if "weight_decay" in inner:
-                inner["weight_decay"] = outer["weight_decay"] * outer["weight_decay_mult"]
+            for key in ("eps", "weight_decay"):  # numbers only (Adafactor's eps is a pair)
+                if isinstance(inner.get(key), (int, float)) and not isinstance(inner[key], bool):
+                    inner[key] = outer[key] * outer[f"{key}_mult"]
 
     # ------------------------------------------------------------------ algorithm hook
 
@@ -372,7 +400,7 @@ class LocalOptimizer(torch.optim.Optimizer):
     def _collective_plan(self) -> list[int]:
         """Payload sizes of a data-parallel step's all-reduces, in order (``StepCollectives``): here
         the last one, every model gradient and statistic; TP/DTP put their feedback ones first."""
-        return [sum(p.numel() for _, _, p in self._slots) + len(self.stat_names)]
+        return [sum(p.numel() for _, _, p in self._slots) + len(self.stat_names) + 1]  # + the batch's guard
 
     # ------------------------------------------------------------------ public API
 
@@ -388,15 +416,15 @@ class LocalOptimizer(torch.optim.Optimizer):
         """
         snapshot = self._snapshot()
         try:
-            weight_grads, bias_grads, stats, pending, target = self._guarded_gradients(
+            weight_grads, bias_grads, stats, guarded, step = self._guarded_gradients(
                 x, y, before=(self._check_ready, self._check_grads_fit,
                               lambda: self._warn_if_foreign_grads("compute_gradients")))
             grads = self._grads_by_param(weight_grads, bias_grads)
-            guarded = {**stats, **self._guards(y)}
             values = self._read([*guarded.values(), *self._norms(list(grads.values()))])
             if not all(map(math.isfinite, values)):
-                self._raise_non_finite(guarded, grads, dict(zip(guarded, values)), (x, y, target))
+                self._raise_non_finite(grads, dict(zip(guarded, values)), step)
                 # (returned: a norm overflowed, every element is finite)
+            pending = step.pending
         except BaseException:
             self._restore(snapshot)
             raise
@@ -424,17 +452,16 @@ class LocalOptimizer(torch.optim.Optimizer):
         if x is None:
             self._check_ready()
             self._warn_if_foreign_grads("step")
-            self._update(None, {})
+            self._update(None, {}, None)
             return None
         snapshot = self._snapshot()
         try:
-            weight_grads, bias_grads, stats, pending, target = self._guarded_gradients(
-                x, y, before=(self._check_ready,))
-            values = self._update(self._grads_by_param(weight_grads, bias_grads), stats, batch=(x, y, target))
+            weight_grads, bias_grads, stats, guarded, step = self._guarded_gradients(x, y, before=(self._check_ready,))
+            values = self._update(self._grads_by_param(weight_grads, bias_grads), guarded, step)
         except BaseException:
             self._restore(snapshot)
             raise
-        self._commit_extra(pending)
+        self._commit_extra(step.pending)
         return dict(zip(stats, values))
 
     # ------------------------------------------------------------------ checks before a step
@@ -464,12 +491,11 @@ class LocalOptimizer(torch.optim.Optimizer):
                     f"{tuple(param.shape)} after the optimizer was built; build a new optimizer for the changed model"
                 )
         for p, entry in self.state.items():
-            for key, value in entry.items():
-                # a tensor the update combines with the parameter: a momentum buffer, Adam's moments
-                if key == "step" or value is None or (isinstance(value, Tensor) and value.shape == p.shape
-                                                      and value.dtype == p.dtype and value.device == p.device):
-                    continue
-                if not isinstance(value, Tensor) and key != "momentum_buffer":
+            for key in _PER_ELEMENT_STATE:
+                # a tensor the update combines with the parameter element by element
+                value = entry.get(key)
+                if value is None or (isinstance(value, Tensor) and value.shape == p.shape
+                                     and value.dtype == p.dtype and value.device == p.device):
                     continue
                 index = next((i for i, group in enumerate(self.param_groups) if any(q is p for q in group["params"])), None)
                 name = "a parameter in no group" if index is None else self._group_name(index)
@@ -512,7 +538,7 @@ class LocalOptimizer(torch.optim.Optimizer):
                 warnings.warn(
                     f"{name}.{where}(): the .grad of {self._layer_name(module)} {kind} was not written by "
                     f"{name}.compute_gradients or {name}.step(x, y) (e.g. it comes from loss.backward()); "
-                    f"{'it is applied as plain SGD' if where == 'step' else 'the local gradients are added to it'}, "
+                    f"{'the plain update rule applies it' if where == 'step' else 'the local gradients are added to it'}, "
                     f"which is not {self.algo.upper()} training. Call optimizer.zero_grad() and "
                     "step(x, y) or compute_gradients(x, y). (Warned once per optimizer.)",
                     UserWarning, stacklevel=3,
@@ -522,18 +548,19 @@ class LocalOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ internals
 
     def _guarded_gradients(self, x, y, before=()):
-        """The batch's gradients, statistics, pending state and checked target, averaged over the
-        process group if there is one: ``before`` (checks), the batch check and ``_local_gradients``
-        run first; with a group, a failure anywhere up to the last all-reduce is reported to every
-        rank (``StepCollectives.abandon``), and the finiteness flag then sees the reduced values, the
-        same on every rank."""
+        """(weight grads, bias grads, statistics, statistics with the batch's guard, ``_Step``),
+        averaged over the process group if there is one: ``before`` (checks), the batch check and
+        ``_local_gradients`` run first; with a group, a failure anywhere up to the last all-reduce
+        is reported to every rank (``StepCollectives.abandon``), and the finiteness flag then sees
+        the reduced values — a bad label on one rank included — the same on every rank."""
         group = self.process_group
         if group is None:
             for check in before:
                 check()
             target = self._check_batch(x, y)
             weight_grads, bias_grads, stats, pending = self._local_gradients(x, target)
-            return weight_grads, bias_grads, stats, pending, target
+            guarded = {**stats, _GUARD: self._guard(y, weight_grads[0])}
+            return weight_grads, bias_grads, stats, guarded, _Step(x, y, target, pending)
         self._collectives = collectives = distributed.StepCollectives(
             group, self._collective_plan(), self.mlp.linears[0].weight)
         try:
@@ -547,13 +574,15 @@ class LocalOptimizer(torch.optim.Optimizer):
             depth = len(weight_grads)
             like = weight_grads[0]
             values = [torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in stats.values()]
-            reduced, _ = collectives.mean([*weight_grads, *bias_grads, *values], x.shape[0])
+            reduced, _ = collectives.mean([*weight_grads, *bias_grads, *values, self._guard(y, like)], x.shape[0])
         except Exception as error:
             collectives.abandon(error)
         finally:
             self._collectives = None
-        stats = dict(zip(self.stat_names, reduced[2 * depth:]))
-        return reduced[:depth], reduced[depth:2 * depth], stats, pending, target
+        pending.pop("norm_terms", None)  # bounds of this rank's gradients, not of the reduced ones
+        stats = dict(zip(self.stat_names, reduced[2 * depth:-1]))
+        guarded = {**stats, _GUARD: reduced[-1]}
+        return reduced[:depth], reduced[depth:2 * depth], stats, guarded, _Step(x, y, target, pending)
 
     def _grads_by_param(self, weight_grads, bias_grads) -> dict[Tensor, Tensor]:
         """The new gradient of every model parameter that trains (``requires_grad``), in model order."""
@@ -586,14 +615,12 @@ class LocalOptimizer(torch.optim.Optimizer):
         device = next((t.device for t in tensors if t.device.type != "cpu"), first.device)
         return torch.stack([t.reshape(()).to(device, torch.float64) for t in tensors]).tolist()
 
-    def _update(self, grads: dict[Tensor, Tensor] | None, stats: dict[str, Tensor], batch=None) -> list[float]:
+    def _update(self, grads: dict[Tensor, Tensor] | None, stats: dict[str, Tensor], step: _Step | None) -> list[float]:
         """Write ``grads`` to ``.grad`` (None: keep ``.grad``) and apply the inner update rule, all or
-        nothing: return the statistics as floats, read in the step's one host sync with its
-        finiteness flag; on a non-finite value put back parameters, ``.grad`` and the inner state
-        and raise."""
+        nothing: return the values of ``stats`` (the statistics and the batch's guard) as floats,
+        read in the step's one host sync with its finiteness flag; on a non-finite value put back
+        parameters, ``.grad`` and the inner state and raise."""
         count = len(stats)
-        if batch is not None:
-            stats = {**stats, **self._guards(batch[1])}
         self._sync_inner()
         stepped = self._stepped(grads)
         self._check_rates(stepped)
@@ -603,11 +630,11 @@ class LocalOptimizer(torch.optim.Optimizer):
                 previous[p] = p.grad
                 p.grad = g  # a fresh tensor from the algorithm; the inner update does not modify it
         try:
-            values = self._certain_values(stepped, stats)
+            values = self._certain_values(stepped, stats, step)
             if values is not None:  # SGD with every new value certainly finite: in place at once
                 self._sgd_in_place(stepped)
             else:
-                values = self._checked_update(stepped, stats, grads, batch)
+                values = self._checked_update(stepped, stats, grads, step)
         except BaseException:
             for p, g in previous.items():
                 p.grad = g
@@ -645,7 +672,7 @@ class LocalOptimizer(torch.optim.Optimizer):
                 raise DivergenceError(f"{self._group_name(i)} dampening: 1 - {group['dampening']!r} exceeds "
                                       f"the largest {dtype}; nothing was changed")
 
-    def _certain_values(self, stepped, stats) -> list[float] | None:
+    def _certain_values(self, stepped, stats, step: _Step | None) -> list[float] | None:
         r"""For SGD: the statistics (and norms) if every gradient, new parameter and new momentum
         buffer is certainly finite, from tensor norms read with one host sync; else None.
 
@@ -663,13 +690,13 @@ class LocalOptimizer(torch.optim.Optimizer):
             group = groups[i]
             numbers = [group[k] for k in ("lr", "momentum", "dampening", "weight_decay")]
             if any(type(v) not in (int, float) or not math.isfinite(v) for v in numbers) or group.get(
-                    "maximize") or g.is_sparse or p.dtype != stepped[0][1].dtype:
-                return None
+                    "maximize") or group.get("fused") or g.is_sparse or p.dtype != stepped[0][1].dtype:
+                return None  # (fused SGD: its own arithmetic, through inner.step() on the checked path)
             buffer = self.state[p].get("momentum_buffer") if p in self.state else None
             settings.append((*numbers, bool(group["nesterov"]), buffer))
         params = [p for _, p, _ in stepped]
         buffers = [s[-1] for s in settings if s[1] and s[-1] is not None]
-        terms, combine = self._grad_norm_terms(stepped)
+        terms, combine = self._grad_norm_terms(stepped, step)
         norms = self._norms(params + buffers + terms)
         values = self._read([*stats.values(), *norms])
         count, found = len(params), values[len(stats):]
@@ -691,9 +718,10 @@ class LocalOptimizer(torch.optim.Optimizer):
                 return None
         return values
 
-    def _grad_norm_terms(self, stepped) -> tuple[list[Tensor], Callable[[list[float]], list[float]]]:
+    def _grad_norm_terms(self, stepped, step: _Step | None) -> tuple[list[Tensor], Callable[[list[float]], list[float]]]:
         """Tensors whose 2-norms bound the stepped gradients' norms, and the function from those
-        norms to one bound per gradient: here the gradients themselves (BP has cheaper bounds)."""
+        norms to one bound per gradient: here the gradients themselves (BP has cheaper bounds, which
+        its ``_local_gradients`` leaves in ``step.pending["norm_terms"]``)."""
         return [g for _, _, g in stepped], lambda norms: norms
 
     def _sgd_in_place(self, stepped) -> None:
@@ -716,14 +744,28 @@ class LocalOptimizer(torch.optim.Optimizer):
                 for p, buffer in zip(params, buffers):
                     self.state[p]["momentum_buffer"] = buffer
 
-    def _checked_update(self, stepped, stats, grads, batch) -> list[float]:
+    def _inner_step(self, stepped) -> None:
+        """The inner optimizer's step over ``stepped`` only: torch.optim updates every parameter with
+        a ``.grad``, so the ``.grad`` of the others (frozen ones) is hidden for the call."""
+        chosen = {id(p) for _, p, _ in stepped}
+        hidden = [(p, p.grad) for group in self.inner_optimizer.param_groups for p in group["params"]
+                  if p.grad is not None and id(p) not in chosen]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            self.inner_optimizer.step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
+
+    def _checked_update(self, stepped, stats, grads, step: _Step | None) -> list[float]:
         """The inner update on copies' guard: parameters and their inner state are copied, the
         update runs in place, and one host sync reads the statistics and the norms of the gradients
         and new parameters; a non-finite one puts the copies back and raises."""
         params = [p for _, p, _ in stepped]
         saved = self._save_state(params)
         try:
-            self.inner_optimizer.step()
+            self._inner_step(stepped)
             values = self._read([*stats.values(), *self._norms([g for _, _, g in stepped]), *self._norms(params)])
         except BaseException:
             self._load_state(saved)
@@ -737,12 +779,12 @@ class LocalOptimizer(torch.optim.Optimizer):
         if all(map(math.isfinite, values[:len(stats)])) and all(finite_params) and all(finite_grads):
             return values  # a norm overflowed; every element is finite
         self._load_state(saved)
-        if batch is None:
+        if step is None:
             bad = next(i for i, ok in enumerate(finite_grads) if not ok) if not all(finite_grads) else None
             if bad is not None:
                 raise DivergenceError(f".grad of {self._group_name(stepped[bad][0])} is not finite; nothing was changed")
         else:
-            self._raise_non_finite(stats, grads or {}, dict(zip(stats, values)), batch)
+            self._raise_non_finite(grads or {}, dict(zip(stats, values)), step)
         index = next(i for i, ok in enumerate(finite_params) if not ok)
         raise DivergenceError(f"the update of {self._group_name(stepped[index][0])} is not finite: "
                               "the step diverged; nothing was changed")
@@ -772,15 +814,17 @@ class LocalOptimizer(torch.optim.Optimizer):
                 else:
                     entry[k] = v
 
-    def _raise_non_finite(self, stats, grads, values, batch) -> None:
-        """Raise for a step whose statistics (with the batch's guards) or gradients are not finite:
-        ``ValueError`` naming the batch argument or parameter at fault, else ``DivergenceError``.
-        Returns when both are finite (the update is what overflowed)."""
+    def _raise_non_finite(self, grads, values: dict[str, float], step: _Step) -> None:
+        """Raise for a step whose statistics, guard or gradients are not finite: ``ValueError``
+        naming the batch argument or parameter at fault, else ``DivergenceError``. Returns when all
+        are finite (the update is what overflowed)."""
         bad_stats = [name for name, v in values.items() if not math.isfinite(v)]
         bad_grads = [p for p, g in grads.items() if not bool(torch.isfinite(g).all())]
         if not bad_stats and not bad_grads:
             return
-        self._raise_for_inputs(batch)
+        self._raise_for_inputs(step)
+        if bad_stats == [_GUARD]:
+            raise ValueError("y: class labels out of range in another rank's batch; nothing was changed")
         hint = "(lower the learning rates or inference_lr)"
         if bad_stats:
             raise DivergenceError(f"{bad_stats[0]} is {values[bad_stats[0]]}: the step diverged; nothing was "
@@ -789,9 +833,9 @@ class LocalOptimizer(torch.optim.Optimizer):
         raise DivergenceError(f"gradient of {self._layer_name(module)} {kind} is not finite: the step diverged; "
                               f"nothing was changed {hint}")
 
-    def _raise_for_inputs(self, batch) -> None:
+    def _raise_for_inputs(self, step: _Step) -> None:
         """The ``ValueError`` naming a batch argument or model parameter that is not valid and finite."""
-        x, y, target = batch
+        x, y, target = step.x, step.y, step.target
         check_batch(x, y, self.mlp.weights(), self._setting("loss"))  # the ValueError naming the argument
         for name, t in (("x", x), ("y", target)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -808,6 +852,9 @@ class LocalOptimizer(torch.optim.Optimizer):
         # needs its model view, inner optimizer, parametrization and algorithm state (copy.deepcopy, pickle).
         state = dict(self.__dict__)
         state.pop("_written_grads", None)  # weak references to .grad tensors: bookkeeping, not state
+        for name in [k for k, v in state.items() if callable(v) and hasattr(type(self), k)]:
+            del state[name]  # e.g. the step wrapper an lr_scheduler patches in, bound to this optimizer
+        state.pop("_opt_called", None)
         # A process group cannot be copied: a copy reduces over the default group if it did, else none.
         group = state.get("process_group")
         state["process_group"] = (distributed.AUTO if group is not None and group is torch.distributed.group.WORLD
@@ -922,13 +969,14 @@ class LocalOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_saved_entry(where: str, entry: Any, p: Tensor) -> None:
-        """A saved inner-optimizer state entry: a dict whose tensors of more than one element have
-        the parameter's shape and dtype (momentum buffers, Adam's moments; ``step`` is a scalar)."""
+        """A saved inner-optimizer state entry: a dict whose per-element state (momentum buffers,
+        Adam's moments) has the parameter's shape and dtype; other entries (step counts, NAdam's
+        ``mu_product``, …) are the update rule's to read."""
         if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
             raise ValueError(f"{where}: expected a dict of named state tensors such as "
                              f"{{'momentum_buffer': tensor}}, got {entry!r:.200}")
         for key, value in entry.items():
-            if value is None or key == "step":
+            if value is None or key not in _PER_ELEMENT_STATE:
                 continue
             if not isinstance(value, Tensor) or value.shape != p.shape or value.dtype != p.dtype:
                 raise ValueError(f"{where}['{key}']: expected shape {tuple(p.shape)}, dtype {p.dtype} "

@@ -61,23 +61,23 @@ class BP(LocalOptimizer):
             value = loss_sum(us[-1], target, self._setting("loss")) / x.shape[0]
             found = torch.autograd.grad(value, wanted + us)
         grads, deltas = dict(zip(wanted, found[:len(wanted)])), list(found[len(wanted):])
-        self._activities = (deltas, hs)  # for _grad_norm_terms, this step only
         grad = lambda p: None if p is None else grads[p] if p in grads else torch.zeros_like(p)
-        return [grad(w) for w in weights], [grad(b) for b in biases], {"loss": value.detach()}, {}
+        pending = {"norm_terms": (deltas, hs)}  # this step's bounds, for _grad_norm_terms
+        return [grad(w) for w in weights], [grad(b) for b in biases], {"loss": value.detach()}, pending
 
-    def _grad_norm_terms(self, stepped):
+    def _grad_norm_terms(self, stepped, step):
         r"""Bounds from ``δ_l = ∂(ℓ/B)/∂u_l`` and ``h_{l-1}`` (small, B × width) rather than from the
         gradients: ``g_{W_l} = δ_lᵀ h_{l-1}`` and ``g_{b_l} = Σ_b δ_l`` give ``‖g_W‖ ≤ ‖δ_l‖‖h_{l-1}‖``
         and ``‖g_b‖ ≤ √B ‖δ_l‖``. In float16/bfloat16, whose rounding is coarse, with groups added by
         ``add_param_group`` or a data-parallel reduction, the gradients' own norms are read instead."""
-        found, self._activities = getattr(self, "_activities", None), None
+        found = None if step is None else step.pending.get("norm_terms")
         slots = [(l, kind) for l, lin in enumerate(self.mlp.linears) for kind in ("weight", "bias")
                  if getattr(lin, kind) is not None]
         params = [getattr(self.mlp.linears[l], kind) for l, kind in slots]
         if (found is None or self.process_group is not None or len(stepped) != len(slots)
                 or any(p is not q for (_, p, _), q in zip(stepped, params))
                 or stepped[0][1].dtype in (torch.float16, torch.bfloat16)):
-            return super()._grad_norm_terms(stepped)
+            return super()._grad_norm_terms(stepped, step)
         deltas, activities = found
         depth, root_batch = len(deltas), math.sqrt(activities[0].shape[0])
 

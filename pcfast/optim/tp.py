@@ -46,6 +46,8 @@ class TPOptions(Options):
             raise ValueError(f"feedback_steps: expected an int >= 0, got {steps!r}")
         if self.feedback not in FEEDBACK_MODES:
             raise ValueError(f"feedback: expected one of {FEEDBACK_MODES}, got {self.feedback!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed: expected an int, got {self.seed!r}")
 
 
 class TP(LocalOptimizer):
@@ -250,25 +252,22 @@ class TP(LocalOptimizer):
         config = TPConfig(self._setting("beta"), self._setting("loss"), self.difference)
         result = functional.tp_grads(self._net(), self._feedback(qs, cs), x, target, config, self._setting("backend"))
         stats = {"loss": result.loss, "local_loss": result.local_loss, "reconstruction": reconstruction}
-        self._pending_feedback = (qs, cs)  # named by _raise_non_finite if the step fails
         return result.weight_grads, result.bias_grads, stats, {"feedback": (qs, cs)}
 
     def _feedback(self, qs: list[Tensor], cs: list[Tensor | None]) -> Feedback:
         return Feedback(qs, cs, self.feedback_activations)
 
-    def _raise_non_finite(self, stats, grads, values, batch) -> None:
+    def _raise_non_finite(self, grads, values, step) -> None:
         """As the base class, after naming feedback weights that feedback training made non-finite."""
-        pending, self._pending_feedback = getattr(self, "_pending_feedback", None), None
-        if pending is not None and not all(map(math.isfinite, values.values())):
-            self._raise_for_inputs(batch)
-            for k, q in enumerate(pending[0]):
+        if not all(map(math.isfinite, values.values())):
+            self._raise_for_inputs(step)
+            for k, q in enumerate(step.pending["feedback"][0]):
                 if not bool(torch.isfinite(q).all()):
                     raise DivergenceError(f"feedback weights of layer {k + 2} are not finite: feedback training "
                                           "diverged (lower feedback_lr); nothing was changed")
-        super()._raise_non_finite(stats, grads, values, batch)
+        super()._raise_non_finite(grads, values, step)
 
     def _commit_extra(self, pending: dict) -> None:
-        self._pending_feedback = None
         if "feedback" in pending:
             qs, cs = pending["feedback"]
             # In place: the tensors keep their addresses (the triton backend's CUDA graphs key on them).
@@ -281,7 +280,6 @@ class TP(LocalOptimizer):
         return self.generator.get_state()
 
     def _restore(self, snapshot: Any) -> None:
-        self._pending_feedback = None
         self.generator.set_state(snapshot)
 
     # ------------------------------------------------------------------ state
@@ -297,11 +295,12 @@ class TP(LocalOptimizer):
         return state
 
     def _check_extra_state(self) -> None:
-        dtype = self.mlp.linears[0].weight.dtype
+        dtype, device = self.mlp.linears[0].weight.dtype, self.mlp.linears[0].weight.device
         for k, (q, c) in enumerate(zip(self.feedback_weights, self.feedback_biases)):
             shape = self._feedback_shapes[k]
-            if not (isinstance(q, Tensor) and q.shape == shape and q.dtype == dtype):
-                self._raise_corrupted(f"feedback_weights[{k}]", f"shape {tuple(shape)}, dtype {dtype}", q)
+            if not (isinstance(q, Tensor) and q.shape == shape and q.dtype == dtype and q.device == device):
+                self._raise_corrupted(f"feedback_weights[{k}]", f"shape {tuple(shape)}, dtype {dtype}, device {device} "
+                                      "(the model's: build the optimizer after moving the model)", q)
             if not self._feedback_has_bias[k]:
                 if c is not None:
                     self._raise_corrupted(f"feedback_biases[{k}]", f"None (layer {k + 2} has no bias)", c)

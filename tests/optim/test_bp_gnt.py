@@ -249,8 +249,9 @@ def test_gnt_step_equals_functional_gnt_train_step_plus_sgd_by_hand(loss):
         biases = [m.bias.detach().clone() for m in lins]
         expected = F.gnt_train_step(weights, biases, ACTS, x, y, beta=0.7, loss=loss)
         params, grads = weights + biases, expected.weight_grads + expected.bias_grads
-        # torch.optim.SGD's rule with momentum 0.9, Nesterov, weight decay 1e-3, written out
-        d = [g + 1e-3 * p for g, p in zip(grads, params)]
+        # torch.optim.SGD's rule with momentum 0.9, Nesterov, weight decay 1e-3 / lr_mult (under μP the
+        # shrink per step η_l λ_l = 0.05 · 1e-3 is the same in every layer), written out
+        d = [g + 1e-3 * (0.05 / lr) * p for g, p, lr in zip(grads, params, lrs)]
         buffers = [t.clone() for t in d] if buffers is None else [0.9 * b + t for b, t in zip(buffers, d)]
         new = [p - lr * (t + 0.9 * b) for p, lr, t, b in zip(params, lrs, d, buffers)]
         weights, biases = new[:3], new[3:]

@@ -158,6 +158,10 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
         failures[name, "diverged"] = _failure(opt, model, x, huge)
         bad_y = y[:, :2] if rank == world - 1 else y  # a malformed shard: ValueError here only
         failures[name, "bad_input"] = _failure(opt, model, x, bad_y)
+        labels = y.argmax(1)
+        if rank == world - 1:
+            labels[0] = 99  # a class label out of range on one shard: checked inside the reduced flag
+        failures[name, "bad_label"] = _failure(opt, model, x, labels)
         opt.param_groups[0]["lr"] = float("nan")  # on every rank: every update is NaN
         failures[name, "nan_lr"] = _failure(opt, model, x, y)
         opt.param_groups[0]["lr"] = 0.05
@@ -281,6 +285,7 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_with_nothing_changed(worl
             failures = saved["failures"]
             assert failures[name, "diverged"] == {"raised": "DivergenceError", "unchanged": True}, (name, rank)
             assert failures[name, "bad_input"] == {"raised": "ValueError", "unchanged": True}, (name, rank)
+            assert failures[name, "bad_label"] == {"raised": "ValueError", "unchanged": True}, (name, rank)
             assert failures[name, "nan_lr"] == {"raised": "DivergenceError", "unchanged": True}, (name, rank)
             first = ranks[0]["failures"][name, "after"]
             after = failures[name, "after"]

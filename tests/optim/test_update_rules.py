@@ -231,3 +231,92 @@ def test_schedulers_reach_the_inner_rule_with_the_mup_ratios():
             assert inner["betas"] == group["betas"]
     assert opt.param_groups[0]["betas"][0] != 0.9  # the scheduler moved β1 (cycle_momentum)
     assert len({g["lr"] * g["lr_mult"] for g in opt.param_groups}) > 1
+
+
+def test_sgd_weight_decay_is_scaled_inversely_to_the_rate():
+    """Under μP, SGD's coupled decay shrinks every layer by the same η_l λ_l per step."""
+    model = make_model(width=32)
+    par = pcfast.parametrize(model, "mup", algo="bp", base_width=8)
+    opt = pcfast.optim.BP(model, par, lr=0.1, weight_decay=1e-3)
+    opt.step(*make_batches(1)[0])
+    shrink = {inner["lr"] * inner["weight_decay"] for inner in opt.inner_optimizer.param_groups}
+    assert max(shrink) == pytest.approx(min(shrink)) and min(shrink) == pytest.approx(1e-4)
+    assert len({inner["lr"] for inner in opt.inner_optimizer.param_groups}) > 1
+
+
+def test_bp_bounds_come_from_the_step_they_belong_to():
+    """step() without a batch after compute_gradients must not bound the .grad by an earlier batch's
+    layer errors: a NaN put into .grad is found, and nothing changes."""
+    model = make_model()
+    opt = pcfast.optim.BP(model, lr=0.1)
+    opt.compute_gradients(*make_batches(1)[0])
+    with torch.no_grad():
+        model[0].weight.grad[0, 0] = math.nan
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(pcfast.DivergenceError, match="not finite"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params)) and not opt.state
+    assert all(torch.allclose(p.grad, g, rtol=0, atol=0, equal_nan=True) for p, g in zip(model.parameters(), grads))
+    copy.deepcopy((model, opt))  # nothing of a step is left on the optimizer
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_a_frozen_parameter_with_an_old_grad_is_not_updated(rule):
+    cls, kwargs = RULES[rule]
+    model = make_model()
+    opt = pcfast.optim.PC(model, lr=LR[rule], optimizer=cls, inference_steps=3, **kwargs)
+    batches = make_batches(3)
+    opt.step(*batches[0])
+    model[0].weight.requires_grad_(False)  # frozen, with the .grad of the first step still there
+    frozen = model[0].weight.detach().clone()
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[model[0].weight].items()}
+    opt.step(*batches[1])
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert_same_tensors(dict(opt.state[model[0].weight]), state)
+
+
+def test_a_copy_with_a_scheduler_attached_is_an_independent_twin():
+    model = make_model()
+    opt = pcfast.optim.PC(model, lr=0.1, inference_steps=3)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    twin_model, twin = copy.deepcopy((model, opt))
+    before = [p.detach().clone() for p in model.parameters()]
+    twin.step(*make_batches(1)[0])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not all(torch.equal(p, q) for p, q in zip(twin_model.parameters(), before))
+
+
+def test_nadam_keeps_scalar_state_and_round_trips():
+    """NAdam's 0-d ``mu_product`` is its own business; in float32 (its dtype) the round trip is
+    bitwise (torch.optim's load_state_dict casts such state to the parameters' dtype)."""
+    model = make_model(dtype=torch.float32)
+    opt = pcfast.optim.BP(model, lr=1e-3, optimizer=torch.optim.NAdam)
+    batches = make_batches(4, dtype=torch.float32)
+    for x, y in batches[:2]:
+        opt.step(x, y)
+    twin = make_model(dtype=torch.float32)
+    twin.load_state_dict(model.state_dict())
+    fresh = pcfast.optim.BP(twin, lr=1e-3, optimizer=torch.optim.NAdam)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for x, y in batches[2:]:
+        assert opt.step(x, y) == fresh.step(x, y)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(optimizer=lambda groups, lr, **kw: torch.optim.SGD([p for g in groups for p in g["params"]], lr=lr)),
+     TypeError, "must keep the groups it is given"),
+    (dict(optimizer=lambda groups, lr, **kw: torch.optim.SGD(groups[::-1], lr=lr)),
+     TypeError, "must keep the groups it is given"),
+    (dict(optimizer=torch.optim.Adam, betas=0.9), TypeError, "not subscriptable"),  # torch's own error, unwrapped
+])
+def test_factories_that_regroup_and_bad_values_are_clear_errors(bad, error, match):
+    with pytest.raises(error, match=match):
+        pcfast.optim.PC(make_model(), lr=0.1, **bad)
+
+
+def test_the_model_not_its_parameters():
+    model = make_model()
+    with pytest.raises(TypeError, match=r"pass the model, not model.parameters\(\)"):
+        pcfast.optim.PC(model.parameters(), lr=0.1)
