@@ -34,16 +34,25 @@ def pc_kwargs(case, depth):
                 schedule=case["schedule"], fpa=case["fpa"], loss=case["loss"], return_trajectory=True)
 
 
+def case_id(case, *variant: str) -> str:
+    """``B5-W17-L3-<variant…>-bias-mse-f64``: a case's readable test id."""
+    return "-".join([f"B{case['batch']}", f"W{case['width']}", f"L{case['depth']}", *variant,
+                     "bias" if case["bias"] else "nobias", case["loss"], case["dtype"]])
+
+
+def _assert_same_fields(out, ref, dtype, sequences, scalars):
+    """Every field named in ``sequences`` (lists of tensors) and ``scalars`` of ``out`` equals ``ref``'s."""
+    for field in sequences:
+        assert_all_close(getattr(out, field), getattr(ref, field), dtype=dtype, name=field.replace("_", " "))
+    for field in scalars:
+        assert_close(getattr(out, field), getattr(ref, field), dtype=dtype, name=field.replace("_", " "))
+
+
 def assert_same_pc(out, ref, dtype):
     for t, (a, e) in enumerate(zip(out.trajectory, ref.trajectory)):
         assert_all_close(a, e, dtype=dtype, name=f"latents at step {t}")
     assert len(out.trajectory) == len(ref.trajectory)
-    assert_all_close(out.latents, ref.latents, dtype=dtype, name="latents")
-    assert_all_close(out.errors, ref.errors, dtype=dtype, name="errors")
-    assert_all_close(out.weight_grads, ref.weight_grads, dtype=dtype, name="weight grads")
-    assert_all_close(out.bias_grads, ref.bias_grads, dtype=dtype, name="bias grads")
-    assert_close(out.energy, ref.energy, dtype=dtype, name="energy")
-    assert_close(out.loss, ref.loss, dtype=dtype, name="loss")
+    _assert_same_fields(out, ref, dtype, ("latents", "errors", "weight_grads", "bias_grads"), ("energy", "loss"))
 
 
 def tp_network(case, seed=2):
@@ -66,12 +75,7 @@ def tp_network(case, seed=2):
 
 
 def assert_same_tp(out, ref, dtype):
-    assert_all_close(out.targets, ref.targets, dtype=dtype, name="targets")
-    assert_all_close(out.activities, ref.activities, dtype=dtype, name="activities")
-    assert_all_close(out.weight_grads, ref.weight_grads, dtype=dtype, name="weight grads")
-    assert_all_close(out.bias_grads, ref.bias_grads, dtype=dtype, name="bias grads")
-    assert_close(out.loss, ref.loss, dtype=dtype, name="loss")
-    assert_close(out.local_loss, ref.local_loss, dtype=dtype, name="local loss")
+    _assert_same_fields(out, ref, dtype, ("targets", "activities", "weight_grads", "bias_grads"), ("loss", "local_loss"))
 
 
 # Feedback-gradient cases (TP networks), shared by the tests of the feedback step and of its noise.

@@ -23,7 +23,8 @@ from pcfast.ops._triton_common import LayerTable
 from pcfast.testing import assert_all_close
 from pcfast.types import Net, PCConfig
 from tests.conftest import random_batch, random_mlp
-from tests.ops.cases import BATCHES, DEPTHS, DTYPES, STEPS, WIDTHS, assert_same_pc, count_calls, pc_kwargs, pc_network
+from tests.ops.cases import BATCHES, DEPTHS, DTYPES, STEPS, WIDTHS, assert_same_pc, case_id, count_calls, pc_kwargs
+from tests.ops.cases import pc_network
 
 TRITON = triton_backend.TritonBackend()  # the options of the enclosing triton_backend.options() block
 
@@ -49,8 +50,7 @@ def _cases():
 
 
 def _case_id(c):
-    return (f"B{c['batch']}-W{c['width']}-L{c['depth']}-T{STEPS}-{c['schedule']}-{'fpa' if c['fpa'] else 'nofpa'}-"
-            f"{'bias' if c['bias'] else 'nobias'}-{c['loss']}-{c['dtype']}")
+    return case_id(c, f"T{STEPS}", c["schedule"], "fpa" if c["fpa"] else "nofpa")
 
 
 CASES = _cases()

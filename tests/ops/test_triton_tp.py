@@ -19,7 +19,8 @@ from pcfast.ops import triton as triton_backend
 from pcfast.testing import assert_all_close, assert_close
 from pcfast.types import Feedback, Net, TPConfig
 from tests.conftest import random_batch
-from tests.ops.cases import BATCHES, DEPTHS, DTYPES, FEEDBACK_CASES, WIDTHS, assert_same_tp, feedback_id, tp_network
+from tests.ops.cases import BATCHES, DEPTHS, DTYPES, FEEDBACK_CASES, WIDTHS, assert_same_tp, case_id, feedback_id
+from tests.ops.cases import tp_network
 
 TRITON = triton_backend.TritonBackend()
 
@@ -38,8 +39,7 @@ def _cases():
 
 
 def _case_id(c):
-    return (f"B{c['batch']}-W{c['width']}-L{c['depth']}-{'dtp' if c['difference'] else 'tp'}-"
-            f"{'bias' if c['bias'] else 'nobias'}-{c['loss']}-{c['dtype']}")
+    return case_id(c, "dtp" if c["difference"] else "tp")
 
 
 CASES = _cases()
