@@ -13,14 +13,14 @@ Targets: for ``loss="mse"`` a float (B, C) tensor or int64 labels (B,) (one-hot 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from . import ops, reference
 from .activations import check_activation
-from .types import Feedback, Net, PCConfig, TPConfig
+from .types import Feedback, Net, PCConfig, TPConfig, config_of, takes_settings
 from .errors import DivergenceError
 from .network import (
     _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params, check_pc_options,
@@ -112,37 +112,24 @@ def _raise_non_finite(op: str, what: str, inputs: list[tuple[str, Tensor]]) -> N
     raise DivergenceError(f"{op}: {what}: the computation diverged (lower {knobs} or the scale of the inputs)")
 
 
-def pc_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    y: Tensor,
-    *,
-    precisions: Sequence[float] | float | None = None,
-    inference_steps: int = 20,
-    inference_lr: float = 0.1,
-    schedule: str = "jacobi",
-    fpa: bool = False,
-    loss: str = "mse",
-    return_trajectory: bool = False,
-    backend: str = "auto",
-) -> PCResult:
+@takes_settings(PCConfig, "weights", "biases", "activations", "x", "y", backend="auto")
+def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str], x: Tensor,
+                  y: Tensor, *, backend: str = "auto", **settings: Any) -> PCResult:
     """Relax the PC latents from the feedforward pass for ``inference_steps`` steps of rate κ, then
     return the local gradients ``∂F/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` and the state (DESIGN §3).
     Nothing is modified: apply the gradients with any ``torch.optim`` optimizer (or use
     ``pcfast.optim.PC``, which does).
 
-    Args:
+    Settings (keywords; ``pcfast.types.PCConfig``, which checks them):
         precisions: ``[γ_1 … γ_L]``, a single γ_L, or None for all ones.
+        inference_steps: T (20). inference_lr: κ (0.1). loss: ``"mse"`` or ``"ce"``.
         schedule: ``"jacobi"`` (all layers from the same state) or ``"sequential"`` (top-down sweep).
         fpa: fixed-prediction assumption — predictions and φ' frozen at their feedforward values.
         return_trajectory: also return the latents after every step.
     """
     net = as_net(weights, biases, activations)
-    target = check_batch(x, y, weights, loss)
-    config = PCConfig.of(net.depth, precisions, inference_steps=inference_steps, inference_lr=inference_lr,
-                         schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
+    config = config_of(PCConfig, settings, depth=net.depth, where="pc_train_step")
+    target = check_batch(x, y, weights, config.loss)
     result = pc_grads(net, _readable(x), _readable(target), config, backend)
     _check_finite_result("pc_train_step", {"energy": result.energy, "loss": result.loss,
                                            "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
@@ -225,28 +212,21 @@ def _check_feedback(weights, feedback_weights, feedback_biases, feedback_activat
     return list(feedback_activations)
 
 
-def tp_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str] | None,
-    x: Tensor,
-    y: Tensor,
-    *,
-    beta: float = 0.1,
-    loss: str = "mse",
-    difference: bool = True,
-    backend: str = "auto",
-) -> TPResult:
+@takes_settings(TPConfig, "weights", "biases", "activations", "feedback_weights", "feedback_biases",
+                "feedback_activations", "x", "y", backend="auto")
+def tp_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str],
+                  feedback_weights: Sequence[Tensor], feedback_biases: Sequence[Tensor | None],
+                  feedback_activations: Sequence[str] | None, x: Tensor, y: Tensor, *, backend: str = "auto",
+                  **settings: Any) -> TPResult:
     """Targets ``ĥ_L = f − β ∂ℓ/∂f`` propagated down by the feedback maps — DTP
     (``difference=True``: ``ĥ_{l-1} = h_{l-1} + g_l(ĥ_l) − g_l(h_l)``) or TP (``ĥ_{l-1} = g_l(ĥ_l)``) —
-    and each layer's local gradient of ``½‖ĥ_l − h_l‖²`` (DESIGN §4)."""
+    and each layer's local gradient of ``½‖ĥ_l − h_l‖²`` (DESIGN §4). Settings (keywords;
+    ``pcfast.types.TPConfig``): ``beta`` (0.1), ``loss`` (``"mse"``), ``difference`` (True: DTP)."""
     net = as_net(weights, biases, activations)
     feedback = _as_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
-    target = check_batch(x, y, weights, loss)
-    result = tp_grads(net, feedback, _readable(x), _readable(target), TPConfig(beta, loss, difference), backend)
+    config = config_of(TPConfig, settings, depth=net.depth, where="tp_train_step")
+    target = check_batch(x, y, weights, config.loss)
+    result = tp_grads(net, feedback, _readable(x), _readable(target), config, backend)
     _check_finite_result("tp_train_step", {"loss": result.loss, "local_loss": result.local_loss,
                                            "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
                          _inputs(weights=weights, biases=biases, feedback_weights=feedback_weights,

@@ -7,8 +7,9 @@ need not check it again. Sequences are stored as tuples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import inspect
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Callable, Sequence
 
 from torch import Tensor
 
@@ -121,3 +122,32 @@ class TPConfig:
         check_tp_options(beta=self.beta, difference=self.difference)
         _check_loss(self.loss)
         object.__setattr__(self, "beta", float(self.beta))
+
+
+def config_of(kind: type, settings: dict[str, Any], *, depth: int, where: str) -> PCConfig | TPConfig:
+    """The ``kind`` config of a call's keyword settings (``PCConfig`` takes ``precisions`` as
+    ``pcfast.functional`` does: None, a number for γ_L, or one per layer); unknown names are a
+    ``TypeError`` naming them and the settings there are."""
+    names = [f.name for f in fields(kind)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise TypeError(f"{where}: unexpected keyword arguments {unknown}; its settings are {names}")
+    if kind is PCConfig:
+        settings = dict(settings)
+        return PCConfig.of(depth, settings.pop("precisions", None), **settings)
+    return kind(**settings)
+
+
+def takes_settings(kind: type, *positional: str, **keywords: Any) -> Callable[[Callable], Callable]:
+    """Give a function of ``positional`` arguments, ``keywords`` and ``**settings`` of ``kind`` the
+    signature it accepts — every setting of ``kind`` as a keyword with its default — for ``help``
+    and ``inspect.signature``."""
+    def decorate(function: Callable) -> Callable:
+        params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in positional]
+        for f in fields(kind):
+            default = None if f.default is MISSING else f.default  # PCConfig.precisions: None = all ones
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in keywords.items()]
+        function.__signature__ = inspect.Signature(params, return_annotation=inspect.signature(function).return_annotation)
+        return function
+    return decorate

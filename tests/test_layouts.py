@@ -19,6 +19,7 @@ import pcfast
 from pcfast import functional as F
 from pcfast import reference
 from pcfast.testing import assert_all_close, assert_close
+from pcfast.types import Net, PCConfig
 
 DTYPE = torch.float64
 WIDTHS = (3, 4, 4, 2)  # equal hidden widths: triton's stacked launches are exercised too
@@ -269,12 +270,12 @@ def test_class_label_layouts(backend, layout):
 @pytest.mark.parametrize("group, layout", [("biases", "negative"), ("weights", "negative"), ("x", "negative"),
                                            ("biases", "strided"), ("y", "negative")])
 def test_raw_backend_reads_lazy_bits_and_strided_vectors(backend, group, layout):
-    module = {"cpp": "pcfast.ops.cpp", "triton": "pcfast.ops.triton"}[backend]
-    ops = pytest.importorskip(module)
     args = with_layout(problem(), group, layout)
     kwargs = dict(precisions=[1.0, 1.0, 1.0], inference_steps=2, inference_lr=0.2, schedule="jacobi", fpa=False,
                   loss="mse")
-    got = ops.pc_train_step(args["weights"], args["biases"], ACTS, args["x"], args["y"], **kwargs)
+    raw = pcfast.ops.get_backend(backend, "pc", args["x"].device, args["x"].dtype)
+    got = raw.pc_grads(Net(args["weights"], args["biases"], ACTS), args["x"], args["y"],
+                       PCConfig.of(len(args["weights"]), **kwargs))
     plain_args = {k: (plain_all(v) if isinstance(v, list) else plain(v)) for k, v in args.items()}
     ref = reference.pc_train_step(plain_args["weights"], plain_args["biases"], ACTS, plain_args["x"],
                                   plain_args["y"], **kwargs)

@@ -13,7 +13,7 @@ Everything works in float64.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from torch import Tensor
 from ..activations import phi, phi_grad
 from ..network import resolve_precisions
 from ..results import PCResult
-from ..types import Net, PCConfig
+from ..types import Net, PCConfig, config_of, takes_settings
 from .common import forward, linear, loss_sum, output_error
 
 
@@ -151,25 +151,13 @@ def pc_weight_grads(net: Net, x: Tensor, target: Tensor, latents: Sequence[Tenso
     return weight_grads, bias_grads
 
 
-def pc_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    precisions: Sequence[float] | float | None = None,
-    inference_steps: int = 20,
-    inference_lr: float = 0.1,
-    schedule: str = "jacobi",
-    fpa: bool = False,
-    loss: str = "mse",
-    return_trajectory: bool = False,
-) -> PCResult:
-    """Relaxation, then local weight gradients at the final state (DESIGN §3)."""
-    config = PCConfig.of(len(weights), precisions, inference_steps=inference_steps, inference_lr=inference_lr,
-                         schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
-    gammas = list(config.precisions)
+@takes_settings(PCConfig, "weights", "biases", "activations", "x", "target")
+def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str], x: Tensor,
+                  target: Tensor, **settings: Any) -> PCResult:
+    """Relaxation, then local weight gradients at the final state (DESIGN §3); the settings are
+    ``PCConfig``'s (``precisions`` as ``pcfast.functional`` takes them)."""
+    config = config_of(PCConfig, settings, depth=len(weights), where="pc_train_step")
+    gammas, loss, fpa = list(config.precisions), config.loss, config.fpa
     latents, trajectory = pc_relax(Net(weights, biases, activations), x, target, config)
     weights = [w.detach() for w in weights]
     biases = [None if b is None else b.detach() for b in biases]

@@ -14,13 +14,13 @@ Lists of feedback parameters are indexed from layer 2: ``feedback_weights[0]`` i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ..activations import phi
-from ..types import Feedback, Net, TPConfig
+from ..types import Feedback, Net, TPConfig, config_of, takes_settings
 from ..results import FeedbackResult, TPResult
 from .common import forward, linear, loss_sum, output_error
 
@@ -50,24 +50,16 @@ def tp_targets(net: Net, feedback: Feedback, x: Tensor, target: Tensor,
     return targets, activities
 
 
-def tp_train_step(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str],
-    x: Tensor,
-    target: Tensor,
-    *,
-    beta: float = 0.1,
-    loss: str = "mse",
-    difference: bool = True,
-) -> TPResult:
+@takes_settings(TPConfig, "weights", "biases", "activations", "feedback_weights", "feedback_biases",
+                "feedback_activations", "x", "target")
+def tp_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str],
+                  feedback_weights: Sequence[Tensor], feedback_biases: Sequence[Tensor | None],
+                  feedback_activations: Sequence[str], x: Tensor, target: Tensor, **settings: Any) -> TPResult:
     """Targets, then each layer's local gradient (autograd of its local loss, batch mean)."""
+    config = config_of(TPConfig, settings, depth=len(weights), where="tp_train_step")
     targets, activities = tp_targets(Net(weights, biases, activations),
                                      Feedback(feedback_weights, feedback_biases, feedback_activations), x, target,
-                                     TPConfig(beta, loss, difference))
+                                     config)
     batch = x.shape[0]
     inputs = [x] + activities[:-1]
     weight_grads, bias_grads = [], []
@@ -89,7 +81,7 @@ def tp_train_step(
         activities=[a.detach() for a in activities],
         weight_grads=weight_grads,
         bias_grads=bias_grads,
-        loss=(loss_sum(f, target, loss) / batch).detach(),
+        loss=(loss_sum(f, target, config.loss) / batch).detach(),
         local_loss=local_total,
     )
 
