@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .activations import check_activation
-from .types import Feedback, Net, PCConfig, TPConfig, config_of, takes_settings
+from .types import Feedback, Net, PCConfig, SeededNoise, TPConfig, config_of, takes_settings
 from .errors import DivergenceError
 from .network import (
     _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params, check_pc_options,
@@ -245,20 +245,13 @@ def _as_feedback(weights, feedback_weights, feedback_biases, feedback_activation
     return Feedback(_readable_all(feedback_weights), _readable_all(feedback_biases), psi)
 
 
-def feedback_grads(
-    weights: Sequence[Tensor],
-    biases: Sequence[Tensor | None],
-    activations: Sequence[str],
-    feedback_weights: Sequence[Tensor],
-    feedback_biases: Sequence[Tensor | None],
-    feedback_activations: Sequence[str] | None,
-    x: Tensor,
-    noise: Sequence[Tensor | None] | None = None,
-    *,
-    noise_seed: int | None = None,
-    noise_std: float = 0.0,
-    backend: str = "auto",
-) -> FeedbackResult:
+@takes_settings(SeededNoise, "weights", "biases", "activations", "feedback_weights", "feedback_biases",
+                "feedback_activations", "x", ("noise", None), backend="auto")
+def feedback_grads(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str],
+                   feedback_weights: Sequence[Tensor], feedback_biases: Sequence[Tensor | None],
+                   feedback_activations: Sequence[str] | None, x: Tensor,
+                   noise: Sequence[Tensor | None] | None = None, *, backend: str = "auto",
+                   **seeded: Any) -> FeedbackResult:
     """Gradients of the reconstruction losses ``½‖g_l(f_l(h_{l-1}+ξ_l)) − (h_{l-1}+ξ_l)‖²`` (batch
     mean) with respect to each Q_l and c_l; ``noise[l-2]`` is ξ_l, shape (B, d_{l-1}), or None.
 
@@ -279,13 +272,10 @@ def feedback_grads(
                 check_like(f"noise[{k}]", xi, weights[0], (x.shape[0], weights[k].shape[0]))
                 if not _all_finite(xi):
                     raise ValueError(f"noise[{k}]: contains NaN or infinite values")
-    noise_std = check_number("noise_std", noise_std, allow_zero=True)
-    if noise_seed is not None:
-        if noise is not None:
-            raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
-        check_int("noise_seed", noise_seed)
-        if noise_seed >= 2**63:
-            raise ValueError(f"noise_seed: expected an int in [0, 2**63), got {noise_seed!r}")
+    drawn = config_of(SeededNoise, seeded, depth=net.depth, where="feedback_grads")
+    noise_seed, noise_std = drawn.noise_seed, drawn.noise_std
+    if noise_seed is not None and noise is not None:
+        raise ValueError("noise, noise_seed: give the noise tensors or a seed, not both")
     result = reconstruction_grads(net, feedback, _readable(x), None if noise is None else _readable_all(noise),
                                   noise_seed=noise_seed, noise_std=noise_std, backend=backend)
     _check_finite_result("feedback_grads", {"loss": result.loss, "weight_grads": result.weight_grads,

@@ -14,7 +14,9 @@ from typing import Any, Callable, Sequence
 from torch import Tensor
 
 from .activations import check_activation
-from .network import LOSSES, check_params, check_pc_options, check_tp_options, resolve_precisions
+from .network import (
+    LOSSES, check_int, check_number, check_params, check_pc_options, check_tp_options, resolve_precisions,
+)
 
 # Layer kinds a Net can hold. Only dense layers today; convolutions will add theirs.
 LAYER_KINDS = ("linear",)
@@ -124,7 +126,23 @@ class TPConfig:
         object.__setattr__(self, "beta", float(self.beta))
 
 
-def config_of(kind: type, settings: dict[str, Any], *, depth: int, where: str) -> PCConfig | TPConfig:
+
+@dataclass(frozen=True)
+class SeededNoise:
+    """Feedback-training noise drawn from a seed: ξ_l ~ N(0, ``noise_std``²), from ``noise_seed``
+    (None: no seeded noise)."""
+
+    noise_seed: int | None = None
+    noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "noise_std", check_number("noise_std", self.noise_std, allow_zero=True))
+        if self.noise_seed is not None:
+            check_int("noise_seed", self.noise_seed)
+            if self.noise_seed >= 2**63:
+                raise ValueError(f"noise_seed: expected an int in [0, 2**63), got {self.noise_seed!r}")
+
+def config_of(kind: type, settings: dict[str, Any], *, depth: int, where: str) -> PCConfig | TPConfig | SeededNoise:
     """The ``kind`` config of a call's keyword settings (``PCConfig`` takes ``precisions`` as
     ``pcfast.functional`` does: None, a number for γ_L, or one per layer); unknown names are a
     ``TypeError`` naming them and the settings there are."""
@@ -135,15 +153,17 @@ def config_of(kind: type, settings: dict[str, Any], *, depth: int, where: str) -
     if kind is PCConfig:
         settings = dict(settings)
         return PCConfig.of(depth, settings.pop("precisions", None), **settings)
-    return kind(**settings)
+    return kind(**settings)  # TPConfig, SeededNoise
 
 
-def takes_settings(kind: type, *positional: str, **keywords: Any) -> Callable[[Callable], Callable]:
-    """Give a function of ``positional`` arguments, ``keywords`` and ``**settings`` of ``kind`` the
-    signature it accepts — every setting of ``kind`` as a keyword with its default — for ``help``
-    and ``inspect.signature``."""
+def takes_settings(kind: type, *positional: str | tuple[str, Any], **keywords: Any) -> Callable[[Callable], Callable]:
+    """Give a function of ``positional`` arguments (a name, or (name, default)), ``keywords`` and
+    ``**settings`` of ``kind`` the signature it accepts — every setting of ``kind`` as a keyword with
+    its default — for ``help`` and ``inspect.signature``."""
     def decorate(function: Callable) -> Callable:
-        params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in positional]
+        params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) if isinstance(name, str) else
+                  inspect.Parameter(name[0], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=name[1])
+                  for name in positional]
         for f in fields(kind):
             default = None if f.default is MISSING else f.default  # PCConfig.precisions: None = all ones
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
