@@ -90,6 +90,16 @@ class _Step:
     pending: dict
 
 
+_LARGEST: dict[torch.dtype, float] = {}
+
+
+def _largest(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).max``, looked up once per dtype."""
+    if dtype not in _LARGEST:
+        _LARGEST[dtype] = torch.finfo(dtype).max
+    return _LARGEST[dtype]
+
+
 def _check_number(name: str, value: Any, *, low: float = 0.0, inclusive: bool = True) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= low if inclusive else value > low)
@@ -271,6 +281,8 @@ class LocalOptimizer(torch.optim.Optimizer):
         self._slots = [(lin, kind, getattr(lin, kind)) for lin in self.mlp.linears
                        for kind in ("weight", "bias") if getattr(lin, kind) is not None]
         self._shapes = [p.shape for _, _, p in self._slots]
+        self._weights = tuple(lin.weight for lin in self.mlp.linears)
+        self._biases = tuple(lin.bias for lin in self.mlp.linears)
         # every module of the model that has children, with its children as they were
         self._structure = [(name, module, tuple(module._modules.values()))
                            for name, module in model.named_modules() if module._modules]
@@ -333,7 +345,8 @@ class LocalOptimizer(torch.optim.Optimizer):
         return self.param_groups[0][name]
 
     def _params(self) -> tuple[list[Tensor], list[Tensor | None]]:
-        return [lin.weight for lin in self.mlp.linears], [lin.bias for lin in self.mlp.linears]
+        """The model's weights and biases (``_check_ready`` has made sure they are still the model's)."""
+        return list(self._weights), list(self._biases)
 
     def _net(self) -> Net:
         """The model as a checked ``Net``, made once: ``_check_ready`` has made sure that the model
@@ -587,10 +600,11 @@ class LocalOptimizer(torch.optim.Optimizer):
     def _grads_by_param(self, weight_grads, bias_grads) -> dict[Tensor, Tensor]:
         """The new gradient of every model parameter that trains (``requires_grad``), in model order."""
         grads = {}
-        for lin, gw, gb in zip(self.mlp.linears, weight_grads, bias_grads):
-            for p, g in ((lin.weight, gw), (lin.bias, gb)):
-                if p is not None and p.requires_grad:
-                    grads[p] = g
+        for w, b, gw, gb in zip(self._weights, self._biases, weight_grads, bias_grads):
+            if w.requires_grad:
+                grads[w] = gw
+            if b is not None and b.requires_grad:
+                grads[b] = gb
         return grads
 
     @staticmethod
@@ -607,11 +621,10 @@ class LocalOptimizer(torch.optim.Optimizer):
         they share a dtype and device, as a step's statistics and norms do."""
         if not values:
             return []
-        tensors = [v.detach() if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
-                   for v in values]
+        tensors = [v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in values]
         first = tensors[0]
         if all(t.dim() == 0 and t.dtype == first.dtype and t.device == first.device for t in tensors):
-            return torch.stack(tensors).tolist()
+            return torch.stack(tensors).tolist()  # (called under no_grad: nothing to detach)
         device = next((t.device for t in tensors if t.device.type != "cpu"), first.device)
         return torch.stack([t.reshape(()).to(device, torch.float64) for t in tensors]).tolist()
 
@@ -660,9 +673,13 @@ class LocalOptimizer(torch.optim.Optimizer):
     def _check_rates(self, stepped) -> None:
         """A rate beyond the parameter dtype's range cannot give a finite update (and torch refuses
         to convert it): ``DivergenceError`` before anything is written."""
-        for i in sorted({i for i, _, _ in stepped}):
-            group, dtype = self.inner_optimizer.param_groups[i], self.param_groups[i]["params"][0].dtype
-            largest = torch.finfo(dtype).max
+        seen = set()
+        for i, p, _ in stepped:
+            if i in seen:
+                continue
+            seen.add(i)
+            group, dtype = self.inner_optimizer.param_groups[i], p.dtype
+            largest = _largest(dtype)
             for name in ("lr", "weight_decay", "momentum", "eps"):
                 value = group.get(name)
                 if isinstance(value, (int, float)) and abs(value) > largest:
@@ -685,15 +702,22 @@ class LocalOptimizer(torch.optim.Optimizer):
         if type(self.inner_optimizer) is not torch.optim.SGD or not stepped:  # a subclass may do anything
             return None
         groups = self.inner_optimizer.param_groups
+        per_group: dict[int, tuple | None] = {}
+        dtype = stepped[0][1].dtype
         settings = []
         for i, p, g in stepped:
-            group = groups[i]
-            numbers = [group[k] for k in ("lr", "momentum", "dampening", "weight_decay")]
-            if any(type(v) not in (int, float) or not math.isfinite(v) for v in numbers) or group.get(
-                    "maximize") or group.get("fused") or g.is_sparse or p.dtype != stepped[0][1].dtype:
-                return None  # (fused SGD: its own arithmetic, through inner.step() on the checked path)
-            buffer = self.state[p].get("momentum_buffer") if p in self.state else None
-            settings.append((*numbers, bool(group["nesterov"]), buffer))
+            numbers = per_group.get(i, False)
+            if numbers is False:
+                group = groups[i]
+                numbers = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
+                ok = not (group.get("maximize") or group.get("fused"))  # fused: its own arithmetic, checked path
+                for v in numbers:
+                    ok = ok and type(v) in (int, float) and math.isfinite(v)
+                numbers = per_group[i] = (*numbers, bool(group["nesterov"])) if ok else None
+            if numbers is None or g.is_sparse or p.dtype != dtype:
+                return None
+            entry = self.state.get(p)
+            settings.append((*numbers, None if entry is None else entry.get("momentum_buffer")))
         params = [p for _, p, _ in stepped]
         buffers = [s[-1] for s in settings if s[1] and s[-1] is not None]
         terms, combine = self._grad_norm_terms(stepped, step)
@@ -702,7 +726,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         count, found = len(params), values[len(stats):]
         param_norms, buffer_norms = found[:count], iter(found[count:count + len(buffers)])
         grad_norms = combine(found[count + len(buffers):])
-        limit = torch.finfo(params[0].dtype).max / _MARGIN
+        limit = _largest(dtype) / _MARGIN
         if not all(map(math.isfinite, values[:len(stats)])):
             return None
         for (rate, momentum, dampening, weight_decay, nesterov, buffer), p_norm, g_norm in zip(

@@ -55,15 +55,18 @@ class BP(LocalOptimizer):
         if any(p is not None and p._backward_hooks for p in (*weights, *biases)):
             result = functional.bp_train_step(weights, biases, self.mlp.activations, x, target, loss=self._setting("loss"))
             return result.weight_grads, result.bias_grads, {"loss": result.loss}, {}
-        wanted = [p for p in (*weights, *biases) if p is not None and p.requires_grad]
+        params = [p for p in (*weights, *biases) if p is not None]
+        wanted = [p for p in params if p.requires_grad]
         with torch.enable_grad():
             us, hs = forward(weights, biases, self.mlp.activations, x)
             value = loss_sum(us[-1], target, self._setting("loss")) / x.shape[0]
             found = torch.autograd.grad(value, wanted + us)
-        grads, deltas = dict(zip(wanted, found[:len(wanted)])), list(found[len(wanted):])
-        grad = lambda p: None if p is None else grads[p] if p in grads else torch.zeros_like(p)
-        pending = {"norm_terms": (deltas, hs)}  # this step's bounds, for _grad_norm_terms
-        return [grad(w) for w in weights], [grad(b) for b in biases], {"loss": value.detach()}, pending
+        grads = iter(found[:len(wanted)])
+        by_param = [next(grads) if p.requires_grad else torch.zeros_like(p) for p in params]
+        weight_grads, rest = by_param[:len(weights)], iter(by_param[len(weights):])
+        bias_grads = [None if b is None else next(rest) for b in biases]
+        pending = {"norm_terms": (list(found[len(wanted):]), hs)}  # this step's bounds, for _grad_norm_terms
+        return weight_grads, bias_grads, {"loss": value.detach()}, pending
 
     def _grad_norm_terms(self, stepped, step):
         r"""Bounds from ``δ_l = ∂(ℓ/B)/∂u_l`` and ``h_{l-1}`` (small, B × width) rather than from the
@@ -71,18 +74,19 @@ class BP(LocalOptimizer):
         and ``‖g_b‖ ≤ √B ‖δ_l‖``. In float16/bfloat16, whose rounding is coarse, with groups added by
         ``add_param_group`` or a data-parallel reduction, the gradients' own norms are read instead."""
         found = None if step is None else step.pending.get("norm_terms")
-        slots = [(l, kind) for l, lin in enumerate(self.mlp.linears) for kind in ("weight", "bias")
-                 if getattr(lin, kind) is not None]
-        params = [getattr(self.mlp.linears[l], kind) for l, kind in slots]
+        slots = self._slots
         if (found is None or self.process_group is not None or len(stepped) != len(slots)
-                or any(p is not q for (_, p, _), q in zip(stepped, params))
+                or any(p is not q for (_, p, _), (_, _, q) in zip(stepped, slots))
                 or stepped[0][1].dtype in (torch.float16, torch.bfloat16)):
             return super()._grad_norm_terms(stepped, step)
         deltas, activities = found
         depth, root_batch = len(deltas), math.sqrt(activities[0].shape[0])
 
+        layers = [(l, kind) for l, b in enumerate(self._biases) for kind in ("weight", "bias")
+                  if kind == "weight" or b is not None]  # the model's parameters in order, as slots
+
         def combine(norms: list[float]) -> list[float]:
             delta, activity = norms[:depth], norms[depth:]
-            return [delta[l] * activity[l] if kind == "weight" else root_batch * delta[l] for l, kind in slots]
+            return [delta[l] * activity[l] if kind == "weight" else root_batch * delta[l] for l, kind in layers]
 
         return deltas + activities, combine
