@@ -2,6 +2,7 @@
 from .base import LocalOptimizer
 from .bp import BP
 from .gnt import GNT
+from .ipc import IPC
 from .pc import PC
 from .tp import DTP, TP
 

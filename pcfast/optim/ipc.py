@@ -1,0 +1,245 @@
+"""``pcfast.optim.IPC``: incremental predictive coding, one weight update per inference step."""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import DivergenceError
+from ..mup.presets import Parametrization
+from ..ops.torch_pc import _affine, _loss_sum, _Relaxation
+from ..reference.common import forward
+from ..reference.pc import pc_activity_grads, pc_energy, pc_weight_grads
+from ..types import Net, PCConfig
+from .base import _PER_ELEMENT_STATE, LocalOptimizer, _Step
+from .pc import PCOptions
+
+
+@dataclass(frozen=True)
+class IPCOptions(PCOptions):
+    """iPC's settings: PC's, with T ≥ 1 (each inference step is a weight step), the Jacobi schedule
+    and no FPA (the weights change at every step, so there are no fixed feedforward predictions)."""
+
+    inference_steps: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inference_steps < 1:
+            raise ValueError(f"inference_steps: expected an int >= 1 (iPC updates the weights once per inference "
+                             f"step), got {self.inference_steps!r}")
+        if self.schedule != "jacobi":
+            raise ValueError(f"schedule: iPC relaxes with the 'jacobi' schedule, got {self.schedule!r}")
+        if self.fpa:
+            raise ValueError("fpa: iPC changes the weights at every step, so there are no fixed feedforward "
+                             "predictions; use fpa=False")
+
+
+class _LiveRelaxation(_Relaxation):
+    """The torch backend's relaxation state over weights that change between its steps."""
+
+    def weights_changed(self) -> None:
+        """Recompute every prediction and error under the current weights (``_Relaxation`` keeps the
+        first layer's prediction from its feedforward pass, since PC's weights stay put)."""
+        net = self.net
+        _affine(self.predictions[0], self.acts[0], net.weights[0], net.biases[0])
+        self.refresh()
+
+
+class _ReferenceRelaxation:
+    """The relaxation state of ``_Relaxation``'s interface on ``pcfast.reference.pc`` (autograd of F)."""
+
+    def __init__(self, net: Net, x: Tensor, target: Tensor, config: PCConfig) -> None:
+        self.net, self.x, self.target, self.config = net, x, target, config
+        us, _ = forward(net.weights, net.biases, net.activations, x)
+        self.latents = [u.clone() for u in us[:-1]]
+        self.f0 = us[-1]
+
+    def weights_changed(self) -> None:
+        """Nothing is cached: every quantity is computed from the latents and the live weights."""
+
+    def jacobi_step(self) -> None:
+        gammas, rate = self.config.precisions, self.config.inference_lr
+        g = pc_activity_grads(self.net, self.x, self.target, self.latents, self.config)
+        self.latents = [z - rate / gammas[l] * g[l] for l, z in enumerate(self.latents)]
+
+    def weight_grads(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        return pc_weight_grads(self.net, self.x, self.target, self.latents, self.config)
+
+    def energy(self) -> Tensor:
+        net, config = self.net, self.config
+        return pc_energy(net.weights, net.biases, net.activations, self.x, self.target, self.latents,
+                         precisions=config.precisions, loss=config.loss)
+
+
+class IPC(LocalOptimizer):
+    r"""Incremental predictive coding (iPC; Salvatori et al., ICLR 2024) with μP learning rates.
+
+    PC (``pcfast.optim.PC``) relaxes the latents for T steps and then updates the weights once; iPC
+    updates the weights at every one of the T inference steps. Each ``step(x, y)``, from the
+    feedforward latents ``z_0`` under the current weights θ_0, runs for t = 1 … T:
+
+    1. one Jacobi relaxation step ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l`` at (z_{t-1}; θ_{t-1});
+    2. the local gradients ``∂(F/B)/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` (and the biases') at
+       (z_t; θ_{t-1}), written to ``.grad``;
+    3. one step of the update rule (SGD unless ``optimizer=`` names another) with each layer's rate
+       ``η_l = lr · m^{-c_l}``: θ_t.
+
+    The paper describes the latent and weight updates of a time step as running in parallel from
+    the same state; here the weight gradient reads the freshly relaxed latents, so that the first
+    weight step is not spent at the feedforward state (where every hidden error is zero) and T = 1
+    is exactly one PC step with T = 1 (``pcfast.reference.ipc`` says more). The specification is
+    ``pcfast.reference.ipc.ipc_trajectory``. The μP multipliers are PC's (the parametrization is
+    made with ``algo="pc"``): each inner step is PC's local gradient under PC's update rule.
+
+    All or nothing. Before the first inner step the parameters that train and their inner-optimizer
+    state are copied (``LocalOptimizer._save_state``) and their ``.grad`` kept; the T inner steps
+    then run in place without a host sync, collecting one flag — any non-finite energy, gradient,
+    new parameter or new per-element state (momentum, Adam's moments) at any inner step, or a class
+    label out of range — read with the statistics in the step's one host sync. If it is set, or
+    anything raises, parameters, ``.grad`` and the inner state are put back from the copies and
+    ``DivergenceError`` (``ValueError`` for a bad batch or model) is raised: nothing changed.
+
+    After ``step(x, y)``, ``.grad`` holds the gradients of the last inner step. ``step()`` without a
+    batch applies ``.grad`` once, as for every pcfast optimizer. Differences from the
+    ``LocalOptimizer`` contract: ``compute_gradients`` raises (iPC's gradients exist only between
+    weight updates), ``step(x, y)`` does not update parameters added with ``add_param_group`` (a
+    later ``step()`` does), and data parallelism (``process_group``) is not supported.
+
+    Args:
+        model: ``nn.Sequential`` of ``nn.Linear`` and supported activations, linear readout.
+        parametrization: from ``pcfast.parametrize(model, ..., algo="pc")``; None keeps the weights
+            and uses multipliers and precisions of one.
+        lr: base learning rate η of every inner step.
+        optimizer: the update rule, a ``torch.optim`` class or a factory, as for ``PC``.
+        **optimizer_kwargs: passed to ``optimizer`` (``momentum=0.9`` for SGD; ``betas`` for Adam).
+        inference_steps: T ≥ 1, the inference steps and weight updates per batch. inference_lr: κ.
+        schedule: ``"jacobi"`` only. fpa: False only. loss: ``"mse"`` or ``"ce"``.
+        backend: ``"auto"`` or ``"torch"`` (explicit formulas, ``pcfast.ops.torch_pc``), or
+            ``"reference"`` (autograd of F, ``pcfast.reference.pc``).
+
+    Returns from ``step``: ``{"loss": mean feedforward loss under the weights before the step,
+    "energy": F / B at the last inner step's gradient, (z_T; θ_{T-1})}``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
+        >>> par = pcfast.parametrize(model, "mup", algo="pc", base_width=64)
+        >>> opt = pcfast.optim.IPC(model, par, lr=0.01, inference_steps=5, inference_lr=0.2)
+        >>> for x, y in loader:
+        ...     opt.zero_grad()
+        ...     stats = opt.step(x, y)
+    """
+
+    algo = "ipc"
+    stat_names = ("loss", "energy")
+    options = IPCOptions
+    backends = ("auto", "torch", "reference")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.process_group is not None:
+            raise ValueError("process_group: IPC does not support data parallelism (it would need one all-reduce "
+                             "per inference step); pass process_group=None")
+
+    def _check_parametrization(self, parametrization: Parametrization, name: str) -> None:
+        """iPC's multipliers are PC's: a parametrization made for ``algo="pc"`` (or ``"any"``) fits."""
+        parametrization.check_matches(self.mlp)
+        if parametrization.algo not in ("any", "pc", self.algo):
+            raise ValueError(f"{name}: made for algo={parametrization.algo!r}, but IPC takes PC's multipliers; "
+                             "call pcfast.parametrize(model, ..., algo='pc')")
+
+    def _pc_config(self) -> PCConfig:
+        settings = self.param_groups[0]
+        key = (settings["inference_steps"], settings["inference_lr"], settings["schedule"], settings["fpa"],
+               settings["loss"], tuple(self.parametrization.precisions))
+        if getattr(self, "_config_key", None) != key:  # made again when a setting changes
+            IPCOptions(inference_steps=key[0], inference_lr=key[1], schedule=key[2], fpa=key[3], loss=key[4])
+            self._config = PCConfig(key[5], inference_steps=key[0], inference_lr=key[1], schedule=key[2],
+                                    fpa=key[3], loss=key[4])
+            self._config_key = key
+        return self._config
+
+    def _local_gradients(self, x: Tensor, target: Tensor):
+        raise NotImplementedError("IPC: the gradients of iPC exist only between its weight updates; call step(x, y)")
+
+    @torch.no_grad()
+    def compute_gradients(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Not available: iPC's gradients exist only between its weight updates; call ``step(x, y)``."""
+        raise NotImplementedError("IPC.compute_gradients: iPC updates the weights at every inference step, so its "
+                                  "gradients exist only inside step(x, y); call step(x, y)")
+
+    @torch.no_grad()
+    def step(self, x: Tensor | None = None, y: Tensor | None = None, closure=None) -> dict[str, float] | None:  # type: ignore[override]
+        """T inference steps on batch ``(x, y)``, each followed by one weight update (class docstring);
+        without a batch, one update from the current ``.grad``."""
+        if closure is not None or x is None or y is None:
+            return super().step(x, y, closure)  # its errors, or the plain update from .grad
+        self._check_ready()
+        target = self._check_batch(x, y)
+        config = self._pc_config()
+        self._sync_inner()
+        stepped = [(i, p, None) for i, group in enumerate(self.param_groups[:self._model_groups])
+                   for p in group["params"] if p.requires_grad]
+        self._check_rates(stepped)
+        params = [p for _, p, _ in stepped]
+        saved = self._save_state(params)
+        previous = [(p, p.grad) for p in params]
+        try:
+            stats, flags = self._inner_steps(x, target, config, stepped)
+            like = stats["energy"]
+            guard = self._guard(y, like)
+            values = self._read([*stats.values(), guard, torch.stack(flags).any().to(like.dtype)])
+            if not all(map(math.isfinite, values[:-1])) or values[-1]:
+                self._put_back(saved, previous)  # before the diagnosis, which reads the model
+                self._diverged(flags, values, _Step(x, y, target, {}))
+        except BaseException:
+            self._put_back(saved, previous)
+            raise
+        for p in params:
+            self._written_grads[p] = weakref.ref(p.grad)
+        return dict(zip(self.stat_names, values))
+
+    def _put_back(self, saved, previous) -> None:
+        self._load_state(saved)
+        for p, g in previous:
+            p.grad = g
+
+    def _inner_steps(self, x: Tensor, target: Tensor, config: PCConfig, stepped):
+        """The T relaxation and weight steps in place: the statistics as 0-d tensors and one
+        "not finite" flag per inner step (0-d bool tensors; nothing is read on the host)."""
+        net = self._net()
+        relaxation = (_ReferenceRelaxation if self._setting("backend") == "reference" else _LiveRelaxation)(
+            net, x, target, config)
+        loss = _loss_sum(relaxation.f0, target, config.loss) / x.shape[0]
+        params = [p for _, p, _ in stepped]
+        flags = []
+        for t in range(config.inference_steps):
+            if t:
+                relaxation.weights_changed()  # the errors under the weights the last inner step updated
+            relaxation.jacobi_step()
+            energy = relaxation.energy()
+            weight_grads, bias_grads = relaxation.weight_grads()
+            grads = self._grads_by_param(weight_grads, bias_grads)
+            for p, g in grads.items():
+                p.grad = g
+            self._inner_step(stepped)
+            checked = [energy, *grads.values(), *params]
+            checked += [v for p in params for k, v in self.state.get(p, {}).items()
+                        if k in _PER_ELEMENT_STATE and isinstance(v, Tensor)]
+            flags.append(torch.stack([~torch.isfinite(v).all() for v in checked]).any())
+        return {"loss": loss, "energy": energy / x.shape[0]}, flags
+
+    def _diverged(self, flags: list[Tensor], values: list[float], step: _Step) -> None:
+        """Raise for a step whose flag or statistics are not finite (the caller restores the state)."""
+        bad = [name for name, v in zip((*self.stat_names, "labels"), values) if not math.isfinite(v)]
+        if "labels" in bad:
+            self._raise_for_inputs(step)  # the ValueError naming y
+        first = next((t for t, flag in enumerate(flags) if bool(flag)), None)
+        if first == 0 or "loss" in bad:
+            self._raise_for_inputs(step)  # a non-finite x, y or model is a ValueError
+        where = f"at inner step {first + 1} of {len(flags)}" if first is not None else ""
+        raise DivergenceError(f"the iPC step diverged {where} (a non-finite energy, gradient, parameter or "
+                              "optimizer state); nothing was changed (lower the learning rates or inference_lr)")
