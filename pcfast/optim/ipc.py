@@ -97,11 +97,15 @@ class IPC(LocalOptimizer):
 
     All or nothing. Before the first inner step the parameters that train and their inner-optimizer
     state are copied (``LocalOptimizer._save_state``) and their ``.grad`` kept; the T inner steps
-    then run in place without a host sync, collecting one flag — any non-finite energy, gradient,
-    new parameter or new per-element state (momentum, Adam's moments) at any inner step, or a class
-    label out of range — read with the statistics in the step's one host sync. If it is set, or
-    anything raises, parameters, ``.grad`` and the inner state are put back from the copies and
-    ``DivergenceError`` (``ValueError`` for a bad batch or model) is raised: nothing changed.
+    then run in place without a host sync. One flag — a non-finite energy at any inner step, a
+    non-finite gradient, parameter or per-element state (momentum, Adam's moments) after the last
+    one, or a class label out of range — is read with the statistics in the step's one host sync.
+    Each step's energy suffices for the earlier steps: a non-finite weight or bias left by step t
+    makes a prediction, hence the energy, of step t + 1 non-finite, and a non-finite momentum or
+    moment either makes the next update of its parameter non-finite or stays non-finite (every
+    update scales it by a nonzero factor and adds to it) up to the final check. If the flag is
+    set, or anything raises, parameters, ``.grad`` and the inner state are put back from the copies
+    and ``DivergenceError`` (``ValueError`` for a bad batch or model) is raised: nothing changed.
 
     After ``step(x, y)``, ``.grad`` holds the gradients of the last inner step. ``step()`` without a
     batch applies ``.grad`` once, as for every pcfast optimizer. Differences from the
@@ -188,13 +192,17 @@ class IPC(LocalOptimizer):
         saved = self._save_state(params)
         previous = [(p, p.grad) for p in params]
         try:
-            stats, flags = self._inner_steps(x, target, config, stepped)
+            stats, energies = self._inner_steps(x, target, config, stepped)
             like = stats["energy"]
-            guard = self._guard(y, like)
-            values = self._read([*stats.values(), guard, torch.stack(flags).any().to(like.dtype)])
+            # Per inner step its energy only (the class docstring says why that suffices); the last
+            # step's gradients, parameters and state are checked themselves.
+            last = [*(p.grad for p in params), *params, *self._element_state(params)]
+            flag = torch.stack([~torch.isfinite(torch.stack(energies)).all(),
+                                *(~torch.isfinite(v).all() for v in last)]).any()
+            values = self._read([*stats.values(), self._guard(y, like), flag.to(like.dtype)])
             if not all(map(math.isfinite, values[:-1])) or values[-1]:
                 self._put_back(saved, previous)  # before the diagnosis, which reads the model
-                self._diverged(flags, values, _Step(x, y, target, {}))
+                self._diverged(energies, values, _Step(x, y, target, {}))
         except BaseException:
             self._put_back(saved, previous)
             raise
@@ -207,39 +215,39 @@ class IPC(LocalOptimizer):
         for p, g in previous:
             p.grad = g
 
+    def _element_state(self, params: list[Tensor]) -> list[Tensor]:
+        """The per-element inner state of ``params`` (momentum buffers, Adam's moments)."""
+        return [v for p in params for k, v in self.state.get(p, {}).items()
+                if k in _PER_ELEMENT_STATE and isinstance(v, Tensor)]
+
     def _inner_steps(self, x: Tensor, target: Tensor, config: PCConfig, stepped):
-        """The T relaxation and weight steps in place: the statistics as 0-d tensors and one
-        "not finite" flag per inner step (0-d bool tensors; nothing is read on the host)."""
+        """The T relaxation and weight steps in place: the statistics and every inner step's
+        energy F(z_t; θ_{t-1}), as 0-d tensors (nothing is read on the host)."""
         net = self._net()
         relaxation = (_ReferenceRelaxation if self._setting("backend") == "reference" else _LiveRelaxation)(
             net, x, target, config)
         loss = _loss_sum(relaxation.f0, target, config.loss) / x.shape[0]
-        params = [p for _, p, _ in stepped]
-        flags = []
+        energies = []
         for t in range(config.inference_steps):
             if t:
                 relaxation.weights_changed()  # the errors under the weights the last inner step updated
             relaxation.jacobi_step()
-            energy = relaxation.energy()
+            energies.append(relaxation.energy())
             weight_grads, bias_grads = relaxation.weight_grads()
-            grads = self._grads_by_param(weight_grads, bias_grads)
-            for p, g in grads.items():
+            for p, g in self._grads_by_param(weight_grads, bias_grads).items():
                 p.grad = g
             self._inner_step(stepped)
-            checked = [energy, *grads.values(), *params]
-            checked += [v for p in params for k, v in self.state.get(p, {}).items()
-                        if k in _PER_ELEMENT_STATE and isinstance(v, Tensor)]
-            flags.append(torch.stack([~torch.isfinite(v).all() for v in checked]).any())
-        return {"loss": loss, "energy": energy / x.shape[0]}, flags
+        return {"loss": loss, "energy": energies[-1] / x.shape[0]}, energies
 
-    def _diverged(self, flags: list[Tensor], values: list[float], step: _Step) -> None:
-        """Raise for a step whose flag or statistics are not finite (the caller restores the state)."""
+    def _diverged(self, energies: list[Tensor], values: list[float], step: _Step) -> None:
+        """Raise for a step whose flag or statistics are not finite (the caller has put back the
+        state): ``ValueError`` for a bad batch or model, else ``DivergenceError`` naming the first
+        inner step whose energy, or (the last step) whose update, is not finite."""
         bad = [name for name, v in zip((*self.stat_names, "labels"), values) if not math.isfinite(v)]
-        if "labels" in bad:
-            self._raise_for_inputs(step)  # the ValueError naming y
-        first = next((t for t, flag in enumerate(flags) if bool(flag)), None)
-        if first == 0 or "loss" in bad:
-            self._raise_for_inputs(step)  # a non-finite x, y or model is a ValueError
-        where = f"at inner step {first + 1} of {len(flags)}" if first is not None else ""
-        raise DivergenceError(f"the iPC step diverged {where} (a non-finite energy, gradient, parameter or "
-                              "optimizer state); nothing was changed (lower the learning rates or inference_lr)")
+        finite = torch.isfinite(torch.stack(energies)).tolist()
+        first = finite.index(False) if False in finite else len(finite) - 1
+        if "labels" in bad or "loss" in bad or first == 0:
+            self._raise_for_inputs(step)  # the ValueError naming x, y or a non-finite model
+        raise DivergenceError(f"the iPC step diverged at inner step {first + 1} of {len(energies)} (a non-finite "
+                              "energy, gradient, parameter or optimizer state); nothing was changed (lower the "
+                              "learning rates or inference_lr)")
