@@ -71,6 +71,11 @@ def test_ipc_equals_reference_trajectory(dims, batch, bias, loss, backend):
         assert_all_close([None if m.bias is None else m.bias.detach() for m in linears], biases, name="b")
         assert_close(torch.tensor(stats["energy"], dtype=torch.float64), trajectory.energies[-1] / batch, name="energy")
         assert_close(torch.tensor(stats["loss"], dtype=torch.float64), trajectory.loss, name="loss")
+        # .grad holds the last inner step's gradients: at (z_T; θ_{T-1})
+        last = Net(trajectory.weights[-2], trajectory.biases[-2], net.activations)
+        weight_grads, bias_grads = pcfast.reference.pc_weight_grads(last, x, y, trajectory.latents[-1], config)
+        assert_all_close([m.weight.grad for m in linears], weight_grads, name="W.grad")
+        assert_all_close([None if m.bias is None else m.bias.grad for m in linears], bias_grads, name="b.grad")
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
@@ -148,6 +153,18 @@ def test_divergence_at_a_later_inner_step_undoes_the_earlier_ones():
     assert opt.state_dict()["state"] == {}
 
 
+def test_divergence_in_the_last_update_alone_is_caught():
+    """T = 1: the energy is finite (it is taken before the update); only the new weights overflow."""
+    dims = (4, 7, 3)
+    model = make_net(dims).model()
+    opt = pcfast.optim.IPC(model, lr=1e307, inference_steps=1)
+    x, y = make_batches(dims, 5, 1, "mse")[0]
+    before = _snapshot(model, opt)
+    with pytest.raises(DivergenceError, match="inner step 1 of 1"):
+        opt.step(x, 1e3 * y)
+    _assert_unchanged(model, opt, before)
+
+
 def test_labels_out_of_range_raise_value_error_and_change_nothing():
     dims = (4, 7, 3)
     model = make_net(dims).model()
@@ -158,6 +175,52 @@ def test_labels_out_of_range_raise_value_error_and_change_nothing():
     with pytest.raises(ValueError, match="y"):
         opt.step(x, torch.tensor([0, 1, 2, 3, 0]))
     _assert_unchanged(model, opt, before)
+
+
+def test_non_finite_input_raises_value_error_and_changes_nothing():
+    dims = (4, 7, 3)
+    model = make_net(dims).model()
+    opt = pcfast.optim.IPC(model, lr=0.1, momentum=0.9, inference_steps=3)
+    x, y = make_batches(dims, 5, 1, "mse")[0]
+    opt.step(x, y)
+    before = _snapshot(model, opt)
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="x"):
+        opt.step(bad, y)
+    _assert_unchanged(model, opt, before)
+
+
+def test_frozen_parameters_stay_put_and_get_no_grad():
+    dims = (4, 7, 3, 3)
+    model = make_net(dims).model()
+    frozen = _linears(model)[1]
+    frozen.weight.requires_grad_(False)
+    kept = frozen.weight.detach().clone()
+    opt = pcfast.optim.IPC(model, lr=0.1, momentum=0.9, inference_steps=3)
+    for batch in make_batches(dims, 5, 2, "mse"):
+        opt.step(*batch)
+    assert torch.equal(frozen.weight, kept) and frozen.weight.grad is None
+    assert frozen.bias.grad is not None
+
+
+def test_step_without_batch_and_scheduler():
+    """``step()`` applies ``.grad`` once (no warning: IPC wrote it); a scheduler scales every inner step."""
+    import warnings
+
+    dims = (4, 7, 3)
+    model = make_net(dims).model()
+    opt = pcfast.optim.IPC(model, lr=0.1, inference_steps=2)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = make_batches(dims, 5, 1, "mse")[0]
+    opt.step(x, y)
+    schedule.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert_close(p.detach(), q - 0.05 * p.grad)
 
 
 @pytest.mark.parametrize("optimizer, kwargs", [(torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
