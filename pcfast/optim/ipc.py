@@ -24,8 +24,6 @@ class IPCOptions(PCOptions):
     """iPC's settings: PC's, with T ≥ 1 (each inference step is a weight step), the Jacobi schedule
     and no FPA (the weights change at every step, so there are no fixed feedforward predictions)."""
 
-    inference_steps: int = 20
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.inference_steps < 1:
