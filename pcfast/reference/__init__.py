@@ -7,8 +7,8 @@ from .pc import pc_activity_grads, pc_energy, pc_errors, pc_relax, pc_train_step
 from .tp import default_feedback_activations, feedback_grads, ridge_feedback, tp_targets, tp_train_step
 
 __all__ = [
-    "bp_train_step", "default_feedback_activations", "feedback_grads", "forward", "gnt_targets",
-    "gnt_train_step", "loss_sum", "output_error", "output_jacobians", "pc_activity_grads",
+    "IPCTrajectory", "bp_train_step", "default_feedback_activations", "feedback_grads", "forward", "gnt_targets",
+    "gnt_train_step", "ipc_trajectory", "loss_sum", "output_error", "output_jacobians", "pc_activity_grads",
     "pc_energy", "pc_errors", "pc_relax", "pc_train_step", "pc_weight_grads", "ridge_feedback",
     "tp_targets", "tp_train_step",
 ]
