@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ALGOS = ("bp", "pc", "tp", "dtp")
-VARIANTS_HELP = "bp, pc (PC with gamma_bar 0), pc:G (PC with gamma_bar G in [-1, 0], e.g. pc:-1), tp, dtp"
+ALGOS = ("bp", "pc", "tp", "dtp", "ipc")
+VARIANTS_HELP = ("bp, pc (PC with gamma_bar 0), pc:G (PC with gamma_bar G in [-1, 0], e.g. pc:-1), tp, dtp, "
+                 "ipc (incremental PC)")
 DEFAULT_OUT = Path("experiments/results")
 BACKENDS = ("auto", "torch", "cpp", "triton", "reference")
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; int64 everywhere they travel

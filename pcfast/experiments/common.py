@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-ALGOS = ("bp", "pc", "tp", "dtp")
+ALGOS = ("bp", "pc", "tp", "dtp", "ipc")
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,23 @@ class Variant:
         return self.algo
 
     @property
+    def parametrize_algo(self) -> str:
+        """The ``algo`` of its parametrization: iPC takes PC's multipliers (``pcfast.optim.IPC``)."""
+        return "pc" if self.algo == "ipc" else self.algo
+
+    @property
     def label(self) -> str:
         """For figures."""
+        if self.algo == "ipc":
+            return "iPC"
         if self.algo == "pc":
             return f"PC (γ̄_L={self.gamma_bar:g})".replace("-", "−")
         return self.algo.upper()
 
 
 def parse_variant(text: str) -> Variant:
-    """``"bp"``, ``"tp"``, ``"dtp"``, ``"pc"`` or ``"pc:G"`` (PC with γ̄_L = G ∈ [−1, 0])."""
+    """``"bp"``, ``"tp"``, ``"dtp"``, ``"pc"``, ``"pc:G"`` (PC with γ̄_L = G ∈ [−1, 0]) or ``"ipc"``
+    (incremental PC)."""
     algo, _, rest = text.partition(":")
     if algo not in ALGOS:
         raise ValueError(f"algorithm {text!r}: expected one of {ALGOS}, or pc:G for PC with gamma_bar G")
@@ -135,7 +143,8 @@ def build_model(variant: Variant, preset: str, spec: ModelSpec, *, lr: float, de
     torch.manual_seed(spec.seed)
     model = make_mlp(spec.input_dim, spec.width, spec.num_classes, hidden_layers=spec.hidden_layers,
                      activation=spec.activation).to(spec.dtype)
-    par = parametrize(model, preset, algo=variant.algo, base_width=spec.base_width, gamma_bar=variant.gamma_bar,
+    par = parametrize(model, preset, algo=variant.parametrize_algo, base_width=spec.base_width,
+                      gamma_bar=variant.gamma_bar,
                       readout_scale=spec.readout_scale, generator=torch.Generator().manual_seed(spec.seed))
     model.to(device)
     return model, par, make_optimizer(variant.algo, model, par, lr, **_optimizer_kwargs(variant.algo, spec.seed,
@@ -147,7 +156,7 @@ def _optimizer_kwargs(algo: str, seed: int, kwargs: dict[str, Any]) -> dict[str,
     kwargs = dict(kwargs)
     if algo == "bp":
         kwargs.pop("backend", None)
-    for key in PC_KEYWORDS if algo != "pc" else ():
+    for key in PC_KEYWORDS if algo not in ("pc", "ipc") else ():
         kwargs.pop(key, None)
     for key in TP_KEYWORDS if algo not in ("tp", "dtp") else ():
         kwargs.pop(key, None)

@@ -53,7 +53,8 @@ from .sweep import Journal, SerialExecutor, Trial, intra_op_threads
 
 # Sensible factor-2 grids (log2 of the base learning rate) per variant, for momentum 0.9 and the
 # embedded MNIST subset: they bracket the optimum at every width and reach the divergence edge.
-DEFAULT_GRIDS = {"bp": (-8, -2), "pc": (-7, -1), "pc:-1": (-7, -1), "tp": (-9, -3), "dtp": (-8, -2)}
+DEFAULT_GRIDS = {"bp": (-8, -2), "pc": (-7, -1), "pc:-1": (-7, -1), "tp": (-9, -3), "dtp": (-8, -2),
+                 "ipc": (-11, -2)}  # iPC updates T times per batch; under μP its optimum falls with width
 # With Adam or AdamW (``optimizer``), whose step size does not follow the gradient's scale, one grid
 # serves every variant: 2^-13 ≈ 1.2e-4 … 2^-4 ≈ 0.06 around torch's default 1e-3. On the quick preset
 # the base-width optimum of BP and PC lies at 2^-8 … 2^-7, and from 2^-5 on the loss is about the zero
@@ -63,7 +64,7 @@ ADAM_GRID = (-13, -4)
 # width (from {1, 0.1}; μP then transfers it). TP/DTP keep the standard readout scale b_L = 1/2, so
 # their random initial output f_0 stays Θ(1) at every width; a 10× smaller one lets them train
 # (base-width train loss 0.20 instead of 0.36 for DTP), while BP and PC do better with 1.
-DEFAULT_READOUT_SCALES = {"bp": 1.0, "pc": 1.0, "tp": 0.1, "dtp": 0.1}
+DEFAULT_READOUT_SCALES = {"bp": 1.0, "pc": 1.0, "tp": 0.1, "dtp": 0.1, "ipc": 1.0}
 
 
 @dataclass
@@ -182,7 +183,8 @@ def _planned_key(settings: TransferSettings, variant: Variant, preset: str, widt
     with torch.device("meta"):
         model = make_mlp(input_dim, width, num_classes, hidden_layers=settings.hidden_layers,
                          activation=settings.activation)
-    par = parametrize(model, preset, algo=variant.algo, base_width=settings.base_width, gamma_bar=variant.gamma_bar,
+    par = parametrize(model, preset, algo=variant.parametrize_algo, base_width=settings.base_width,
+                      gamma_bar=variant.gamma_bar,
                       readout_scale=settings.readout_scale(variant.name), init=False)
     return _run_key(variant, par, width, log2_lr, seed)
 

@@ -49,8 +49,9 @@ def make_optimizer(algo: str, model: nn.Module, par, lr: float, **kwargs: Any):
     """The pcfast optimizer for ``algo``."""
     from .. import optim
 
-    _check_optimizer_algo(algo)
-    classes = {"bp": optim.BP, "pc": optim.PC, "tp": optim.TP, "dtp": optim.DTP}
+    if algo != "ipc":  # iPC (PC's parametrization) trains in sweeps; the coordinate check has no table for it
+        _check_optimizer_algo(algo)
+    classes = {"bp": optim.BP, "pc": optim.PC, "tp": optim.TP, "dtp": optim.DTP, "ipc": optim.IPC}
     return classes[algo](model, par, lr=lr, **kwargs)
 
 

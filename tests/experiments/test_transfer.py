@@ -304,3 +304,19 @@ def test_transfer_with_adam_trains_with_adam(tmp_path, pcfast_main):
             assert "optimizer" not in result["settings"] and result["settings"]["momentum"] == 0.9
     assert all(not r["diverged"] and 0 < r["train_loss"] < 10 for r in rows["adam"])
     assert [r["train_loss"] for r in rows["adam"]] != [r["train_loss"] for r in rows["sgd"]]
+
+
+def test_ipc_sweeps_with_pc_multipliers_and_trains_with_ipc(tmp_path, pcfast_main):
+    """``--algo ipc`` builds pcfast.optim.IPC under PC's parametrization and labels it iPC."""
+    from pcfast.experiments.common import build, parse_variant
+
+    variant = parse_variant("ipc")
+    assert variant.parametrize_algo == "pc" and variant.label == "iPC"
+    _, par, opt = build(variant, "mup", 32, input_dim=784, num_classes=10, lr=0.01, base_width=16,
+                        inference_steps=2, momentum=0.9)
+    assert type(opt).__name__ == "IPC" and par.algo == "pc" and opt.param_groups[0]["inference_steps"] == 2
+    code, _, err = pcfast_main("transfer", "--quick", *TINY, "--algo", "ipc", "--log2-lr", "-6", "-5",
+                               "--out", str(tmp_path))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "transfer_quick.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"ipc"} and all(r["diverged"] or 0 < r["train_loss"] < 10 for r in rows)
