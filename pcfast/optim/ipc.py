@@ -15,8 +15,8 @@ from ..ops.torch_pc import _affine, _loss_sum, _Relaxation
 from ..reference.common import forward
 from ..reference.pc import pc_activity_grads, pc_energy, pc_weight_grads
 from ..types import Net, PCConfig
-from .base import _PER_ELEMENT_STATE, LocalOptimizer, _Step
-from .pc import PCOptions
+from .base import _PER_ELEMENT_STATE, _Step
+from .pc import PC, PCOptions
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class _ReferenceRelaxation:
                          precisions=config.precisions, loss=config.loss)
 
 
-class IPC(LocalOptimizer):
+class IPC(PC):
     r"""Incremental predictive coding (iPC; Salvatori et al., ICLR 2024) with μP learning rates.
 
     PC (``pcfast.optim.PC``) relaxes the latents for T steps and then updates the weights once; iPC
@@ -136,7 +136,6 @@ class IPC(LocalOptimizer):
     """
 
     algo = "ipc"
-    stat_names = ("loss", "energy")
     options = IPCOptions
     backends = ("auto", "torch", "reference")
 
@@ -152,17 +151,6 @@ class IPC(LocalOptimizer):
         if parametrization.algo not in ("any", "pc", self.algo):
             raise ValueError(f"{name}: made for algo={parametrization.algo!r}, but IPC takes PC's multipliers; "
                              "call pcfast.parametrize(model, ..., algo='pc')")
-
-    def _pc_config(self) -> PCConfig:
-        settings = self.param_groups[0]
-        key = (settings["inference_steps"], settings["inference_lr"], settings["schedule"], settings["fpa"],
-               settings["loss"], tuple(self.parametrization.precisions))
-        if getattr(self, "_config_key", None) != key:  # made again when a setting changes
-            IPCOptions(inference_steps=key[0], inference_lr=key[1], schedule=key[2], fpa=key[3], loss=key[4])
-            self._config = PCConfig(key[5], inference_steps=key[0], inference_lr=key[1], schedule=key[2],
-                                    fpa=key[3], loss=key[4])
-            self._config_key = key
-        return self._config
 
     def _local_gradients(self, x: Tensor, target: Tensor):
         raise NotImplementedError("IPC: the gradients of iPC exist only between its weight updates; call step(x, y)")

@@ -79,14 +79,20 @@ class PC(LocalOptimizer):
     stat_names = ("loss", "energy")
     options = PCOptions
 
-    def _local_gradients(self, x: Tensor, target: Tensor):
+    def _pc_config(self) -> PCConfig:
+        """The step's ``PCConfig`` from the group settings and the parametrization's precisions,
+        made (and so checked) again only when one of them changed."""
         settings = self.param_groups[0]
         key = (settings["inference_steps"], settings["inference_lr"], settings["schedule"], settings["fpa"],
                settings["loss"], tuple(self.parametrization.precisions))
-        if getattr(self, "_config_key", None) != key:  # checked when made; made again when a setting changes
+        if getattr(self, "_config_key", None) != key:
+            self.options(inference_steps=key[0], inference_lr=key[1], schedule=key[2], fpa=key[3], loss=key[4])
             self._config = PCConfig(key[5], inference_steps=key[0], inference_lr=key[1], schedule=key[2],
                                     fpa=key[3], loss=key[4])
             self._config_key = key
-        result = functional.pc_grads(self._net(), x, target, self._config, settings["backend"])
+        return self._config
+
+    def _local_gradients(self, x: Tensor, target: Tensor):
+        result = functional.pc_grads(self._net(), x, target, self._pc_config(), self._setting("backend"))
         stats = {"loss": result.loss, "energy": result.energy / x.shape[0]}
         return result.weight_grads, result.bias_grads, stats, {}
