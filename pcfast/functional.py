@@ -23,8 +23,7 @@ from .activations import check_activation
 from .types import Feedback, Net, PCConfig, SeededNoise, TPConfig, config_of, takes_settings
 from .errors import DivergenceError
 from .network import (
-    _all_finite, check_batch, check_bool, check_int, check_like, check_number, check_params, check_pc_options,
-    check_sequence, check_tensor, check_tp_options, resolve_precisions,
+    _all_finite, check_batch, check_bool, check_like, check_number, check_sequence, check_tensor, resolve_precisions,
 )
 from .results import FeedbackResult, GradResult, PCResult, TPResult
 

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import pcfast
 from pcfast.optim.base import update_rule
