@@ -425,7 +425,8 @@ def check_number(name: str, value, *, allow_zero: bool = False) -> float:
     return value
 
 
-def check_pc_options(*, inference_steps, inference_lr, schedule, fpa, return_trajectory=False) -> None:
+def check_pc_options(*, inference_steps, inference_lr, schedule, fpa, return_trajectory=False, inference_tol=None,
+                     return_trace=False, check_divergence=False) -> None:
     """The scalar settings of a PC step, strictly typed — checked by ``pcfast.functional`` and by
     every backend's ``pc_train_step`` (which may be called directly)."""
     check_int("inference_steps", inference_steps)
@@ -434,6 +435,13 @@ def check_pc_options(*, inference_steps, inference_lr, schedule, fpa, return_tra
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     check_bool("fpa", fpa)
     check_bool("return_trajectory", return_trajectory)
+    if inference_tol is not None:
+        check_number("inference_tol", inference_tol, allow_zero=True)
+        if inference_tol >= 1:
+            raise ValueError(f"inference_tol: expected a number in [0, 1) (a fraction of the largest step so far), "
+                             f"got {inference_tol!r}")
+    check_bool("return_trace", return_trace)
+    check_bool("check_divergence", check_divergence)
 
 
 def check_tp_options(*, beta, difference) -> None:

@@ -7,6 +7,23 @@ from torch import Tensor
 
 
 @dataclass
+class PCTrace:
+    """What happened inside one PC relaxation (DESIGN §3, "Traces"), for T = ``inference_steps``:
+
+    - ``energy[t, l]``: layer l+1's term of F after t steps (t = 0 … T), summed over the batch:
+      γ_l/2 ‖ε_l‖² for a hidden layer, γ_L Σ ℓ(f, y) for the output (under FPA the predictions and
+      f are the feedforward ones, as in the step's ``energy``); ``energy.sum(1)`` is F.
+    - ``grad_norm[t-1, l]``: ‖∂F/∂z_{l+1}‖ (Frobenius, over the batch) that step t used, t = 1 … T
+      (under FPA the written-out direction; in a sequential sweep, at the sweep's state when the
+      layer moved).
+
+    Rows after the step where adaptive stopping stopped are NaN."""
+
+    energy: Tensor  # (T + 1, L)
+    grad_norm: Tensor  # (T, L − 1)
+
+
+@dataclass
 class PCResult:
     """One PC train step: the relaxed state and the local gradients (DESIGN §3)."""
 
@@ -17,6 +34,11 @@ class PCResult:
     energy: Tensor  # F at the final state, summed over the batch (0-dim)
     loss: Tensor  # feedforward loss ℓ(f_0, y), mean over the batch (0-dim)
     trajectory: list[list[Tensor]] | None = None  # latents after step 0 (init) … T, if asked for
+    steps: Tensor | None = None  # inference steps taken (0-dim int64), with inference_tol; else all T
+    trace: PCTrace | None = None  # with return_trace
+    # With check_divergence: F before the last step taken when all T steps ran (F_{T-1}), else F at
+    # the final state (stopped early, or T = 0), summed over the batch (0-dim)
+    energy_prev: Tensor | None = None
 
 
 @dataclass

@@ -85,7 +85,11 @@ class Feedback:
 class PCConfig:
     """The settings of one PC train step (DESIGN §3): ``precisions`` [γ_1 … γ_L], ``inference_steps``
     T, ``inference_lr`` κ, the ``schedule`` (``"jacobi"`` or ``"sequential"``), ``fpa``, the ``loss``
-    (``"mse"`` or ``"ce"``) and whether to return the latents after every step."""
+    (``"mse"`` or ``"ce"``), whether to return the latents after every step, ``inference_tol`` (stop
+    the relaxation early: DESIGN §3, "Adaptive stopping"; None runs all T steps) and whether to
+    return the step's trace (``PCTrace``: energy per layer and activity-gradient norms per step) and
+    ``check_divergence`` (also return F before the last step, ``PCResult.energy_prev``, for the
+    optimizers' divergence guard)."""
 
     precisions: tuple[float, ...]
     inference_steps: int = 20
@@ -94,10 +98,17 @@ class PCConfig:
     fpa: bool = False
     loss: str = "mse"
     return_trajectory: bool = False
+    inference_tol: float | None = None
+    return_trace: bool = False
+    check_divergence: bool = False
 
     def __post_init__(self) -> None:
         check_pc_options(inference_steps=self.inference_steps, inference_lr=self.inference_lr,
-                         schedule=self.schedule, fpa=self.fpa, return_trajectory=self.return_trajectory)
+                         schedule=self.schedule, fpa=self.fpa, return_trajectory=self.return_trajectory,
+                         inference_tol=self.inference_tol, return_trace=self.return_trace,
+                         check_divergence=self.check_divergence)
+        if self.inference_tol is not None:
+            object.__setattr__(self, "inference_tol", float(self.inference_tol))
         _check_loss(self.loss)
         if not isinstance(self.precisions, (list, tuple)):
             raise TypeError(f"precisions: expected a list or tuple of numbers, got {type(self.precisions).__name__}")

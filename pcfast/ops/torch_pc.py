@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
-from ..results import PCResult
+from ..results import PCResult, PCTrace
 from ..types import Net, PCConfig
 
 
@@ -49,8 +49,10 @@ class Relaxation(Protocol):
     latents: list[Tensor]
     errors: list[Tensor]
 
-    def step(self) -> None:
-        """One inference step of the configured schedule."""
+    def step(self, gate: Tensor | None = None, squares: Tensor | None = None) -> None:
+        """One inference step of the schedule. With ``gate`` (0-dim, 1 or 0) every update is
+        multiplied by it (0: the step changes nothing); with ``squares`` ((L−1,)) it receives
+        ‖Δz_l‖² of each layer's update."""
 
     def refresh(self) -> None:
         """Bring every error up to date with the latents (a sequential sweep leaves them stale)."""
@@ -58,23 +60,106 @@ class Relaxation(Protocol):
     def weight_grads(self) -> tuple[list[Tensor], list[Tensor | None]]:
         """−γ_l ε_lᵀ a_{l-1} / B and its bias row sums, at the final state."""
 
-    def energy(self) -> Tensor:
-        """F at the final state (DESIGN §3)."""
+    def energy_terms(self) -> Tensor:
+        """Each layer's term of F at the current state, errors up to date (DESIGN §3), shape (L,)."""
 
 
-def relax(state: Relaxation, config: PCConfig, loss: Tensor) -> PCResult:
+class Monitor:
+    """Adaptive stopping and the trace of one relaxation, kept on the device (DESIGN §3).
+
+    ``host_stops``: read the stopping test on the host after each step and end the loop there (CPU);
+    otherwise a 0-dim ``gate`` turns the remaining steps into no-ops without a host sync (CUDA)."""
+
+    def __init__(self, config: PCConfig, like: Tensor, depth: int, host_stops: bool) -> None:
+        steps, hidden, kappa = config.inference_steps, depth - 1, config.inference_lr
+        self.config, self.host_stops, self.stopped = config, host_stops, False
+        new = lambda *shape: torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+        self.squares = torch.zeros(hidden, dtype=like.dtype, device=like.device)
+        # ‖∂F/∂z_l‖ = ‖Δz_l‖ γ_l / κ
+        self.to_grad = torch.tensor([g / kappa for g in config.precisions[:hidden]], dtype=like.dtype,
+                                    device=like.device)
+        self.tol = config.inference_tol
+        self.gate = like.new_ones(()) if self.tol is not None else None
+        self.largest = like.new_zeros(())
+        self.taken = torch.zeros((), dtype=torch.int64, device=like.device)
+        self.trace = PCTrace(new(steps + 1, depth), new(steps, hidden)) if config.return_trace else None
+        self.energy_prev: Tensor | None = None
+
+    def terms(self, state: Relaxation) -> Tensor:
+        """F's terms at the current state (refreshing the errors a sequential sweep left stale)."""
+        if not self.config.fpa and self.config.schedule == "sequential":
+            state.refresh()  # refreshing moves nothing: the next sweep recomputes every error it reads
+        return state.energy_terms()
+
+    def before_step(self, state: Relaxation, t: int) -> None:
+        """F before the last step, for the divergence guard."""
+        if self.config.check_divergence and t == self.config.inference_steps - 1:
+            self.energy_prev = self.terms(state).sum()
+
+    def record(self, state: Relaxation, t: int, running: Tensor | None) -> None:
+        """Row t of the trace's energies (NaN where the relaxation had stopped)."""
+        if self.trace is None:
+            return
+        terms = self.terms(state)
+        self.trace.energy[t] = terms if running is None else torch.where(running > 0, terms, self.trace.energy[t])
+
+    def after_step(self, state: Relaxation, t: int) -> None:
+        """Bookkeeping after step t + 1 (0-based ``t``): trace rows and the stopping test."""
+        running = self.gate.clone() if self.gate is not None else None
+        if self.trace is not None and self.squares.numel():
+            norms = self.squares.sqrt() * self.to_grad
+            self.trace.grad_norm[t] = norms if running is None else torch.where(running > 0, norms,
+                                                                                self.trace.grad_norm[t])
+        self.record(state, t + 1, running)
+        if self.tol is None:
+            return
+        self.taken += running.to(torch.int64)
+        size = self.squares.sum().sqrt()
+        torch.maximum(self.largest, size, out=self.largest)
+        going = size > self.tol * self.largest
+        if self.host_stops:
+            self.stopped = not bool(going)
+        else:
+            self.gate.mul_(going)
+
+
+def relax(state: Relaxation, config: PCConfig, loss: Tensor, host_stops: bool | None = None) -> PCResult:
     """Run ``config``'s inference steps on ``state`` and collect the result (``loss``: ℓ at the
-    feedforward pass, batch mean)."""
+    feedforward pass, batch mean). ``host_stops`` (default: on the CPU) see ``Monitor``."""
     trajectory = [[z.clone() for z in state.latents]] if config.return_trajectory else None
-    for _ in range(config.inference_steps):
-        state.step()
+    monitor = None
+    if config.inference_tol is not None or config.return_trace or config.check_divergence:
+        like = state.errors[-1]
+        monitor = Monitor(config, like, len(state.errors),
+                          like.device.type == "cpu" if host_stops is None else host_stops)
+        monitor.record(state, 0, None)
+    taken = config.inference_steps
+    for t in range(config.inference_steps):
+        if monitor is None:
+            state.step()
+        else:
+            monitor.before_step(state, t)
+            state.step(monitor.gate, monitor.squares)
+            monitor.after_step(state, t)
         if trajectory is not None:
             trajectory.append([z.clone() for z in state.latents])
+        if monitor is not None and monitor.stopped:
+            taken = t + 1
+            break
+    if trajectory is not None:
+        trajectory += [[z.clone() for z in state.latents] for _ in range(config.inference_steps - taken)]
     if not config.fpa and config.schedule == "sequential" and config.inference_steps > 0:
         state.refresh()
     weight_grads, bias_grads = state.weight_grads()
+    energy = state.energy_terms().sum()
+    energy_prev = None
+    if config.check_divergence:
+        energy_prev = monitor.energy_prev if monitor.energy_prev is not None and taken == config.inference_steps \
+            else energy
     return PCResult(latents=state.latents, errors=state.errors, weight_grads=weight_grads, bias_grads=bias_grads,
-                    energy=state.energy(), loss=loss, trajectory=trajectory)
+                    energy=energy, loss=loss, trajectory=trajectory,
+                    steps=None if monitor is None or monitor.tol is None else monitor.taken,
+                    trace=None if monitor is None else monitor.trace, energy_prev=energy_prev)
 
 
 class _Relaxation:
@@ -140,10 +225,18 @@ class _Relaxation:
             self.slopes[l].copy_(self.dphis[l](self.latents[l]))
         step = self.topdown[l].mul_(self.slopes[l]).mul_(self.coefficients[l])
         step.sub_(self.errors[l], alpha=self.config.inference_lr)
+        if self.gate is not None:
+            step.mul_(self.gate)
+        if self.squares is not None:
+            self.squares[l] = torch.linalg.vecdot(step.view(-1), step.view(-1))
         self.latents[l].add_(step)
         return step
 
-    def step(self) -> None:
+    gate: Tensor | None = None
+    squares: Tensor | None = None
+
+    def step(self, gate: Tensor | None = None, squares: Tensor | None = None) -> None:
+        self.gate, self.squares = gate, squares
         if self.config.schedule == "jacobi":
             self.jacobi_step()
         elif self.hidden > 0:
@@ -184,13 +277,15 @@ class _Relaxation:
             bias_grads.append(None if self.net.biases[l] is None else self.errors[l].sum(0).mul_(scale))
         return weight_grads, bias_grads
 
-    def energy(self) -> Tensor:
+    def energy_terms(self) -> Tensor:
         gammas, errors = self.config.precisions, self.errors
-        energy = self.f0.new_zeros(())
-        for l in range(self.hidden):
-            energy += 0.5 * gammas[l] * torch.sum(errors[l] * errors[l])
         f = self.f0 if self.config.fpa else self.predictions[-1]
-        return energy + gammas[-1] * _loss_sum(f, self.target, self.config.loss)
+        return torch.stack([0.5 * gammas[l] * torch.sum(errors[l] * errors[l]) for l in range(self.hidden)]
+                           + [gammas[-1] * _loss_sum(f, self.target, self.config.loss)])
+
+    def energy(self) -> Tensor:
+        """F at the current state, errors up to date."""
+        return self.energy_terms().sum()
 
 
 @torch.no_grad()

@@ -133,8 +133,10 @@ class _Relaxation:
                                 self.steps[l], update_error=update_error, preactivation=self.predictions[l],
                                 error_out=error_out)
 
-    def step(self) -> None:
+    def step(self, gate: Tensor | None = None, squares: Tensor | None = None) -> None:
         """One inference step of the schedule."""
+        if gate is not None or squares is not None:
+            raise NotImplementedError("the triton backend does not yet stop adaptively or trace")
         fpa, depth, hidden = self.config.fpa, self.depth, self.hidden
         if self.stack is not None:
             self.stacked_jacobi_step()
@@ -195,12 +197,10 @@ class _Relaxation:
             bias_grads[1:1] = list(gb) if gb is not None else [None] * (hidden - 1)
         return weight_grads, bias_grads
 
-    def energy(self) -> Tensor:
+    def energy_terms(self) -> Tensor:
         gammas = self.config.precisions
-        energy = self.x.new_zeros(())
-        for l in range(self.hidden):
-            energy += 0.5 * gammas[l] * torch.sum(self.errors[l] * self.errors[l])
-        return energy + gammas[-1] * _loss_sum(self.predictions[-1], self.target, self.config.loss)
+        return torch.stack([0.5 * gammas[l] * torch.sum(self.errors[l] * self.errors[l]) for l in range(self.hidden)]
+                           + [gammas[-1] * _loss_sum(self.predictions[-1], self.target, self.config.loss)])
 
 
 def pc_step(net: Net, x: Tensor, target: Tensor, config: PCConfig, stack: Stack | None,

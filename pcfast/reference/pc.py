@@ -13,6 +13,7 @@ Everything works in float64.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from ..activations import phi, phi_grad
 from ..network import resolve_precisions
-from ..results import PCResult
+from ..results import PCResult, PCTrace
 from ..types import Net, PCConfig, config_of, takes_settings
 from .common import forward, linear, loss_sum, output_error
 
@@ -49,17 +50,28 @@ def pc_energy(
     fpa: bool = False,
 ) -> Tensor:
     """F(z), summed over the batch. With ``fpa`` each prediction uses the feedforward φ(u_{l-1})."""
+    terms = pc_energy_terms(weights, biases, activations, x, target, latents, precisions=precisions, loss=loss,
+                            fpa=fpa)
+    energy = x.new_zeros(())
+    for term in terms:
+        energy = energy + term
+    return energy
+
+
+def pc_energy_terms(weights, biases, activations, x, target, latents, *, precisions=None, loss="mse",
+                    fpa=False) -> list[Tensor]:
+    """F's term of each layer, summed over the batch: γ_l/2 ‖ε_l‖² for l < L, γ_L Σ ℓ(f, y)."""
     gammas = resolve_precisions(precisions, len(weights))
     if fpa:
         _, pre = _fpa_presynaptic(weights, biases, activations, x)
     else:
         pre = _presynaptic(activations, x, latents)
-    energy = x.new_zeros(())
+    terms = []
     for l in range(len(weights) - 1):
         eps = latents[l] - linear(pre[l], weights[l], biases[l])
-        energy = energy + 0.5 * gammas[l] * (eps**2).sum()
+        terms.append(0.5 * gammas[l] * (eps**2).sum())
     f = linear(pre[-1], weights[-1], biases[-1])
-    return energy + gammas[-1] * loss_sum(f, target, loss)
+    return terms + [gammas[-1] * loss_sum(f, target, loss)]
 
 
 def pc_errors(net: Net, x: Tensor, target: Tensor, latents: Sequence[Tensor], config: PCConfig) -> list[Tensor]:
@@ -98,36 +110,88 @@ def pc_activity_grads(net: Net, x: Tensor, target: Tensor, latents: Sequence[Ten
         return list(torch.autograd.grad(energy, zs)) if zs else []
 
 
+class Stopping:
+    """Adaptive stopping (DESIGN §3): after step t, with s_t = ‖Δz_t‖ (every layer's change in that
+    step, Frobenius), stop when s_t ≤ ``tol`` · max_{τ≤t} s_τ. Fed the squared norms of one step."""
+
+    def __init__(self, tol: float | None) -> None:
+        self.tol, self.largest = tol, 0.0
+
+    def done(self, squares: Sequence[float]) -> bool:
+        size = math.sqrt(sum(squares))
+        self.largest = max(self.largest, size)
+        return self.tol is not None and size <= self.tol * self.largest
+
+
 def pc_relax(net: Net, x: Tensor, target: Tensor, config: PCConfig) -> tuple[list[Tensor], list[list[Tensor]] | None]:
     """Relax the latents from their feedforward values; return them (and every step's, if asked).
 
     Each update is ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l`` with κ = ``inference_lr``. ``jacobi`` updates
     all layers from the same state; ``sequential`` sweeps l = L−1 … 1, each from the freshest state.
     """
+    latents, trajectory, _, _, _ = pc_relax_traced(net, x, target, config)
+    return latents, trajectory
+
+
+def pc_relax_traced(net: Net, x: Tensor, target: Tensor, config: PCConfig):
+    """:func:`pc_relax` with adaptive stopping and the trace: (latents, trajectory, steps taken,
+    ``PCTrace`` or None, F before the last step or None). After a stop the trajectory repeats the
+    final state and the trace's rows are NaN; see ``PCResult.energy_prev`` for the last."""
     gammas, rate, activations = list(config.precisions), config.inference_lr, net.activations
     weights = [w.detach() for w in net.weights]
     biases = [None if b is None else b.detach() for b in net.biases]
     us, _ = forward(weights, biases, activations, x)
     latents = [u.clone() for u in us[:-1]]
     trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
-    hidden = len(latents)
+    hidden, steps = len(latents), config.inference_steps
 
     detached = Net(weights, biases, activations)
+    trace = None
+    if config.return_trace:
+        trace = PCTrace(energy=torch.full((steps + 1, len(weights)), math.nan, dtype=x.dtype, device=x.device),
+                        grad_norm=torch.full((steps, hidden), math.nan, dtype=x.dtype, device=x.device))
+
+    def record_energy(t: int) -> None:
+        if trace is not None:
+            terms = pc_energy_terms(weights, biases, activations, x, target, latents, precisions=gammas,
+                                    loss=config.loss, fpa=config.fpa)
+            trace.energy[t] = torch.stack(terms)
 
     def grads():
         return pc_activity_grads(detached, x, target, latents, config)
 
-    for _ in range(config.inference_steps):
+    def energy_now() -> Tensor:
+        return torch.stack(pc_energy_terms(weights, biases, activations, x, target, latents, precisions=gammas,
+                                           loss=config.loss, fpa=config.fpa)).sum()
+
+    record_energy(0)
+    stopping, taken, energy_prev = Stopping(config.inference_tol), steps, None
+    for t in range(steps):
+        if config.check_divergence and t == steps - 1:
+            energy_prev = energy_now()
+        norms = [0.0] * hidden
         if config.schedule == "jacobi":
             g = grads()
             latents = [latents[l] - rate / gammas[l] * g[l] for l in range(hidden)]
+            norms = [float(torch.linalg.vector_norm(g[l])) for l in range(hidden)]
         else:  # "sequential" (PCConfig checked the name)
             for l in reversed(range(hidden)):
                 g = grads()
                 latents[l] = latents[l] - rate / gammas[l] * g[l]
+                norms[l] = float(torch.linalg.vector_norm(g[l]))
+        if trace is not None and hidden:
+            trace.grad_norm[t] = torch.tensor(norms, dtype=x.dtype)
+        record_energy(t + 1)
         if trajectory is not None:
             trajectory.append([z.clone() for z in latents])
-    return latents, trajectory
+        if stopping.done([(rate / gammas[l] * norms[l]) ** 2 for l in range(hidden)]):
+            taken = t + 1
+            break
+    if trajectory is not None:
+        trajectory += [[z.clone() for z in latents] for _ in range(steps - taken)]
+    if config.check_divergence and (energy_prev is None or taken < steps):
+        energy_prev = energy_now()
+    return latents, trajectory, taken, trace, energy_prev
 
 
 def pc_weight_grads(net: Net, x: Tensor, target: Tensor, latents: Sequence[Tensor],
@@ -158,7 +222,7 @@ def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], ac
     ``PCConfig``'s (``precisions`` as ``pcfast.functional`` takes them)."""
     config = config_of(PCConfig, settings, depth=len(weights), where="pc_train_step")
     gammas, loss, fpa = list(config.precisions), config.loss, config.fpa
-    latents, trajectory = pc_relax(Net(weights, biases, activations), x, target, config)
+    latents, trajectory, taken, trace, energy_prev = pc_relax_traced(Net(weights, biases, activations), x, target, config)
     weights = [w.detach() for w in weights]
     biases = [None if b is None else b.detach() for b in biases]
     net = Net(weights, biases, activations)
@@ -174,4 +238,7 @@ def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], ac
         energy=energy.detach(),
         loss=(loss_sum(f0, target, loss) / x.shape[0]).detach(),
         trajectory=trajectory,
+        steps=None if config.inference_tol is None else torch.tensor(taken, device=x.device),
+        trace=trace,
+        energy_prev=None if energy_prev is None else energy_prev.detach(),
     )
