@@ -110,6 +110,8 @@ class ReferenceBackend(HostNoiseBackend):
             list(net.weights), list(net.biases), list(net.activations), x, target, precisions=list(config.precisions),
             inference_steps=config.inference_steps, inference_lr=config.inference_lr, schedule=config.schedule,
             fpa=config.fpa, loss=config.loss, return_trajectory=config.return_trajectory,
+            inference_tol=config.inference_tol, return_trace=config.return_trace,
+            check_divergence=config.check_divergence,
         )
 
     def tp_grads(self, net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:

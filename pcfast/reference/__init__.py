@@ -3,12 +3,12 @@ from .bp import bp_train_step
 from .common import forward, loss_sum, output_error
 from .gnt import gnt_targets, gnt_train_step, output_jacobians
 from .ipc import IPCTrajectory, ipc_trajectory
-from .pc import pc_activity_grads, pc_energy, pc_errors, pc_relax, pc_train_step, pc_weight_grads
+from .pc import pc_activity_grads, pc_energy, pc_energy_terms, pc_errors, pc_relax, pc_train_step, pc_weight_grads
 from .tp import default_feedback_activations, feedback_grads, ridge_feedback, tp_targets, tp_train_step
 
 __all__ = [
     "IPCTrajectory", "bp_train_step", "default_feedback_activations", "feedback_grads", "forward", "gnt_targets",
     "gnt_train_step", "ipc_trajectory", "loss_sum", "output_error", "output_jacobians", "pc_activity_grads",
-    "pc_energy", "pc_errors", "pc_relax", "pc_train_step", "pc_weight_grads", "ridge_feedback",
+    "pc_energy", "pc_energy_terms", "pc_errors", "pc_relax", "pc_train_step", "pc_weight_grads", "ridge_feedback",
     "tp_targets", "tp_train_step",
 ]
