@@ -8,6 +8,7 @@ cloned out of the graph's pool. A capture that fails marks its key eager for goo
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -20,7 +21,8 @@ _EAGER = "eager"  # capture failed: always launch eagerly
 
 
 def clone_result(result):
-    """A copy of ``result`` (a results dataclass) whose tensors live outside the graph's static pool."""
+    """A copy of ``result`` (a results dataclass) whose tensors live outside the graph's static pool,
+    nested results (``PCResult.trace``) included."""
     return type(result)(**{name: _clone_value(value) for name, value in vars(result).items()})
 
 
@@ -29,6 +31,8 @@ def _clone_value(value):
         return value.clone()
     if isinstance(value, (list, tuple)):
         return type(value)(_clone_value(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return clone_result(value)
     return value
 
 

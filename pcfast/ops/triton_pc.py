@@ -19,6 +19,12 @@ W_2 … W_H are addressed through an offset table, so each pass is one launch fo
 per step one update launch for layers 1 … H−1 plus one for layer H, and (without FPA) one error
 launch for layers 2 … H plus layer 1's and the output's: 5 launches instead of 2H + 1; under FPA,
 2 instead of H, with the errors written to a second buffer (every layer reads the step's old ε).
+
+Inference control (DESIGN §3): ``relax`` (``torch_pc``) drives the steps. With adaptive stopping,
+a trace or the divergence check it passes a device gate and a (L−1,) buffer to ``step``: every
+update launch multiplies its step by the gate and adds its layer's ‖Δz_l‖² to the buffer (one
+atomic add per tile), so the step norm costs no extra pass; the buffer is zeroed first (16-bit
+states sum in fp32, then one copy). The trace's energies are ``energy_terms`` at each step.
 """
 from __future__ import annotations
 
@@ -131,12 +137,32 @@ class _Relaxation:
     def update(self, l: int, update_error: bool, error_out: Tensor | None = None) -> None:
         pc_update.latent_update(self.latents[l], self.errors[l], self.errors[l + 1], self.net.weights[l + 1],
                                 self.steps[l], update_error=update_error, preactivation=self.predictions[l],
-                                error_out=error_out)
+                                error_out=error_out, gate=self.gate, squares=self.layer_squares(l))
+
+    gate: Tensor | None = None
+    sums: Tensor | None = None  # where the update launches add ‖Δz_l‖² (``squares``, or an fp32 buffer)
+
+    def layer_squares(self, first: int, count: int = 1) -> Tensor | None:
+        return None if self.sums is None else self.sums[first:first + count]
 
     def step(self, gate: Tensor | None = None, squares: Tensor | None = None) -> None:
-        """One inference step of the schedule."""
-        if gate is not None or squares is not None:
-            raise NotImplementedError("the triton backend does not yet stop adaptively or trace")
+        """One inference step of the schedule. With ``gate`` (0-dim, 1 or 0) every update launch
+        multiplies its step by it; with ``squares`` ((L−1,)) each update launch adds its layer's
+        ‖Δz_l‖² into it, zeroed first (16-bit states sum in an fp32 buffer, copied out after)."""
+        self.gate, self.sums = gate, None
+        if squares is not None:
+            wide = squares.dtype in (torch.float32, torch.float64) and squares.is_contiguous()
+            self.sums = squares if wide else torch.zeros(squares.shape, dtype=torch.float32, device=squares.device)
+            if wide:
+                squares.zero_()
+        try:
+            self.schedule_step()
+        finally:
+            sums, self.gate, self.sums = self.sums, None, None
+        if squares is not None and sums is not squares:
+            squares.copy_(sums)
+
+    def schedule_step(self) -> None:
         fpa, depth, hidden = self.config.fpa, self.depth, self.hidden
         if self.stack is not None:
             self.stacked_jacobi_step()
@@ -160,16 +186,18 @@ class _Relaxation:
         weight_table, bias_table = self.stack
         step, act = self.steps[0], self.net.activations[0]  # layers 1 … H−1 share φ and κ γ_{l+1}/γ_l
         z, hidden = self.stacked_z, self.hidden
+        monitor = dict(gate=self.gate, squares=self.layer_squares(0, hidden - 1))
         if self.config.fpa:  # read this step's errors from stacked_e[0], write the next step's into stacked_e[1]
             current, following = self.stacked_e
             pc_update.stacked_latent_update(z[:-1], current[:-1], current[1:], weight_table, step, update_error=True,
-                                            preactivations=self.stacked_u[:-1], errors_out=following[:-1])
+                                            preactivations=self.stacked_u[:-1], errors_out=following[:-1], **monitor)
             self.update(hidden - 1, update_error=True, error_out=following[-1])
             self.stacked_e.reverse()
             self.errors[:hidden] = list(following)
             return
         errors = self.stacked_e[0]
-        pc_update.stacked_latent_update(z[:-1], errors[:-1], errors[1:], weight_table, step, update_error=False)
+        pc_update.stacked_latent_update(z[:-1], errors[:-1], errors[1:], weight_table, step, update_error=False,
+                                        **monitor)
         self.update(hidden - 1, update_error=False)
         self.refresh_error(0)
         linear_epilogue.stacked_hidden_error(z[:-1], z[1:], errors[1:], weight_table, bias_table, act_in=act)
@@ -198,6 +226,10 @@ class _Relaxation:
         return weight_grads, bias_grads
 
     def energy_terms(self) -> Tensor:
+        """F's terms at the current state (DESIGN §3), errors up to date: under FPA ε_l = z_l − u_l
+        moves with every update and predictions[-1] stays f_0 (the energy's f); without FPA a
+        Jacobi step refreshes every error and f, and after a sequential sweep ``relax`` refreshes
+        them first (the sweep leaves ε_L and f at its start)."""
         gammas = self.config.precisions
         return torch.stack([0.5 * gammas[l] * torch.sum(self.errors[l] * self.errors[l]) for l in range(self.hidden)]
                            + [gammas[-1] * _loss_sum(self.predictions[-1], self.target, self.config.loss)])

@@ -7,6 +7,7 @@ and batch {1, 5, 33}, widths {1, 17, 64, 100}, depth 2–4, both losses and ever
 across those cases so each value appears several times. The interpreter runs one 32×32×32 tile per
 program (``INTERPRETER_BLOCKS``), so batch 33 and width 64/100 span several tiles and k-iterations.
 """
+import functools
 import itertools
 import os
 
@@ -20,7 +21,7 @@ from pcfast import reference
 from pcfast.ops import pc_update
 from pcfast.ops import triton as triton_backend
 from pcfast.ops._triton_common import LayerTable
-from pcfast.testing import assert_all_close
+from pcfast.testing import assert_all_close, assert_close
 from pcfast.types import Net, PCConfig
 from tests.conftest import random_batch, random_mlp
 from tests.ops.cases import BATCHES, DEPTHS, DTYPES, STEPS, WIDTHS, assert_same_pc, case_id, count_calls, pc_kwargs
@@ -187,3 +188,71 @@ def test_import_pcfast_does_not_import_triton():
     code = "import sys, pcfast, pcfast.functional; assert 'triton' not in sys.modules, 'pcfast imported triton'"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# Inference control (DESIGN §3) on the path that runs on CUDA: ``relax(..., host_stops=False)``
+# never reads the host, so every one of the T steps launches and, from the stop on, the device gate
+# turns them into no-ops. Oracle: ``pcfast.reference`` (its loop ends at the stop, its trajectory
+# repeats the final state, its trace rows after the stop are NaN).
+CONTROL_CASES = list(itertools.product(("jacobi", "sequential"), (False, True), ("mse", "ce")))
+
+
+def _host_never_stops(monkeypatch):
+    from pcfast.ops import torch_pc, triton_pc
+
+    monkeypatch.setattr(triton_pc, "relax", functools.partial(torch_pc.relax, host_stops=False))
+
+
+def _assert_same_control(out, ref, steps):
+    assert out.steps is not None and int(out.steps) == int(ref.steps)
+    for name in ("energy", "grad_norm"):
+        a, e = getattr(out.trace, name), getattr(ref.trace, name)
+        assert a.shape == e.shape and torch.equal(torch.isnan(a), torch.isnan(e)), f"trace.{name}: NaN rows differ"
+        assert_close(torch.nan_to_num(a), torch.nan_to_num(e), name=f"trace.{name}")
+    assert_close(out.energy_prev, ref.energy_prev, name="energy_prev")
+    assert len(out.trajectory) == steps + 1
+    assert_same_pc(out, ref, torch.float64)
+
+
+@pytest.mark.parametrize("schedule,fpa,loss", CONTROL_CASES,
+                         ids=[f"{s}-{'fpa' if f else 'nofpa'}-{lo}" for s, f, lo in CONTROL_CASES])
+def test_pc_triton_gated_stop_equals_reference(schedule, fpa, loss, monkeypatch):
+    """Adaptive stopping, trace and F before the last step with the device gate (no host stop):
+    the steps taken, every trajectory state, the trace, gradients and energies equal the reference's,
+    and every step still launched its updates."""
+    dims = (6, 9, 7, 4)
+    weights, biases, acts = random_mlp(dims, activation=["tanh", "gelu"], seed=3, scale=1.3)
+    biases[1] = None
+    x, y = random_batch(dims, 5, loss)
+    steps = 16
+    kwargs = dict(precisions=[1.0, 1.6, 0.7], inference_steps=steps, inference_lr=0.2, schedule=schedule, fpa=fpa,
+                  loss=loss, inference_tol=0.5, return_trace=True, check_divergence=True, return_trajectory=True)
+    ref = reference.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    assert 1 <= int(ref.steps) < steps, "the problem must stop before the cap"
+    _host_never_stops(monkeypatch)
+    launches = count_calls(monkeypatch, pc_update, "latent_update")
+    out = TRITON.pc_grads(Net(weights, biases, acts), x, y, PCConfig.of(len(weights), **kwargs))
+    assert len(launches) == steps * (len(dims) - 2), "the gated path must launch every step"
+    _assert_same_control(out, ref, steps)
+
+
+@pytest.mark.parametrize("fpa", [False, True], ids=["nofpa", "fpa"])
+@pytest.mark.parametrize("host_stops", [False, True], ids=["gate", "host"])
+def test_pc_triton_stacked_stop_and_trace_equal_reference(fpa, host_stops, monkeypatch):
+    """The stacked path (dims 6-8-8-8-4: layers 1, 2 in one launch) with adaptive stopping, trace and
+    F before the last step, through the device gate and through the host stop."""
+    dims = (6, 8, 8, 8, 4)
+    weights, biases, acts = random_mlp(dims, activation="tanh", seed=4, scale=1.3)
+    x, y = random_batch(dims, 5, "mse")
+    steps = 16
+    kwargs = dict(precisions=[1.2, 1.2, 1.2, 0.7], inference_steps=steps, inference_lr=0.2, schedule="jacobi",
+                  fpa=fpa, loss="mse", inference_tol=0.5, return_trace=True, check_divergence=True,
+                  return_trajectory=True)
+    ref = reference.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    assert 1 <= int(ref.steps) < steps, "the problem must stop before the cap"
+    if not host_stops:
+        _host_never_stops(monkeypatch)
+    launches = count_calls(monkeypatch, pc_update, "stacked_latent_update")
+    out = TRITON.pc_grads(Net(weights, biases, acts), x, y, PCConfig.of(len(weights), **kwargs))
+    assert len(launches) == (steps if not host_stops else int(ref.steps)), "the stacked path did not run"
+    _assert_same_control(out, ref, steps)
