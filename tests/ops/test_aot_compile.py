@@ -10,8 +10,10 @@ on a compile error or on shared memory beyond what the architecture can give one
 Compile matrix: on both architectures every config of every autotuned kernel in fp32 (the dot's
 input precision is ``tf32x3``, what fp32 runs with on CUDA) and every config that survives the fp64
 pruning in fp64; on sm_90 (what the benchmarks target) also every config in bf16 and the flag
-variants; fp16, TF32 (and bf16 on sm_80) with the smallest config. About 210 compiles (79 for sm_80,
-135 for sm_90), ~2.5 min on two idle cores. Pointers that a launcher passes as None under a
+variants; fp16, TF32 (and bf16 on sm_80) with the smallest config. ``pc_update_monitored`` is the
+update kernel with inference control on (DESIGN §3: the device gate and the atomic step-norm sums),
+swept like a kernel of its own. About 245 compiles (90 for sm_80, 154 for sm_90), ~3 min on two
+idle cores. Pointers that a launcher passes as None under a
 variant's flags compile as constexpr None, as the JIT compiles them; the other pointers are marked
 16-byte aligned, integer sizes and strides divisible by 16, and unit strides constant 1, as the JIT
 specialises contiguous tensors of 16-divisible widths at run time.
@@ -34,7 +36,7 @@ ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (bytes): A100 164 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 KERNELS = ("linear", "hidden_error", "output_error", "output_error_ce_fused", "ce_error", "pc_update",
-           "pc_weight_grad", "tp_weight_grad", "tp_target")
+           "pc_update_monitored", "pc_weight_grad", "tp_weight_grad", "tp_target")
 WORKER_TIMEOUT_S = 600  # a hang guard; ~90 s on two idle cores, ~260 s on two busy ones
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,9 +63,11 @@ def _variants(arch: int):
         return ("tf32" if tf32 else "tf32x3") if dtype == "fp32" else "ieee"
 
     def ptrs_of(fn, dtype, **special):
-        """Tensors of ``dtype``; offset tables (``*_table_ptr``) int64; ``special`` by name."""
-        return {n: special.get(n, "*i64" if n.endswith("_table_ptr") else f"*{dtype}")
-                for n in fn.arg_names if n.endswith("_ptr")}
+        """Tensors of ``dtype``; offset tables (``*_table_ptr``) int64; ``special`` by name (a type,
+        or a function of ``dtype`` giving it)."""
+        types = {n: special.get(n, "*i64" if n.endswith("_table_ptr") else f"*{dtype}")
+                 for n in fn.arg_names if n.endswith("_ptr")}
+        return {n: t(dtype) if callable(t) else t for n, t in types.items()}
 
     def absent(name, flags):
         """The pointers a launcher passes as None under ``flags`` (the JIT compiles them as constexpr None)."""
@@ -73,11 +77,12 @@ def _variants(arch: int):
             "hidden_error": {"bias_ptr": not bias, "w_table_ptr": not stacked, "b_table_ptr": not (stacked and bias)},
             "output_error": {"bias_ptr": not bias},
             "output_error_ce_fused": {"bias_ptr": not bias},
-            "pc_update": {"u_ptr": not flags.get("FPA"), "w_table_ptr": not stacked},
+            "pc_update": {"u_ptr": not flags.get("FPA"), "w_table_ptr": not stacked, "gate_ptr": not flags.get("GATE"),
+                          "squares_ptr": not flags.get("SQUARES")},
             "pc_weight_grad": {"grad_b_ptr": not bias},
             "tp_weight_grad": {"grad_b_ptr": not bias, "sq_ptr": not flags.get("LOSS")},
             "tp_target": {"c_ptr": not bias},
-        }.get(name, {})
+        }.get("pc_update" if name.startswith("pc_update") else name, {})
         return {pointer for pointer, is_off in off.items() if is_off}
 
     def pointers(name, fn, dtype, flags, **special):
@@ -138,9 +143,16 @@ def _variants(arch: int):
         out.append(("ce_error", ce, linear_epilogue.ce_error_config(), dict(ADD_PRED=True), dtype,
                     ptrs_of(ce, dtype, labels_ptr="*i64"), ("stride_n",)))
 
+    update_units = ("stride_ek", "stride_wn", "stride_zn")
     sweep("pc_update", pc_update._pc_update_kernel_tuned,
-          dict(ACT=1, FPA=False, UPDATE_ERROR=True, STACKED=False), ("stride_ek", "stride_wn", "stride_zn"), tile,
+          dict(ACT=1, FPA=False, UPDATE_ERROR=True, STACKED=False, GATE=False, SQUARES=False), update_units, tile,
           [dict(FPA=True, ACT=4), dict(UPDATE_ERROR=False, ACT=2), dict(STACKED=True, FPA=True)])
+    # Inference control on (DESIGN §3): the device gate and the atomic ‖Δz‖² sums, which the
+    # launcher takes in fp32 for 16-bit states and in the state's dtype otherwise (fp64 atomics).
+    sweep("pc_update_monitored", pc_update._pc_update_kernel_tuned,
+          dict(ACT=1, FPA=False, UPDATE_ERROR=True, STACKED=False, GATE=True, SQUARES=True), update_units, tile,
+          [dict(STACKED=True, FPA=True, ACT=4), dict(UPDATE_ERROR=False, ACT=2, STACKED=True), dict(GATE=False)],
+          squares_ptr=lambda dtype: f"*{dtype}" if dtype in ("fp32", "fp64") else "*fp32")
 
     grad_tile = ("BLOCK_N", "BLOCK_K")
     sweep("pc_weight_grad", local_grad._pc_weight_grad_kernel_tuned,
