@@ -17,6 +17,7 @@ by ``stacks`` here.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -194,3 +195,103 @@ def test_cuda_graph_replays_the_eager_launches_bitwise(precision):
             assert torch.equal(a, b), f"dtp call {i} (graph) differs from the first call in {name}"
     for (name, a), (_, b) in zip(fields(replay_after, PC_FIELDS), fields(eager, PC_FIELDS)):
         assert torch.equal(a, b), f"replay after an in-place weight update differs from eager in {name}"
+
+
+# Inference control (DESIGN §3) on CUDA: the loop never reads the host; from the stop on the device
+# gate turns the remaining steps of the captured graph into no-ops.
+CONTROL_CASES = [("jacobi", False, False), ("sequential", False, False), ("sequential", True, False),
+                 ("jacobi", True, True), ("jacobi", False, True)]
+
+
+def _separated_tol(trace, kappa, gammas, first=5):
+    """A tolerance under which the relaxation of ``trace`` (the reference's, no stop) stops at the
+    first step t ≥ ``first`` whose ratio s_t / max_{u≤t} s_u falls 10 % below every earlier ratio:
+    the geometric mean of the two, so float32 rounding cannot move the stop. Returns (tol, t)."""
+    scale = torch.tensor([kappa / g for g in gammas[:-1]], dtype=trace.grad_norm.dtype, device=trace.grad_norm.device)
+    sizes = (trace.grad_norm * scale).norm(dim=1)
+    ratios = (sizes / torch.cummax(sizes, 0).values).tolist()
+    for t in range(first - 1, len(ratios)):
+        prior = min(ratios[:t])
+        if ratios[t] < 0.9 * prior:
+            return (ratios[t] * prior) ** 0.5, t + 1
+    pytest.fail("the reference relaxation has no well-separated stop")
+
+
+@pytest.mark.parametrize("schedule, fpa, stacked", CONTROL_CASES,
+                         ids=[f"{s}-{'fpa' if f else 'nofpa'}{'-stacked' if st else ''}" for s, f, st in CONTROL_CASES])
+def test_pc_triton_cuda_adaptive_stop_under_graph_replay_equals_reference(schedule, fpa, stacked):
+    """Oracle: ``pcfast.reference`` in float64. Adaptive stopping with the trace and F before the last
+    step, captured as a CUDA graph (the capture fails on any host sync in the loop) and replayed: the
+    steps taken, the trace (NaN after the stop), latents, gradients and energies equal the reference's
+    (float32 row); the replay itself runs with torch's sync debug mode set to error."""
+    from pcfast.ops import cuda_graphs
+    from pcfast.ops.triton import TritonBackend
+    from pcfast.types import Net, PCConfig
+
+    dims, acts, gammas = ((33, 64, 64, 64, 7), ["tanh"] * 3, [1.0, 1.0, 1.0, 0.5]) if stacked else (DIMS, ACTS, GAMMAS)
+    steps, kappa = 30, 0.2
+    kwargs = dict(precisions=gammas, inference_steps=steps, inference_lr=kappa, schedule=schedule, fpa=fpa, loss="mse",
+                  return_trace=True)
+    with precision_mode("fp32") as dtype:
+        net, _, batch = problem(dtype, dims, acts)
+        assert stacks(net, gammas) == stacked
+        net64, x64, y64 = net.to(torch.float64), batch.x.double(), batch.y.double()
+        untimed = F.pc_train_step(*net64, x64, y64, backend="reference", **kwargs)
+        tol, stop = _separated_tol(untimed.trace, kappa, gammas)
+        kwargs.update(inference_tol=tol, check_divergence=True)
+        ref = F.pc_train_step(*net64, x64, y64, backend="reference", **kwargs)
+        assert int(ref.steps) == stop < steps
+        config = PCConfig.of(len(net.weights), **kwargs)
+        with triton_options(cuda_graphs=True) as backend, warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and runs eagerly
+            backend.clear_graphs()
+            fused = TritonBackend()
+            eager, captured = (fused.pc_grads(Net(*net), batch.x, batch.y, config) for _ in range(2))
+            assert any(isinstance(entry, tuple) for entry in cuda_graphs.graphs.entries.values()), "no graph captured"
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                replayed = fused.pc_grads(Net(*net), batch.x, batch.y, config)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            backend.clear_graphs()
+    for out, how in ((eager, "eager"), (captured, "captured"), (replayed, "replayed")):
+        assert int(out.steps) == stop, f"{how}: steps taken"
+        for name in ("energy", "grad_norm"):
+            a, e = getattr(out.trace, name), getattr(ref.trace, name)
+            assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{how}: trace.{name} NaN rows differ"
+            assert_close(torch.nan_to_num(a), torch.nan_to_num(e), dtype="float32", name=f"{how}: trace.{name}")
+        for (name, a), (_, e) in zip(fields(out, PC_FIELDS), fields(ref, PC_FIELDS), strict=True):
+            assert_close(a, e, dtype="float32", name=f"{how}: {name}")
+        assert_close(out.energy_prev, ref.energy_prev, dtype="float32", name=f"{how}: energy_prev")
+
+
+@pytest.mark.parametrize("schedule, stacked", [("jacobi", False), ("sequential", False), ("jacobi", True)],
+                         ids=["jacobi", "sequential", "stacked"])
+def test_pc_triton_cuda_adaptive_stop_does_not_sync_per_step(schedule, stacked):
+    """Eager launches with adaptive stopping and the trace: the host syncs of one call (torch's sync
+    debug mode, warn) do not grow with the number of inference steps."""
+    from pcfast.ops.triton import TritonBackend
+    from pcfast.types import Net, PCConfig
+
+    dims, acts, gammas = ((33, 64, 64, 64, 7), ["tanh"] * 3, [1.0, 1.0, 1.0, 0.5]) if stacked else (DIMS, ACTS, GAMMAS)
+    with precision_mode("fp32") as dtype, triton_options(cuda_graphs=False):
+        net, _, batch = problem(dtype, dims, acts)
+        assert stacks(net, gammas) == stacked
+        net, fused = Net(*net), TritonBackend()
+
+        def syncs(steps):
+            config = PCConfig.of(net.depth, gammas, inference_steps=steps, inference_lr=0.2, schedule=schedule,
+                                 inference_tol=0.01, return_trace=True, check_divergence=True)
+            fused.pc_grads(net, batch.x, batch.y, config)  # compiled and tuned
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fused.pc_grads(net, batch.x, batch.y, config)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            return sum("synchroniz" in str(w.message) for w in caught)
+
+        assert syncs(24) == syncs(6)
