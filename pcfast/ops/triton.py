@@ -10,9 +10,10 @@ drawn inside the kernels from a seed.
 On CUDA the whole step is captured as a CUDA graph the second time a configuration is seen and
 replayed afterwards (``cuda_graphs``). The ``PCConfig`` is part of the graph's key, inference control
 included: adaptive stopping runs all ``inference_steps`` in the graph, those after the stop gated to
-no-ops on the device (DESIGN §3), and the trace comes back cloned with the rest of the result. Options (``TritonOptions``) belong to a ``TritonBackend``;
-one made without them (the one ``pcfast.ops.get_backend`` gives) uses the options of the enclosing
-``with options(...)`` block::
+no-ops on the device (DESIGN §3), and the trace comes back cloned with the rest of the result.
+
+Options (``TritonOptions``) belong to a ``TritonBackend``; one made without them (the one
+``pcfast.ops.get_backend`` gives) uses the options of the enclosing ``with options(...)`` block::
 
     with pcfast.ops.triton.options(cuda_graphs=False, stacked=False):
         result = pcfast.functional.pc_train_step(..., backend="triton")   # eager, one launch per layer
