@@ -75,9 +75,11 @@ class Monitor:
         self.config, self.host_stops, self.stopped = config, host_stops, False
         new = lambda *shape: torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
         self.squares = torch.zeros(hidden, dtype=like.dtype, device=like.device)
-        # ‖∂F/∂z_l‖ = ‖Δz_l‖ γ_l / κ
-        self.to_grad = torch.tensor([g / kappa for g in config.precisions[:hidden]], dtype=like.dtype,
-                                    device=like.device)
+        # ‖∂F/∂z_l‖ = ‖Δz_l‖ γ_l / κ; filled from scalars: no host-to-device copy, which a CUDA
+        # graph being captured does not allow
+        self.to_grad = like.new_empty(hidden)
+        for l, g in enumerate(config.precisions[:hidden]):
+            self.to_grad[l] = g / kappa
         self.tol = config.inference_tol
         self.gate = like.new_ones(()) if self.tol is not None else None
         self.largest = like.new_zeros(())
