@@ -166,10 +166,11 @@ inline void with_offset(const T* base, const T* bias, const F& body) {
 // ---------------------------------------------------------------------------------------------
 // PC: z ← z + step, step = (td · φ'(z)) · coef − κ ε, with ε and the new error as UpdateMode says.
 
-template <typename T, Act A, UpdateMode M>
-void pc_update_rows(const UpdateArgs<T>& a, int64_t r0, int64_t r1) {
+template <typename T, Act A, UpdateMode M, bool Squares>
+double pc_update_rows(const UpdateArgs<T>& a, int64_t r0, int64_t r1) {
   const int64_t n = a.cols;
   const T coef = a.coef, kappa = a.kappa;
+  double total = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
     T* __restrict z = a.z + r * n;
     const T* __restrict td = a.td + r * n;
@@ -178,7 +179,8 @@ void pc_update_rows(const UpdateArgs<T>& a, int64_t r0, int64_t r1) {
     T* __restrict slope = A == Act::gelu ? a.slope + r * n : nullptr;
     const T* base = a.base ? a.base + r * n : nullptr;
     with_offset<T>(base, a.bias, [&](auto offset) {
-      for (int64_t j = 0; j < n; ++j) {
+      // Updates element j and returns its step.
+      const auto element = [&](int64_t j) {
         const T zj = z[j];
         const T e = M == UpdateMode::sequential ? zj - offset(j) : err[j];
         const T s = A == Act::gelu ? slope[j] : slope_of<A>(post[j], zj);
@@ -197,21 +199,56 @@ void pc_update_rows(const UpdateArgs<T>& a, int64_t r0, int64_t r1) {
             post[j] = phi<A>(zn);
           }
         }
+        return step;
+      };
+      if constexpr (!Squares && A == Act::gelu) {
+        for (int64_t j = 0; j < n; ++j) element(j);
+      } else if constexpr (!Squares) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) element(j);
+      } else if constexpr (A == Act::gelu) {
+        double acc = 0.0;  // gelu calls libm (scalar): no simd loop
+        for (int64_t j = 0; j < n; ++j) {
+          const double step = static_cast<double>(element(j));
+          acc += step * step;
+        }
+        total += acc;
+      } else {
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < n; ++j) {
+          const double step = static_cast<double>(element(j));
+          acc += step * step;
+        }
+        total += acc;
       }
     });
   }
+  return total;
 }
 
 template <typename T>
-void pc_update(const UpdateArgs<T>& a, int64_t r0, int64_t r1) {
+double pc_update(const UpdateArgs<T>& a, int64_t r0, int64_t r1) {
+  double total = 0.0;
   with_act(a.act, [&](auto act) {
     constexpr Act A = decltype(act)::value;
+    const auto rows = [&](auto mode, auto squares) {
+      total = pc_update_rows<T, A, decltype(mode)::value, decltype(squares)::value>(a, r0, r1);
+    };
+    const auto with_squares = [&](auto mode) {
+      if (a.squares) {
+        rows(mode, std::true_type{});
+      } else {
+        rows(mode, std::false_type{});
+      }
+    };
     switch (a.mode) {
-      case UpdateMode::jacobi: pc_update_rows<T, A, UpdateMode::jacobi>(a, r0, r1); break;
-      case UpdateMode::fpa: pc_update_rows<T, A, UpdateMode::fpa>(a, r0, r1); break;
-      case UpdateMode::sequential: pc_update_rows<T, A, UpdateMode::sequential>(a, r0, r1); break;
+      case UpdateMode::jacobi: with_squares(std::integral_constant<UpdateMode, UpdateMode::jacobi>{}); break;
+      case UpdateMode::fpa: with_squares(std::integral_constant<UpdateMode, UpdateMode::fpa>{}); break;
+      case UpdateMode::sequential: with_squares(std::integral_constant<UpdateMode, UpdateMode::sequential>{}); break;
     }
   });
+  return total;
 }
 
 template <typename T>

@@ -5,7 +5,9 @@
 //
 // Registration follows the custom-op contract:
 // - TORCH_LIBRARY declares each op's schema only. Every op is functional: it mutates none of its
-//   inputs and returns freshly allocated tensors that alias no input and no other output.
+//   inputs and returns freshly allocated tensors that alias no input and no other output. An output
+//   computed only on request (pc_train_step's trace and energy_prev) is an empty (0,) tensor when
+//   not asked, so every output's shape follows from the arguments, never from the data.
 // - TORCH_LIBRARY_IMPL(pcfast, CPU, m) holds the implementations.
 // - TORCH_LIBRARY_IMPL(pcfast, Autograd, m) marks the ops not differentiable: the kernel steps below
 //   autograd and re-invokes the op, so parameters that require grad may be passed in and nothing is
@@ -88,8 +90,10 @@ TORCH_LIBRARY(pcfast, m) {
   m.def(
       "pc_train_step(Tensor[] weights, Tensor?[] biases, str[] activations, Tensor x, Tensor target, "
       "float[] precisions, int inference_steps, float inference_lr, str schedule, bool fpa, str loss, "
-      "bool return_trajectory) -> (Tensor[] latents, Tensor[] errors, Tensor[] weight_grads, "
-      "Tensor?[] bias_grads, Tensor energy, Tensor loss, Tensor[] trajectory)");
+      "bool return_trajectory, float? inference_tol=None, bool return_trace=False, bool check_divergence=False) "
+      "-> (Tensor[] latents, Tensor[] errors, Tensor[] weight_grads, Tensor?[] bias_grads, Tensor energy, "
+      "Tensor loss, Tensor[] trajectory, Tensor steps, Tensor trace_energy, Tensor trace_grad_norm, "
+      "Tensor energy_prev)");
   m.def(
       "tp_train_step(Tensor[] weights, Tensor?[] biases, str[] activations, Tensor[] feedback_weights, "
       "Tensor?[] feedback_biases, str[] feedback_activations, Tensor x, Tensor target, float beta, str loss, "

@@ -37,7 +37,8 @@ enum class UpdateMode : int {
 };
 
 // Arguments of the fused latent update of one hidden layer, over rows [r0, r1) of a (rows, cols)
-// row-major block. step = (td · φ'(z)) · coef − kappa · ε;  z ← z + step.
+// row-major block. step = (td · φ'(z)) · coef − kappa · ε;  z ← z + step. With `squares` the pass
+// also returns Σ step² over its rows (‖Δz‖², for adaptive stopping and the trace); else 0.
 template <typename T>
 struct UpdateArgs {
   int64_t cols;
@@ -52,12 +53,14 @@ struct UpdateArgs {
   T kappa;          // κ
   Act act;
   UpdateMode mode;
+  bool squares;     // return Σ step²
 };
 
 // The kernel table of one instruction set (see kernels.cpp). Row ranges are [r0, r1).
 template <typename T>
 struct Kernels {
-  void (*pc_update)(const UpdateArgs<T>& a, int64_t r0, int64_t r1);
+  // Returns Σ step² over the rows when a.squares, else 0.
+  double (*pc_update)(const UpdateArgs<T>& a, int64_t r0, int64_t r1);
   // pre += bias; z = pre (if z); post = φ(pre); slope = φ'(pre) (if slope); err = 0 (if err).
   void (*hidden_forward)(int64_t cols, T* pre, const T* bias, T* z, T* post, T* slope, T* err, Act act,
                          int64_t r0, int64_t r1);
@@ -103,6 +106,17 @@ inline void for_rows(int64_t rows, int64_t cols, const F& fn) {
   }
 }
 
+// Σ over [0, rows) of fn(r0, r1) -> double, in parallel when the block is large enough (the chunks
+// and the order of their sum depend only on rows, cols and the thread count).
+template <typename F>
+inline double sum_rows(int64_t rows, int64_t cols, const F& fn) {
+  const int64_t grain = row_grain(cols);
+  if (rows <= grain) return fn(int64_t{0}, rows);
+  return at::parallel_reduce(
+      0, rows, grain, 0.0, [&](int64_t r0, int64_t r1, double identity) { return identity + fn(r0, r1); },
+      [](double a, double b) { return a + b; });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ops (registered in pcfast.cpp).
 
@@ -120,10 +134,16 @@ struct PCStepOutputs {
   at::Tensor energy;        // F at the final state, summed over the batch (0-dim)
   at::Tensor loss;          // feedforward loss ℓ(f_0, y), mean over the batch (0-dim)
   Tensors trajectory;       // per hidden layer, (T+1, B, d_l) latents after steps 0 … T; empty if not asked
-  using Tuple = std::tuple<Tensors, Tensors, Tensors, OptTensors, at::Tensor, at::Tensor, Tensors>;
+  at::Tensor steps;         // inference steps taken (0-dim int64): T unless inference_tol stopped earlier
+  at::Tensor trace_energy;  // (T+1, L) F's term of each layer after t steps, NaN after a stop; (0,) if not asked
+  at::Tensor trace_grad_norm;  // (T, L−1) ‖∂F/∂z_l‖ used by step t, NaN after a stop; (0,) if not asked
+  at::Tensor energy_prev;   // F before the last step if all T ran, else F at the final state (0-dim); (0,) if not asked
+  using Tuple = std::tuple<Tensors, Tensors, Tensors, OptTensors, at::Tensor, at::Tensor, Tensors, at::Tensor,
+                           at::Tensor, at::Tensor, at::Tensor>;
   Tuple as_tuple() && {
-    return {std::move(latents), std::move(errors), std::move(weight_grads), std::move(bias_grads),
-            std::move(energy), std::move(loss), std::move(trajectory)};
+    return {std::move(latents),    std::move(errors), std::move(weight_grads), std::move(bias_grads),
+            std::move(energy),     std::move(loss),   std::move(trajectory),   std::move(steps),
+            std::move(trace_energy), std::move(trace_grad_norm), std::move(energy_prev)};
   }
 };
 
@@ -152,7 +172,8 @@ struct FeedbackOutputs {
 PCStepOutputs::Tuple pc_train_step(at::TensorList weights, const OptTensorList& biases,
                                    std::vector<std::string> activations, const at::Tensor& x, const at::Tensor& target,
                                    std::vector<double> precisions, int64_t inference_steps, double inference_lr,
-                                   std::string schedule, bool fpa, std::string loss, bool return_trajectory);
+                                   std::string schedule, bool fpa, std::string loss, bool return_trajectory,
+                                   std::optional<double> inference_tol, bool return_trace, bool check_divergence);
 
 TPStepOutputs::Tuple tp_train_step(at::TensorList weights, const OptTensorList& biases,
                                    std::vector<std::string> activations, at::TensorList feedback_weights,

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..results import FeedbackResult, PCResult, TPResult
+from ..results import FeedbackResult, PCResult, PCTrace, TPResult
 from ..types import Feedback, Net, PCConfig, TPConfig
 from .backend import HostNoiseBackend
 
@@ -77,10 +77,11 @@ def _lists(params: Net | Feedback) -> tuple[list, list, list]:
     return list(params.weights), list(params.biases), list(params.activations)
 
 
-def _result(result_type: type, outputs: tuple, **changes):
-    """``result_type`` from an op's named ``outputs`` (their sequences as lists), ``changes`` replacing fields."""
+def _result(result_type: type, outputs: tuple, omit: Sequence[str] = (), **changes):
+    """``result_type`` from an op's named ``outputs`` (their sequences as lists) but those in ``omit``,
+    ``changes`` replacing fields."""
     fields = {name: list(value) if isinstance(value, (list, tuple)) else value
-              for name, value in outputs._asdict().items()}
+              for name, value in outputs._asdict().items() if name not in omit}
     return result_type(**{**fields, **changes})
 
 
@@ -93,14 +94,20 @@ class CppBackend(HostNoiseBackend):
         """PC relaxation and local gradients in C++; see :func:`pcfast.reference.pc_train_step`."""
         out = PCStepOutputs(*_ops.pc_train_step(
             *_lists(net), x, target, list(config.precisions), config.inference_steps, config.inference_lr,
-            config.schedule, config.fpa, config.loss, config.return_trajectory,
+            config.schedule, config.fpa, config.loss, config.return_trajectory, config.inference_tol,
+            config.return_trace, config.check_divergence,
         ))
         trajectory = None
         if config.return_trajectory:
             # One (T+1, B, d_l) block per hidden layer; step t is a list of views into them.
             per_layer = [block.unbind(0) for block in out.trajectory]
             trajectory = [[steps[t] for steps in per_layer] for t in range(config.inference_steps + 1)]
-        return _result(PCResult, out, trajectory=trajectory)
+        # The op returns every output; those not asked for (empty tensors, or the step count without
+        # a tolerance) become None.
+        return _result(PCResult, out, omit=("trace_energy", "trace_grad_norm"), trajectory=trajectory,
+                       steps=out.steps if config.inference_tol is not None else None,
+                       trace=PCTrace(out.trace_energy, out.trace_grad_norm) if config.return_trace else None,
+                       energy_prev=out.energy_prev if config.check_divergence else None)
 
     def tp_grads(self, net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
         """TP/DTP targets and local gradients in C++; see :func:`pcfast.reference.tp_train_step`."""
@@ -156,14 +163,20 @@ def _grads_like(params: Sequence[Tensor], biases: Sequence[Tensor | None]) -> tu
 
 @torch.library.register_fake("pcfast::pc_train_step")
 def _pc_train_step_fake(weights, biases, activations, x, target, precisions, inference_steps, inference_lr,
-                        schedule, fpa, loss, return_trajectory):
+                        schedule, fpa, loss, return_trajectory, inference_tol=None, return_trace=False,
+                        check_divergence=False):
     _check_on_cpu(weights=weights, biases=biases, x=x, target=target)
     widths, batch, new = _widths(weights), x.shape[0], weights[0].new_empty
     weight_grads, bias_grads = _grads_like(weights, biases)
-    hidden = widths[1:-1]
+    hidden, depth = widths[1:-1], len(weights)
     trajectory = [new((inference_steps + 1, batch, d)) for d in hidden] if return_trajectory else []
+    # The steps taken are data, not a shape: a 0-dim int64 tensor whatever the tolerance.
+    steps = new((), dtype=torch.int64)
+    trace_energy = new((inference_steps + 1, depth)) if return_trace else new((0,))
+    trace_grad_norm = new((inference_steps, depth - 1)) if return_trace else new((0,))
+    energy_prev = new(()) if check_divergence else new((0,))
     return ([new((batch, d)) for d in hidden], [new((batch, d)) for d in widths[1:]], weight_grads, bias_grads,
-            new(()), new(()), trajectory)
+            new(()), new(()), trajectory, steps, trace_energy, trace_grad_norm, energy_prev)
 
 
 @torch.library.register_fake("pcfast::tp_train_step")
