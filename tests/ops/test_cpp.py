@@ -182,6 +182,100 @@ def test_pc_cpp_accepts_non_contiguous_and_grad_inputs():
     assert not any(g.requires_grad for g in out.weight_grads) and out.energy.grad_fn is None
 
 
+# ------------------------------------------------------------------------------------------------
+# Inference control (adaptive stopping, trace, F before the last step): the cross-backend oracle is
+# tests/reference/test_inference_control.py; here what is particular to the engine.
+
+CONTROL_GRID = list(itertools.product(("jacobi", "sequential"), (False, True), ("tanh", "gelu")))
+
+
+@pytest.mark.parametrize("schedule, fpa, act", CONTROL_GRID,
+                         ids=[f"{s}-{'fpa' if f else 'nofpa'}-{a}" for s, f, a in CONTROL_GRID])
+def test_pc_cpp_inference_control_changes_nothing_else(schedule, fpa, act):
+    """The trace's and the divergence check's evaluations (which refresh a sequential sweep's stale
+    errors, and let the next sweep reuse them) leave every other output bit for bit as it was; the
+    monitored run equals the default one."""
+    dims, weights, biases, _ = network(4, True)
+    acts = [act] * 3
+    x, y = random_batch(dims, 64, "ce")
+    kwargs = dict(inference_steps=7, inference_lr=0.1, schedule=schedule, fpa=fpa, loss="ce",
+                  return_trajectory=True, backend="cpp")
+    plain = F.pc_train_step(weights, biases, acts, x, y, **kwargs)
+    # inference_tol = 0 never stops on a relaxation that still moves: all steps, the step norms summed.
+    monitored = F.pc_train_step(weights, biases, acts, x, y, inference_tol=0.0, **kwargs)
+    traced = F.pc_train_step(weights, biases, acts, x, y, inference_tol=0.0, return_trace=True,
+                             check_divergence=True, **kwargs)
+    assert int(monitored.steps) == int(traced.steps) == 7
+    fields = ("latents", "errors", "weight_grads", "bias_grads")
+    for name in fields:
+        for a, b in zip(getattr(monitored, name), getattr(traced, name)):
+            assert torch.equal(a, b), f"{name} changed by the trace"
+        assert_all_close(getattr(monitored, name), getattr(plain, name), name=name)
+    for a, b in zip(monitored.trajectory, traced.trajectory):
+        assert all(torch.equal(u, v) for u, v in zip(a, b)), "trajectory changed by the trace"
+    assert torch.equal(monitored.energy, traced.energy)
+    assert monitored.trace is None and monitored.energy_prev is None and plain.steps is None
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+def test_pc_cpp_inference_control_float32(schedule):
+    """Float32: steps, trace and F before the last step equal the reference's run on the same float32
+    inputs (float32 row of the tolerances)."""
+    dims, weights, biases, acts = network(3, True, dtype=torch.float32, acts=["tanh", "sigmoid"])
+    x, y = random_batch(dims, 16, "mse", dtype=torch.float32)
+    kwargs = dict(inference_steps=30, inference_lr=0.2, schedule=schedule, inference_tol=0.2, return_trace=True,
+                  check_divergence=True)
+    ref = F.pc_train_step(weights, biases, acts, x, y, backend="reference", **kwargs)
+    out = F.pc_train_step(weights, biases, acts, x, y, backend="cpp", **kwargs)
+    assert out.steps.dtype == torch.int64 and out.steps.dim() == 0
+    assert int(out.steps) == int(ref.steps) < 30
+    for name in ("energy", "grad_norm"):
+        a, e = getattr(out.trace, name), getattr(ref.trace, name)
+        assert a.dtype == torch.float32 and torch.equal(torch.isnan(a), torch.isnan(e)), name
+        assert_close(torch.nan_to_num(a), torch.nan_to_num(e), dtype=torch.float32, name=f"trace.{name}")
+    assert_close(out.energy_prev, ref.energy_prev, dtype=torch.float32, name="energy_prev")
+    assert_all_close(out.weight_grads, ref.weight_grads, dtype=torch.float32, name="weight grads")
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+def test_pc_cpp_inference_control_parallel_rows(schedule):
+    """Blocks above the parallel grain: the step norms are summed over row chunks; same trace."""
+    dims, weights, biases, acts = network(3, True, hidden=(301, 257), acts=["tanh", "gelu"])
+    x, y = random_batch(dims, 131, "ce")
+    kwargs = dict(inference_steps=3, inference_lr=0.1, schedule=schedule, loss="ce", return_trace=True,
+                  inference_tol=0.5)
+    ref = F.pc_train_step(weights, biases, acts, x, y, backend="reference", **kwargs)
+    out = F.pc_train_step(weights, biases, acts, x, y, backend="cpp", **kwargs)
+    assert int(out.steps) == int(ref.steps)
+    for name in ("energy", "grad_norm"):
+        a, e = getattr(out.trace, name), getattr(ref.trace, name)
+        assert torch.equal(torch.isnan(a), torch.isnan(e)), name
+        assert_close(torch.nan_to_num(a), torch.nan_to_num(e), name=f"trace.{name}")
+
+
+def test_pc_cpp_op_returns_empty_extras_when_not_asked():
+    """At the op: the step count is always there (T without a tolerance); the trace and F before the
+    last step are empty (0,) tensors unless asked, with the shapes the fake kernel gives."""
+    dims, weights, biases, acts = network(3, True)
+    x, y = random_batch(dims, 5, "mse")
+    args = (weights, biases, acts, x, y, [1.0, 2.0, 0.5], 4, 0.1, "sequential", False, "mse", False)
+    out = cpp.PCStepOutputs(*torch.ops.pcfast.pc_train_step(*args))
+    assert out.steps.dtype == torch.int64 and int(out.steps) == 4
+    assert out.trace_energy.shape == out.trace_grad_norm.shape == out.energy_prev.shape == (0,)
+    out = cpp.PCStepOutputs(*torch.ops.pcfast.pc_train_step(*args, None, True, True))
+    assert out.trace_energy.shape == (5, 3) and out.trace_grad_norm.shape == (4, 2) and out.energy_prev.shape == ()
+    assert not torch.isnan(out.trace_energy).any() and int(out.steps) == 4
+
+
+@pytest.mark.parametrize("tol", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_pc_cpp_op_checks_inference_tol(tol):
+    dims, weights, biases, acts = network(2, True)
+    x, y = random_batch(dims, 3, "mse")
+    with pytest.raises(ValueError, match=r"inference_tol: expected None or a number in \[0, 1\)"):
+        torch.ops.pcfast.pc_train_step(weights, biases, acts, x, y, [1.0, 1.0], 3, 0.1, "jacobi", False, "mse",
+                                       False, tol, False, False)
+
+
 def test_cpp_is_the_auto_backend_on_cpu():
     assert "cpp" in ops.available_backends()
     assert ops.get_backend("auto", "pc", torch.device("cpu")).name == "cpp"
@@ -320,6 +414,8 @@ def _valid_call(rng: random.Random) -> dict:
         precisions=[1.0] * depth, inference_steps=rng.randint(0, 3), inference_lr=0.1,
         schedule=rng.choice(("jacobi", "sequential")), fpa=rng.random() < 0.5, loss=loss,
         return_trajectory=rng.random() < 0.5,
+        inference_tol=rng.choice((None, 0.0, 0.3)), return_trace=rng.random() < 0.5,
+        check_divergence=rng.random() < 0.5,
         feedback_weights=[torch.randn(dims[l - 1], dims[l], dtype=dtype) for l in range(2, depth + 1)],
         feedback_biases=[torch.randn(dims[l - 1], dtype=dtype) if rng.random() < 0.5 else None
                          for l in range(2, depth + 1)],
@@ -334,7 +430,8 @@ def _call(op: str, c: dict):
     if op == "pc":
         return torch.ops.pcfast.pc_train_step(
             c["weights"], c["biases"], c["activations"], c["x"], c["target"], c["precisions"], c["inference_steps"],
-            c["inference_lr"], c["schedule"], c["fpa"], c["loss"], c["return_trajectory"])
+            c["inference_lr"], c["schedule"], c["fpa"], c["loss"], c["return_trajectory"], c["inference_tol"],
+            c["return_trace"], c["check_divergence"])
     if op == "tp":
         return torch.ops.pcfast.tp_train_step(
             c["weights"], c["biases"], c["activations"], c["feedback_weights"], c["feedback_biases"],
@@ -430,6 +527,8 @@ MUTATIONS = [
      _set("inference_steps", lambda rng, c: rng.choice((-1, -7, -(2**40))))),
     ("bad inference_lr", PC, lambda c: True,
      _set("inference_lr", lambda rng, c: rng.choice((0.0, -0.1, float("nan"), float("inf"))))),
+    ("bad inference_tol", PC, lambda c: True,
+     _set("inference_tol", lambda rng, c: rng.choice((-0.1, 1.0, 2.0, float("nan"), float("inf"))))),
     ("unknown schedule", PC, lambda c: True,
      _set("schedule", lambda rng, c: rng.choice(("Jacobi", "gauss-seidel", "", "sequential ")))),
     ("bad beta", ("tp",), lambda c: True, _set("beta", lambda rng, c: rng.choice((-0.5, float("nan"), float("inf"))))),
@@ -461,7 +560,8 @@ MUTATIONS = [
                                   rng.choice((None, object(), "3", [[1.0]], {"a": 1}, 7)))),
     # (None passes for a bool — the dispatcher reads it as False — so it is not offered here.)
     ("wrong Python scalar type", PC, lambda c: True,
-     lambda rng, c: c.__setitem__(rng.choice(("inference_steps", "inference_lr", "schedule", "fpa", "precisions")),
+     lambda rng, c: c.__setitem__(rng.choice(("inference_steps", "inference_lr", "schedule", "fpa", "precisions",
+                                              "inference_tol", "return_trace", "check_divergence")),
                                   rng.choice((object(), [[1.0]], {"a": 1})))),
 ]
 

@@ -64,11 +64,14 @@ def shape_id(dims, batch, dtype, bias):
     return f"D{'x'.join(map(str, dims))}-B{batch}-{dtype}-{'bias' if bias is True else bias or 'nobias'}"
 
 
-def pc_args(dims, batch, dtype, bias, *, schedule="jacobi", fpa=False, loss="mse", trajectory=True, steps=3):
+def pc_args(dims, batch, dtype, bias, *, schedule="jacobi", fpa=False, loss="mse", trajectory=True, steps=3,
+            control=None):
+    """The op's arguments; ``control`` = (inference_tol, return_trace, check_divergence), else left
+    to the schema's defaults."""
     weights, biases, acts = network(dims, bias, DTYPES[dtype])
     x, y = random_batch(dims, batch, loss, dtype=DTYPES[dtype])
     gammas = [1.0 + 0.5 * l for l in range(len(weights))]
-    return (weights, biases, acts, x, y, gammas, steps, 0.1, schedule, fpa, loss, trajectory)
+    return (weights, biases, acts, x, y, gammas, steps, 0.1, schedule, fpa, loss, trajectory, *(control or ()))
 
 
 def tp_args(dims, batch, dtype, bias, *, loss="mse", difference=True):
@@ -103,6 +106,20 @@ OPCHECK_CASES = [
                        ("jacobi", True, "ce"), ("sequential", False, "ce"), ("jacobi", False, "ce"),
                        ("jacobi", True, "mse"), ("sequential", True, "mse")])],
     pytest.param("pc_train_step", pc_args((5, 4, 2), 3, "f32", True, steps=0), id="pc-T0"),
+    # Inference control: adaptive stopping (the steps taken are data, not a shape), the trace and F
+    # before the last step, alone and together. opcheck compares eager and AOT outputs with
+    # assert_close, for which NaN ≠ NaN, so no traced case here stops early (NaN rows); the compile
+    # test below runs that case with a NaN-aware comparison.
+    *[pytest.param("pc_train_step", pc_args(*shape, schedule=schedule, fpa=fpa, steps=steps, control=control),
+                   id=f"pc-{shape_id(*shape)}-{schedule}-{'fpa' if fpa else 'nofpa'}-T{steps}-tol{control[0]}-"
+                      f"{'trace' if control[1] else 'notrace'}-{'check' if control[2] else 'nocheck'}")
+      for shape, schedule, fpa, steps, control in [
+          (SHAPES[0], "jacobi", False, 6, (0.5, False, True)),
+          (SHAPES[1], "sequential", False, 4, (None, True, True)),
+          (SHAPES[2], "sequential", True, 3, (0.0, False, True)),  # no hidden layer: stops after step 1
+          (SHAPES[3], "jacobi", True, 5, (0.0, True, False)),
+          (SHAPES[0], "sequential", False, 0, (0.2, True, True)),
+      ]],
     *[pytest.param("tp_train_step", tp_args(*shape, loss=loss, difference=difference),
                    id=f"tp-{shape_id(*shape)}-{'dtp' if difference else 'tp'}-{loss}")
       for shape, (loss, difference) in zip(SHAPES, [("mse", True), ("ce", False), ("ce", True), ("mse", False)])],
@@ -159,9 +176,14 @@ class GraphRecorder:
 
 
 def assert_same(got, expected, path="result"):
-    """Bitwise equality through nested lists/tuples/dataclasses (the same kernels run in both)."""
+    """Bitwise equality through nested lists/tuples/dataclasses (the same kernels run in both); NaN
+    where both have NaN (the trace's rows after a stop)."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype, path
+        if expected.is_floating_point():
+            nan = torch.isnan(expected)
+            assert torch.equal(torch.isnan(got), nan), f"{path}: compiled has NaN elsewhere than eager"
+            got, expected = got.masked_fill(nan, 0), expected.masked_fill(nan, 0)
         assert torch.equal(got, expected), f"{path}: compiled differs from eager"
     elif expected is None:
         assert got is None, path
@@ -208,6 +230,29 @@ def test_compiled_pc_and_tp_steps_match_eager_in_one_graph(dtype):
     assert_same(got, step(weights, biases, qs, cs, x, labels))
     assert len(recorder.graphs) == 1
     assert {getattr(pcfast_ops, name).default for name in OPS} <= recorder.ops_traced()
+
+
+@pytest.mark.parametrize("schedule, fpa", [("jacobi", False), ("sequential", False), ("sequential", True)])
+def test_compiled_pc_step_with_inference_control_matches_eager(schedule, fpa):
+    """Adaptive stopping, the trace and F before the last step through CppBackend compile into one
+    graph (the steps taken stay a tensor, never a Python int) with eager's numbers."""
+    dims = (11, 1, 6, 3)
+    weights, biases, acts = network(dims, True, torch.float64)
+    x, labels = random_batch(dims, 7, "ce", dtype=torch.float64)
+    backend = cpp.CppBackend()
+    config = PCConfig.of(len(weights), [1.0, 2.0, 0.5], inference_steps=12, inference_lr=0.2, schedule=schedule,
+                         fpa=fpa, loss="ce", return_trajectory=True, inference_tol=0.3, return_trace=True,
+                         check_divergence=True)
+
+    def step(weights, biases, x, labels):
+        return backend.pc_grads(Net(weights, biases, acts), x, labels, config)
+
+    recorder = GraphRecorder()
+    got = compiled(step, recorder)(weights, biases, x, labels)
+    expected = step(weights, biases, x, labels)
+    assert_same(got, expected)
+    assert 0 < int(expected.steps) < 12 and expected.trace.energy.shape == (13, 3)
+    assert len(recorder.graphs) == 1
 
 
 @pytest.mark.parametrize("schedule, fpa", [("jacobi", False), ("sequential", True)])
