@@ -22,10 +22,18 @@ from .pc import PC, PCOptions
 @dataclass(frozen=True)
 class IPCOptions(PCOptions):
     """iPC's settings: PC's, with T ≥ 1 (each inference step is a weight step), the Jacobi schedule
-    and no FPA (the weights change at every step, so there are no fixed feedforward predictions)."""
+    and no FPA (the weights change at every step, so there are no fixed feedforward predictions).
+    Adaptive stopping, the trace and the divergence guard are PC's and not offered here: every
+    inference step is also a weight step, so the energy is not descended."""
+
+    check_divergence: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, off in (("inference_tol", None), ("trace", False), ("check_divergence", False)):
+            if getattr(self, name) != off:
+                raise ValueError(f"{name}: not available for iPC (each inference step also updates the weights); "
+                                 f"use pcfast.optim.PC, or leave {name}={off!r}")
         if self.inference_steps < 1:
             raise ValueError(f"inference_steps: expected an int >= 1 (iPC updates the weights once per inference "
                              f"step), got {self.inference_steps!r}")
