@@ -50,6 +50,7 @@ def test_help_and_bad_arguments(capsys):
 
 @pytest.mark.parametrize("command, option", [
     ("transfer", "--log2-lr"), ("coordcheck", "--steps"), ("interp", "--gamma-bars"), ("train", "--backend"),
+    ("train", "--inference-tol"), ("traces", "--relax-steps"),
 ])
 def test_every_command_documents_its_options_and_defaults(command, option, capsys):
     code, text, _ = _main(capsys, command, "--help")
@@ -120,6 +121,11 @@ def _mistakes(tmp):
         (["train", "--momentum", "1"], "--momentum"),
         (["train", "--gamma-bar", "5"], "--gamma-bar"),
         (["train", "--inference-steps", "-3"], "--inference-steps"),
+        (["train", "--inference-tol", "1"], "--inference-tol"),
+        (["train", "--inference-tol", "-0.1"], "--inference-tol"),
+        (["train", "--trace", tmp], "is a directory"),
+        (["traces", "--widths", "16", "16", "--out", tmp / "r"], "--widths"),
+        (["traces", "--out", afile], "is not a directory"),
         (["train", "--device", "quantum"], "quantum"),
         (["train", "--optimizer", "adam", "--momentum", "0.5"], "--momentum"),
         (["train", "--optimizer", "lion"], "invalid choice: 'lion'"),

@@ -4,6 +4,7 @@
     pcfast transfer    learning-rate × width sweep per algorithm and parametrization (μTransfer)
     pcfast coordcheck  per-layer update size against width (the coordinate check)
     pcfast interp      PC's update between GD and Gauss–Newton in deep linear networks
+    pcfast traces      each layer's energy against the inference step, across widths, under SP and μP
     pcfast plot        draw the figure of a results JSON again, without recomputing anything
 
 Every subcommand shows progress bars on long work (``--no-progress`` turns them off), writes its
@@ -127,6 +128,7 @@ def _real(low: float | None = None, high: float | None = None, *, low_open: bool
 _positive = _real(0.0, low_open=True)
 _non_negative = _real(0.0)
 _momentum = _real(0.0, 1.0, high_open=True)
+_fraction = _real(0.0, 1.0, high_open=True)
 _gamma_bar = _real(-1.0, 0.0)
 _precision = _real(0.0, 1e6, low_open=True)  # beyond, the relaxation's step κ ~ 1/γ underflows
 
@@ -256,8 +258,8 @@ def check_plotting() -> None:
 
 
 TRAIN_SETTINGS = ("algo", "dataset", "root", "preset", "base_width", "gamma_bar", "width", "depth", "activation",
-                  "epochs", "batch_size", "lr", "momentum", "loss", "inference_steps", "inference_lr", "beta",
-                  "feedback_lr", "backend", "seed", "train_size", "optimizer")
+                  "epochs", "batch_size", "lr", "momentum", "loss", "inference_steps", "inference_lr", "inference_tol",
+                  "beta", "feedback_lr", "backend", "seed", "train_size", "optimizer")
 OPTIMIZER_HELP = ("update rule: torch.optim.SGD (with --momentum), Adam or AdamW (torch's betas, eps and weight "
                   "decay); the muP learning-rate multipliers follow the rule")
 
@@ -290,8 +292,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--momentum", type=_momentum, default=None,
                    help="SGD momentum in [0, 1) (default: 0.9; not with --optimizer adam or adamw)")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse", help="output loss")
-    p.add_argument("--inference-steps", type=_count, default=20, help="PC relaxation steps T")
+    p.add_argument("--inference-steps", type=_count, default=20,
+                   help="PC relaxation steps T (the cap, with --inference-tol)")
     p.add_argument("--inference-lr", type=_positive, default=0.2, help="PC inference rate kappa")
+    p.add_argument("--inference-tol", type=_fraction, default=None, metavar="TOL",
+                   help="PC adaptive stopping: end a relaxation after the first step whose size is at most TOL times "
+                        "the largest step so far (0 <= TOL < 1); the mean steps taken are logged per epoch")
+    p.add_argument("--trace", type=Path, default=None, metavar="PATH",
+                   help="write PC's per-step traces (energy per layer after every inference step, activity-gradient "
+                        "norms) to this JSON file; costs one host read per step")
     p.add_argument("--beta", type=_non_negative, default=0.5, help="TP/DTP output target step")
     p.add_argument("--feedback-lr", type=_positive, default=0.1, help="TP/DTP feedback learning rate")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="compute backend")
@@ -349,13 +358,16 @@ def _train(args) -> int:
     leader = ranks is None or ranks[0] == 0
     if not leader:
         args.json, save = None, None
-    for option, path in (("--json", args.json), ("--save" if args.save is not None else "--resume", save)):
+    if not leader:
+        args.trace = None
+    for option, path in (("--json", args.json), ("--save" if args.save is not None else "--resume", save),
+                         ("--trace", args.trace)):
         if path is not None:
             prepare_output_file(path, option)
     try:
         config = TrainConfig(tuple(args.algo), **{dest: getattr(args, dest) for dest in TRAIN_SETTINGS[1:]})
         log = run_train(config=config, device=args.device, show_progress=leader and not args.no_progress, save=save,
-                        resume=resume, say=print if leader else _silent)
+                        resume=resume, trace=args.trace, say=print if leader else _silent)
     finally:
         if ranks is not None:
             leave_torchrun()
@@ -606,6 +618,50 @@ def _is_file_stem(name: str) -> bool:
     return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "-_." for c in name)
 
 
+# --------------------------------------------------------------------------------------------- traces
+
+
+def _traces_parser(sub) -> None:
+    from ..experiments.traces import TraceSettings
+
+    d = TraceSettings()
+    p = sub.add_parser(
+        "traces", help="each layer's energy against the inference step, across widths, under SP and muP",
+        description=("Train a PC model per parametrization and width (tanh 784-M-M-10 on the embedded MNIST subset, "
+                     "the README's setting), relax it on held-out images with the trace on, and write traces.json "
+                     "and traces.png under --out: each layer's energy per sample after every inference step and "
+                     "the step size relative to the largest so far (what --inference-tol tests)."))
+    p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=list(d.parametrizations),
+                   help="parametrizations")
+    p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths), help="hidden widths")
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="training epochs before the relaxation")
+    p.add_argument("--train-size", type=_positive_int, default=d.train_size, help="training images")
+    p.add_argument("--lr", type=_positive, default=d.lr, help="base learning rate")
+    p.add_argument("--inference-steps", type=_positive_int, default=d.inference_steps,
+                   help="PC relaxation steps T in training (marked in the figure)")
+    p.add_argument("--inference-lr", type=_positive, default=d.inference_lr, help="PC inference rate kappa")
+    p.add_argument("--relax-steps", type=_positive_int, default=d.relax_steps,
+                   help="inference steps of the traced relaxation")
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS, help="compute backend")
+    _add_common(p)
+    p.set_defaults(func=_traces)
+
+
+def _traces(args) -> int:
+    from ..experiments.traces import TraceSettings, format_traces, run_traces, write_traces
+
+    _all_distinct(("--widths", args.widths), ("--parametrization", args.parametrization))
+    check_backend(args.backend, None)
+    check_plotting()
+    prepare_output_dir(args.out, ["traces.json", "traces.png"])
+    settings = TraceSettings(
+        parametrizations=tuple(args.parametrization), widths=tuple(args.widths), epochs=args.epochs,
+        train_size=args.train_size, lr=args.lr, inference_steps=args.inference_steps,
+        inference_lr=args.inference_lr, relax_steps=args.relax_steps, backend=args.backend)
+    _run_and_write(run_traces, write_traces, format_traces, settings, args)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------------------- coordcheck
 
 
@@ -711,8 +767,9 @@ def _interp(args) -> int:
 
 def _plot_parser(sub) -> None:
     p = sub.add_parser(
-        "plot", help="draw the figure of a results JSON again (transfer, interp, coordcheck), without recomputing",
-        description=("Read a results file written by pcfast transfer, interp or coordcheck and draw its figure "
+        "plot", help="draw the figure of a results JSON again (transfer, interp, coordcheck, traces), without "
+                     "recomputing",
+        description=("Read a results file written by pcfast transfer, interp, coordcheck or traces and draw its figure "
                      "again: the figure is a function of the JSON alone. Writes the PNG next to the JSON, with the "
                      "same stem, or under --out."))
     p.add_argument("result", type=Path, metavar="RESULT.json", help="a results JSON")
@@ -723,6 +780,7 @@ def _plot_parser(sub) -> None:
 def _plot(args) -> int:
     from ..experiments.coordcheck import plot_coordcheck
     from ..experiments.interp import plot_interp
+    from ..experiments.traces import plot_traces
     from ..experiments.transfer import plot_transfer
 
     path = args.result
@@ -732,7 +790,8 @@ def _plot(args) -> int:
         result = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"RESULT.json: cannot read {path} as JSON ({exc})") from None
-    plotters = {"transfer": plot_transfer, "interp": plot_interp, "coordcheck": plot_coordcheck}
+    plotters = {"transfer": plot_transfer, "interp": plot_interp, "coordcheck": plot_coordcheck,
+                "traces": plot_traces}
     kind = result.get("experiment") if isinstance(result, dict) else None
     if kind not in plotters:
         raise UsageError(f"RESULT.json: {path} is not a result of {', '.join(plotters)} "
@@ -771,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     _transfer_parser(sub)
     _coordcheck_parser(sub)
     _interp_parser(sub)
+    _traces_parser(sub)
     _plot_parser(sub)
     return parser
 

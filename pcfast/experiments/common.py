@@ -108,6 +108,7 @@ class ModelSpec:
 MODEL_KEYWORDS = tuple(f.name for f in fields(ModelSpec) if f.name not in ("input_dim", "width", "num_classes"))
 # Optimizer keywords that only some algorithms take; a sweep passes them all and each optimizer gets its own.
 PC_KEYWORDS = ("inference_steps", "inference_lr", "schedule", "fpa")
+PC_ONLY_KEYWORDS = ("inference_tol", "trace", "check_divergence")  # PC's inference control, not iPC's
 TP_KEYWORDS = ("beta", "feedback_lr", "feedback_steps", "feedback_noise", "feedback_weight_decay", "seed")
 
 
@@ -157,6 +158,8 @@ def _optimizer_kwargs(algo: str, seed: int, kwargs: dict[str, Any]) -> dict[str,
     if algo == "bp":
         kwargs.pop("backend", None)
     for key in PC_KEYWORDS if algo not in ("pc", "ipc") else ():
+        kwargs.pop(key, None)
+    for key in PC_ONLY_KEYWORDS if algo != "pc" else ():
         kwargs.pop(key, None)
     for key in TP_KEYWORDS if algo not in ("tp", "dtp") else ():
         kwargs.pop(key, None)

@@ -2,6 +2,8 @@
 checkpoints (``save``) that a later call resumes (``resume``) exactly where the run stopped."""
 from __future__ import annotations
 
+import json
+
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -125,6 +127,7 @@ class TrainConfig:
     loss: str = "mse"
     inference_steps: int = 20
     inference_lr: float = 0.2
+    inference_tol: float | None = None
     beta: float = 0.5
     feedback_lr: float = 0.1
     backend: str = "auto"
@@ -144,15 +147,16 @@ class TrainConfig:
         """The checkpoint's ``settings``: plain values, ``algos`` a list."""
         return {**asdict(self), "algos": list(self.algos)}
 
-    def model_and_optimizer(self, algo: str, data, device: torch.device):
-        """``(model, parametrization, optimizer)`` for ``algo`` on ``data``'s shapes, on ``device``."""
+    def model_and_optimizer(self, algo: str, data, device: torch.device, *, trace: bool = False):
+        """``(model, parametrization, optimizer)`` for ``algo`` on ``data``'s shapes, on ``device``
+        (PC keeps each step's trace with ``trace``)."""
         variant = Variant(algo, self.gamma_bar if algo == "pc" else 0.0)
         return build(
             variant, self.preset, self.width, input_dim=data.num_features, num_classes=data.num_classes, lr=self.lr,
             base_width=self.base_width, hidden_layers=self.depth, activation=self.activation, seed=self.seed,
             loss=self.loss, inference_steps=self.inference_steps, inference_lr=self.inference_lr, beta=self.beta,
-            feedback_lr=self.feedback_lr, backend=self.backend, device=device,
-            **update_rule(self.optimizer, self.momentum))
+            feedback_lr=self.feedback_lr, backend=self.backend, device=device, inference_tol=self.inference_tol,
+            trace=trace, **update_rule(self.optimizer, self.momentum))
 
 
 def run_train(
@@ -163,6 +167,7 @@ def run_train(
     show_progress: bool = True,
     save: Path | None = None,
     resume: dict[str, Any] | None = None,
+    trace: Path | None = None,
     say=print,
     **settings: Any,
 ) -> list[dict[str, Any]]:
@@ -183,6 +188,10 @@ def run_train(
     its settings replace the arguments, finished algorithms are skipped and the others continue
     from their last finished epoch — with the batches and learning rates the uninterrupted run
     would have used, so the result equals it.
+
+    With ``trace``, PC keeps the trace of every step (``pcfast.results.PCTrace``: each layer's energy
+    after every inference step and the activity-gradient norms; one extra host read per step) and
+    the traces are written to that JSON file (``write_traces``) when training ends.
     """
     if config is None:
         if algos is None:
@@ -193,11 +202,25 @@ def run_train(
     if resume is not None:
         config = TrainConfig(**resume["settings"])
     trainer = _Trainer(config, resolve_device(device), save=save, resume=resume, show_progress=show_progress,
-                       say=say)
+                       say=say, trace=trace is not None)
     runs = [run for run in map(trainer.prepare, config.algos) if run is not None]
     for run in runs:
         trainer.train(run)
+    if trace is not None:
+        write_traces(trace, config, trainer.traces)
+        say(f"traces: {trace}")
     return trainer.log
+
+
+def write_traces(path: Path, config: TrainConfig, traces: dict[str, list[dict[str, Any]]]) -> None:
+    """The JSON file of ``run_train(trace=...)``: the settings and, per PC run, one entry per step
+    (``epoch``, ``batch``, ``energy`` [t][l] = layer l's term of F after t inference steps, summed over
+    the batch, ``grad_norm`` [t][l] = ‖∂F/∂z_l‖ used by step t + 1; null after a stop)."""
+    from .common import _clean
+
+    payload = {"format": "pcfast-trace", "version": 1, "settings": config.settings(),
+               "units": "energy summed over the batch; grad_norm Frobenius over the batch", "runs": traces}
+    path.write_text(json.dumps(_clean(payload)))
 
 
 @dataclass
@@ -218,10 +241,11 @@ class _Trainer:
     """One ``run_train`` call: the data, the log and the checkpoint's per-algorithm states."""
 
     def __init__(self, config: TrainConfig, where: torch.device, *, save: Path | None,
-                 resume: dict[str, Any] | None, show_progress: bool, say):
+                 resume: dict[str, Any] | None, show_progress: bool, say, trace: bool = False):
         from ..data import load_dataset
 
         self.config, self.save, self.show_progress, self.say = config, save, show_progress, say
+        self.trace, self.traces = trace, {}
         self.log: list[dict[str, Any]] = list(resume["log"]) if resume is not None else []
         self.states: dict[str, dict[str, Any]] = dict(resume["runs"]) if resume is not None else {}
         data = load_dataset(config.dataset, root=config.root)
@@ -248,7 +272,7 @@ class _Trainer:
         if state is not None and state.get("finished"):
             self.say(f"{algo}: finished in the checkpoint, skipped")
             return None
-        model, _, opt = self.config.model_and_optimizer(algo, self.data, self.where)
+        model, _, opt = self.config.model_and_optimizer(algo, self.data, self.where, trace=self.trace and algo == "pc")
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         run = _Run(algo, model, opt, scheduler, torch.get_rng_state())  # the generator after this build
         if state is not None:
@@ -272,9 +296,18 @@ class _Trainer:
         run.start = time.perf_counter()
         run.warned = any(e.get("warning") for e in self.entries(run.algo))
 
+        traces = self.traces.setdefault(run.algo, []) if self.trace and run.algo == "pc" else None
+        done = run.start_epoch * self.steps_per_epoch
+
         def on_step(stats: dict) -> None:
+            nonlocal done
             bar.update()
             bar.set_postfix_str(f"loss {stats['loss']:.3f}")
+            if traces is not None:
+                trace = run.opt.last_trace
+                traces.append({"epoch": done // self.steps_per_epoch + 1, "batch": done % self.steps_per_epoch + 1,
+                               "energy": trace.energy.tolist(), "grad_norm": trace.grad_norm.tolist()})
+            done += 1
 
         outcome = train_run(run.opt, self.x_train, self.y_train, epochs=c.epochs, batch_size=c.batch_size,
                             seed=c.seed, scheduler=run.scheduler, on_step=on_step,

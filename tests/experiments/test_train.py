@@ -205,3 +205,24 @@ def test_train_with_adam_keeps_adam_state_in_its_checkpoint_and_resumes_with_it(
     resumed = torch.load(tmp_path / "part.pt", weights_only=True)
     for key, value in full["runs"]["pc"]["model"].items():
         assert torch.equal(value, resumed["runs"]["pc"]["model"][key]), key
+
+
+def test_train_with_adaptive_stopping_and_traces_writes_them(tmp_path, pcfast_cli):
+    """``--inference-tol`` logs the mean steps taken (below the cap on this run) and ``--trace`` writes
+    one trace per PC step whose final energies are the logged energy (per sample)."""
+    trace, log = tmp_path / "trace.json", tmp_path / "log.json"
+    proc = pcfast_cli("train", "--algo", "pc", "bp", "--epochs", "1", "--train-size", "256", "--width", "32",
+                      "--inference-tol", "0.3", "--trace", trace, "--json", log, "--no-progress", "--backend", "torch")
+    assert proc.returncode == 0, proc.stderr
+    entries = {e["algo"]: e for e in json.loads(log.read_text())}
+    assert 1 <= entries["pc"]["inference_steps"] < 20 and "inference_steps" not in entries["bp"]
+    payload = json.loads(trace.read_text())
+    assert payload["format"] == "pcfast-trace" and set(payload["runs"]) == {"pc"}
+    steps = payload["runs"]["pc"]
+    assert len(steps) == 4 and [s["batch"] for s in steps] == [1, 2, 3, 4]
+    for step in steps:
+        assert len(step["energy"]) == 21 and len(step["grad_norm"]) == 20 and len(step["energy"][0]) == 3
+    taken = [next((t for t, row in enumerate(s["energy"]) if row[0] is None), 21) - 1 for s in steps]
+    assert sum(taken) / len(taken) == pytest.approx(entries["pc"]["inference_steps"])
+    energies = [sum(s["energy"][t]) / 64 for s, t in zip(steps, taken)]
+    assert sum(energies) / len(energies) == pytest.approx(entries["pc"]["energy"], rel=1e-5)
