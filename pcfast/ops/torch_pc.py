@@ -86,6 +86,7 @@ class Monitor:
         self.taken = torch.zeros((), dtype=torch.int64, device=like.device)
         self.trace = PCTrace(new(steps + 1, depth), new(steps, hidden)) if config.return_trace else None
         self.energy_prev: Tensor | None = None
+        self.measures_steps = self.tol is not None or config.return_trace  # ‖Δz_l‖² of every step
 
     def terms(self, state: Relaxation) -> Tensor:
         """F's terms at the current state (refreshing the errors a sequential sweep left stale)."""
@@ -107,6 +108,8 @@ class Monitor:
 
     def after_step(self, state: Relaxation, t: int) -> None:
         """Bookkeeping after step t + 1 (0-based ``t``): trace rows and the stopping test."""
+        if not self.measures_steps:
+            return
         running = self.gate.clone() if self.gate is not None else None
         if self.trace is not None and self.squares.numel():
             norms = self.squares.sqrt() * self.to_grad
@@ -141,7 +144,7 @@ def relax(state: Relaxation, config: PCConfig, loss: Tensor, host_stops: bool | 
             state.step()
         else:
             monitor.before_step(state, t)
-            state.step(monitor.gate, monitor.squares)
+            state.step(monitor.gate, monitor.squares if monitor.measures_steps else None)
             monitor.after_step(state, t)
         if trajectory is not None:
             trajectory.append([z.clone() for z in state.latents])
