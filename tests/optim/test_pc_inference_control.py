@@ -51,9 +51,12 @@ def _assert_unchanged(before, after):
     assert str(before[2]) == str(after[2])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+RULES = ["sgd", "adam", "compute_gradients"]
+
+
 @pytest.mark.parametrize("stiff", [1, 2])
-@pytest.mark.parametrize("rule", ["sgd", "adam", "compute_gradients"])
+@pytest.mark.parametrize("backend,rule", [(b, r) for b in BACKENDS for r in RULES] + [pytest.param(
+    "triton", "sgd", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: the Triton interpreter"))])
 def test_a_diverging_relaxation_is_caught_before_anything_changes(backend, stiff, rule):
     """Oracle: copies of the parameters, .grad and the optimizer's state_dict from before the step.
     Identity activations: nothing saturates, so the unstable mode grows until the last step."""
