@@ -85,7 +85,7 @@ class PC(LocalOptimizer):
             relaxation whose energy rose in its last step, or ended above its start — with
             ``trace``, rose in any step — raises ``DivergenceError`` naming the first step whose
             energy rose and the layer whose curvature limits κ, with the largest stable
-            ``inference_lr`` estimated; nothing is changed. Costs one energy evaluation per step.
+            ``inference_lr`` estimated; nothing is changed. Costs one extra energy evaluation per train step.
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
         process_group: data parallelism (``pcfast.distributed``): ``"auto"`` (the default group when
             ``torch.distributed`` is initialised with more than one rank), None (single process) or
