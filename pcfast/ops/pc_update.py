@@ -149,9 +149,11 @@ def _check_monitor(latent: Tensor, gate: Tensor | None, squares: Tensor | None, 
 
 def _launch(latents: Tensor, errors: Tensor, errors_next: Tensor, weight_next: Tensor, weight_table: Tensor | None,
             step: RelaxationStep, update_error: bool, preactivations: Tensor | None,
-            errors_out: Tensor | None, gate: Tensor | None, squares: Tensor | None) -> None:
+            errors_out: Tensor | None, monitor: tuple[Tensor | None, Tensor | None]) -> None:
     """Launch ``_pc_update_kernel`` over (G, B, N) state (G = 1 without ``weight_table``: one layer,
-    W_{l+1} = ``weight_next``; else W_{l+1} of layer g at ``weight_table[g]`` from ``weight_next``)."""
+    W_{l+1} = ``weight_next``; else W_{l+1} of layer g at ``weight_table[g]`` from ``weight_next``);
+    ``monitor`` is (gate, squares)."""
+    gate, squares = monitor
     layers, batch, width = latents.shape
     _pc_update_kernel_tuned[lambda meta: (tiles(meta, batch, width)[0], layers)](
         e_next_ptr=errors_next, w_next_ptr=weight_next, z_ptr=latents, e_ptr=errors,
@@ -187,7 +189,7 @@ def latent_update(latent: Tensor, error: Tensor, error_next: Tensor, weight_next
     _check_fpa(latent, step.fpa, preactivation, error_out)
     _check_monitor(latent, gate, squares, 1)
     _launch(latent[None], error[None], error_next[None], weight_next, None, step, update_error, _one(preactivation),
-            _one(error_out), gate, squares)
+            _one(error_out), (gate, squares))
 
 
 def stacked_latent_update(latents: Tensor, errors: Tensor, errors_next: Tensor, weights_next: LayerTable,
@@ -209,4 +211,4 @@ def stacked_latent_update(latents: Tensor, errors: Tensor, errors_next: Tensor, 
     if update_error and (errors_out is None or errors_out.data_ptr() == errors.data_ptr()):
         raise ValueError("errors_out: a stacked step that moves the errors writes them to another buffer")
     _launch(latents, errors, errors_next, weights_next.base, weights_next.offsets, step, update_error, preactivations,
-            errors_out, gate, squares)
+            errors_out, (gate, squares))
