@@ -44,6 +44,7 @@ import copy
 import inspect
 import math
 import operator
+from itertools import chain
 import warnings
 import weakref
 from dataclasses import dataclass, fields
@@ -77,6 +78,7 @@ _ADAM_FAMILY = tuple(getattr(torch.optim, name) for name in ("Adam", "AdamW", "N
 # The state an update rule keeps per element of its parameter (checked against the parameter's shape).
 _PER_ELEMENT_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _GUARD = "labels in range"  # the batch's guard among a step's checked values
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)  # check_batch's class labels
 
 
 @dataclass
@@ -88,6 +90,59 @@ class _Step:
     y: Tensor
     target: Tensor
     pending: dict
+
+
+_GROUP_WRITES = [0]  # how many writes into any _Group there have been (counted after each write)
+
+
+class _Group(dict):
+    """A parameter group the optimizer made: a dict that counts every write into it (item
+    assignment, ``update``, ``setdefault``, ``pop``, …) in ``_GROUP_WRITES``, so that settings
+    derived from the groups are known to be current without reading them again."""
+
+    __slots__ = ()
+
+
+def _counted(name: str) -> Callable:
+    method = getattr(dict, name)
+
+    def write(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _GROUP_WRITES[0] += 1
+
+    write.__name__ = write.__qualname__ = name
+    return write
+
+
+for _name in ("__setitem__", "__delitem__", "__ior__", "update", "setdefault", "pop", "popitem", "clear"):
+    setattr(_Group, _name, _counted(_name))
+
+
+class _GroupSettings:
+    """What a step reads from the parameter groups' settings, derived once per set of values:
+    ``inner[i]``, the values ``_sync_inner`` writes into the inner optimizer's group ``i``;
+    ``sgd[i]``, the group's (lr, momentum, dampening, weight decay, nesterov) for the certain SGD
+    path (None where it does not apply); ``rates``, the dtypes every group's rates fit (``_check_rates``);
+    ``synced``, whether the inner groups were set from it. ``groups`` and ``writes``: the groups it
+    was derived from and ``_GROUP_WRITES`` before they were read — it is reused while the optimizer
+    has the same groups and nothing was written into any ``_Group`` since (kept only when every group
+    is a ``_Group`` and every setting immutable: a number, bool, string, None or tuple of those)."""
+
+    __slots__ = ("groups", "writes", "inner", "sgd", "rates", "synced")
+
+    def __init__(self, groups: tuple, writes: int, inner: list[dict], sgd: list[tuple | None]) -> None:
+        self.groups, self.writes, self.inner, self.sgd = groups, writes, inner, sgd
+        self.rates: set[torch.dtype] = set()
+        self.synced = False
+
+
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _immutable(value: Any) -> bool:
+    return type(value) in _SCALARS or (type(value) is tuple and all(type(v) in _SCALARS for v in value))
 
 
 _LARGEST: dict[torch.dtype, float] = {}
@@ -205,6 +260,12 @@ class LocalOptimizer(torch.optim.Optimizer):
     # The algorithm's settings (an ``Options`` dataclass); ``backends``: those it runs on.
     options: ClassVar[type[Options]] = Options
     backends: ClassVar[tuple[str, ...] | None] = None
+    # Whether a NaN in the target makes the statistics of ``_local_gradients`` non-finite (it does
+    # not check the target itself): then class labels out of range are marked in the target.
+    _target_guards_labels: ClassVar[bool] = False
+    # Whether ``step()`` warns about a ``.grad`` that the optimizer did not write (not BP's, whose
+    # gradients are autograd's, like the ``.grad`` that ``loss.backward()`` writes).
+    _warns_foreign_grads: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each optimizer the signature its keyword arguments make, for ``help`` and
@@ -267,8 +328,8 @@ class LocalOptimizer(torch.optim.Optimizer):
         groups = []
         for l, kind, p in layers:
             scale = scales[l][0 if kind == "weight" else 1]
-            groups.append({"params": [p], "lr": lr, "lr_mult": scale.lr_mult, "eps_mult": scale.eps_mult,
-                           "weight_decay_mult": scale.weight_decay_mult, "layer": l, "kind": kind})
+            groups.append(_Group(params=[p], lr=lr, lr_mult=scale.lr_mult, eps_mult=scale.eps_mult,
+                                 weight_decay_mult=scale.weight_decay_mult, layer=l, kind=kind))
         defaults = dict(lr=lr, lr_mult=1.0, eps_mult=1.0, weight_decay_mult=1.0, **hyper, backend=backend,
                         **self.config.settings())
         self._inner_keys = tuple(hyper)
@@ -370,6 +431,53 @@ class LocalOptimizer(torch.optim.Optimizer):
         flag = labels_out_of_range(y, self.mlp.linears[-1].out_features)
         return like.new_zeros(()) if flag is None else flag.to(like.dtype)
 
+    def _target_and_guard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``_check_batch``'s target and the batch's label guard with fewer tensor operations (each
+        costs about as much as the Python around it at the README's size): None when the target
+        carries the guard itself. Class labels are clamped into range, as ``_check_batch`` does
+        (MSE: their rows of a one-hot table, exactly ``_check_batch``'s one-hot rows), and guarded
+        by one comparison with the clamped labels. Where ``_target_guards_labels``, class labels
+        under MSE instead index the table with one extra row of NaN, which a label out of range
+        gets: the loss, and so the step's statistics, inherit the NaN (``_raise_non_finite`` then
+        names y), and no guard is needed. Batches that are not plainly valid go through
+        ``_check_batch`` and ``_guard``, which raise the errors naming the argument."""
+        w0 = self._weights[0]
+        loss = self._setting("loss")
+        if not ((loss == "mse" or loss == "ce") and type(x) is Tensor and type(y) is Tensor
+                and x.layout == torch.strided and y.layout == torch.strided and x.dim() == 2 and y.dim() == 1 and x.shape[0] == y.shape[0] and x.shape[0] > 0
+                and x.shape[1] == w0.shape[1] and x.dtype == w0.dtype and x.device == w0.device
+                and y.device == x.device and y.dtype in _LABEL_DTYPES):
+            target = self._check_batch(x, y)
+            return target, self._guard(y, w0)
+        classes = self._weights[-1].shape[0]
+        labels = y if y.dtype == torch.int64 else y.long()
+        if loss == "mse" and self._target_guards_labels:
+            return self._one_hot_table(classes, w0)[labels.clamp(-1, classes)], None
+        clamped = labels.clamp(0, classes - 1)
+        target = self._one_hot_table(classes, w0)[clamped] if loss == "mse" else clamped
+        zero, nan = self._guard_values(w0)
+        return target, torch.where(torch.eq(clamped, labels).all(), zero, nan)
+
+    def _one_hot_table(self, classes: int, like: Tensor) -> Tensor:
+        """The rows of the ``classes`` one-hot targets and, last, a row of NaN (``like``'s dtype and
+        device), made once."""
+        tables = self.__dict__.setdefault("_tables", {})
+        key = ("one-hot", classes, like.dtype, like.device)
+        table = tables.get(key)
+        if table is None:
+            table = tables[key] = torch.cat([torch.eye(classes, dtype=like.dtype, device=like.device),
+                                             torch.full((1, classes), math.nan, dtype=like.dtype, device=like.device)])
+        return table
+
+    def _guard_values(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """0-d 0 and NaN in ``like``'s dtype and device, made once: the values of a label guard."""
+        tables = self.__dict__.setdefault("_tables", {})
+        key = ("guard", like.dtype, like.device)
+        values = tables.get(key)
+        if values is None:
+            values = tables[key] = (like.new_zeros(()), like.new_full((), math.nan))
+        return values
+
     def _check_parametrization(self, parametrization: Parametrization, name: str) -> None:
         parametrization.check_matches(self.mlp)
         if parametrization.algo not in ("any", self.algo) and not (
@@ -380,15 +488,47 @@ class LocalOptimizer(torch.optim.Optimizer):
                 f"{self.algo!r}; call pcfast.parametrize(model, ..., algo={self.algo!r})"
             )
 
-    def _sync_inner(self) -> None:
+    def _sync_inner(self, settings: _GroupSettings | None = None) -> None:
         """Set the inner optimizer's groups from ours: rates times their multipliers, the rest as is."""
-        for outer, inner in zip(self.param_groups, self.inner_optimizer.param_groups):
-            for key in self._inner_keys:
-                inner[key] = outer[key]
-            inner["lr"] = outer["lr"] * outer["lr_mult"]
+        settings = settings or self._group_settings()
+        for inner, values in zip(self.inner_optimizer.param_groups, settings.inner):
+            inner.update(values)
+        settings.synced = True
+
+    def _group_settings(self) -> _GroupSettings:
+        """The groups' settings as a step uses them (``_GroupSettings``), derived again only after a
+        write into a group (schedulers and users write into ``param_groups`` directly) or a change
+        of the groups themselves (``add_param_group``, ``load_state_dict``)."""
+        groups = self.param_groups
+        writes = _GROUP_WRITES[0]  # (read before the settings: a write after it invalidates them)
+        cached = self.__dict__.get("_settings")
+        if (cached is not None and cached.writes == writes and len(cached.groups) == len(groups)
+                and all(map(operator.is_, cached.groups, groups))):
+            return cached
+        keys = ("lr", "lr_mult", *_MULTIPLIERS[1:], *self._inner_keys)
+        values = tuple(chain.from_iterable(map(operator.itemgetter(*keys), groups)))
+        sgd_rule = type(self.inner_optimizer) is torch.optim.SGD
+        inner, sgd = [], []
+        for outer, group in zip(self.param_groups, self.inner_optimizer.param_groups):
+            values_i = {key: outer[key] for key in self._inner_keys}
+            values_i["lr"] = outer["lr"] * outer["lr_mult"]
             for key in ("eps", "weight_decay"):  # numbers only (Adafactor's eps is a pair)
-                if isinstance(inner.get(key), (int, float)) and not isinstance(inner[key], bool):
-                    inner[key] = outer[key] * outer[f"{key}_mult"]
+                current = values_i[key] if key in values_i else group.get(key)
+                if isinstance(current, (int, float)) and not isinstance(current, bool):
+                    values_i[key] = outer[key] * outer[f"{key}_mult"]
+            inner.append(values_i)
+            numbers = None
+            if sgd_rule and not (values_i.get("maximize") or values_i.get("fused")):  # fused: its own arithmetic
+                numbers = tuple(values_i.get(k) for k in ("lr", "momentum", "dampening", "weight_decay"))
+                if all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
+                    numbers = (*numbers, bool(values_i.get("nesterov")))
+                else:
+                    numbers = None
+            sgd.append(numbers)
+        settings = _GroupSettings(tuple(groups), writes, inner, sgd)
+        lasting = all(type(g) is _Group for g in groups) and all(map(_immutable, values))
+        self.__dict__["_settings"] = settings if lasting else None
+        return settings
 
     # ------------------------------------------------------------------ algorithm hook
 
@@ -504,11 +644,11 @@ class LocalOptimizer(torch.optim.Optimizer):
                     f"{tuple(param.shape)} after the optimizer was built; build a new optimizer for the changed model"
                 )
         for p, entry in self.state.items():
-            for key in _PER_ELEMENT_STATE:
+            for key, value in entry.items():
                 # a tensor the update combines with the parameter element by element
-                value = entry.get(key)
-                if value is None or (isinstance(value, Tensor) and value.shape == p.shape
-                                     and value.dtype == p.dtype and value.device == p.device):
+                if key not in _PER_ELEMENT_STATE or value is None or (
+                        isinstance(value, Tensor) and value.shape == p.shape and value.dtype == p.dtype
+                        and value.device == p.device):
                     continue
                 index = next((i for i, group in enumerate(self.param_groups) if any(q is p for q in group["params"])), None)
                 name = "a parameter in no group" if index is None else self._group_name(index)
@@ -541,7 +681,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         return f"param_groups[{index}] (added with add_param_group)"
 
     def _warn_if_foreign_grads(self, where: str) -> None:
-        if self.algo == "bp" or self._warned_foreign_grads:
+        if not self._warns_foreign_grads or self._warned_foreign_grads:
             return
         for module, kind, p in self._slots:
             written = self._written_grads.get(p)
@@ -570,9 +710,9 @@ class LocalOptimizer(torch.optim.Optimizer):
         if group is None:
             for check in before:
                 check()
-            target = self._check_batch(x, y)
+            target, guard = self._target_and_guard(x, y)
             weight_grads, bias_grads, stats, pending = self._local_gradients(x, target)
-            guarded = {**stats, _GUARD: self._guard(y, weight_grads[0])}
+            guarded = stats if guard is None else {**stats, _GUARD: guard}
             return weight_grads, bias_grads, stats, guarded, _Step(x, y, target, pending)
         self._collectives = collectives = distributed.StepCollectives(
             group, self._collective_plan(), self.mlp.linears[0].weight)
@@ -621,6 +761,12 @@ class LocalOptimizer(torch.optim.Optimizer):
         they share a dtype and device, as a step's statistics and norms do."""
         if not values:
             return []
+        try:  # the usual case: 0-d tensors on one device (stack promotes dtypes exactly, to the widest)
+            stacked = torch.stack(values)
+        except (TypeError, RuntimeError):
+            stacked = None
+        if stacked is not None and stacked.dim() == 1:
+            return stacked.tolist()  # (called under no_grad: nothing to detach)
         tensors = [v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in values]
         first = tensors[0]
         if all(t.dim() == 0 and t.dtype == first.dtype and t.device == first.device for t in tensors):
@@ -634,34 +780,46 @@ class LocalOptimizer(torch.optim.Optimizer):
         read in the step's one host sync with its finiteness flag; on a non-finite value put back
         parameters, ``.grad`` and the inner state and raise."""
         count = len(stats)
-        self._sync_inner()
+        settings = self._group_settings()
+        if not settings.synced:  # (set again before the inner optimizer itself steps)
+            self._sync_inner(settings)
         stepped = self._stepped(grads)
-        self._check_rates(stepped)
+        self._check_rates(stepped, settings)
         previous = {}
         if grads is not None:
             for p, g in grads.items():
                 previous[p] = p.grad
                 p.grad = g  # a fresh tensor from the algorithm; the inner update does not modify it
         try:
-            values = self._certain_values(stepped, stats, step)
+            values = self._certain_values(stepped, stats, step, settings)
             if values is not None:  # SGD with every new value certainly finite: in place at once
-                self._sgd_in_place(stepped)
+                self._sgd_in_place(stepped, settings)
             else:
+                self._sync_inner(settings)
                 values = self._checked_update(stepped, stats, grads, step)
         except BaseException:
             for p, g in previous.items():
                 p.grad = g
             raise
-        for p in previous:
-            self._written_grads[p] = weakref.ref(p.grad)
+        if self._warns_foreign_grads:
+            for p in previous:
+                self._written_grads[p] = weakref.ref(p.grad)
         return values[:count]
 
     def _stepped(self, grads) -> list[tuple[int, Tensor, Tensor]]:
-        """(group index, parameter, gradient) of every parameter the update changes, checked to fit."""
+        """(group index, parameter, gradient) of every parameter the update changes, checked to fit
+        (the algorithm's gradients, in ``grads``, are checked when ``_update`` assigns them to
+        ``.grad``, which refuses another shape, dtype or device before anything is updated)."""
         stepped = []
+        model_groups = self._model_groups if grads is not None else 0
         for i, group in enumerate(self.param_groups):
             for p in group["params"]:
-                g = grads.get(p) if grads is not None and i < self._model_groups else p.grad
+                if i < model_groups:
+                    g = grads.get(p)
+                    if g is not None and p.requires_grad:
+                        stepped.append((i, p, g))
+                    continue
+                g = p.grad
                 if g is None or not p.requires_grad:
                     continue
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
@@ -670,26 +828,37 @@ class LocalOptimizer(torch.optim.Optimizer):
                 stepped.append((i, p, g))
         return stepped
 
-    def _check_rates(self, stepped) -> None:
+    def _check_rates(self, stepped, settings: _GroupSettings | None = None) -> None:
         """A rate beyond the parameter dtype's range cannot give a finite update (and torch refuses
-        to convert it): ``DivergenceError`` before anything is written."""
-        seen = set()
+        to convert it): ``DivergenceError`` before anything is written. (The dtypes every group
+        fits are kept with the settings they were found for.)"""
+        settings = settings or self._group_settings()
+        fine = settings.rates  # the dtypes in which no group's settings exceed the range
         for i, p, _ in stepped:
-            if i in seen:
+            dtype = p.dtype
+            if dtype in fine:
                 continue
-            seen.add(i)
-            group, dtype = self.inner_optimizer.param_groups[i], p.dtype
-            largest = _largest(dtype)
-            for name in ("lr", "weight_decay", "momentum", "eps"):
-                value = group.get(name)
-                if isinstance(value, (int, float)) and abs(value) > largest:
-                    raise DivergenceError(f"{self._group_name(i)} {name}: {value!r} exceeds the largest {dtype} "
-                                          f"({largest:g}); the update would not be finite; nothing was changed")
-            if abs(1 - group.get("dampening", 0)) > largest:
-                raise DivergenceError(f"{self._group_name(i)} dampening: 1 - {group['dampening']!r} exceeds "
-                                      f"the largest {dtype}; nothing was changed")
+            errors = [self._rate_error(j, dtype, group) for j, group in enumerate(settings.inner)]
+            if errors[i] is not None:
+                raise DivergenceError(errors[i])
+            if all(error is None for error in errors):
+                fine.add(dtype)
 
-    def _certain_values(self, stepped, stats, step: _Step | None) -> list[float] | None:
+    def _rate_error(self, i: int, dtype: torch.dtype, group: dict) -> str | None:
+        """The ``_check_rates`` message for group ``i`` (its inner settings ``group``) in ``dtype``, or None."""
+        largest = _largest(dtype)
+        for name in ("lr", "weight_decay", "momentum", "eps"):
+            value = group.get(name)
+            if isinstance(value, (int, float)) and abs(value) > largest:
+                return (f"{self._group_name(i)} {name}: {value!r} exceeds the largest {dtype} ({largest:g}); the "
+                        "update would not be finite; nothing was changed")
+        dampening = group.get("dampening", 0)
+        if isinstance(dampening, (int, float)) and abs(1 - dampening) > largest:
+            return f"{self._group_name(i)} dampening: 1 - {dampening!r} exceeds the largest {dtype}; nothing was changed"
+        return None
+
+    def _certain_values(self, stepped, stats, step: _Step | None,
+                        settings: _GroupSettings | None = None) -> list[float] | None:
         r"""For SGD: the statistics (and norms) if every gradient, new parameter and new momentum
         buffer is certainly finite, from tensor norms read with one host sync; else None.
 
@@ -699,46 +868,45 @@ class LocalOptimizer(torch.optim.Optimizer):
         norm and bound is below ``finfo.max / 16`` nothing can overflow, and from finite inputs with
         only additions and multiplications nothing becomes NaN either. None is not a divergence, only
         "not certain": the caller then checks every new value after the update."""
-        if type(self.inner_optimizer) is not torch.optim.SGD or not stepped:  # a subclass may do anything
+        if not stepped:
             return None
-        groups = self.inner_optimizer.param_groups
-        per_group: dict[int, tuple | None] = {}
-        dtype = stepped[0][1].dtype
-        settings = []
+        settings = settings or self._group_settings()
+        numbers = settings.sgd
+        state = self.state
+        first = stepped[0][1]
+        dtype, device = first.dtype, first.device
+        rows, params, buffers = [], [], []
         for i, p, g in stepped:
-            numbers = per_group.get(i, False)
-            if numbers is False:
-                group = groups[i]
-                numbers = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
-                ok = not (group.get("maximize") or group.get("fused"))  # fused: its own arithmetic, checked path
-                for v in numbers:
-                    ok = ok and type(v) in (int, float) and math.isfinite(v)
-                numbers = per_group[i] = (*numbers, bool(group["nesterov"])) if ok else None
-            if numbers is None or g.is_sparse or p.dtype != dtype:
+            row = numbers[i]  # None unless torch.optim.SGD itself (a subclass may do anything) with plain settings
+            if row is None or g.is_sparse or p.dtype != dtype or p.device != device:
                 return None
-            entry = self.state.get(p)
-            settings.append((*numbers, None if entry is None else entry.get("momentum_buffer")))
-        params = [p for _, p, _ in stepped]
-        buffers = [s[-1] for s in settings if s[1] and s[-1] is not None]
+            buffer = None
+            if row[1]:
+                entry = state.get(p)
+                buffer = None if entry is None else entry.get("momentum_buffer")
+                if buffer is not None:
+                    buffers.append(buffer)
+            rows.append((row, buffer is not None))
+            params.append(p)
         terms, combine = self._grad_norm_terms(stepped, step)
-        norms = self._norms(params + buffers + terms)
-        values = self._read([*stats.values(), *norms])
+        values = self._read([*stats.values(), *self._norms(params + buffers + terms)])
         count, found = len(params), values[len(stats):]
         param_norms, buffer_norms = found[:count], iter(found[count:count + len(buffers)])
         grad_norms = combine(found[count + len(buffers):])
         limit = _largest(dtype) / _MARGIN
         if not all(map(math.isfinite, values[:len(stats)])):
             return None
-        for (rate, momentum, dampening, weight_decay, nesterov, buffer), p_norm, g_norm in zip(
-                settings, param_norms, grad_norms):
+        for ((rate, momentum, dampening, weight_decay, nesterov), has_buffer), p_norm, g_norm in zip(
+                rows, param_norms, grad_norms):
             d_norm = g_norm + abs(weight_decay) * p_norm
-            bounds = [p_norm, g_norm, d_norm]
+            if not (p_norm <= limit and g_norm <= limit and d_norm <= limit):  # also False for NaN
+                return None
             if momentum:
-                new_buffer = d_norm if buffer is None else abs(momentum) * next(buffer_norms) + abs(1 - dampening) * d_norm
+                new_buffer = abs(momentum) * next(buffer_norms) + abs(1 - dampening) * d_norm if has_buffer else d_norm
                 d_norm = d_norm + abs(momentum) * new_buffer if nesterov else new_buffer
-                bounds += [new_buffer, d_norm]
-            bounds.append(p_norm + abs(rate) * d_norm)
-            if not all(bound <= limit for bound in bounds):  # also False for NaN
+                if not (new_buffer <= limit and d_norm <= limit):
+                    return None
+            if not p_norm + abs(rate) * d_norm <= limit:
                 return None
         return values
 
@@ -748,25 +916,34 @@ class LocalOptimizer(torch.optim.Optimizer):
         its ``_local_gradients`` leaves in ``step.pending["norm_terms"]``)."""
         return [g for _, _, g in stepped], lambda norms: norms
 
-    def _sgd_in_place(self, stepped) -> None:
-        """``torch.optim.SGD``'s update through its functional form (``torch.optim.sgd.sgd``), one
-        foreach call per set of parameters that share their settings rather than one per group:
-        the same arithmetic as the inner ``SGD.step()``, with less per-group overhead."""
-        groups = self.inner_optimizer.param_groups
-        batches: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+    def _sgd_in_place(self, stepped, settings: _GroupSettings | None = None) -> None:
+        """``torch.optim.SGD``'s update, one foreach call per set of parameters that share their
+        settings rather than one per group: the same arithmetic as the inner ``SGD.step()`` (its
+        multi-tensor form, ``torch.optim.sgd._multi_tensor_sgd``, op for op where the settings are
+        plain — no weight decay or Nesterov, every momentum buffer there — else its functional form
+        ``torch.optim.sgd.sgd``), with less per-group overhead."""
+        settings = settings or self._group_settings()
+        numbers, state = settings.sgd, self.state
+        batches: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for i, p, g in stepped:
-            group = groups[i]
-            key = tuple(group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"))
-            batches.setdefault(key, []).append((p, g))
-        for (lr, momentum, dampening, weight_decay, nesterov, maximize), members in batches.items():
-            params = [p for p, _ in members]
-            buffers = [self.state[p].get("momentum_buffer") if momentum and p in self.state else None
-                       for p in params]
-            functional_sgd(params, [g for _, g in members], buffers, foreach=True, weight_decay=weight_decay,
-                                momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize)
+            params, grads = batches.setdefault(numbers[i], ([], []))
+            params.append(p)
+            grads.append(g)
+        for (lr, momentum, dampening, weight_decay, nesterov), (params, grads) in batches.items():
+            if not momentum and not weight_decay:
+                torch._foreach_add_(params, grads, alpha=-lr)
+                continue
+            buffers = [state[p].get("momentum_buffer") if momentum and p in state else None for p in params]
+            if momentum and not weight_decay and not nesterov and all(b is not None for b in buffers):
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, grads, alpha=1 - dampening)
+                torch._foreach_add_(params, buffers, alpha=-lr)
+                continue
+            functional_sgd(params, grads, buffers, foreach=True, weight_decay=weight_decay, momentum=momentum, lr=lr,
+                           dampening=dampening, nesterov=nesterov, maximize=False)
             if momentum:
                 for p, buffer in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buffer
+                    state[p]["momentum_buffer"] = buffer
 
     def _inner_step(self, stepped) -> None:
         """The inner optimizer's step over ``stepped`` only: torch.optim updates every parameter with
@@ -876,6 +1053,8 @@ class LocalOptimizer(torch.optim.Optimizer):
         # needs its model view, inner optimizer, parametrization and algorithm state (copy.deepcopy, pickle).
         state = dict(self.__dict__)
         state.pop("_written_grads", None)  # weak references to .grad tensors: bookkeeping, not state
+        state.pop("_settings", None)  # derived from the groups, made again on the next step
+        state.pop("_tables", None)  # constant tensors, made again when needed
         for name in [k for k, v in state.items() if callable(v) and hasattr(type(self), k)]:
             del state[name]  # e.g. the step wrapper an lr_scheduler patches in, bound to this optimizer
         state.pop("_opt_called", None)
@@ -892,6 +1071,8 @@ class LocalOptimizer(torch.optim.Optimizer):
             state["process_group"] = distributed.resolve_process_group(state.get("process_group"))
             state.setdefault("_collectives", None)
         super().__setstate__(state)
+        # groups torch.optim's load_state_dict made (plain dicts): as the optimizer's own, counted
+        self.param_groups = [g if type(g) is _Group else _Group(g) for g in self.param_groups]
         inner = self.__dict__.get("inner_optimizer")
         if inner is not None:
             inner.state = self.state  # one state, also after torch.optim's load_state_dict

@@ -8,12 +8,16 @@ finiteness flag (``LocalOptimizer``: norms read in one host sync) and the inner 
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .. import functional
+from .. import reference
 from ..reference.common import forward, loss_sum
 from .base import LocalOptimizer
+
+_BOUNDED = ("tanh", "sigmoid")  # activations whose values lie in [-1, 1]
 
 
 class BP(LocalOptimizer):
@@ -45,33 +49,50 @@ class BP(LocalOptimizer):
     """
 
     algo = "bp"
+    _target_guards_labels = True  # the loss of a NaN target row is NaN
+    _warns_foreign_grads = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the model's parameters, weights then biases (autograd's order), and, in slot order, the
+        # layer of each and whether it is a weight (the terms of its gradient's norm bound)
+        self._live = [p for p in (*self._weights, *self._biases) if p is not None]
+        self._bound_layers = [(l, kind == "weight") for l, b in enumerate(self._biases)
+                              for kind in ("weight", "bias") if kind == "weight" or b is not None]
+        # the hidden activities whose norm is read: those of activations with values beyond [-1, 1]
+        self._normed_activities = [l for l, name in enumerate(self.mlp.activations, start=1) if name not in _BOUNDED]
 
     def _local_gradients(self, x: Tensor, target: Tensor):
         """``reference.bp_train_step`` on the live parameters (autograd, op for op; no host sync).
         Frozen parameters get zeros (never applied: the update skips them). With a tensor hook on a
-        parameter, which autograd on the live parameter would run, ``functional.bp_train_step``
-        computes them on detached copies instead."""
-        weights, biases = self._params()
-        if any(p is not None and p._backward_hooks for p in (*weights, *biases)):
-            result = functional.bp_train_step(weights, biases, self.mlp.activations, x, target, loss=self._setting("loss"))
+        parameter, which autograd on the live parameter would run, ``reference.bp_train_step``
+        computes them on detached copies instead (the step's finiteness flag checks them)."""
+        weights, biases, params = self._weights, self._biases, self._live
+        if any(p._backward_hooks for p in params):
+            result = reference.bp_train_step(weights, biases, self.mlp.activations, x, target, loss=self._setting("loss"))
             return result.weight_grads, result.bias_grads, {"loss": result.loss}, {}
-        params = [p for p in (*weights, *biases) if p is not None]
         wanted = [p for p in params if p.requires_grad]
         with torch.enable_grad():
             us, hs = forward(weights, biases, self.mlp.activations, x)
             value = loss_sum(us[-1], target, self._setting("loss")) / x.shape[0]
             found = torch.autograd.grad(value, wanted + us)
-        grads = iter(found[:len(wanted)])
-        by_param = [next(grads) if p.requires_grad else torch.zeros_like(p) for p in params]
-        weight_grads, rest = by_param[:len(weights)], iter(by_param[len(weights):])
+        if len(wanted) == len(params):
+            by_param = found[:len(params)]
+        else:
+            grads = iter(found[:len(wanted)])
+            by_param = [next(grads) if p.requires_grad else torch.zeros_like(p) for p in params]
+        depth = len(weights)
+        rest = iter(by_param[depth:])
         bias_grads = [None if b is None else next(rest) for b in biases]
         pending = {"norm_terms": (list(found[len(wanted):]), hs)}  # this step's bounds, for _grad_norm_terms
-        return weight_grads, bias_grads, {"loss": value.detach()}, pending
+        return list(by_param[:depth]), bias_grads, {"loss": value.detach()}, pending
 
     def _grad_norm_terms(self, stepped, step):
         r"""Bounds from ``δ_l = ∂(ℓ/B)/∂u_l`` and ``h_{l-1}`` (small, B × width) rather than from the
         gradients: ``g_{W_l} = δ_lᵀ h_{l-1}`` and ``g_{b_l} = Σ_b δ_l`` give ``‖g_W‖ ≤ ‖δ_l‖‖h_{l-1}‖``
-        and ``‖g_b‖ ≤ √B ‖δ_l‖``. In float16/bfloat16, whose rounding is coarse, with groups added by
+        and ``‖g_b‖ ≤ √B ‖δ_l‖``. Hidden activities of tanh and sigmoid lie in [-1, 1], so
+        ``‖h‖ ≤ √(its size)`` without reading them (a NaN among them makes the loss NaN, and then
+        nothing is certain). In float16/bfloat16, whose rounding is coarse, with groups added by
         ``add_param_group`` or a data-parallel reduction, the gradients' own norms are read instead."""
         found = None if step is None else step.pending.get("norm_terms")
         slots = self._slots
@@ -80,13 +101,15 @@ class BP(LocalOptimizer):
                 or stepped[0][1].dtype in (torch.float16, torch.bfloat16)):
             return super()._grad_norm_terms(stepped, step)
         deltas, activities = found
-        depth, root_batch = len(deltas), math.sqrt(activities[0].shape[0])
-
-        layers = [(l, kind) for l, b in enumerate(self._biases) for kind in ("weight", "bias")
-                  if kind == "weight" or b is not None]  # the model's parameters in order, as slots
+        depth, root_batch, layers = len(deltas), math.sqrt(activities[0].shape[0]), self._bound_layers
+        normed = self._normed_activities
+        terms = [*deltas, activities[0], *(activities[l] for l in normed)]
 
         def combine(norms: list[float]) -> list[float]:
-            delta, activity = norms[:depth], norms[depth:]
-            return [delta[l] * activity[l] if kind == "weight" else root_batch * delta[l] for l, kind in layers]
+            delta, activity = norms[:depth], [math.sqrt(h.numel()) for h in activities]
+            activity[0] = norms[depth]
+            for l, value in zip(normed, norms[depth + 1:]):
+                activity[l] = value
+            return [delta[l] * activity[l] if weight else root_batch * delta[l] for l, weight in layers]
 
-        return deltas + activities, combine
+        return terms, combine
