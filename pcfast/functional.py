@@ -125,6 +125,12 @@ def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], ac
         schedule: ``"jacobi"`` (all layers from the same state) or ``"sequential"`` (top-down sweep).
         fpa: fixed-prediction assumption — predictions and φ' frozen at their feedforward values.
         return_trajectory: also return the latents after every step.
+        inference_tol: adaptive stopping — end after the first step whose size ‖Δz‖ is at most this
+            fraction of the largest step so far (``result.steps``: the steps taken); None runs all T.
+        return_trace: also return ``result.trace`` (``PCTrace``: each layer's energy after every
+            step and the activity-gradient norms).
+        check_divergence: also return ``result.energy_prev``, F before the last step (the
+            optimizers' divergence guard compares it with the final F).
     """
     net = as_net(weights, biases, activations)
     config = config_of(PCConfig, settings, depth=net.depth, where="pc_train_step")
