@@ -36,9 +36,17 @@ def gnt_targets(net: Net, x: Tensor, target: Tensor, *, beta: float = 1.0, loss:
     us, _ = forward(net.weights, net.biases, net.activations, x)
     residual = output_error(us[-1], target, loss)  # −∂ℓ/∂f
     return [
-        beta * torch.einsum("bdc,bc->bd", torch.linalg.pinv(jac), residual)
+        beta * torch.einsum("bdc,bc->bd", _pinv(jac), residual)
         for jac in output_jacobians(net.weights, net.activations, us)
     ]
+
+
+def _pinv(matrix: Tensor) -> Tensor:
+    """The pseudo-inverse, computed in float32 for float16/bfloat16 (``linalg.pinv`` has no kernels
+    there) and returned in ``matrix``'s dtype."""
+    if matrix.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.pinv(matrix.float()).to(matrix.dtype)
+    return torch.linalg.pinv(matrix)
 
 
 def gnt_train_step(
