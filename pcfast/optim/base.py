@@ -124,16 +124,23 @@ class _GroupSettings:
     """What a step reads from the parameter groups' settings, derived once per set of values:
     ``inner[i]``, the values ``_sync_inner`` writes into the inner optimizer's group ``i``;
     ``sgd[i]``, the group's (lr, momentum, dampening, weight decay, nesterov) for the certain SGD
-    path (None where it does not apply); ``rates``, the dtypes every group's rates fit (``_check_rates``);
+    path (None where it does not apply), ``sgd_worst`` the largest of their factors; ``rates``, the
+    dtypes every group's rates fit (``_check_rates``);
     ``synced``, whether the inner groups were set from it. ``groups`` and ``writes``: the groups it
     was derived from and ``_GROUP_WRITES`` before they were read — it is reused while the optimizer
     has the same groups and nothing was written into any ``_Group`` since (kept only when every group
     is a ``_Group`` and every setting immutable: a number, bool, string, None or tuple of those)."""
 
-    __slots__ = ("groups", "writes", "inner", "sgd", "rates", "synced")
+    __slots__ = ("groups", "writes", "inner", "sgd", "sgd_worst", "rates", "synced")
 
     def __init__(self, groups: tuple, writes: int, inner: list[dict], sgd: list[tuple | None]) -> None:
         self.groups, self.writes, self.inner, self.sgd = groups, writes, inner, sgd
+        rows = [row for row in sgd if row is not None] or [(0.0, 0.0, 0.0, 0.0, False)]
+        # the largest |η|, |μ|, max(|1 − τ|, 1), |λ| and any Nesterov over the groups: factors of
+        # bounds that hold for every group (|1 − τ| at least 1: a first step's buffer is d itself)
+        self.sgd_worst = (max(abs(r[0]) for r in rows), max(abs(r[1]) for r in rows),
+                          max(max(abs(1 - r[2]) for r in rows), 1.0), max(abs(r[3]) for r in rows),
+                          any(r[4] for r in rows))
         self.rates: set[torch.dtype] = set()
         self.synced = False
 
@@ -894,8 +901,18 @@ class LocalOptimizer(torch.optim.Optimizer):
         param_norms, buffer_norms = found[:count], iter(found[count:count + len(buffers)])
         grad_norms = combine(found[count + len(buffers):])
         limit = _largest(dtype) / _MARGIN
-        if not all(map(math.isfinite, values[:len(stats)])):
+        if not all(map(math.isfinite, values)):
             return None
+        # First the bounds of the largest norms under the largest factors of every group (they
+        # bound every parameter's), then, if those exceed the limit, each parameter's own.
+        rate, momentum, dampening, weight_decay, nesterov = settings.sgd_worst
+        p_norm, g_norm = max(param_norms), max(grad_norms)
+        d_norm = g_norm + weight_decay * p_norm
+        if momentum:
+            d_norm = momentum * max(found[count:count + len(buffers)], default=0.0) + dampening * d_norm
+            d_norm = d_norm + momentum * d_norm if nesterov else d_norm
+        if p_norm + rate * d_norm <= limit and max(p_norm, g_norm, d_norm) <= limit:
+            return values
         for ((rate, momentum, dampening, weight_decay, nesterov), has_buffer), p_norm, g_norm in zip(
                 rows, param_norms, grad_norms):
             d_norm = g_norm + abs(weight_decay) * p_norm

@@ -227,6 +227,79 @@ def test_bp_parameter_hook_and_added_group_take_the_general_path():
     assert torch.equal(extra_fast, extra_slow) and not calls
 
 
+@pytest.mark.parametrize("hook", [False, True], ids=["live", "hooked"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("label", [4, -1, 2**40], ids=["classes", "negative", "huge"])
+def test_bp_label_out_of_range_raises_value_error_and_changes_nothing(label, loss, hook):
+    """Under MSE a label out of range takes the one-hot table's NaN row (no separate guard), under
+    CE it is caught by the guard: either way the ValueError names y and nothing changes — also on
+    the path a parameter hook takes (the reference's gradients on detached copies)."""
+    model = make_model()
+    opt = pcfast.optim.BP(model, lr=0.05, momentum=0.9, loss=loss)
+    if hook:
+        model[0].weight.register_hook(lambda g: g)
+    x, y = make_batches(1)[0]
+    opt.step(x, y)
+    y = y.clone()
+    y[5] = label
+    before = everything(model, opt)
+    with pytest.raises(ValueError, match=r"^y: class labels must lie in \[0, 3\]"):
+        opt.step(x, y)
+    assert_same(everything(model, opt), before)
+    with pytest.raises(ValueError, match=r"^y: class labels must lie in \[0, 3\]"):
+        opt.compute_gradients(x, y)
+    assert_same(everything(model, opt), before)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_bp_settings_written_between_steps_take_effect():
+    """Settings are derived from the groups once and reused until a group is written: every way of
+    writing one (item assignment, update, setdefault, pop, a group replaced by a plain dict,
+    load_state_dict, a scheduler) reaches the next step — the same steps as torch.optim.SGD with the
+    same writes (the oracle), and the inner groups hold the new rates."""
+    model = make_model()
+    twin = copy.deepcopy(model)
+    opt = pcfast.optim.BP(model, lr=0.05, momentum=0.5)
+    sgd = torch.optim.SGD([{"params": [p]} for p in twin.parameters()], lr=0.05, momentum=0.5)
+    saved = copy.deepcopy(opt.state_dict())
+
+    def pop_and_setdefault(groups):
+        groups[2].pop("nesterov")
+        groups[2].setdefault("nesterov", True)
+
+    writes = [
+        lambda groups: groups[0].__setitem__("lr", 0.02),
+        lambda groups: groups[1].update(lr=0.03, momentum=0.9),
+        pop_and_setdefault,
+        lambda groups: groups.__setitem__(3, dict(groups[3], lr=0.07)),
+        lambda groups: groups[3].__setitem__("lr", 0.01),  # now a plain dict
+    ]
+    batches = make_batches(len(writes) + 3)
+    for k, (x, y) in enumerate(batches):
+        if k < len(writes):
+            for optimizer in (opt, sgd):
+                writes[k](optimizer.param_groups)
+        elif k == len(writes):  # back to the saved state (rates 0.05, momentum 0.5, no buffers)
+            opt.load_state_dict(saved)
+            sgd.state.clear()
+            for group in sgd.param_groups:
+                group.update(lr=0.05, momentum=0.5, nesterov=False)
+        elif k == len(writes) + 1:
+            for optimizer in (opt, sgd):
+                torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5).step()
+        opt.zero_grad()
+        opt.step(x, y)
+        sgd.zero_grad()
+        f = twin(x)
+        (0.5 * (nn.functional.one_hot(y, 4).to(f.dtype) - f).pow(2).sum(1).mean()).backward()
+        sgd.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+        for group, inner, theirs in zip(opt.param_groups, opt.inner_optimizer.param_groups, sgd.param_groups):
+            assert inner["lr"] == group["lr"] * group["lr_mult"] == theirs["lr"]
+            assert inner["momentum"] == theirs["momentum"] and inner["nesterov"] == theirs["nesterov"]
+
+
 # ---------------------------------------------------------------- GNT
 
 
