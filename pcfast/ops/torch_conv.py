@@ -1,0 +1,263 @@
+"""PC relaxation and weight gradients on convolutional networks with explicit formulas: the ``torch``
+implementation of ``pcfast.reference.conv``'s ``conv_pc_train_step``.
+
+No autograd. The layers are ``pcfast.reference.conv``'s ``ConvLayer`` / ``LinearLayer``; the math and
+the order of the updates are that module's (its docstring is the specification), written out:
+
+- layer map ``m_l``: ``conv2d`` (stride, padding, dilation) or ``flatten(a) Wᵀ + b``; then φ_l and
+  the pooling π_l (max or avg, kernel, stride);
+- top-down term ``J_l(z_l)ᵀ ε_{l+1}``, the vector–Jacobian product of ``m_{l+1} ∘ π_l ∘ φ_l``:
+  ``conv_transpose2d`` of ε_{l+1} with W_{l+1} and the output padding that restores a_l's size
+  (``ε_{l+1} W_{l+1}`` reshaped to a_l's shape for a linear layer), then the pooling's adjoint — max:
+  each value added to its window's arg-max (the indices ``max_pool2d`` returns, ``scatter_add_`` so
+  that overlapping windows sum); avg: ``conv_transpose2d`` with the uniform kernel 1/k² — then
+  times φ_l'(z_l). Under FPA φ' and the arg-max routing stay at the feedforward state;
+- weight gradients ``−(γ_l/B) Σ_b ε_l ⋆ a_{l-1}`` (``torch.nn.grad.conv2d_weight``, an explicit
+  kernel) or ``−(γ_l/B) ε_lᵀ flatten(a_{l-1})``, biases ``−(γ_l/B)`` times the sums of ε_l over the
+  batch (and the image).
+
+Latents, errors, the linear layers' predictions and top-down products and the max-pool routing
+buffers are allocated once per call and updated in place; the results of convolutions, activations
+and poolings (which have no ``out=`` form) are fresh tensors bound into the state. The steps run
+through ``torch_pc.relax``, the MLP backend's driver, so the schedules (``jacobi``, ``sequential``) and
+FPA follow it exactly. Runs on any device and dtype.
+
+Adaptive stopping (``inference_tol``), traces (``return_trace``) and the divergence guard
+(``check_divergence``) are specified for MLPs only so far and raise ``NotImplementedError`` here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+
+from ..activations import phi, phi_grad
+from ..reference.conv import ConvLayer, Layer, check_conv_net
+from ..results import PCResult
+from ..types import PCConfig
+from .torch_pc import _affine, _loss_sum, _output_error, relax
+
+
+def _transpose_padding(in_size: Sequence[int], out_size: Sequence[int], kernel: Sequence[int], stride: int,
+                       padding: int, dilation: int) -> tuple[int, int]:
+    """The ``output_padding`` with which ``conv_transpose2d`` maps ``out_size`` back to ``in_size``."""
+    return tuple(size - ((out - 1) * stride - 2 * padding + dilation * (k - 1) + 1)
+                 for size, out, k in zip(in_size, out_size, kernel))
+
+
+class _ConvRelaxation:
+    """One PC step on a conv net in preallocated buffers (a ``torch_pc.Relaxation``).
+
+    acts[l]: layer l's presynaptic activity x, a(z_1), …, a(z_{L-1}) (unflattened), with a(z) = π(φ(z));
+    predictions[l] = m_l(acts[l]) (layer 1's is constant); latents[l] = z_l; errors[l] = ε_l;
+    routes[l]: the arg-max indices of layer l's max pooling at acts[l+1]'s state; slopes[l]: φ'(u_l)
+    under FPA (else computed at z_l when the layer moves)."""
+
+    gate: Tensor | None = None
+    squares: Tensor | None = None
+
+    def __init__(self, layers: Sequence[Layer], x: Tensor, target: Tensor, config: PCConfig) -> None:
+        self.layers, self.target, self.config = list(layers), target, config
+        self.depth, self.batch = len(layers), x.shape[0]
+        self.hidden = self.depth - 1
+        self.phis = [phi(layer.activation) for layer in layers]
+        self.dphis = [phi_grad(layer.activation) for layer in layers]
+        self.pools = [getattr(layer, "pool", None) for layer in layers]
+        gammas, kappa = config.precisions, config.inference_lr
+        # z_l ← z_l − (κ/γ_l)(γ_l ε_l − γ_{l+1} J_l(z_l)ᵀ ε_{l+1})
+        self.coefficients = [kappa * gammas[l + 1] / gammas[l] for l in range(self.hidden)]
+        self.feedforward(x)
+
+    # -- the network's maps ---------------------------------------------------------------------
+
+    def layer_map(self, l: int) -> None:
+        """predictions[l] = m_l(acts[l])."""
+        layer, a = self.layers[l], self.acts[l]
+        if isinstance(layer, ConvLayer):
+            self.predictions[l] = nnf.conv2d(a, layer.weight, layer.bias, layer.stride, layer.padding,
+                                             layer.dilation)
+        else:
+            _affine(self.predictions[l], a.reshape(self.batch, -1), layer.weight, layer.bias)
+
+    def activity(self, l: int, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """a(z) = π_l(φ_l(z)) as a tensor of its own, and the arg-max indices of a max pooling."""
+        h = self.phis[l](z)
+        pool = self.pools[l]
+        if pool is None:
+            return (h.clone() if h is z else h), None
+        kind, kernel, stride = pool
+        if kind == "max":
+            return nnf.max_pool2d(h, kernel, stride, return_indices=True)
+        return nnf.avg_pool2d(h, kernel, stride), None
+
+    def feedforward(self, x: Tensor) -> None:
+        """Forward initialisation: z_l = u_l, so ε_l = 0 for l < L, ε_L = −∂ℓ/∂f_0; and every buffer."""
+        layers, batch, hidden = self.layers, self.batch, self.hidden
+        self.acts: list[Tensor] = [x]
+        # linear layers' buffers, written in place; conv layers' predictions are bound by layer_map
+        self.predictions: list[Tensor] = [None if isinstance(layer, ConvLayer) else
+                                          x.new_empty(batch, layer.weight.shape[0]) for layer in layers]
+        self.routes: list[Tensor | None] = [None] * hidden
+        for l in range(self.depth):
+            self.layer_map(l)
+            if l < hidden:
+                act, self.routes[l] = self.activity(l, self.predictions[l])
+                self.acts.append(act)
+        self.latents = [u.clone() for u in self.predictions[:hidden]]
+        self.f0 = self.predictions[-1].clone()
+        output_error = _output_error(torch.empty_like(self.f0), self.f0, self.target, self.config.loss)
+        self.errors = [torch.zeros_like(z) for z in self.latents] + [output_error]
+        self.slopes = [self.dphis[l](self.predictions[l]) if self.config.fpa else None for l in range(hidden)]
+        # top-down buffers: ε_{l+1} W_{l+1} of a linear next layer (a_l's size), the max pooling's
+        # routed product (z_l's size); the avg pooling's adjoint kernel and output padding
+        self.products = [x.new_empty(batch, layers[l + 1].weight.shape[1])
+                         if not isinstance(layers[l + 1], ConvLayer) else None for l in range(hidden)]
+        self.routed = [torch.empty_like(self.latents[l]) if self.pools[l] is not None and self.pools[l][0] == "max"
+                       else None for l in range(hidden)]
+        self.avg_kernels: list[Tensor | None] = [None] * hidden
+        self.pool_padding: list[tuple[int, int] | None] = [None] * hidden
+        self.conv_padding: list[tuple[int, int] | None] = [None] * self.depth
+        for l in range(hidden):
+            pool = self.pools[l]
+            if pool is not None:
+                k, s = pool[1], pool[2]
+                self.pool_padding[l] = _transpose_padding(self.latents[l].shape[2:], self.acts[l + 1].shape[2:],
+                                                          (k, k), s, 0, 1)
+                if pool[0] == "avg":
+                    self.avg_kernels[l] = x.new_full((1, 1, k, k), 1.0 / (k * k))
+        for l, layer in enumerate(layers):
+            if isinstance(layer, ConvLayer):
+                self.conv_padding[l] = _transpose_padding(self.acts[l].shape[2:], self.predictions[l].shape[2:],
+                                                          layer.weight.shape[2:], layer.stride, layer.padding,
+                                                          layer.dilation)
+
+    def topdown(self, l: int) -> Tensor:
+        """``J_l(z_l)ᵀ ε_{l+1}`` without its factor φ_l'(z_l): ε_{l+1} back through m_{l+1} and the
+        adjoint of π_l, in a buffer the caller may overwrite."""
+        layer, eps = self.layers[l + 1], self.errors[l + 1]
+        if isinstance(layer, ConvLayer):
+            back = nnf.conv_transpose2d(eps, layer.weight, None, layer.stride, layer.padding, self.conv_padding[l + 1],
+                                        1, layer.dilation)
+        else:
+            back = torch.mm(eps, layer.weight, out=self.products[l]).view(self.acts[l + 1].shape)
+        pool = self.pools[l]
+        if pool is None:
+            return back
+        batch, channels = back.shape[:2]
+        if pool[0] == "max":  # each pooled value goes to its window's arg-max; overlapping windows add up
+            routed = self.routed[l].zero_()
+            routed.view(batch, channels, -1).scatter_add_(2, self.routes[l].view(batch, channels, -1),
+                                                          back.reshape(batch, channels, -1))
+            return routed
+        spread = nnf.conv_transpose2d(back.reshape(batch * channels, 1, *back.shape[2:]), self.avg_kernels[l], None,
+                                      pool[2], 0, self.pool_padding[l])
+        return spread.view(self.latents[l].shape)
+
+    # -- the state's updates ----------------------------------------------------------------------
+
+    def refresh_activity(self, l: int) -> None:
+        """acts[l+1] = a(z_l) and its routing (0-based hidden layer l)."""
+        self.acts[l + 1], self.routes[l] = self.activity(l, self.latents[l])
+
+    def refresh_error(self, l: int) -> None:
+        """ε of 0-based layer l from the current presynaptic activity."""
+        if l > 0:
+            self.layer_map(l)
+        if l < self.hidden:
+            torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
+        else:
+            _output_error(self.errors[l], self.predictions[l], self.target, self.config.loss)
+
+    def refresh(self) -> None:
+        for l in range(self.hidden):
+            self.refresh_activity(l)
+        for l in range(self.depth):
+            self.refresh_error(l)
+
+    def apply_update(self, l: int, topdown: Tensor) -> Tensor:
+        """Add the step to z_l, from ``topdown`` = ``topdown(l)`` (overwritten); return the step."""
+        slope = self.slopes[l] if self.config.fpa else self.dphis[l](self.latents[l])
+        step = topdown.mul_(slope).mul_(self.coefficients[l])
+        step.sub_(self.errors[l], alpha=self.config.inference_lr)
+        if self.gate is not None:
+            step.mul_(self.gate)
+        if self.squares is not None:
+            self.squares[l] = torch.linalg.vecdot(step.reshape(-1), step.reshape(-1))
+        self.latents[l].add_(step)
+        return step
+
+    def step(self, gate: Tensor | None = None, squares: Tensor | None = None) -> None:
+        self.gate, self.squares = gate, squares
+        if self.config.schedule == "jacobi":
+            self.jacobi_step()
+        elif self.hidden > 0:
+            self.sequential_step()
+
+    def jacobi_step(self) -> None:
+        fpa = self.config.fpa
+        topdowns = [self.topdown(l) for l in range(self.hidden)]
+        for l in range(self.hidden):
+            step = self.apply_update(l, topdowns[l])
+            if fpa:
+                self.errors[l].add_(step)  # predictions are frozen: ε_l moves with z_l
+        if not fpa:
+            self.refresh()
+
+    def sequential_step(self) -> None:
+        fpa, hidden = self.config.fpa, self.hidden
+        if not fpa:
+            self.refresh_activity(hidden - 1)
+            self.refresh_error(self.depth - 1)
+        for l in reversed(range(hidden)):
+            if not fpa:
+                if l > 0:
+                    self.refresh_activity(l - 1)
+                self.refresh_error(l)
+            # Layer l's prediction does not depend on z_l, so ε_l moves with z_l; the next layer
+            # down reads this fresh ε_l in its top-down term.
+            self.errors[l].add_(self.apply_update(l, self.topdown(l)))
+
+    # -- the results ------------------------------------------------------------------------------
+
+    def weight_grads(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """−(γ_l/B) Σ_b ε_l ⋆ a_{l-1} (conv) or −(γ_l/B) ε_lᵀ flatten(a_{l-1}), and the bias sums."""
+        weight_grads, bias_grads = [], []
+        for l, layer in enumerate(self.layers):
+            scale = -self.config.precisions[l] / self.batch
+            eps, a = self.errors[l], self.acts[l]
+            if isinstance(layer, ConvLayer):
+                grad = torch.nn.grad.conv2d_weight(a, layer.weight.shape, eps, layer.stride, layer.padding,
+                                                   layer.dilation)
+                dims = (0, 2, 3)
+            else:
+                grad = torch.mm(eps.T, a.reshape(self.batch, -1))
+                dims = (0,)
+            weight_grads.append(grad.mul_(scale))
+            bias_grads.append(None if layer.bias is None else eps.sum(dims).mul_(scale))
+        return weight_grads, bias_grads
+
+    def energy_terms(self) -> Tensor:
+        gammas, errors = self.config.precisions, self.errors
+        f = self.f0 if self.config.fpa else self.predictions[-1]
+        return torch.stack([0.5 * gammas[l] * torch.sum(errors[l] * errors[l]) for l in range(self.hidden)]
+                           + [gammas[-1] * _loss_sum(f, self.target, self.config.loss)])
+
+
+@torch.no_grad()
+def conv_pc_grads(layers: Sequence[Layer], x: Tensor, target: Tensor, config: PCConfig) -> PCResult:
+    """PC relaxation and local gradients of a conv net: ``pcfast.reference.conv.conv_pc_train_step``
+    with ``config``'s settings, written out. ``layers``: ``ConvLayer`` / ``LinearLayer`` (the readout
+    last); ``x`` (B, C, H, W); ``target`` (B, C_out) for MSE, int64 labels (B,) for CE."""
+    for name in ("inference_tol", "return_trace", "check_divergence"):
+        if getattr(config, name) not in (None, False):
+            raise NotImplementedError(f"{name}: adaptive stopping, traces and the divergence guard are specified "
+                                      f"for MLPs only; conv nets run all inference_steps without them")
+    check_conv_net(layers, x)
+    if len(config.precisions) != len(layers):
+        raise ValueError(f"config.precisions: expected {len(layers)} entries (one per layer), "
+                         f"got {len(config.precisions)}")
+    state = _ConvRelaxation(layers, x, target, config)
+    return relax(state, config, _loss_sum(state.f0, target, config.loss) / state.batch)
+
