@@ -348,7 +348,8 @@ class LocalOptimizer(torch.optim.Optimizer):
         # (module, its parameter name, the Parameter) per model parameter, in model order
         self._slots = [(lin, kind, getattr(lin, kind)) for lin in self.mlp.linears
                        for kind in ("weight", "bias") if getattr(lin, kind) is not None]
-        self._shapes = [p.shape for _, _, p in self._slots]
+        self._slot_params = [p for _, _, p in self._slots]
+        self._shapes = [p.shape for p in self._slot_params]
         self._weights = tuple(lin.weight for lin in self.mlp.linears)
         self._biases = tuple(lin.bias for lin in self.mlp.linears)
         # every module of the model that has children, with its children as they were
@@ -638,7 +639,11 @@ class LocalOptimizer(torch.optim.Optimizer):
                     "added or removed); the optimizer would train the old layers. Build a new optimizer for "
                     "the changed model"
                 )
-        for (module, kind, param), shape in zip(self._slots, self._shapes):
+        slots = self._slots
+        if all(map(operator.is_, [module._parameters.get(kind) for module, kind, _ in slots], self._slot_params)) and (
+                [p.shape for p in self._slot_params] == self._shapes):
+            slots = ()  # (the usual case, checked at once; else the parameter at fault is named)
+        for (module, kind, param), shape in zip(slots, self._shapes):
             if module._parameters.get(kind) is not param:
                 raise ValueError(
                     f"model: the {kind} Parameter of {self._layer_name(module)} was replaced after the optimizer "
@@ -792,10 +797,10 @@ class LocalOptimizer(torch.optim.Optimizer):
             self._sync_inner(settings)
         stepped = self._stepped(grads)
         self._check_rates(stepped, settings)
-        previous = {}
+        previous = []
         if grads is not None:
             for p, g in grads.items():
-                previous[p] = p.grad
+                previous.append((p, p.grad))
                 p.grad = g  # a fresh tensor from the algorithm; the inner update does not modify it
         try:
             values = self._certain_values(stepped, stats, step, settings)
@@ -805,11 +810,11 @@ class LocalOptimizer(torch.optim.Optimizer):
                 self._sync_inner(settings)
                 values = self._checked_update(stepped, stats, grads, step)
         except BaseException:
-            for p, g in previous.items():
+            for p, g in previous:
                 p.grad = g
             raise
         if self._warns_foreign_grads:
-            for p in previous:
+            for p, _ in previous:
                 self._written_grads[p] = weakref.ref(p.grad)
         return values[:count]
 
