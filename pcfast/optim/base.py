@@ -452,9 +452,10 @@ class LocalOptimizer(torch.optim.Optimizer):
         w0 = self._weights[0]
         loss = self._setting("loss")
         if not ((loss == "mse" or loss == "ce") and type(x) is Tensor and type(y) is Tensor
-                and x.layout == torch.strided and y.layout == torch.strided and x.dim() == 2 and y.dim() == 1 and x.shape[0] == y.shape[0] and x.shape[0] > 0
-                and x.shape[1] == w0.shape[1] and x.dtype == w0.dtype and x.device == w0.device
-                and y.device == x.device and y.dtype in _LABEL_DTYPES):
+                and x.layout == torch.strided and y.layout == torch.strided and x.dim() == 2 and y.dim() == 1
+                and x.shape[0] == y.shape[0] and x.shape[0] > 0 and x.shape[1] == w0.shape[1]
+                and x.dtype == w0.dtype and x.device == w0.device and y.device == x.device
+                and y.dtype in _LABEL_DTYPES):
             target = self._check_batch(x, y)
             return target, self._guard(y, w0)
         classes = self._weights[-1].shape[0]
@@ -773,11 +774,11 @@ class LocalOptimizer(torch.optim.Optimizer):
         they share a dtype and device, as a step's statistics and norms do."""
         if not values:
             return []
-        try:  # the usual case: 0-d tensors on one device (stack promotes dtypes exactly, to the widest)
+        try:  # the usual case: floating 0-d tensors on one device (stack promotes them exactly, to the widest)
             stacked = torch.stack(values)
         except (TypeError, RuntimeError):
             stacked = None
-        if stacked is not None and stacked.dim() == 1:
+        if stacked is not None and stacked.dim() == 1 and all(map(Tensor.is_floating_point, values)):
             return stacked.tolist()  # (called under no_grad: nothing to detach)
         tensors = [v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in values]
         first = tensors[0]
