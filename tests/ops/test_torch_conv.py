@@ -217,6 +217,20 @@ def test_max_pool_ties_route_as_its_backward(fpa):
     _compare(out, ref, **TIGHT)
 
 
+@pytest.mark.parametrize("case", [case for case in CASES if case.pool is not None and case.c_hidden > 1][:4], ids=str)
+def test_channels_last_input(case):
+    """An input in channels-last memory format runs the whole state in it (max pooling's CPU kernel is
+    faster there), with the same numbers."""
+    layers, x, y = build(replace(case, c_in=3))
+    settings = _settings(case, len(layers))
+    ref = conv_pc_train_step(layers, x, y, **settings)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    out = conv_pc_grads(layers, x_last, y, PCConfig(tuple(settings.pop("precisions")), **settings))
+    z = out.latents[0]
+    assert z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
+    _compare(out, ref, **TIGHT)
+
+
 def test_uses_no_autograd(monkeypatch):
     case = CASES[3]
     layers, x, y = build(case)
