@@ -79,3 +79,20 @@ def test_the_counter_sees_a_read(monkeypatch):
     """The counter is not blind: one item() and one tolist() are two reads."""
     t = torch.ones(3)
     assert count_host_reads(monkeypatch, lambda: (t.sum().item(), t.tolist())) == 2
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["live", "hooked"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_a_bp_step_reads_the_host_once_under_either_loss_and_with_a_hook(monkeypatch, loss, hook):
+    """BP's label checks (MSE: the one-hot table's NaN row; CE: one comparison) and its path for a
+    parameter with a tensor hook (the reference's gradients on detached copies) read nothing early."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    if hook:
+        model[0].weight.register_hook(lambda g: g)
+    opt = pcfast.optim.BP(model, lr=0.1, momentum=0.9, loss=loss)
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+    opt.step(x, y)
+    stats = {}
+    assert count_host_reads(monkeypatch, lambda: stats.update(opt.step(x, y))) == 1
+    assert set(stats) == {"loss"}
