@@ -16,13 +16,19 @@ the order of the updates are that module's (its docstring is the specification),
   kernel) or ``−(γ_l/B) ε_lᵀ flatten(a_{l-1})``, biases ``−(γ_l/B)`` times the sums of ε_l over the
   batch (and the image).
 
-Latents, errors, the linear layers' predictions and top-down products and the max-pool routing
-buffers are allocated once per call and updated in place; the results of convolutions, activations
-and poolings (which have no ``out=`` form) are fresh tensors bound into the state. The steps run
-through ``torch_pc.relax``, the MLP backend's driver, so the schedules (``jacobi``, ``sequential``) and
-FPA follow it exactly. Runs on any device and dtype, in the memory format of ``x``: an input in
-``torch.channels_last`` keeps the whole state in it, which on the CPU is much faster with max pooling
-(its channels-last kernel is about 15× faster than the contiguous one on one thread) at the same numbers.
+Latents and errors live in buffers allocated once per call and updated in place, as do the linear
+layers' predictions and top-down products and the max-pool routing buffers; convolutions, activations
+and poolings (no ``out=`` form) bind fresh tensors into the state. A layer's step is one fused update
+``z_l += φ_l'(z_l) ⊙ t_l − κ ε_l`` with t_l the top-down term computed with W_{l+1} scaled by
+κγ_{l+1}/γ_l (once per call), after which ``ε_l = z_l − μ_l`` is recomputed where the schedule reads
+it. The schedules (``jacobi``: every layer from one state; ``sequential``: one sweep l = L−1 … 1 from
+the freshest state) are the reference's; the loop, the trajectory and the result are
+``torch_pc.relax``'s, the MLP backend's driver.
+
+Runs on any device and dtype, in the memory format of ``x``: an input in ``torch.channels_last``
+keeps the whole state in it, with the same numbers; on the CPU that is much faster with max pooling
+(its channels-last kernel is about 15× faster than the contiguous one for a 32×32×32×32 float32 input
+on one thread).
 
 Adaptive stopping (``inference_tol``), traces (``return_trace``) and the divergence guard
 (``check_divergence``) are specified for MLPs only so far and raise ``NotImplementedError`` here.
@@ -69,10 +75,8 @@ class _ConvRelaxation:
     acts[l]: layer l's presynaptic activity x, a(z_1), …, a(z_{L-1}) (unflattened), with a(z) = π(φ(z));
     predictions[l] = m_l(acts[l]) (layer 1's is constant); latents[l] = z_l; errors[l] = ε_l;
     routes[l]: the arg-max indices of layer l's max pooling at acts[l+1]'s state; slopes[l]: φ'(u_l)
-    under FPA (else computed at z_l when the layer moves)."""
-
-    gate: Tensor | None = None
-    squares: Tensor | None = None
+    under FPA, None for the identity (φ' = 1), else computed at z_l when the layer moves.
+    ``step`` takes no gate or step norms (adaptive stopping and traces are MLP-only so far)."""
 
     def __init__(self, layers: Sequence[Layer], x: Tensor, target: Tensor, config: PCConfig) -> None:
         self.layers, self.target, self.config = list(layers), target, config
@@ -82,8 +86,11 @@ class _ConvRelaxation:
         self.dphis = [phi_grad(layer.activation) for layer in layers]
         self.pools = [getattr(layer, "pool", None) for layer in layers]
         gammas, kappa = config.precisions, config.inference_lr
-        # z_l ← z_l − (κ/γ_l)(γ_l ε_l − γ_{l+1} J_l(z_l)ᵀ ε_{l+1})
-        self.coefficients = [kappa * gammas[l + 1] / gammas[l] for l in range(self.hidden)]
+        # z_l ← z_l − (κ/γ_l)(γ_l ε_l − γ_{l+1} J_l(z_l)ᵀ ε_{l+1}): the top-down term's factor
+        # κγ_{l+1}/γ_l goes into a scaled copy of W_{l+1} (top-down weights), once per call
+        self.topdown_weights = [layers[l + 1].weight * (kappa * gammas[l + 1] / gammas[l])
+                                for l in range(self.hidden)]
+        self.slopes_fixed = [config.fpa or layer.activation == "identity" for layer in layers]
         self.feedforward(x)
 
     # -- the network's maps ---------------------------------------------------------------------
@@ -125,7 +132,9 @@ class _ConvRelaxation:
         self.f0 = self.predictions[-1].clone()
         output_error = _output_error(torch.empty_like(self.f0), self.f0, self.target, self.config.loss)
         self.errors = [torch.zeros_like(z) for z in self.latents] + [output_error]
-        self.slopes = [self.dphis[l](self.predictions[l]) if self.config.fpa else None for l in range(hidden)]
+        # φ'(u_l), frozen under FPA (None: φ' = 1, the identity's)
+        self.slopes = [None if layers[l].activation == "identity" else
+                       self.dphis[l](self.predictions[l]) if self.config.fpa else None for l in range(hidden)]
         # top-down buffers: ε_{l+1} W_{l+1} of a linear next layer (a_l's size), the max pooling's
         # routed product (z_l's size); the avg pooling's adjoint kernel and output padding
         self.products = [x.new_empty(batch, layers[l + 1].weight.shape[1])
@@ -150,14 +159,14 @@ class _ConvRelaxation:
                                                           layer.dilation)
 
     def topdown(self, l: int) -> Tensor:
-        """``J_l(z_l)ᵀ ε_{l+1}`` without its factor φ_l'(z_l): ε_{l+1} back through m_{l+1} and the
-        adjoint of π_l, in a buffer the caller may overwrite."""
-        layer, eps = self.layers[l + 1], self.errors[l + 1]
+        """``(κγ_{l+1}/γ_l) J_l(z_l)ᵀ ε_{l+1}`` without its factor φ_l'(z_l): ε_{l+1} back through
+        m_{l+1} (with the top-down weights) and the adjoint of π_l."""
+        layer, eps, weight = self.layers[l + 1], self.errors[l + 1], self.topdown_weights[l]
         if isinstance(layer, ConvLayer):
-            back = nnf.conv_transpose2d(eps, layer.weight, None, layer.stride, layer.padding, self.conv_padding[l + 1],
+            back = nnf.conv_transpose2d(eps, weight, None, layer.stride, layer.padding, self.conv_padding[l + 1],
                                         1, layer.dilation)
         else:
-            back = torch.mm(eps, layer.weight, out=self.products[l]).view(self.acts[l + 1].shape)
+            back = torch.mm(eps, weight, out=self.products[l]).view(self.acts[l + 1].shape)
         pool = self.pools[l]
         if pool is None:
             return back
@@ -189,33 +198,36 @@ class _ConvRelaxation:
         for l in range(self.depth):
             self.refresh_error(l)
 
-    def apply_update(self, l: int, topdown: Tensor) -> Tensor:
-        """Add the step to z_l, from ``topdown`` = ``topdown(l)`` (overwritten); return the step."""
-        slope = self.slopes[l] if self.config.fpa else self.dphis[l](self.latents[l])
-        step = topdown.mul_(slope).mul_(self.coefficients[l])
-        step.sub_(self.errors[l], alpha=self.config.inference_lr)
-        if self.gate is not None:
-            step.mul_(self.gate)
-        if self.squares is not None:
-            self.squares[l] = torch.linalg.vecdot(step.reshape(-1), step.reshape(-1))
-        self.latents[l].add_(step)
-        return step
+    def apply_update(self, l: int, topdown: Tensor) -> None:
+        """z_l ← z_l + φ_l'(z_l) ⊙ topdown − κ ε_l, with ``topdown`` = ``topdown(l)`` (φ' at u_l under
+        FPA); ε_l is left as it was."""
+        z = self.latents[l]
+        if self.slopes_fixed[l]:
+            slope = self.slopes[l]
+        else:
+            slope = self.dphis[l](z)
+        if slope is None:
+            z.add_(topdown)
+        else:
+            z.addcmul_(topdown, slope)
+        z.sub_(self.errors[l], alpha=self.config.inference_lr)
 
     def step(self, gate: Tensor | None = None, squares: Tensor | None = None) -> None:
-        self.gate, self.squares = gate, squares
+        if gate is not None or squares is not None:
+            raise NotImplementedError("adaptive stopping, traces and the divergence guard: MLPs only")
         if self.config.schedule == "jacobi":
             self.jacobi_step()
         elif self.hidden > 0:
             self.sequential_step()
 
     def jacobi_step(self) -> None:
-        fpa = self.config.fpa
         topdowns = [self.topdown(l) for l in range(self.hidden)]
         for l in range(self.hidden):
-            step = self.apply_update(l, topdowns[l])
-            if fpa:
-                self.errors[l].add_(step)  # predictions are frozen: ε_l moves with z_l
-        if not fpa:
+            self.apply_update(l, topdowns[l])
+        if self.config.fpa:  # predictions are frozen: ε_l = z_l − u_l
+            for l in range(self.hidden):
+                torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
+        else:
             self.refresh()
 
     def sequential_step(self) -> None:
@@ -228,9 +240,9 @@ class _ConvRelaxation:
                 if l > 0:
                     self.refresh_activity(l - 1)
                 self.refresh_error(l)
-            # Layer l's prediction does not depend on z_l, so ε_l moves with z_l; the next layer
-            # down reads this fresh ε_l in its top-down term.
-            self.errors[l].add_(self.apply_update(l, self.topdown(l)))
+            self.apply_update(l, self.topdown(l))
+            # Layer l's prediction does not depend on z_l: the next layer down reads this fresh ε_l
+            torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
 
     # -- the results ------------------------------------------------------------------------------
 
