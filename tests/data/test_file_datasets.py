@@ -137,6 +137,9 @@ def test_cifar10_round_trips(tmp_path: Path, make_cifar_batches) -> None:
         assert x.dtype == torch.float64
         assert torch.equal(x, torch.from_numpy(images.astype(np.float64) / 255))
         assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+        # (N, 3, 32, 32): the files' R, G and B planes, row by row
+        planes = images.reshape(-1, 3, 32, 32).astype(np.float64) / 255
+        assert torch.equal(data.images(split), torch.from_numpy(planes))
 
 
 class _Boom:

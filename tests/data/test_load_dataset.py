@@ -146,3 +146,24 @@ def test_splits_are_pinned(mnist5k: Dataset, digits: Dataset) -> None:
     assert mnist5k.y_test[:12].tolist() == [3, 0, 6, 7, 8, 2, 7, 1, 8, 1, 1, 7]
     assert digits.y_train[:12].tolist() == [6, 6, 6, 2, 5, 6, 6, 2, 2, 1, 1, 9]
     assert digits.y_test[:12].tolist() == [8, 8, 9, 8, 3, 7, 5, 0, 6, 6, 3, 1]
+
+
+def test_images_are_the_flat_features_as_nchw_views(mnist5k: Dataset, digits: Dataset) -> None:
+    """Oracle for digits: scikit-learn's own 8×8 ``images``; every image of the split is one of them,
+    in the same orientation (a transposed reshape would not be)."""
+    from sklearn.datasets import load_digits
+
+    images = mnist5k.images("train")
+    assert images.shape == (4000, 1, 28, 28) and images.data_ptr() == mnist5k.x_train.data_ptr()
+    assert images[7, 0, 13, 21] == mnist5k.x_train[7, 13 * 28 + 21]
+    assert mnist5k.images("test").shape == (1000, 1, 28, 28)
+    known = {np.asarray(im, dtype=np.float64).tobytes() for im in load_digits().images}
+    for im in digits.images("test"):
+        assert (im[0].double() * 16).numpy().tobytes() in known
+    with pytest.raises(ValueError, match="split"):
+        digits.images("validation")
+    other = Dataset("mine", torch.zeros(2, 5), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 5),
+                    torch.zeros(1, dtype=torch.int64), 2)
+    assert other.image_shape is None
+    with pytest.raises(ValueError, match="no image shape"):
+        other.images()
