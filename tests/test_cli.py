@@ -126,6 +126,7 @@ def _mistakes(tmp):
         (["train", "--trace", tmp], "is a directory"),
         (["traces", "--widths", "16", "16", "--out", tmp / "r"], "--widths"),
         (["traces", "--out", afile], "is not a directory"),
+        (["traces", "--relax-steps", "5", "--inference-steps", "10", "--out", tmp / "r"], "--relax-steps"),
         (["train", "--device", "quantum"], "quantum"),
         (["train", "--optimizer", "adam", "--momentum", "0.5"], "--momentum"),
         (["train", "--optimizer", "lion"], "invalid choice: 'lion'"),

@@ -651,6 +651,9 @@ def _traces(args) -> int:
     from ..experiments.traces import TraceSettings, format_traces, run_traces, write_traces
 
     _all_distinct(("--widths", args.widths), ("--parametrization", args.parametrization))
+    if args.relax_steps < args.inference_steps:
+        raise UsageError(f"--relax-steps: expected at least --inference-steps ({args.inference_steps}), the T the "
+                         f"figure marks; got {args.relax_steps}")
     check_backend(args.backend, None)
     check_plotting()
     prepare_output_dir(args.out, ["traces.json", "traces.png"])

@@ -36,6 +36,11 @@ class TraceSettings:
     seed: int = 0
     backend: str = "auto"
 
+    def __post_init__(self) -> None:
+        if self.relax_steps < self.inference_steps:
+            raise ValueError(f"relax_steps: expected at least inference_steps ({self.inference_steps}), the T the "
+                             f"figure marks, got {self.relax_steps}")
+
 
 def _relative_steps(grad_norm: torch.Tensor, gammas: list[float], rate: float) -> list[float]:
     """s_t / max_{u≤t} s_u from a trace's activity-gradient norms (‖Δz_l‖ = (κ/γ_l) ‖∂F/∂z_l‖)."""

@@ -199,7 +199,10 @@ def _check_sgd_settings(settings: dict[str, Any]) -> None:
 
 def _saved_value_fits(saved: Any, mine: Any) -> bool:
     """Whether a saved hyperparameter has the type of this optimizer's (numbers finite)."""
-    if isinstance(mine, bool) or mine is None:
+    if mine is None:  # an optional setting (None or a number: e.g. inference_tol); the options check its value
+        return saved is None or isinstance(saved, bool) or (
+            isinstance(saved, (int, float)) and math.isfinite(saved))
+    if isinstance(mine, bool):
         return isinstance(saved, bool) or saved is None
     if isinstance(mine, (int, float)):
         return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
@@ -1170,7 +1173,9 @@ class LocalOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dict['param_groups']: has {len(saved_groups)} groups, this optimizer "
                              f"{len(self.param_groups)} (one per weight and bias, plus any add_param_group)")
         saved_ids: dict[Any, Tensor] = {}
-        algo_keys = [k for k in self._setting_names if k not in self._inner_keys and k not in _MULTIPLIERS[1:]]
+        added_later = getattr(self.options, "added_later", ())  # absent from states saved before them
+        algo_keys = [k for k in self._setting_names
+                     if k not in self._inner_keys and k not in _MULTIPLIERS[1:] and k not in added_later]
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{i}]"
             required = ["params", *_REQUIRED, *algo_keys, *(_LAYER_KEYS if i < self._model_groups else ())]
@@ -1187,7 +1192,9 @@ class LocalOptimizer(torch.optim.Optimizer):
                 _check_number(f"{where}['{key}']", saved[key])
             for key in self._setting_names:
                 if key in saved and not _saved_value_fits(saved[key], self.defaults[key]):
-                    kind = "a bool" if isinstance(self.defaults[key], bool) else type(self.defaults[key]).__name__
+                    default = self.defaults[key]
+                    kind = ("a bool" if isinstance(default, bool) else "None or a number" if default is None
+                            else type(default).__name__)
                     raise TypeError(f"{where}['{key}']: expected {kind} like {self.defaults[key]!r}, got {saved[key]!r}")
             for pid, p in zip(saved["params"], group["params"]):
                 if pid in saved_ids:

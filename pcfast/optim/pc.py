@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -31,6 +32,9 @@ class PCOptions(Options):
     inference_tol: float | None = None
     trace: bool = False
     check_divergence: bool = True
+
+    # Settings a state saved by an older pcfast lacks: loading it keeps this optimizer's values.
+    added_later: ClassVar[tuple[str, ...]] = ("inference_tol", "trace", "check_divergence")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,19 +144,27 @@ class PC(LocalOptimizer):
             # F_T above F_{T-1} or above F_0 = γ_L Σℓ(f_0) (with the trace: any step above the one
             # before): the energy is reported as NaN, which the step's one host read sees with its
             # other values; _raise_non_finite explains it.
-            margin = 1 + _RISE_EPS * torch.finfo(energy.dtype).eps
+            # A rise counts beyond 1000 ε relative and ε · B · max γ absolute: an energy at the
+            # rounding floor of ε_l = z_l − μ_l (a relaxation with nothing left to explain) jitters.
+            eps = torch.finfo(energy.dtype).eps
+            margin, floor = 1 + _RISE_EPS * eps, eps * x.shape[0] * max(config.precisions)
             start = result.loss * (config.precisions[-1] * x.shape[0])
-            rose = result.energy > torch.maximum(result.energy_prev, start) * margin
+            rose = result.energy > torch.maximum(result.energy_prev, start) * margin + floor
             if result.trace is not None:
                 totals = result.trace.energy.sum(1)  # NaN after a stop: NaN comparisons are False
-                rose = rose | (totals[1:] > totals[:-1] * margin).any()
+                rose = rose | (totals[1:] > totals[:-1] * margin + floor).any()
             energy = torch.where(rose, torch.full_like(energy, math.nan), energy)
-            pending["relaxation"] = (result.energy, config)
+            pending["relaxation"] = (result.energy, rose, config)
         stats = {"loss": result.loss, "energy": energy}
         if result.steps is not None:
             stats["inference_steps"] = result.steps.to(energy.dtype)
-        self.last_trace = result.trace
+        pending["trace"] = result.trace
         return result.weight_grads, result.bias_grads, stats, pending
+
+    def _commit_extra(self, pending: dict) -> None:
+        """The step went through: its trace becomes ``last_trace`` (a refused step changes nothing)."""
+        if "trace" in pending:
+            self.last_trace = pending["trace"]
 
     def _raise_non_finite(self, grads, values: dict[str, float], step: _Step) -> None:
         """A finite energy that the guard marked (the relaxation rose): ``DivergenceError`` naming the
@@ -160,8 +172,12 @@ class PC(LocalOptimizer):
         relaxation = step.pending.get("relaxation")
         if relaxation is not None and math.isnan(values.get("energy", 0.0)) and all(
                 math.isfinite(v) for name, v in values.items() if name != "energy"):
-            energy, config = relaxation
+            energy, rose, config = relaxation
             if bool(torch.isfinite(energy)) and all(bool(torch.isfinite(g).all()) for g in grads.values()):
+                if not bool(rose):  # finite and not rising here: the reduced energy came from another rank
+                    raise DivergenceError("the PC relaxation diverged on another rank of the process group (its "
+                                          "energy rose); nothing was changed (that rank's error names the step "
+                                          "and layer)")
                 self._raise_diverging_relaxation(step, config)
         super()._raise_non_finite(grads, values, step)
 

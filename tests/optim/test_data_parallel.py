@@ -162,6 +162,16 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
         if rank == world - 1:
             labels[0] = 99  # a class label out of range on one shard: checked inside the reduced flag
         failures[name, "bad_label"] = _failure(opt, model, x, labels)
+        if name == "pc":  # a relaxation that diverges on the last rank only (its own κ, far too large)
+            for group in opt.param_groups:
+                group["inference_lr"] = 50.0 if rank == world - 1 else 0.1
+            failures[name, "relaxation"] = _failure(opt, model, x, y)
+            try:
+                opt.step(x, y)
+            except Exception as error:  # noqa: BLE001 - the message is what is checked
+                failures[name, "relaxation"]["message"] = str(error)
+            for group in opt.param_groups:
+                group["inference_lr"] = 0.1
         opt.param_groups[0]["lr"] = float("nan")  # on every rank: every update is NaN
         failures[name, "nan_lr"] = _failure(opt, model, x, y)
         opt.param_groups[0]["lr"] = 0.05
@@ -287,6 +297,11 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_with_nothing_changed(worl
             assert failures[name, "bad_input"] == {"raised": "ValueError", "unchanged": True}, (name, rank)
             assert failures[name, "bad_label"] == {"raised": "ValueError", "unchanged": True}, (name, rank)
             assert failures[name, "nan_lr"] == {"raised": "DivergenceError", "unchanged": True}, (name, rank)
+            if name == "pc":  # the guard of the relaxation: every rank refuses; the others say where it diverged
+                relaxation = failures[name, "relaxation"]
+                assert (relaxation["raised"], relaxation["unchanged"]) == ("DivergenceError", True), rank
+                expected = "inference step" if rank == world - 1 else "on another rank"
+                assert expected in relaxation["message"], (rank, relaxation["message"])
             first = ranks[0]["failures"][name, "after"]
             after = failures[name, "after"]
             assert after["loss"] == first["loss"]

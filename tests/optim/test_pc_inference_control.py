@@ -204,3 +204,59 @@ def test_ipc_refuses_pc_only_inference_control(name, value):
 def test_bad_settings_are_refused(name, value, error):
     with pytest.raises(error, match=name):
         PC(_model(), None, lr=0.01, **{name: value})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_refusal_at_the_rounding_floor_of_a_met_target(backend, dtype):
+    """A target the model already meets to within rounding: the energy sits at the floor of
+    ε = z − μ and jitters there, which is not a divergence."""
+    model = _model().to(dtype)
+    x, _ = _batch()
+    x = x.to(dtype)
+    with torch.no_grad():
+        y = model(x) + 1e-9 * torch.randn(8, 4, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    for schedule in ("jacobi", "sequential"):
+        for steps in (1, 2, 20):
+            opt = PC(model, None, lr=1e-3, inference_steps=steps, schedule=schedule, backend=backend, trace=True)
+            assert set(opt.step(x, y)) == {"loss", "energy"}
+
+
+def test_a_refused_step_keeps_the_last_trace():
+    x, y = _batch()
+    opt = PC(_model(1, activation=nn.Identity), None, lr=1e-3, inference_lr=0.05, inference_steps=40,
+             backend="torch", trace=True)
+    opt.step(x, y)
+    kept = opt.last_trace
+    for group in opt.param_groups:
+        group["inference_lr"] = 0.6
+    with pytest.raises(DivergenceError):
+        opt.step(x, y)
+    assert opt.last_trace is kept
+
+
+@pytest.mark.parametrize("cls", [PC, IPC])
+def test_a_state_saved_before_inference_control_loads(cls):
+    """Groups saved without inference_tol, trace and check_divergence keep this optimizer's values."""
+    x, y = _batch()
+    opt = cls(_model(), None, lr=0.01, inference_steps=3)
+    opt.step(x, y)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        for key in ("inference_tol", "trace", "check_divergence"):
+            del group[key]
+    fresh = cls(_model(), None, lr=0.01, inference_steps=3)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["check_divergence"] is (cls is PC)
+    expected = cls(_model(), None, lr=0.01, inference_steps=3)
+    expected.load_state_dict(opt.state_dict())
+    assert fresh.step(x, y) == expected.step(x, y)
+
+
+def test_a_saved_inference_tol_round_trips():
+    x, y = _batch()
+    opt = PC(_model(), None, lr=0.01, inference_tol=0.2, inference_steps=30)
+    opt.step(x, y)
+    fresh = PC(_model(), None, lr=0.01, inference_steps=30)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["inference_tol"] == 0.2 and "inference_steps" in fresh.step(x, y)
