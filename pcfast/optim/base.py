@@ -802,11 +802,10 @@ class LocalOptimizer(torch.optim.Optimizer):
         stepped = self._stepped(grads)
         self._check_rates(stepped, settings)
         previous = []
-        if grads is not None:
-            for p, g in grads.items():
+        try:
+            for p, g in (grads or {}).items():
                 previous.append((p, p.grad))
                 p.grad = g  # a fresh tensor from the algorithm; the inner update does not modify it
-        try:
             values = self._certain_values(stepped, stats, step, settings)
             if values is not None:  # SGD with every new value certainly finite: in place at once
                 self._sgd_in_place(stepped, settings)
