@@ -166,6 +166,8 @@ def pc_relax_traced(net: Net, x: Tensor, target: Tensor, config: PCConfig):
 
     record_energy(0)
     stopping, taken, energy_prev = Stopping(config.inference_tol), steps, None
+    measures = trace is not None or config.inference_tol is not None  # every step's ‖∂F/∂z_l‖
+    norm = lambda g: float(torch.linalg.vector_norm(g)) if measures else 0.0
     for t in range(steps):
         if config.check_divergence and t == steps - 1:
             energy_prev = energy_now()
@@ -173,18 +175,18 @@ def pc_relax_traced(net: Net, x: Tensor, target: Tensor, config: PCConfig):
         if config.schedule == "jacobi":
             g = grads()
             latents = [latents[l] - rate / gammas[l] * g[l] for l in range(hidden)]
-            norms = [float(torch.linalg.vector_norm(g[l])) for l in range(hidden)]
+            norms = [norm(g[l]) for l in range(hidden)]
         else:  # "sequential" (PCConfig checked the name)
             for l in reversed(range(hidden)):
                 g = grads()
                 latents[l] = latents[l] - rate / gammas[l] * g[l]
-                norms[l] = float(torch.linalg.vector_norm(g[l]))
+                norms[l] = norm(g[l])
         if trace is not None and hidden:
             trace.grad_norm[t] = torch.tensor(norms, dtype=x.dtype)
         record_energy(t + 1)
         if trajectory is not None:
             trajectory.append([z.clone() for z in latents])
-        if stopping.done([(rate / gammas[l] * norms[l]) ** 2 for l in range(hidden)]):
+        if measures and stopping.done([(rate / gammas[l] * norms[l]) ** 2 for l in range(hidden)]):
             taken = t + 1
             break
     if trajectory is not None:
