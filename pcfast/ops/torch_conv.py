@@ -45,7 +45,7 @@ from ..activations import phi, phi_grad
 from ..reference.conv import ConvLayer, Layer, check_conv_net
 from ..results import PCResult
 from ..types import PCConfig
-from .torch_pc import _affine, _loss_sum, _output_error, relax
+from .torch_pc import Refreshing, _affine, _loss_sum, _output_error, relax
 
 
 def _transpose_padding(in_size: Sequence[int], out_size: Sequence[int], kernel: Sequence[int], stride: int,
@@ -69,7 +69,7 @@ def _route(out: Tensor, back: Tensor, indices: Tensor) -> Tensor:
     return out
 
 
-class _ConvRelaxation:
+class _ConvRelaxation(Refreshing):
     """One PC step on a conv net in preallocated buffers (a ``torch_pc.Relaxation``).
 
     acts[l]: layer l's presynaptic activity x, a(z_1), …, a(z_{L-1}) (unflattened), with a(z) = π(φ(z));
@@ -182,21 +182,6 @@ class _ConvRelaxation:
     def refresh_activity(self, l: int) -> None:
         """acts[l+1] = a(z_l) and its routing (0-based hidden layer l)."""
         self.acts[l + 1], self.routes[l] = self.activity(l, self.latents[l])
-
-    def refresh_error(self, l: int) -> None:
-        """ε of 0-based layer l from the current presynaptic activity."""
-        if l > 0:
-            self.layer_map(l)
-        if l < self.hidden:
-            torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
-        else:
-            _output_error(self.errors[l], self.predictions[l], self.target, self.config.loss)
-
-    def refresh(self) -> None:
-        for l in range(self.hidden):
-            self.refresh_activity(l)
-        for l in range(self.depth):
-            self.refresh_error(l)
 
     def apply_update(self, l: int, topdown: Tensor) -> None:
         """z_l ← z_l + φ_l'(z_l) ⊙ topdown − κ ε_l, with ``topdown`` = ``topdown(l)`` (φ' at u_l under

@@ -167,7 +167,31 @@ def relax(state: Relaxation, config: PCConfig, loss: Tensor, host_stops: bool | 
                     trace=None if monitor is None else monitor.trace, energy_prev=energy_prev)
 
 
-class _Relaxation:
+class Refreshing:
+    """Bringing errors up to date, shared by the explicit relaxations (here and ``torch_conv``): each
+    defines ``layer_map(l)`` (predictions[l] from acts[l]) and ``refresh_activity(l)`` (acts[l+1]
+    from z_l), and holds ``latents``, ``predictions``, ``errors``, ``target``, ``config``."""
+
+    depth: int
+    hidden: int
+
+    def refresh_error(self, l: int) -> None:
+        """ε of 0-based layer l from the current presynaptic activity (layer 1's prediction is constant)."""
+        if l > 0:
+            self.layer_map(l)
+        if l < self.hidden:
+            torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
+        else:
+            _output_error(self.errors[l], self.predictions[l], self.target, self.config.loss)
+
+    def refresh(self) -> None:
+        for l in range(self.hidden):
+            self.refresh_activity(l)
+        for l in range(self.depth):
+            self.refresh_error(l)
+
+
+class _Relaxation(Refreshing):
     """One PC step in preallocated buffers (a ``Relaxation``), updated in place.
 
     predictions[l]: layer l's prediction (layer 1's is constant: φ(z_0) = x); acts[l]: its
@@ -209,20 +233,9 @@ class _Relaxation:
         """acts[l+1] = φ(z_{l+1}) (0-based hidden layer l)."""
         self.acts[l + 1].copy_(self.phis[l](self.latents[l]))
 
-    def refresh_error(self, l: int) -> None:
-        """ε of 0-based layer l from the current presynaptic activity."""
-        if l > 0:
-            _affine(self.predictions[l], self.acts[l], self.net.weights[l], self.net.biases[l])
-        if l < self.hidden:
-            torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
-        else:
-            _output_error(self.errors[l], self.predictions[l], self.target, self.config.loss)
-
-    def refresh(self) -> None:
-        for l in range(self.hidden):
-            self.refresh_activity(l)
-        for l in range(self.depth):
-            self.refresh_error(l)
+    def layer_map(self, l: int) -> None:
+        """predictions[l] = acts[l] W_lᵀ + b_l."""
+        _affine(self.predictions[l], self.acts[l], self.net.weights[l], self.net.biases[l])
 
     def apply_update(self, l: int) -> Tensor:
         """Add the step to z_l, using topdown[l] = ε_{l+1} W_{l+1} (overwritten); return the step."""

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization
-from ..ops.torch_pc import _affine, _loss_sum, _Relaxation
+from ..ops.torch_pc import _loss_sum, _Relaxation
 from ..reference.common import forward
 from ..reference.pc import pc_activity_grads, pc_energy, pc_weight_grads
 from ..types import Net, PCConfig
@@ -50,8 +50,7 @@ class _LiveRelaxation(_Relaxation):
     def weights_changed(self) -> None:
         """Recompute every prediction and error under the current weights (``_Relaxation`` keeps the
         first layer's prediction from its feedforward pass, since PC's weights stay put)."""
-        net = self.net
-        _affine(self.predictions[0], self.acts[0], net.weights[0], net.biases[0])
+        self.layer_map(0)
         self.refresh()
 
 
