@@ -73,6 +73,11 @@ class Monitor:
     def __init__(self, config: PCConfig, like: Tensor, depth: int, host_stops: bool) -> None:
         steps, hidden, kappa = config.inference_steps, depth - 1, config.inference_lr
         self.config, self.host_stops, self.stopped = config, host_stops, False
+        self.tol, self.trace, self.gate = config.inference_tol, None, None
+        self.energy_prev: Tensor | None = None
+        self.measures_steps = self.tol is not None or config.return_trace  # ‖Δz_l‖² of every step
+        if not self.measures_steps:  # the divergence check alone needs none of the buffers below
+            return
         new = lambda *shape: torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
         self.squares = torch.zeros(hidden, dtype=like.dtype, device=like.device)
         # ‖∂F/∂z_l‖ = ‖Δz_l‖ γ_l / κ; filled from scalars: no host-to-device copy, which a CUDA
@@ -80,13 +85,10 @@ class Monitor:
         self.to_grad = like.new_empty(hidden)
         for l, g in enumerate(config.precisions[:hidden]):
             self.to_grad[l] = g / kappa
-        self.tol = config.inference_tol
         self.gate = like.new_ones(()) if self.tol is not None else None
         self.largest = like.new_zeros(())
         self.taken = torch.zeros((), dtype=torch.int64, device=like.device)
         self.trace = PCTrace(new(steps + 1, depth), new(steps, hidden)) if config.return_trace else None
-        self.energy_prev: Tensor | None = None
-        self.measures_steps = self.tol is not None or config.return_trace  # ‖Δz_l‖² of every step
 
     def terms(self, state: Relaxation) -> Tensor:
         """F's terms at the current state (refreshing the errors a sequential sweep left stale)."""
