@@ -137,32 +137,42 @@ def pc_relax_traced(net: Net, x: Tensor, target: Tensor, config: PCConfig):
     """:func:`pc_relax` with adaptive stopping and the trace: (latents, trajectory, steps taken,
     ``PCTrace`` or None, F before the last step or None). After a stop the trajectory repeats the
     final state and the trace's rows are NaN; see ``PCResult.energy_prev`` for the last."""
-    gammas, rate, activations = list(config.precisions), config.inference_lr, net.activations
+    gammas, activations = list(config.precisions), net.activations
     weights = [w.detach() for w in net.weights]
     biases = [None if b is None else b.detach() for b in net.biases]
     us, _ = forward(weights, biases, activations, x)
-    latents = [u.clone() for u in us[:-1]]
+    detached = Net(weights, biases, activations)
+
+    def grads(latents: Sequence[Tensor]) -> list[Tensor]:
+        return pc_activity_grads(detached, x, target, latents, config)
+
+    def terms(latents: Sequence[Tensor]) -> list[Tensor]:
+        return pc_energy_terms(weights, biases, activations, x, target, latents, precisions=gammas,
+                               loss=config.loss, fpa=config.fpa)
+
+    return relax_latents([u.clone() for u in us[:-1]], grads, terms, config, like=x)
+
+
+def relax_latents(latents: list[Tensor], grads, terms, config: PCConfig, like: Tensor):
+    """The relaxation loop of any PC network, with ``config``'s inference control (DESIGN §3):
+    ``grads(latents)`` gives ``[∂F/∂z_1 … ∂F/∂z_{L-1}]``, ``terms(latents)`` F's term of each layer.
+    Returns (latents, trajectory or None, steps taken, ``PCTrace`` or None, F before the last step
+    or None), as :func:`pc_relax_traced` (``like``: the trace's dtype and device)."""
+    gammas, rate = list(config.precisions), config.inference_lr
     trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
     hidden, steps = len(latents), config.inference_steps
-
-    detached = Net(weights, biases, activations)
     trace = None
     if config.return_trace:
-        trace = PCTrace(energy=torch.full((steps + 1, len(weights)), math.nan, dtype=x.dtype, device=x.device),
-                        grad_norm=torch.full((steps, hidden), math.nan, dtype=x.dtype, device=x.device))
+        depth = hidden + 1
+        trace = PCTrace(energy=torch.full((steps + 1, depth), math.nan, dtype=like.dtype, device=like.device),
+                        grad_norm=torch.full((steps, hidden), math.nan, dtype=like.dtype, device=like.device))
 
     def record_energy(t: int) -> None:
         if trace is not None:
-            terms = pc_energy_terms(weights, biases, activations, x, target, latents, precisions=gammas,
-                                    loss=config.loss, fpa=config.fpa)
-            trace.energy[t] = torch.stack(terms)
-
-    def grads():
-        return pc_activity_grads(detached, x, target, latents, config)
+            trace.energy[t] = torch.stack(terms(latents))
 
     def energy_now() -> Tensor:
-        return torch.stack(pc_energy_terms(weights, biases, activations, x, target, latents, precisions=gammas,
-                                           loss=config.loss, fpa=config.fpa)).sum()
+        return torch.stack(terms(latents)).sum()
 
     record_energy(0)
     stopping, taken, energy_prev = Stopping(config.inference_tol), steps, None
@@ -173,16 +183,16 @@ def pc_relax_traced(net: Net, x: Tensor, target: Tensor, config: PCConfig):
             energy_prev = energy_now()
         norms = [0.0] * hidden
         if config.schedule == "jacobi":
-            g = grads()
+            g = grads(latents)
             latents = [latents[l] - rate / gammas[l] * g[l] for l in range(hidden)]
             norms = [norm(g[l]) for l in range(hidden)]
         else:  # "sequential" (PCConfig checked the name)
             for l in reversed(range(hidden)):
-                g = grads()
+                g = grads(latents)
                 latents[l] = latents[l] - rate / gammas[l] * g[l]
                 norms[l] = norm(g[l])
         if trace is not None and hidden:
-            trace.grad_norm[t] = torch.tensor(norms, dtype=x.dtype)
+            trace.grad_norm[t] = torch.tensor(norms, dtype=like.dtype)
         record_energy(t + 1)
         if trajectory is not None:
             trajectory.append([z.clone() for z in latents])
