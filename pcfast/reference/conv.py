@@ -31,8 +31,11 @@ W_{l+1} (``ε_{l+1} W_{l+1}``, unflattened, for a linear layer), routed back thr
 (max: to each window's arg-max; avg: spread evenly over the window), times φ_l'(z_l). The reference
 takes it from autograd on F. Relaxation: forward initialisation ``z_l = u_l``, then T steps of
 ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l``, all layers from one state (``jacobi``) or one sweep
-l = L−1 … 1 from the freshest state (``sequential``). (Adaptive stopping, traces and the divergence
-guard of DESIGN §3 are specified for MLPs only so far.)
+l = L−1 … 1 from the freshest state (``sequential``). Inference control is the MLP's (DESIGN §3,
+the same loop: ``pcfast.reference.pc.relax_latents``): adaptive stopping after step t when
+‖Δz_t‖ ≤ ``inference_tol`` · max_{τ≤t} ‖Δz_τ‖ (every layer's change, Frobenius), the trace (F's
+term of each layer after every step, (T+1, L), and ‖∂F/∂z_l‖ of every update, (T, L−1), NaN rows
+after a stop) and F before the last step (``PCResult.energy_prev``).
 
 Fixed-prediction assumption (FPA): predictions, φ' and the pooling's routing stay at their
 feedforward values: ``μ_l = u_l`` (so ``ε_l = z_l − u_l``, ``ε_L = −∂ℓ/∂f`` at ``f = u_L``) and the
@@ -84,6 +87,7 @@ from ..activations import check_activation, phi
 from ..results import FeedbackResult, GradResult, PCResult, TPResult
 from ..types import PCConfig, TPConfig
 from .common import loss_sum, output_error
+from .pc import relax_latents
 
 Pool = tuple[str, int, int]
 
@@ -328,26 +332,25 @@ def conv_pc_relax(layers: Sequence[Layer], x: Tensor, target: Tensor,
     Each update is ``z_l ← z_l − (κ/γ_l) ∂F/∂z_l`` with κ = ``inference_lr``. ``jacobi`` updates
     all layers from the same state; ``sequential`` sweeps l = L−1 … 1, each from the freshest state.
     """
-    gammas, rate = config.precisions, config.inference_lr
+    latents, trajectory, _, _, _ = conv_pc_relax_traced(layers, x, target, config)
+    return latents, trajectory
+
+
+def conv_pc_relax_traced(layers: Sequence[Layer], x: Tensor, target: Tensor, config: PCConfig):
+    """:func:`conv_pc_relax` with ``config``'s inference control, the loop of the MLP specification
+    (``pcfast.reference.pc.relax_latents``): (latents, trajectory, steps taken, ``PCTrace`` or None,
+    F before the last step or None)."""
     layers = _detached(layers)
     us, _ = conv_forward(layers, x)
-    latents = [u.clone() for u in us[:-1]]
-    trajectory = [[z.clone() for z in latents]] if config.return_trajectory else None
-    hidden = len(latents)
 
-    def grads():
+    def grads(latents: Sequence[Tensor]) -> list[Tensor]:
         return conv_pc_activity_grads(layers, x, target, latents, config)
 
-    for _ in range(config.inference_steps):
-        if config.schedule == "jacobi":
-            g = grads()
-            latents = [latents[l] - rate / gammas[l] * g[l] for l in range(hidden)]
-        else:  # "sequential" (PCConfig checked the name)
-            for l in reversed(range(hidden)):
-                latents[l] = latents[l] - rate / gammas[l] * grads()[l]
-        if trajectory is not None:
-            trajectory.append([z.clone() for z in latents])
-    return latents, trajectory
+    def terms(latents: Sequence[Tensor]) -> list[Tensor]:
+        return conv_pc_energy_terms(layers, x, target, latents, precisions=list(config.precisions),
+                                    loss=config.loss, fpa=config.fpa)
+
+    return relax_latents([u.clone() for u in us[:-1]], grads, terms, config, like=x)
 
 
 def conv_pc_weight_grads(layers: Sequence[Layer], x: Tensor, target: Tensor, latents: Sequence[Tensor],
@@ -366,13 +369,16 @@ def conv_pc_weight_grads(layers: Sequence[Layer], x: Tensor, target: Tensor, lat
 def conv_pc_train_step(layers: Sequence[Layer], x: Tensor, target: Tensor, *,
                        precisions: Sequence[float] | float | None = None, inference_steps: int = 20,
                        inference_lr: float = 0.1, schedule: str = "jacobi", fpa: bool = False, loss: str = "mse",
-                       return_trajectory: bool = False) -> PCResult:
+                       return_trajectory: bool = False, inference_tol: float | None = None,
+                       return_trace: bool = False, check_divergence: bool = False) -> PCResult:
     """Relaxation, then local weight gradients at the final state (``precisions`` as
-    ``pcfast.functional`` takes them: None all ones, a number γ_L alone, or one per layer)."""
+    ``pcfast.functional`` takes them: None all ones, a number γ_L alone, or one per layer; the
+    inference control, ``inference_tol``, ``return_trace`` and ``check_divergence``, as ``PCConfig``'s)."""
     config = PCConfig.of(len(layers), precisions, inference_steps=inference_steps, inference_lr=inference_lr,
-                         schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory)
+                         schedule=schedule, fpa=fpa, loss=loss, return_trajectory=return_trajectory,
+                         inference_tol=inference_tol, return_trace=return_trace, check_divergence=check_divergence)
     layers = _detached(layers)
-    latents, trajectory = conv_pc_relax(layers, x, target, config)
+    latents, trajectory, taken, trace, energy_prev = conv_pc_relax_traced(layers, x, target, config)
     weight_grads, bias_grads = conv_pc_weight_grads(layers, x, target, latents, config)
     errors = conv_pc_errors(layers, x, target, latents, config)
     energy = conv_pc_energy(layers, x, target, latents, precisions=list(config.precisions), loss=loss, fpa=fpa)
@@ -385,6 +391,9 @@ def conv_pc_train_step(layers: Sequence[Layer], x: Tensor, target: Tensor, *,
         energy=energy.detach(),
         loss=(loss_sum(f0, target, loss) / x.shape[0]).detach(),
         trajectory=trajectory,
+        steps=None if inference_tol is None else torch.tensor(taken, device=x.device),
+        trace=trace,
+        energy_prev=None if energy_prev is None else energy_prev.detach(),
     )
 
 

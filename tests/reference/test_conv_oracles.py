@@ -383,6 +383,28 @@ def test_linear_layers_reproduce_the_mlp_reference(fpa, schedule):
                      + [fb_mlp.loss], name="feedback", **TIGHT)
 
 
+@pytest.mark.parametrize("fpa", [False, True])
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+def test_linear_layers_reproduce_the_mlp_inference_control(fpa, schedule):
+    """Oracle: the MLP specification. On a net of LinearLayers, adaptive stopping, the trace (NaN
+    rows after the stop) and F before the last step equal ``pcfast.reference.pc_train_step``'s."""
+    net = make_net((5, 7, 6, 3), activation=["tanh", "gelu"], scale=1.5)
+    x, y = make_batch((5, 7, 6, 3), 4, "mse")
+    layers = [LinearLayer(w, b, a) for w, b, a in zip(net.weights, net.biases, [*net.activations, "identity"])]
+    for tol in (None, 0.3):
+        settings = dict(precisions=[0.7, 1.3, 0.9], inference_steps=10, inference_lr=0.3, schedule=schedule,
+                        fpa=fpa, inference_tol=tol, return_trace=True, check_divergence=True)
+        ours, mlp = conv_pc_train_step(layers, x, y, **settings), reference.pc_train_step(*net, x, y, **settings)
+        if tol is not None:
+            assert int(ours.steps) == int(mlp.steps) < 10
+        for name in ("energy", "grad_norm"):
+            a, e = getattr(ours.trace, name), getattr(mlp.trace, name)
+            assert torch.equal(torch.isnan(a), torch.isnan(e)), f"trace.{name}: NaN rows differ"
+            assert_close(torch.nan_to_num(a), torch.nan_to_num(e), name=f"trace.{name}", **TIGHT)
+        assert_all_close(ours.latents + ours.weight_grads, mlp.latents + mlp.weight_grads, name="pc", **TIGHT)
+        assert_all_close([ours.energy, ours.energy_prev], [mlp.energy, mlp.energy_prev], name="energies", **TIGHT)
+
+
 # ------------------------------------------------------------------------------------------------
 # Shapes and errors
 
