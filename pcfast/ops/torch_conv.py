@@ -30,8 +30,11 @@ keeps the whole state in it, with the same numbers; on the CPU that is much fast
 (its channels-last kernel is about 15× faster than the contiguous one for a 32×32×32×32 float32 input
 on one thread).
 
-Adaptive stopping (``inference_tol``), traces (``return_trace``) and the divergence guard
-(``check_divergence``) are specified for MLPs only so far and raise ``NotImplementedError`` here.
+Inference control (DESIGN §3) is ``torch_pc.relax``'s ``Monitor``, as for MLPs: adaptive stopping
+(``inference_tol``), the trace (``return_trace``) and F before the last step (``check_divergence``).
+For it a step takes a 0-dim gate (on the device, a stopped relaxation's remaining steps multiply
+their updates by 0 instead of syncing with the host) and writes each layer's ‖Δz_l‖²; the update is
+then formed as a tensor, gated and measured before it is added, instead of the fused one.
 """
 from __future__ import annotations
 
@@ -69,6 +72,13 @@ def _route(out: Tensor, back: Tensor, indices: Tensor) -> Tensor:
     return out
 
 
+def _flat(t: Tensor) -> Tensor:
+    """``t``'s values as one vector, a view in its memory order (contiguous or channels-last)."""
+    if t.is_contiguous() or t.dim() != 4:
+        return t.reshape(-1)
+    return t.permute(0, 2, 3, 1).reshape(-1)
+
+
 class _ConvRelaxation(Refreshing):
     """One PC step on a conv net in preallocated buffers (a ``torch_pc.Relaxation``).
 
@@ -76,7 +86,8 @@ class _ConvRelaxation(Refreshing):
     predictions[l] = m_l(acts[l]) (layer 1's is constant); latents[l] = z_l; errors[l] = ε_l;
     routes[l]: the arg-max indices of layer l's max pooling at acts[l+1]'s state; slopes[l]: φ'(u_l)
     under FPA, None for the identity (φ' = 1), else computed at z_l when the layer moves.
-    ``step`` takes no gate or step norms (adaptive stopping and traces are MLP-only so far)."""
+    ``step(gate, squares)``: with a 0-dim ``gate`` every update is multiplied by it, with ``squares``
+    ((L−1,)) each layer's ‖Δz_l‖² is written there, as ``torch_pc.Relaxation`` specifies."""
 
     def __init__(self, layers: Sequence[Layer], x: Tensor, target: Tensor, config: PCConfig) -> None:
         self.layers, self.target, self.config = list(layers), target, config
@@ -185,21 +196,30 @@ class _ConvRelaxation(Refreshing):
 
     def apply_update(self, l: int, topdown: Tensor) -> None:
         """z_l ← z_l + φ_l'(z_l) ⊙ topdown − κ ε_l, with ``topdown`` = ``topdown(l)`` (φ' at u_l under
-        FPA); ε_l is left as it was."""
+        FPA; overwritten when the step is gated or measured); ε_l is left as it was."""
         z = self.latents[l]
-        if self.slopes_fixed[l]:
-            slope = self.slopes[l]
-        else:
-            slope = self.dphis[l](z)
-        if slope is None:
-            z.add_(topdown)
-        else:
-            z.addcmul_(topdown, slope)
-        z.sub_(self.errors[l], alpha=self.config.inference_lr)
+        slope = self.slopes[l] if self.slopes_fixed[l] else self.dphis[l](z)
+        if self.gate is None and self.squares is None:  # one fused update
+            if slope is None:
+                z.add_(topdown)
+            else:
+                z.addcmul_(topdown, slope)
+            z.sub_(self.errors[l], alpha=self.config.inference_lr)
+            return
+        step = topdown if slope is None else topdown.mul_(slope)
+        step.sub_(self.errors[l], alpha=self.config.inference_lr)
+        if self.gate is not None:
+            step.mul_(self.gate)
+        if self.squares is not None:
+            flat = _flat(step)
+            self.squares[l] = torch.linalg.vecdot(flat, flat)
+        z.add_(step)
+
+    gate: Tensor | None = None
+    squares: Tensor | None = None
 
     def step(self, gate: Tensor | None = None, squares: Tensor | None = None) -> None:
-        if gate is not None or squares is not None:
-            raise NotImplementedError("adaptive stopping, traces and the divergence guard: MLPs only")
+        self.gate, self.squares = gate, squares
         if self.config.schedule == "jacobi":
             self.jacobi_step()
         elif self.hidden > 0:
@@ -260,10 +280,6 @@ def conv_pc_grads(layers: Sequence[Layer], x: Tensor, target: Tensor, config: PC
     """PC relaxation and local gradients of a conv net: ``pcfast.reference.conv.conv_pc_train_step``
     with ``config``'s settings, written out. ``layers``: ``ConvLayer`` / ``LinearLayer`` (the readout
     last); ``x`` (B, C, H, W); ``target`` (B, C_out) for MSE, int64 labels (B,) for CE."""
-    for name in ("inference_tol", "return_trace", "check_divergence"):
-        if getattr(config, name) not in (None, False):
-            raise NotImplementedError(f"{name}: adaptive stopping, traces and the divergence guard are specified "
-                                      f"for MLPs only; conv nets run all inference_steps without them")
     check_conv_net(layers, x)
     if len(config.precisions) != len(layers):
         raise ValueError(f"config.precisions: expected {len(layers)} entries (one per layer), "

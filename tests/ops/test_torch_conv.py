@@ -6,7 +6,7 @@ float64 on a fixed sample of awkward networks that covers every value of every a
 channels 1, 3, 7; kernels 1, 3, 5; stride 1 and 2; padding 0 and 1; odd image sizes; biases on and
 off; max, avg and no pooling with overlapping windows; dilation; MSE and CE; jacobi and sequential;
 FPA on and off), and to float32's tolerance in float32. Also: no autograd is used, arg-max ties route
-as ``max_pool2d``'s own backward does, and the unsupported settings raise.
+as ``max_pool2d``'s own backward does, each inference-control setting runs, and bad input raises.
 """
 from __future__ import annotations
 
@@ -249,10 +249,17 @@ def test_uses_no_autograd(monkeypatch):
 
 
 @pytest.mark.parametrize("setting", [{"inference_tol": 1e-3}, {"return_trace": True}, {"check_divergence": True}])
-def test_unsupported_settings_raise(setting):
-    layers, x, y = build(CASES[0])
-    with pytest.raises(NotImplementedError, match=next(iter(setting))):
-        conv_pc_grads(layers, x, y, PCConfig.of(len(layers), None, **setting))
+def test_inference_control_settings_run(setting):
+    """Each inference-control setting alone equals the reference (all of them together, stops and the
+    device gate: ``test_torch_conv_inference_control``)."""
+    case = CASES[0]
+    layers, x, y = build(case)
+    settings = {**_settings(case, len(layers)), **setting}
+    ref = conv_pc_train_step(layers, x, y, **settings)
+    out = conv_pc_grads(layers, x, y, PCConfig(tuple(settings.pop("precisions")), **settings))
+    _compare(out, ref, **TIGHT)
+    name = {"inference_tol": "steps", "return_trace": "trace", "check_divergence": "energy_prev"}[next(iter(setting))]
+    assert getattr(out, name) is not None and getattr(ref, name) is not None
 
 
 def test_bad_input_raises():
