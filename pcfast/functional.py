@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+from .ops.backend import activity_shapes
 from .activations import check_activation
 from .types import Feedback, Net, PCConfig, SeededNoise, TPConfig, config_of, takes_settings
 from .errors import DivergenceError
@@ -52,19 +53,26 @@ def _readable_all(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [_readable(t) for t in tensors]
 
 
-def as_net(weights, biases, activations) -> Net:
+def as_net(weights, biases, activations, geometry=None) -> Net:
     """The network as a checked ``Net`` (types, shapes, dtypes, devices, activation names) of
-    tensors the fused backends can read (lazy bits applied)."""
-    return Net(_readable_all(weights), _readable_all(biases), activations)
+    tensors the fused backends can read (lazy bits applied); ``geometry``: a conv net's
+    ``ConvGeometry`` per layer (None for a linear one), or None for an MLP."""
+    return Net(_readable_all(weights), _readable_all(biases), activations, geometry=tuple(geometry or ()))
 
 
-def _check_input(name: str, x, weights: Sequence[Tensor]) -> None:
-    """``x``: a finite (batch >= 1, d_0) tensor of the model's dtype and device."""
+def _check_input(name: str, x, net: Net) -> None:
+    """``x``: a finite (batch >= 1, d_0) tensor — images (batch >= 1, C, H, W) that fit a conv net —
+    of the model's dtype and device."""
     check_tensor(name, x)
-    d0 = weights[0].shape[1]
-    if x.dim() != 2 or x.shape[1] != d0 or x.shape[0] == 0:
+    w0 = net.weights[0]
+    d0 = w0.shape[1]
+    if net.is_conv and (x.dim() != 4 or x.shape[1] != d0 or x.shape[0] == 0):
+        raise ValueError(f"{name}: expected images of shape (batch >= 1, {d0}, height, width), got shape "
+                         f"{tuple(x.shape)}")
+    if not net.is_conv and (x.dim() != 2 or x.shape[1] != d0 or x.shape[0] == 0):
         raise ValueError(f"{name}: expected shape (batch >= 1, {d0}), got shape {tuple(x.shape)}")
-    check_like(name, x, weights[0], tuple(x.shape))
+    check_like(name, x, w0, tuple(x.shape))
+    net.check_input(x)
     if not _all_finite(x):
         raise ValueError(f"{name}: contains NaN or infinite values")
 
@@ -111,9 +119,10 @@ def _raise_non_finite(op: str, what: str, inputs: list[tuple[str, Tensor]]) -> N
     raise DivergenceError(f"{op}: {what}: the computation diverged (lower {knobs} or the scale of the inputs)")
 
 
-@takes_settings(PCConfig, "weights", "biases", "activations", "x", "y", backend="auto")
+@takes_settings(PCConfig, "weights", "biases", "activations", "x", "y", backend="auto", geometry=None)
 def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str], x: Tensor,
-                  y: Tensor, *, backend: str = "auto", **settings: Any) -> PCResult:
+                  y: Tensor, *, backend: str = "auto", geometry: Sequence[Any] | None = None,
+                  **settings: Any) -> PCResult:
     """Relax the PC latents from the feedforward pass for ``inference_steps`` steps of rate κ, then
     return the local gradients ``∂F/∂W_l = −γ_l ε_lᵀ φ(z_{l-1}) / B`` and the state (DESIGN §3).
     Nothing is modified: apply the gradients with any ``torch.optim`` optimizer (or use
@@ -131,10 +140,14 @@ def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], ac
             step and the activity-gradient norms).
         check_divergence: also return ``result.energy_prev``, F before the last step (the
             optimizers' divergence guard compares it with the final F).
+
+    A conv net: ``geometry`` gives each layer's ``pcfast.network.ConvGeometry`` (None for a linear
+    layer), ``weights[l]`` of a conv layer is (C_out, C_in, k_h, k_w) and x holds images (B, C, H, W).
     """
-    net = as_net(weights, biases, activations)
+    net = as_net(weights, biases, activations, geometry)
     config = config_of(PCConfig, settings, depth=net.depth, where="pc_train_step")
     target = check_batch(x, y, weights, config.loss)
+    net.check_input(x)
     result = pc_grads(net, _readable(x), _readable(target), config, backend)
     _check_finite_result("pc_train_step", {"energy": result.energy, "loss": result.loss,
                                            "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
@@ -145,7 +158,7 @@ def pc_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], ac
 def pc_grads(net: Net, x: Tensor, target: Tensor, config: PCConfig, backend: str = "auto") -> PCResult:
     """``pc_train_step`` on checked values (``target`` as ``check_batch`` returns it), with no check
     of its results: the optimizers' hot path, which checks each step with one finiteness flag."""
-    return ops.get_backend(backend, "pc", x.device, x.dtype).pc_grads(net, x, target, config)
+    return ops.get_backend(backend, "pc", x.device, x.dtype, conv=net.is_conv).pc_grads(net, x, target, config)
 
 
 def pc_energy(
@@ -191,7 +204,10 @@ def _check_feedback(weights, feedback_weights, feedback_biases, feedback_activat
         )
     for k, q in enumerate(feedback_weights):
         check_tensor(f"feedback_weights[{k}]", q)
-        expected = (weights[k].shape[0], weights[k + 1].shape[0])
+        # Q_{k+2} maps layer k+2's activity back to layer k+1's: a transposed convolution with W_{k+2}'s
+        # shape, or a (d_{k+1}, d_{k+2}) matrix (d_{k+1}: the flattened input of a linear layer k+2)
+        following = weights[k + 1]
+        expected = tuple(following.shape) if following.dim() == 4 else (following.shape[1], following.shape[0])
         if tuple(q.shape) != expected or q.dtype != weights[0].dtype or q.device != weights[0].device:
             raise ValueError(
                 f"feedback_weights[{k}]: expected shape {expected}, dtype {weights[0].dtype} on "
@@ -199,10 +215,10 @@ def _check_feedback(weights, feedback_weights, feedback_biases, feedback_activat
             )
         c = feedback_biases[k]
         check_tensor(f"feedback_biases[{k}]", c, optional=True)
-        if c is not None and (tuple(c.shape) != (expected[0],) or c.dtype != weights[0].dtype
+        if c is not None and (tuple(c.shape) != (following.shape[1],) or c.dtype != weights[0].dtype
                               or c.device != weights[0].device):
             raise ValueError(
-                f"feedback_biases[{k}]: expected shape ({expected[0]},), dtype {weights[0].dtype} on "
+                f"feedback_biases[{k}]: expected shape ({following.shape[1]},), dtype {weights[0].dtype} on "
                 f"{weights[0].device}, got shape {tuple(c.shape)}, dtype {c.dtype} on {c.device}"
             )
     if feedback_activations is None:
@@ -218,19 +234,22 @@ def _check_feedback(weights, feedback_weights, feedback_biases, feedback_activat
 
 
 @takes_settings(TPConfig, "weights", "biases", "activations", "feedback_weights", "feedback_biases",
-                "feedback_activations", "x", "y", backend="auto")
+                "feedback_activations", "x", "y", backend="auto", geometry=None)
 def tp_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str],
                   feedback_weights: Sequence[Tensor], feedback_biases: Sequence[Tensor | None],
                   feedback_activations: Sequence[str] | None, x: Tensor, y: Tensor, *, backend: str = "auto",
-                  **settings: Any) -> TPResult:
+                  geometry: Sequence[Any] | None = None, **settings: Any) -> TPResult:
     """Targets ``ĥ_L = f − β ∂ℓ/∂f`` propagated down by the feedback maps — DTP
     (``difference=True``: ``ĥ_{l-1} = h_{l-1} + g_l(ĥ_l) − g_l(h_l)``) or TP (``ĥ_{l-1} = g_l(ĥ_l)``) —
     and each layer's local gradient of ``½‖ĥ_l − h_l‖²`` (DESIGN §4). Settings (keywords;
-    ``pcfast.types.TPConfig``): ``beta`` (0.1), ``loss`` (``"mse"``), ``difference`` (True: DTP)."""
-    net = as_net(weights, biases, activations)
+    ``pcfast.types.TPConfig``): ``beta`` (0.1), ``loss`` (``"mse"``), ``difference`` (True: DTP).
+    A conv net: ``geometry`` as for ``pc_train_step``; a conv layer's feedback weight Q_l has W_l's
+    shape (a transposed convolution) and its bias the layer's input channels."""
+    net = as_net(weights, biases, activations, geometry)
     feedback = _as_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
     config = config_of(TPConfig, settings, depth=net.depth, where="tp_train_step")
     target = check_batch(x, y, weights, config.loss)
+    net.check_input(x)
     result = tp_grads(net, feedback, _readable(x), _readable(target), config, backend)
     _check_finite_result("tp_train_step", {"loss": result.loss, "local_loss": result.local_loss,
                                            "weight_grads": result.weight_grads, "bias_grads": result.bias_grads},
@@ -242,7 +261,8 @@ def tp_train_step(weights: Sequence[Tensor], biases: Sequence[Tensor | None], ac
 def tp_grads(net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig,
              backend: str = "auto") -> TPResult:
     """``tp_train_step`` on checked values, with no check of its results (the optimizers' hot path)."""
-    return ops.get_backend(backend, "tp", x.device, x.dtype).tp_grads(net, feedback, x, target, config)
+    return ops.get_backend(backend, "tp", x.device, x.dtype, conv=net.is_conv).tp_grads(net, feedback, x, target,
+                                                                                         config)
 
 
 def _as_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations) -> Feedback:
@@ -251,12 +271,12 @@ def _as_feedback(weights, feedback_weights, feedback_biases, feedback_activation
 
 
 @takes_settings(SeededNoise, "weights", "biases", "activations", "feedback_weights", "feedback_biases",
-                "feedback_activations", "x", ("noise", None), backend="auto")
+                "feedback_activations", "x", ("noise", None), backend="auto", geometry=None)
 def feedback_grads(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str],
                    feedback_weights: Sequence[Tensor], feedback_biases: Sequence[Tensor | None],
                    feedback_activations: Sequence[str] | None, x: Tensor,
                    noise: Sequence[Tensor | None] | None = None, *, backend: str = "auto",
-                   **seeded: Any) -> FeedbackResult:
+                   geometry: Sequence[Any] | None = None, **seeded: Any) -> FeedbackResult:
     """Gradients of the reconstruction losses ``½‖g_l(f_l(h_{l-1}+ξ_l)) − (h_{l-1}+ξ_l)‖²`` (batch
     mean) with respect to each Q_l and c_l; ``noise[l-2]`` is ξ_l, shape (B, d_{l-1}), or None.
 
@@ -264,17 +284,17 @@ def feedback_grads(weights: Sequence[Tensor], biases: Sequence[Tensor | None], a
     ``triton`` backend (never stored; ``pcfast.ops.tp_targets.gaussian_noise`` gives the same
     numbers), from a ``torch.Generator`` seeded with it elsewhere. The same seed on the same backend
     gives the same result; different backends draw different (equally distributed) numbers."""
-    net = as_net(weights, biases, activations)
+    net = as_net(weights, biases, activations, geometry)
     feedback = _as_feedback(weights, feedback_weights, feedback_biases, feedback_activations, activations)
-    _check_input("x", x, weights)
+    _check_input("x", x, net)
     if noise is not None:
         check_sequence("noise", noise)
         if len(noise) != len(weights) - 1:
             raise ValueError(f"noise: expected {len(weights) - 1} entries, got {len(noise)}")
-        for k, xi in enumerate(noise):
+        for k, (xi, shape) in enumerate(zip(noise, activity_shapes(net, x))):
             check_tensor(f"noise[{k}]", xi, optional=True)
             if xi is not None:
-                check_like(f"noise[{k}]", xi, weights[0], (x.shape[0], weights[k].shape[0]))
+                check_like(f"noise[{k}]", xi, weights[0], (x.shape[0], *shape))
                 if not _all_finite(xi):
                     raise ValueError(f"noise[{k}]: contains NaN or infinite values")
     drawn = config_of(SeededNoise, seeded, depth=net.depth, where="feedback_grads")
@@ -295,7 +315,7 @@ def reconstruction_grads(net: Net, feedback: Feedback, x: Tensor, noise: Sequenc
                          backend: str = "auto") -> FeedbackResult:
     """``feedback_grads`` on checked values, with no check of its results (the optimizers' hot
     path). The noise: tensors, or drawn from ``noise_seed`` (in the kernels where the backend can)."""
-    chosen = ops.get_backend(backend, "feedback", x.device, x.dtype)
+    chosen = ops.get_backend(backend, "feedback", x.device, x.dtype, conv=net.is_conv)
     return chosen.feedback_grads(net, feedback, x, noise=noise, noise_seed=noise_seed, noise_std=noise_std)
 
 
@@ -309,8 +329,8 @@ def ridge_feedback(
     bias: bool = True,
 ) -> tuple[list[Tensor], list[Tensor | None]]:
     """Closed-form linear feedback weights (ψ = identity) on a batch; see ``reference.ridge_feedback``."""
-    as_net(weights, biases, activations)
-    _check_input("x", x, weights)
+    net = as_net(weights, biases, activations)
+    _check_input("x", x, net)
     ridge = check_number("ridge", ridge, allow_zero=True)
     check_bool("bias", bias)
     inputs = _inputs(weights=weights, biases=biases)
@@ -330,11 +350,17 @@ def bp_train_step(
     y: Tensor,
     *,
     loss: str = "mse",
+    geometry: Sequence[Any] | None = None,
 ) -> GradResult:
-    """Backprop gradients of the mean loss (autograd; the baseline)."""
-    as_net(weights, biases, activations)
+    """Backprop gradients of the mean loss (autograd; the baseline). ``geometry``: a conv net's, as
+    for ``pc_train_step``."""
+    net = as_net(weights, biases, activations, geometry)
     target = check_batch(x, y, weights, loss)
-    result = reference.bp_train_step(weights, biases, activations, x, target, loss=loss)
+    net.check_input(x)
+    if net.is_conv:
+        result = reference.conv_bp_train_step(net.layers(), x, target, loss=loss)
+    else:
+        result = reference.bp_train_step(weights, biases, activations, x, target, loss=loss)
     _check_finite_result("bp_train_step", {"loss": result.loss, "weight_grads": result.weight_grads,
                                            "bias_grads": result.bias_grads}, _inputs(weights=weights, biases=biases))
     return result
@@ -349,14 +375,21 @@ def gnt_train_step(
     *,
     beta: float = 1.0,
     loss: str = "mse",
+    geometry: Sequence[Any] | None = None,
 ) -> GradResult:
-    """Local gradients toward the Gauss–Newton targets ``Δu_l = −β J_l⁺ ∂ℓ/∂f`` (reference only)."""
-    as_net(weights, biases, activations)
+    """Local gradients toward the Gauss–Newton targets ``Δu_l = −β J_l⁺ ∂ℓ/∂f`` (reference only).
+    ``geometry``: a conv net's, as for ``pc_train_step`` (one Jacobian per sample and layer: small
+    nets only)."""
+    net = as_net(weights, biases, activations, geometry)
     target = check_batch(x, y, weights, loss)
+    net.check_input(x)
     beta = check_number("beta", beta, allow_zero=True)
     inputs = _inputs(weights=weights, biases=biases)
     try:
-        result = reference.gnt_train_step(weights, biases, activations, x, target, beta=beta, loss=loss)
+        if net.is_conv:
+            result = reference.conv_gnt_train_step(net.layers(), x, target, beta=beta, loss=loss)
+        else:
+            result = reference.gnt_train_step(weights, biases, activations, x, target, beta=beta, loss=loss)
     except torch.linalg.LinAlgError as exc:  # the pseudo-inverse of a non-finite Jacobian
         _raise_non_finite("gnt_train_step", f"the Gauss–Newton targets cannot be computed ({exc})", inputs)
     _check_finite_result("gnt_train_step", {"loss": result.loss, "weight_grads": result.weight_grads,

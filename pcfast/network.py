@@ -1,7 +1,10 @@
-"""The MLP structure pcfast trains, read off a user's model; the losses; and input validation.
+"""The network structure pcfast trains, read off a user's model; the losses; and input validation.
 
 An MLP is ``Linear, act, Linear, act, …, Linear``: L linear layers, an activation after every hidden
-one (two adjacent Linears mean the identity), and a linear readout. ``parse_mlp`` reads that chain
+one (two adjacent Linears mean the identity), and a linear readout. A conv net puts ``Conv2d`` layers
+first, each followed by its activation and optionally a pooling (``MaxPool2d``/``AvgPool2d``), then an
+``nn.Flatten()`` and linear layers up to the readout (``ConvGeometry`` records a conv layer's stride,
+padding, dilation and pooling). ``parse_mlp`` reads that chain
 from an ``nn.Sequential`` (nested ones included), from a module whose ``forward`` runs such a chain,
 or from inside a ``torch.compile`` wrapper, raising ``TypeError`` for anything else; ``resolve_loss``
 turns a loss name or ``nn.CrossEntropyLoss()`` into pcfast's loss name.
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -71,21 +74,48 @@ def resolve_loss(loss: str | nn.Module) -> str:
     )
 
 
+Pool = tuple[str, int, int]  # ("max" | "avg", kernel, stride)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a conv layer applies besides its weight and bias: ``conv2d``'s ``stride``, ``padding`` and
+    ``dilation`` (the same along both axes; groups = 1), and the ``pool`` after its activation, None
+    or ``("max" | "avg", kernel, stride)``."""
+
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    pool: Pool | None = None
+
+
 @dataclass(frozen=True)
 class MLP:
-    """The linear layers of a model and the activation after each hidden one."""
+    """The parametrised layers of a model (``nn.Linear``, and ``nn.Conv2d`` first in a conv net), the
+    activation after each hidden one and, per layer, its ``ConvGeometry`` (None for a linear layer;
+    empty: every layer is linear)."""
 
-    linears: tuple[nn.Linear, ...]
+    linears: tuple[nn.Module, ...]
     activations: tuple[str, ...]
+    geometry: tuple[ConvGeometry | None, ...] = ()
+
+    @property
+    def layers(self) -> tuple[nn.Module, ...]:
+        """The parametrised layers, in order (``linears``, whose name predates conv layers)."""
+        return self.linears
 
     @property
     def depth(self) -> int:
         return len(self.linears)
 
     @property
+    def is_conv(self) -> bool:
+        return any(g is not None for g in self.geometry)
+
+    @property
     def widths(self) -> tuple[int, ...]:
-        """(d_0, d_1, …, d_L)."""
-        return (self.linears[0].in_features, *(lin.out_features for lin in self.linears))
+        """(d_0, d_1, …, d_L): features of a linear layer, channels of a conv layer."""
+        return (fan_in_units(self.linears[0]), *(fan_out_units(layer) for layer in self.linears))
 
     def weights(self) -> list[Tensor]:
         return [lin.weight for lin in self.linears]
@@ -94,11 +124,30 @@ class MLP:
         return [lin.bias for lin in self.linears]
 
 
+def fan_in_units(layer: nn.Module) -> int:
+    """Input units of a layer: ``in_features``, or a conv layer's input channels."""
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+
+
+def fan_out_units(layer: nn.Module) -> int:
+    """Output units of a layer: ``out_features``, or a conv layer's output channels (its width)."""
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def fan_in(layer: nn.Module) -> int:
+    """The fan-in of one output unit: ``in_features``, or ``C_in · k_h · k_w`` for a convolution."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    return layer.in_features
+
+
 def _supported() -> str:
     names = ", ".join(sorted(t.__name__ for t in MODULE_NAMES))
     return (
-        f"nn.Linear and the activations {names} (GELU with approximate='none'), "
-        "plus nn.Dropout and nn.Flatten(), in an nn.Sequential or a module whose forward runs them in order"
+        f"nn.Linear and the activations {names} (GELU with approximate='none'), plus nn.Dropout and "
+        "nn.Flatten(); before the Linears, nn.Conv2d (groups=1), each followed by its activation and "
+        "optionally nn.MaxPool2d/nn.AvgPool2d (no padding), then nn.Flatten(); in an nn.Sequential or a "
+        "module whose forward runs them in order"
     )
 
 
@@ -128,9 +177,14 @@ def _compiled_inner(module: nn.Module) -> nn.Module | None:
     return None
 
 
+_LEAVES = (nn.Linear, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Flatten)
+_POOLS = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg"}
+
+
 def _is_leaf_layer(module: nn.Module) -> bool:
-    """A module the chain may contain as it is: a Linear, a supported activation, Dropout or Flatten."""
-    return (type(module) in (nn.Linear, nn.Dropout, nn.Flatten)) or module_activation(module) is not None
+    """A module the chain may contain as it is: a Linear, a Conv2d, a pooling, a supported activation,
+    Dropout or Flatten."""
+    return type(module) in _LEAVES or module_activation(module) is not None
 
 
 def _collect(module: nn.Module, name: str, chain: list[tuple[str, nn.Module]], unread: list[str]) -> None:
@@ -150,11 +204,12 @@ def _collect(module: nn.Module, name: str, chain: list[tuple[str, nn.Module]], u
     if _is_leaf_layer(module):
         chain.append((name, module))
         return
-    if isinstance(module, nn.Linear):  # a subclass: parametrized (weight_norm, spectral_norm), LoRA, …
+    if isinstance(module, (nn.Linear, nn.Conv2d)):  # a subclass: parametrized (weight_norm), LoRA, …
+        base = "nn.Linear" if isinstance(module, nn.Linear) else "nn.Conv2d"
         raise TypeError(
-            f"{name}: {type(module).__name__} is a subclass of nn.Linear (a parametrization such as "
+            f"{name}: {type(module).__name__} is a subclass of {base} (a parametrization such as "
             "weight_norm, or another layer whose forward pcfast cannot read); pcfast trains plain nn.Linear "
-            "layers in place — use nn.Linear (torch.nn.utils.parametrize.remove_parametrizations removes "
+            f"and nn.Conv2d layers in place — use {base} (torch.nn.utils.parametrize.remove_parametrizations removes "
             "a parametrization), or train this model with a torch.optim optimizer"
         )
     if isinstance(module, _NORMALISATION):
@@ -183,7 +238,33 @@ def _collect(module: nn.Module, name: str, chain: list[tuple[str, nn.Module]], u
         _collect(child, f"{name}[{key}]" if indexed else f"{name}.{key}", chain, unread)
 
 
-def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]], unread: list[str]) -> None:
+def _probe_shape(parsed: MLP) -> tuple[int, ...]:
+    """A sample's shape for the probe: (d_0,) for an MLP; for a conv net the smallest square image
+    (C, s, s) whose flattened features after the conv layers fit the first linear layer."""
+    first = parsed.linears[0]
+    if not parsed.is_conv:
+        return (first.in_features,)
+    size = lambda n, k, s, p, d: (n + 2 * p - d * (k - 1) - 1) // s + 1
+    conv_layers = [(lin, g) for lin, g in zip(parsed.linears, parsed.geometry) if g is not None]
+    features = parsed.linears[len(conv_layers)].in_features
+    for side in range(1, 1025):
+        h = w = side
+        for conv, g in conv_layers:
+            h, w = (size(h, conv.kernel_size[0], g.stride, g.padding, g.dilation),
+                    size(w, conv.kernel_size[1], g.stride, g.padding, g.dilation))
+            if g.pool is not None and min(h, w) >= g.pool[1]:
+                h, w = size(h, g.pool[1], g.pool[2], 0, 1), size(w, g.pool[1], g.pool[2], 0, 1)
+            elif g.pool is not None:
+                h = 0
+            if min(h, w) < 1:
+                break
+        if min(h, w) >= 1 and conv_layers[-1][0].out_channels * h * w == features:
+            return (first.in_channels, side, side)
+    raise TypeError(f"model: no square image fits its first nn.Linear ({features} inputs) after its conv layers, "
+                    "so pcfast cannot probe its forward; use an nn.Sequential")
+
+
+def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]], unread: list[str], parsed: MLP) -> None:
     """Raise ``TypeError`` unless ``model(x)`` equals the chain on a small random batch.
 
     The probe runs in eval mode (Dropout off, restored afterwards) without gradients, on inputs from
@@ -194,9 +275,9 @@ def _check_forward(model: nn.Module, chain: list[tuple[str, nn.Module]], unread:
     """
     from .testing import TOLERANCES, tolerance
 
-    first = next(module for _, module in chain if type(module) is nn.Linear)
+    first = parsed.linears[0]
     gen = torch.Generator(device=first.weight.device).manual_seed(0)
-    x = torch.randn(_PROBE_BATCH, first.in_features, generator=gen,
+    x = torch.randn(_PROBE_BATCH, *_probe_shape(parsed), generator=gen,
                     device=first.weight.device, dtype=first.weight.dtype)
     layers = ", ".join(f"{key} ({type(module).__name__})" for key, module in chain)
     what = (f"model: {type(model).__name__}'s forward must compute exactly the chain pcfast reads from its "
@@ -240,59 +321,157 @@ def _uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def _read_chain(chain: list[tuple[str, nn.Module]]) -> tuple[list[nn.Linear], list[str], list[str]]:
-    """``(linears, activations, dropouts)`` of a chain ``_collect`` gathered: the Linears in order, the
-    activation between each pair of them (``"identity"`` where there is none), and where the Dropouts
-    with p > 0 are. Raises for a chain that is not ``Linear, act, …, Linear``."""
-    linears: list[nn.Linear] = []
-    activations: list[str] = []
-    dropouts: list[str] = []
-    pending: tuple[str, str] | None = None  # (where, name) of the activation seen since the last Linear
-    for where, module in chain:
-        if type(module) is nn.Linear:
-            _check_linear(where, module, linears)
-            if linears:
-                activations.append(pending[1] if pending else "identity")
-                _check_fits(where, module, linears[-1])
-            elif pending is not None:
-                raise TypeError(
-                    f"{pending[0]}: an activation before the first Linear is not supported; "
-                    "pcfast feeds the input x to the first layer unchanged — apply it to x before the step"
-                )
-            linears.append(module)
-            pending = None
-        elif not _is_pass_through(where, module, dropouts):
-            name = module_activation(module)
-            if name == "identity":
-                continue
-            if pending is not None:
-                raise TypeError(
-                    f"{where}: two activations in a row ({pending[1]}, {name}) are not supported; keep one"
-                )
-            pending = (where, name)
-    if not linears:
-        raise TypeError(f"model: contains no nn.Linear; pcfast supports {_supported()}")
-    if pending is not None:
-        raise TypeError(
-            f"{pending[0]}: the model ends with an activation ({pending[1]}); pcfast expects a linear "
-            "readout — remove the last activation (use loss='ce' for classification)"
-        )
-    return linears, activations, dropouts
+def _pair(where: str, name: str, value) -> int:
+    """One int from a conv or pooling setting given as an int or a pair of equal ints."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == value[1] and isinstance(value[0], int):
+        return value[0]
+    raise TypeError(f"{where}: {name}={value!r} is not supported; pcfast's conv layers take the same {name} along "
+                    "both axes (an int)")
 
 
-def _check_linear(where: str, module: nn.Linear, earlier: list[nn.Linear]) -> None:
-    """Raise ``TypeError`` unless ``module`` is a Linear of its own with plain ``nn.Parameter``s."""
+def _conv_geometry(where: str, conv: nn.Conv2d) -> ConvGeometry:
+    """The stride, padding and dilation of ``conv``; ``TypeError`` for settings pcfast does not train."""
+    if conv.groups != 1:
+        raise TypeError(f"{where}: nn.Conv2d with groups={conv.groups} is not supported (only groups=1): the "
+                        "feedback and top-down maps are written for dense convolutions")
+    if conv.padding_mode != "zeros":
+        raise TypeError(f"{where}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+    stride, dilation = _pair(where, "stride", conv.stride), _pair(where, "dilation", conv.dilation)
+    padding = conv.padding
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":  # stride 1 (nn.Conv2d's rule); symmetric when dilation·(k − 1) is even
+        spans = {dilation * (k - 1) for k in conv.kernel_size}
+        if len(spans) != 1 or next(iter(spans)) % 2:
+            raise TypeError(f"{where}: padding='same' with kernel {conv.kernel_size} pads unevenly; pcfast takes "
+                            "symmetric padding — pass an int padding")
+        padding = next(iter(spans)) // 2
+    return ConvGeometry(stride, _pair(where, "padding", padding), dilation)
+
+
+def _pool(where: str, module: nn.Module) -> Pool:
+    """``("max" | "avg", kernel, stride)`` of a pooling module; ``TypeError`` for other settings."""
+    kernel = _pair(where, "kernel_size", module.kernel_size)
+    stride = kernel if module.stride is None else _pair(where, "stride", module.stride)
+    plain = _pair(where, "padding", module.padding) == 0 and not module.ceil_mode
+    if type(module) is nn.MaxPool2d:
+        plain = plain and _pair(where, "dilation", module.dilation) == 1 and not module.return_indices
+    else:
+        plain = plain and module.divisor_override is None
+    if not plain:
+        raise TypeError(f"{where}: {module!r} is not supported; pcfast pools without padding, dilation, "
+                        "ceil_mode, return_indices or divisor_override (kernel_size and stride only)")
+    return (_POOLS[type(module)], kernel, stride)
+
+
+class _ChainReader:
+    """Reads a chain ``_collect`` gathered into layers, activations and conv geometry: ``Conv2d, act,
+    [pool], …, Flatten, Linear, act, …, Linear``. Raises for a chain that is not of that form."""
+
+    def __init__(self) -> None:
+        self.layers: list[nn.Module] = []
+        self.activations: list[str] = []
+        self.geometry: list[ConvGeometry | None] = []
+        self.dropouts: list[str] = []
+        self.pending: tuple[str, str] | None = None  # (where, name) of the activation since the last layer
+        self.pool: tuple[str, Pool] | None = None  # (where, pool) since the last layer
+        self.flattened = False  # an nn.Flatten() since the last conv layer
+
+    def read(self, chain: list[tuple[str, nn.Module]]) -> MLP:
+        for where, module in chain:
+            kind = type(module)
+            if kind in (nn.Linear, nn.Conv2d):
+                self.layer(where, module)
+            elif kind in _POOLS:
+                self.pooling(where, module)
+            elif kind is nn.Flatten and self.geometry and self.geometry[-1] is not None:
+                _is_pass_through(where, module, self.dropouts)  # checks its settings
+                self.flattened = True
+            elif not _is_pass_through(where, module, self.dropouts):
+                self.activation(where, module_activation(module))
+        return self.finish()
+
+    def layer(self, where: str, module: nn.Module) -> None:
+        _check_linear(where, module, self.layers)
+        conv = type(module) is nn.Conv2d
+        previous = self.layers[-1] if self.layers else None
+        after_conv = previous is not None and self.geometry[-1] is not None
+        if conv and previous is not None and not after_conv:
+            raise TypeError(f"{where}: an nn.Conv2d after an nn.Linear is not supported; pcfast's conv nets put "
+                            "every Conv2d before the flatten and the linear layers")
+        if after_conv and not conv and not self.flattened:
+            raise TypeError(f"{where}: an nn.Linear right after conv layers needs an nn.Flatten() before it "
+                            "(nn.Linear alone would act on the last axis of the image)")
+        if previous is None:
+            if self.pending is not None:
+                raise TypeError(f"{self.pending[0]}: an activation before the first {type(module).__name__} is not supported; "
+                                "pcfast feeds the input x to the first layer unchanged — apply it to x before the step")
+        else:
+            self.activations.append(self.pending[1] if self.pending else "identity")
+            if after_conv and self.pool is not None:
+                self.geometry[-1] = replace(self.geometry[-1], pool=self.pool[1])
+            if conv and module.in_channels != previous.out_channels:
+                raise ValueError(f"{where}: Conv2d expects {module.in_channels} input channels but the previous "
+                                 f"Conv2d gives {previous.out_channels}")
+            if not conv and not after_conv:
+                _check_fits(where, module, previous)
+        self.layers.append(module)
+        self.geometry.append(_conv_geometry(where, module) if conv else None)
+        self.pending, self.pool, self.flattened = None, None, False
+
+    def pooling(self, where: str, module: nn.Module) -> None:
+        if not self.geometry or self.geometry[-1] is None or self.flattened:
+            raise TypeError(f"{where}: pooling is supported after a conv layer's activation, before the "
+                            "nn.Flatten(); move it there")
+        if self.pool is not None:
+            raise TypeError(f"{where}: two poolings after one conv layer are not supported; keep one")
+        self.pool = (where, _pool(where, module))
+
+    def activation(self, where: str, name: str) -> None:
+        if name == "identity":
+            return
+        if self.pending is not None:
+            raise TypeError(f"{where}: two activations in a row ({self.pending[1]}, {name}) are not supported; "
+                            "keep one")
+        if self.pool is not None:
+            raise TypeError(f"{where}: an activation after the pooling ({self.pool[0]}) is not supported; "
+                            "pcfast applies a conv layer's activation, then its pooling — put the activation "
+                            "first (for max pooling and a non-decreasing activation that is the same function)")
+        if self.flattened:
+            raise TypeError(f"{where}: an activation after the nn.Flatten() is not supported; put it before")
+        self.pending = (where, name)
+
+    def finish(self) -> MLP:
+        if not self.layers:
+            raise TypeError(f"model: contains no nn.Linear; pcfast supports {_supported()}")
+        if self.geometry[-1] is not None:
+            raise TypeError("model: ends with an nn.Conv2d; pcfast's conv nets end with nn.Flatten() and a "
+                            "linear readout (an nn.Linear)")
+        if self.pending is not None:
+            raise TypeError(
+                f"{self.pending[0]}: the model ends with an activation ({self.pending[1]}); pcfast expects a "
+                "linear readout — remove the last activation (use loss='ce' for classification)"
+            )
+        geometry = tuple(self.geometry) if any(g is not None for g in self.geometry) else ()
+        return MLP(tuple(self.layers), tuple(self.activations), geometry)
+
+
+def _check_linear(where: str, module: nn.Module, earlier: list[nn.Module]) -> None:
+    """Raise ``TypeError`` unless ``module`` is a layer of its own with plain ``nn.Parameter``s."""
+    kind = type(module).__name__
     if any(module is lin for lin in earlier):
         raise TypeError(
-            f"{where}: this nn.Linear appears earlier in the model too (shared weights); pcfast "
-            "trains each layer's own weights — give every layer its own nn.Linear"
+            f"{where}: this nn.{kind} appears earlier in the model too (shared weights); pcfast "
+            f"trains each layer's own weights — give every layer its own nn.{kind}"
         )
     for key in ("weight", "bias"):
         value = getattr(module, key)
         if value is not None and not isinstance(value, nn.Parameter):
             raise TypeError(
                 f"{where}: its {key} is a {type(value).__name__}, not an nn.Parameter (a "
-                "reparametrisation such as weight_norm?); pcfast updates plain nn.Linear parameters "
+                "reparametrisation such as weight_norm?); pcfast updates plain layer parameters "
                 "in place — remove the reparametrisation"
             )
 
@@ -325,10 +504,14 @@ def _is_pass_through(where: str, module: nn.Module, dropouts: list[str]) -> bool
 
 
 def parse_mlp(model: nn.Module) -> MLP:
-    """Read the layers and activations of ``model``, keeping the user's own ``nn.Linear`` modules.
+    """Read the layers and activations of ``model``, keeping the user's own ``nn.Linear`` (and
+    ``nn.Conv2d``) modules.
 
     Accepted: a single ``nn.Linear``; an ``nn.Sequential`` (nested ones are flattened) of ``nn.Linear``
-    and supported activations ending in a linear readout; any module whose children, in the order
+    and supported activations ending in a linear readout; a conv net — ``nn.Conv2d`` layers (any
+    kernel, stride, padding and dilation, the same along both axes; groups = 1; bias or not), each
+    followed by its activation and optionally an ``nn.MaxPool2d`` or ``nn.AvgPool2d`` (kernel and
+    stride only), then ``nn.Flatten()`` and linear layers up to the readout; any module whose children, in the order
     they were registered, form such a chain and whose ``forward`` computes exactly that chain (for
     example ``self.net = nn.Sequential(...)`` with ``forward`` returning ``self.net(x)``) — checked by
     running ``model`` once on a probe batch of random inputs, as are modules with forward hooks; and
@@ -336,8 +519,9 @@ def parse_mlp(model: nn.Module) -> MLP:
 
     ``nn.Dropout`` is the identity: the local rules train the deterministic network, the one
     ``model.eval()`` computes (a ``UserWarning`` says so when p > 0). ``nn.Flatten()`` is the identity
-    on the (batch, features) inputs the optimizers take. Anything else — normalisation layers, other
-    modules, activations at the ends, parameters outside the Linears — raises ``TypeError`` saying
+    on the (batch, features) inputs of an MLP, and flattens a conv net's images before its first
+    linear layer. Anything else — normalisation layers, other
+    modules, activations at the ends or after a pooling, parameters outside the layers — raises ``TypeError`` saying
     what is supported and what to do.
     """
     top = _uncompiled(model)
@@ -348,17 +532,18 @@ def parse_mlp(model: nn.Module) -> MLP:
     chain: list[tuple[str, nn.Module]] = []
     unread: list[str] = []
     _collect(model, "model", chain, unread)
-    linears, activations, dropouts = _read_chain(chain)
+    reader = _ChainReader()
+    parsed = reader.read(chain)
     if unread:
-        _check_forward(top, chain, unread)
-    if dropouts:
+        _check_forward(top, chain, unread, parsed)
+    if reader.dropouts:
         warnings.warn(
-            f"{', '.join(dropouts)}: nn.Dropout is the identity for pcfast's optimizers — the local "
+            f"{', '.join(reader.dropouts)}: nn.Dropout is the identity for pcfast's optimizers — the local "
             "rules train the deterministic network that model.eval() computes, while model(x) in "
             "training mode still drops units; remove the Dropout (or set p=0) to silence this warning",
             UserWarning, stacklevel=2,
         )
-    return MLP(tuple(linears), tuple(activations))
+    return parsed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,8 +635,11 @@ def check_tp_options(*, beta, difference) -> None:
     check_bool("difference", difference)
 
 
-def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str]) -> None:
-    """Check that weights, biases and activations describe one MLP (types, shapes, dtypes, devices)."""
+def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], activations: Sequence[str],
+                 geometry: Sequence[ConvGeometry | None] | None = None) -> None:
+    """Check that weights, biases and activations describe one network (types, shapes, dtypes,
+    devices): an MLP, or with ``geometry`` (one entry per layer: a ``ConvGeometry`` for a conv layer,
+    None for a linear one) a conv net whose conv layers come first."""
     check_sequence("weights", weights)
     check_sequence("biases", biases)
     check_sequence("activations", activations)
@@ -466,6 +654,7 @@ def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], act
             f"activations: expected {len(weights) - 1} (one per hidden layer), got {len(activations)}; "
             f"weights has {len(weights)} layers"
         )
+    geometry = _check_geometry(geometry, len(weights))
     for l, (w, b) in enumerate(zip(weights, biases)):
         check_tensor(f"weights[{l}]", w)
         check_tensor(f"biases[{l}]", b, optional=True)
@@ -473,13 +662,17 @@ def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], act
     if not ref.is_floating_point():
         raise TypeError(f"weights[0]: expected a floating-point tensor, got {ref.dtype}")
     for l, w in enumerate(weights):
-        if w.dim() != 2:
-            raise ValueError(f"weights[{l}]: expected a 2-D (out, in) matrix, got {_describe(w)}")
+        conv = geometry[l] is not None
+        if w.dim() != (4 if conv else 2):
+            expected = "a 4-D (C_out, C_in, k_h, k_w) conv weight" if conv else "a 2-D (out, in) matrix"
+            raise ValueError(f"weights[{l}]: expected {expected}, got {_describe(w)}")
         if w.dtype != ref.dtype or w.device != ref.device:
             raise TypeError(f"weights[{l}]: expected dtype {ref.dtype} on {ref.device}, got {_describe(w)}")
-        if l > 0 and w.shape[1] != weights[l - 1].shape[0]:
+        after_conv = l > 0 and geometry[l - 1] is not None
+        if l > 0 and (conv or not after_conv) and w.shape[1] != weights[l - 1].shape[0]:
+            what = "input channels" if conv else "input features"
             raise ValueError(
-                f"weights[{l}]: expected {weights[l - 1].shape[0]} input features to match "
+                f"weights[{l}]: expected {weights[l - 1].shape[0]} {what} to match "
                 f"weights[{l - 1}], got {_describe(w)}"
             )
         b = biases[l]
@@ -491,6 +684,32 @@ def check_params(weights: Sequence[Tensor], biases: Sequence[Tensor | None], act
     for l, act in enumerate(activations):
         if not isinstance(act, str):
             raise TypeError(f"activations[{l}]: expected an activation name (str), got {type(act).__name__} {act!r}")
+
+
+def _check_geometry(geometry: Sequence[ConvGeometry | None] | None, depth: int) -> list[ConvGeometry | None]:
+    """One entry per layer, conv layers (``ConvGeometry``) first, a linear readout; settings that are
+    ints in range and a pooling of the form ``("max" | "avg", kernel, stride)``."""
+    if geometry is None:
+        return [None] * depth
+    check_sequence("geometry", geometry, length=depth)
+    for l, g in enumerate(geometry):
+        if g is None:
+            continue
+        if not isinstance(g, ConvGeometry):
+            raise TypeError(f"geometry[{l}]: expected a ConvGeometry or None, got {type(g).__name__}")
+        if l > 0 and geometry[l - 1] is None:
+            raise ValueError(f"geometry[{l}]: a conv layer after a linear one; conv layers come first")
+        if l == depth - 1:
+            raise ValueError(f"geometry[{l}]: the readout must be a linear layer (geometry None)")
+        for name, low in (("stride", 1), ("padding", 0), ("dilation", 1)):
+            check_int(f"geometry[{l}].{name}", getattr(g, name), low=low)
+        pool = g.pool
+        if pool is not None and not (isinstance(pool, tuple) and len(pool) == 3 and pool[0] in ("max", "avg")):
+            raise ValueError(f"geometry[{l}].pool: expected None or ('max' | 'avg', kernel, stride), got {pool!r}")
+        if pool is not None:
+            check_int(f"geometry[{l}].pool kernel", pool[1], low=1)
+            check_int(f"geometry[{l}].pool stride", pool[2], low=1)
+    return list(geometry)
 
 
 def check_batch(
@@ -517,7 +736,10 @@ def check_batch(
     d0, classes = w0.shape[1], wl.shape[0]
     check_tensor("x", x)
     check_tensor("y", target)
-    if x.dim() != 2 or x.shape[1] != d0 or x.shape[0] == 0:
+    if w0.dim() == 4:  # a conv net: images (whose size the layers check, ``Net.check_input``)
+        if x.dim() != 4 or x.shape[1] != d0 or x.shape[0] == 0:
+            raise ValueError(f"x: expected images of shape (batch >= 1, {d0}, height, width), got {_describe(x)}")
+    elif x.dim() != 2 or x.shape[1] != d0 or x.shape[0] == 0:
         raise ValueError(f"x: expected shape (batch >= 1, {d0}), got {_describe(x)}")
     if x.dtype != w0.dtype:
         raise TypeError(f"x: expected dtype {w0.dtype} (the model's), got {x.dtype}")

@@ -15,11 +15,12 @@ from torch import Tensor
 
 from .activations import check_activation
 from .network import (
-    LOSSES, check_int, check_number, check_params, check_pc_options, check_tp_options, resolve_precisions,
+    LOSSES, ConvGeometry, check_int, check_number, check_params, check_pc_options, check_tp_options,
+    resolve_precisions,
 )
 
-# Layer kinds a Net can hold. Only dense layers today; convolutions will add theirs.
-LAYER_KINDS = ("linear",)
+# Layer kinds a Net can hold: dense layers, and 2-D convolutions (with their ConvGeometry).
+LAYER_KINDS = ("linear", "conv")
 
 
 def _check_loss(loss) -> None:
@@ -29,33 +30,67 @@ def _check_loss(loss) -> None:
 
 @dataclass(frozen=True)
 class Net:
-    """A feedforward network: ``weights[l]`` (out, in) and ``biases[l]`` (or None) of layer l+1, the
-    activation after every hidden layer (L − 1 names for L layers), and each layer's kind."""
+    """A feedforward network: ``weights[l]`` and ``biases[l]`` (or None) of layer l+1, the activation
+    after every hidden layer (L − 1 names for L layers), and each layer's ``geometry``: None for a
+    linear layer (weight (out, in)), a ``ConvGeometry`` for a conv layer (weight (C_out, C_in, k_h,
+    k_w), bias (C_out,); its stride, padding, dilation and the pooling after its activation). Conv
+    layers come first; the first linear layer flattens the image; the readout is linear. ``kinds``
+    follows from the geometry (``"conv"`` or ``"linear"`` per layer); empty geometry: every layer linear."""
 
     weights: tuple[Tensor, ...]
     biases: tuple[Tensor | None, ...]
     activations: tuple[str, ...]
     kinds: tuple[str, ...] = ()
+    geometry: tuple[ConvGeometry | None, ...] = ()
 
     def __post_init__(self) -> None:
-        check_params(self.weights, self.biases, self.activations)
+        check_params(self.weights, self.biases, self.activations, tuple(self.geometry) or None)
+        geometry = tuple(self.geometry) or (None,) * len(self.weights)
         for l, act in enumerate(self.activations):
             check_activation(act, f"activations[{l}]")
         object.__setattr__(self, "weights", tuple(self.weights))
         object.__setattr__(self, "biases", tuple(self.biases))
         object.__setattr__(self, "activations", tuple(self.activations))
-        kinds = tuple(self.kinds) or ("linear",) * len(self.weights)
+        implied = tuple("linear" if g is None else "conv" for g in geometry)
+        kinds = tuple(self.kinds) or implied
         if len(kinds) != len(self.weights):
             raise ValueError(f"kinds: expected {len(self.weights)} entries, one per layer, got {len(kinds)}")
         for l, kind in enumerate(kinds):
             if kind not in LAYER_KINDS:
                 raise ValueError(f"kinds[{l}]: expected one of {LAYER_KINDS}, got {kind!r}")
+            if kind != implied[l]:
+                raise ValueError(f"kinds[{l}]: {kind!r} disagrees with geometry[{l}] ({implied[l]!r} layer)")
         object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "geometry", geometry if any(g is not None for g in geometry) else ())
 
     @property
     def depth(self) -> int:
         """L, the number of layers."""
         return len(self.weights)
+
+    @property
+    def is_conv(self) -> bool:
+        """Whether the network has conv layers (then only the reference and torch backends run it)."""
+        return bool(self.geometry)
+
+    def layers(self) -> list:
+        """The network as ``pcfast.reference.conv`` layers (``ConvLayer``/``LinearLayer``, each with
+        its activation; the readout's is the identity), the conv backends' form."""
+        from .reference.conv import ConvLayer, LinearLayer
+
+        acts = (*self.activations, "identity")
+        geometry = self.geometry or (None,) * self.depth
+        return [LinearLayer(w, b, act) if g is None else
+                ConvLayer(w, b, g.stride, g.padding, g.dilation, act, g.pool)
+                for w, b, act, g in zip(self.weights, self.biases, acts, geometry)]
+
+    def check_input(self, x: Tensor) -> None:
+        """``ValueError`` unless a conv net's layers fit images of ``x``'s size (its shape, dtype and
+        device are checked with the batch); nothing for an MLP."""
+        if self.is_conv:
+            from .reference.conv import check_conv_net
+
+            check_conv_net(self.layers(), x)
 
 
 @dataclass(frozen=True)

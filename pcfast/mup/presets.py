@@ -7,7 +7,9 @@ optimizers turn it into parameter groups, and it survives ``state_dict``.
 
 Width multiplier per layer: ``m = d_1 / base_width`` for the first layer (its fan-out is the width),
 ``m = d_{l-1} / base_width`` for the others (their fan-in is). With equal hidden widths M every layer
-has ``m = M / base_width``.
+has ``m = M / base_width``. In a conv net a layer's width is its channels and a unit's fan-in is
+``C_in · k_h · k_w`` (``C · H · W`` for the first linear layer): the exponents are the MLP's, since
+every fan-in still grows in proportion to the width.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..network import MLP, check_bool, parse_mlp
+from ..network import MLP, check_bool, fan_in, fan_out_units, parse_mlp
 
 ALGOS = ("bp", "pc", "tp", "dtp", "gnt")
 PRESETS = ("sp", "mup")
@@ -107,11 +109,11 @@ def adam_scales(group: str, m: float, b: dict[str, float], c: dict[str, float],
 
 @dataclass(frozen=True)
 class LayerScale:
-    """What the parametrization fixes for one linear layer."""
+    """What the parametrization fixes for one layer."""
 
     group: str  # "first", "hidden" or "last"
-    fan_in: int
-    fan_out: int
+    fan_in: int  # of one output unit: in_features, or C_in · k_h · k_w
+    fan_out: int  # out_features, or output channels
     width_mult: float  # m
     init_std: float  # σ_l of W_l ~ N(0, σ_l²)
     lr_mult: float  # η_l / η for W_l
@@ -166,7 +168,7 @@ class Parametrization:
 
     def check_matches(self, mlp: MLP) -> None:
         """Raise ValueError unless this parametrization was made for a model of ``mlp``'s shape."""
-        shapes = [(lin.in_features, lin.out_features) for lin in mlp.linears]
+        shapes = [(fan_in(lin), fan_out_units(lin)) for lin in mlp.linears]
         mine = [(layer.fan_in, layer.fan_out) for layer in self.layers]
         if shapes != mine:
             raise ValueError(
@@ -191,7 +193,7 @@ def standard(model: nn.Module) -> Parametrization:
     mlp = parse_mlp(model)
     depth = mlp.depth
     layers = [
-        LayerScale(_group(l, depth), lin.in_features, lin.out_features, 1.0,
+        LayerScale(_group(l, depth), fan_in(lin), fan_out_units(lin), 1.0,
                    float(lin.weight.detach().float().std()) if lin.weight.numel() > 1 else 0.0, 1.0, 1.0, 1.0)
         for l, lin in enumerate(mlp.linears)
     ]
@@ -238,7 +240,9 @@ def parametrize(
         opt.load_state_dict(checkpoint["optimizer"])
 
     Args:
-        model: an ``nn.Sequential`` of ``nn.Linear`` and Tanh/ReLU/Sigmoid/GELU/Identity.
+        model: an ``nn.Sequential`` of ``nn.Linear`` and Tanh/ReLU/Sigmoid/GELU/Identity, or a conv net
+            (``nn.Conv2d`` layers with their activations and poolings, ``nn.Flatten()``, then linear
+            layers; widths are channels there).
         preset: ``"sp"`` or ``"mup"``.
         algo: ``"bp"``, ``"pc"``, ``"tp"``, ``"dtp"`` or ``"gnt"`` — μP differs per algorithm.
         base_width: the width at which μP equals SP (where you tuned); required for ``"mup"``.
@@ -293,14 +297,15 @@ def _layer_scales(mlp: MLP, preset: str, algo: str, base_width: int | None, gamm
     layers = []
     for l, lin in enumerate(mlp.linears):
         group = _group(l, depth) if depth > 1 else "first"
-        width = lin.out_features if group == "first" else lin.in_features
+        # the width: the first layer's output units, else the previous layer's (channels in a conv net)
+        width = fan_out_units(lin) if group == "first" else fan_out_units(mlp.linears[l - 1])
         m = width / base_width if (preset == "mup" and base_width) else 1.0
-        std = sigma * lin.in_features**-0.5 * m ** -(b[group] - SP_B[group])
+        std = sigma * fan_in(lin)**-0.5 * m ** -(b[group] - SP_B[group])
         if l == depth - 1:
             std *= readout_scale
         precision = gamma * m**-gb if (algo == "pc" and group == "last") else 1.0
         bias_mult = m ** -bias_exponent(c, group)
-        layers.append(LayerScale(group, lin.in_features, lin.out_features, m, std, m ** -c[group], bias_mult, precision))
+        layers.append(LayerScale(group, fan_in(lin), fan_out_units(lin), m, std, m ** -c[group], bias_mult, precision))
     return layers
 
 

@@ -6,7 +6,8 @@
 - ``triton``: fused GPU kernels (``pcfast.ops.triton``), on CPU only under ``TRITON_INTERPRET=1``.
 
 ``auto`` picks triton on CUDA tensors, cpp on CPU when built, else torch — per op and dtype, falling
-back to torch where the chosen backend does not implement the op or the dtype (``supports_dtype``).
+back to torch where the chosen backend does not implement the op or the dtype (``supports_dtype``),
+and torch for conv nets (``reference`` and ``torch`` are the backends that run them).
 A backend is chosen once, then called with value types that checked themselves::
 
     from pcfast.ops import get_backend
@@ -94,11 +95,13 @@ def _backend(name: str) -> Backend:
     return _backends[name]
 
 
-def get_backend(name: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+def get_backend(name: str, op: str, device: torch.device, dtype: torch.dtype | None = None, *,
+                conv: bool = False) -> Backend:
     """The ``Backend`` that runs ``op`` (one of ``OPS``: ``"pc"``, ``"tp"``, ``"feedback"``) for backend
     ``name`` (one of ``BACKENDS``) on ``device`` (in ``dtype``, when given: ``auto`` then skips the
     backends that do not support it; an explicit backend that does not raises TypeError naming those
-    that do)."""
+    that do), for a conv net when ``conv`` (only backends with the ``"conv"`` capability run one:
+    ``auto`` picks ``torch``, others raise ``NotImplementedError`` saying which do)."""
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     if not isinstance(name, str) or name not in BACKENDS:
@@ -107,7 +110,10 @@ def get_backend(name: str, op: str, device: torch.device, dtype: torch.dtype | N
         for candidate in ("triton", "torch") if device.type == "cuda" else ("cpp", "torch"):
             if dtype is not None and not supports_dtype(candidate, dtype, device):
                 continue
-            if is_available(candidate) and op in _backend(candidate).capabilities:
+            if not is_available(candidate):
+                continue
+            able = _backend(candidate).capabilities
+            if op in able and (not conv or "conv" in able):
                 return _backend(candidate)
         raise RuntimeError(f"no backend implements {op}")  # unreachable: torch implements all
     if not is_available(name):
@@ -116,6 +122,9 @@ def get_backend(name: str, op: str, device: torch.device, dtype: torch.dtype | N
     backend = _backend(name)
     if op not in backend.capabilities:
         raise NotImplementedError(f"backend={name!r} does not implement {op}; use backend='torch'")
+    if conv and "conv" not in backend.capabilities:
+        raise NotImplementedError(f"backend={name!r} runs MLPs only; conv nets run on backend='torch' (explicit, "
+                                  "any device) or 'reference' (autograd, the specification), or 'auto'")
     if dtype is not None and not supports_dtype(name, dtype, device):
         raise _dtype_error(name, dtype, device)
     return backend

@@ -1,5 +1,6 @@
 """TP/DTP targets, local gradients and feedback gradients with explicit formulas; the ``torch``
-backend (``TorchBackend``: these and ``torch_pc.pc_grads``).
+backend (``TorchBackend``: these and ``torch_pc.pc_grads``; for conv nets ``torch_conv`` and
+``torch_conv_tp``).
 
 No autograd. DTP evaluates each feedback map on the stacked ``[ĥ_l; h_l]`` with one GEMM so both
 share Q_l, then takes the difference. The math is ``pcfast.reference.tp``. ``feedforward`` is the
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..activations import phi, phi_grad
-from ..results import FeedbackResult, TPResult
+from ..results import FeedbackResult, PCResult, TPResult
 from ..types import Feedback, Net, TPConfig
 from .backend import HostNoiseBackend
 from .torch_pc import _affine, _loss_sum, _output_error, pc_grads
@@ -111,9 +112,33 @@ def reconstruction_grads(net: Net, feedback: Feedback, x: Tensor,
 
 
 class TorchBackend(HostNoiseBackend):
-    """Explicit formulas, no autograd, preallocated buffers: any device, any floating dtype."""
+    """Explicit formulas, no autograd, preallocated buffers: any device, any floating dtype, MLPs and
+    conv nets."""
 
     name = "torch"
-    pc_grads = staticmethod(pc_grads)
-    tp_grads = staticmethod(tp_grads)
-    reconstruction_grads = staticmethod(reconstruction_grads)
+    capabilities = HostNoiseBackend.capabilities | {"conv"}
+
+    @staticmethod
+    def pc_grads(net: Net, x: Tensor, target: Tensor, config) -> PCResult:
+        if net.is_conv:
+            from .torch_conv import conv_pc_grads
+
+            return conv_pc_grads(net.layers(), x, target, config)
+        return pc_grads(net, x, target, config)
+
+    @staticmethod
+    def tp_grads(net: Net, feedback: Feedback, x: Tensor, target: Tensor, config: TPConfig) -> TPResult:
+        if net.is_conv:
+            from .torch_conv_tp import conv_tp_grads
+
+            return conv_tp_grads(net.layers(), feedback, x, target, config)
+        return tp_grads(net, feedback, x, target, config)
+
+    @staticmethod
+    def reconstruction_grads(net: Net, feedback: Feedback, x: Tensor,
+                             noise: Sequence[Tensor | None] | None) -> FeedbackResult:
+        if net.is_conv:
+            from .torch_conv_tp import conv_feedback_grads
+
+            return conv_feedback_grads(net.layers(), feedback, x, noise)
+        return reconstruction_grads(net, feedback, x, noise)

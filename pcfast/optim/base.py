@@ -425,7 +425,7 @@ class LocalOptimizer(torch.optim.Optimizer):
         still holds the parameters it was made of (updates are in place)."""
         if getattr(self, "_net_value", None) is None:
             weights, biases = self._params()
-            self._net_value = as_net(weights, biases, self.mlp.activations)
+            self._net_value = as_net(weights, biases, self.mlp.activations, self.mlp.geometry)
         return self._net_value
 
     def _check_batch(self, x: Tensor, y: Tensor) -> Tensor:
@@ -434,7 +434,9 @@ class LocalOptimizer(torch.optim.Optimizer):
         clamped into range; the step's one finiteness flag finds both (``_guards``,
         ``_raise_non_finite`` names the argument)."""
         weights, _ = self._params()
-        return check_batch(x, y, weights, self._setting("loss"), check_finite=False, check_labels=False)
+        target = check_batch(x, y, weights, self._setting("loss"), check_finite=False, check_labels=False)
+        self._net().check_input(x)  # a conv net's images fit its layers
+        return target
 
     def _guard(self, y: Tensor, like: Tensor) -> Tensor:
         """A 0-d tensor, NaN when the batch's class labels are out of range, read (and, with a process

@@ -68,5 +68,6 @@ class GNT(LocalOptimizer):
     def _local_gradients(self, x: Tensor, target: Tensor):
         weights, biases = self._params()
         result = functional.gnt_train_step(weights, biases, self.mlp.activations, x, target,
-                                           beta=self._setting("beta"), loss=self._setting("loss"))
+                                           beta=self._setting("beta"), loss=self._setting("loss"),
+                                           geometry=self.mlp.geometry)
         return result.weight_grads, result.bias_grads, {"loss": result.loss}, {}

@@ -12,6 +12,7 @@ from .. import distributed, functional, ops
 from ..activations import check_activation
 from ..errors import DivergenceError
 from ..mup.presets import Parametrization
+from ..ops.backend import activity_shapes
 from ..types import Feedback, TPConfig
 from ..reference.common import forward
 from .base import LocalOptimizer, Options, _check_number, _describe
@@ -114,6 +115,9 @@ class TP(LocalOptimizer):
             check_activation(act, f"feedback_activations[{k}]")
         if feedback == "ridge" and any(a != "identity" for a in feedback_activations):
             raise ValueError("feedback='ridge' needs feedback_activations all 'identity' (the closed form is linear)")
+        if feedback == "ridge" and self.mlp.is_conv:
+            raise ValueError("feedback='ridge' is defined for MLPs only (the closed form solves for dense matrices, "
+                             "not transposed convolutions); conv nets train their feedback maps: feedback='trained'")
         self.feedback_activations = list(feedback_activations)
         self._feedback_shapes = [self._feedback_shape(k) for k in range(depth - 1)]
         self._feedback_has_bias = [self.mlp.linears[k + 1].bias is not None for k in range(depth - 1)]
@@ -123,11 +127,15 @@ class TP(LocalOptimizer):
         self.feedback_weights: list[Tensor] = []
         self.feedback_biases: list[Tensor | None] = []
         for l in range(1, depth):
-            out_dim, in_dim = self.mlp.linears[l - 1].out_features, self.mlp.linears[l].out_features
-            q = torch.randn(out_dim, in_dim, generator=self.generator, dtype=first.dtype, device=first.device)
-            self.feedback_weights.append(q.mul_(in_dim**-0.5))
+            # Q_{l+1} ~ N(0, 1/fan-in) of the feedback map: layer l+1's outputs (× its kernel for a
+            # transposed convolution); its bias c_{l+1} has layer l+1's input units, zero
+            shape = self._feedback_shape(l - 1)
+            fan = shape[0] * shape[2] * shape[3] if len(shape) == 4 else shape[1]
+            q = torch.randn(shape, generator=self.generator, dtype=first.dtype, device=first.device)
+            self.feedback_weights.append(q.mul_(fan**-0.5))
             has_bias = self.mlp.linears[l].bias is not None
-            self.feedback_biases.append(torch.zeros(out_dim, dtype=first.dtype, device=first.device) if has_bias else None)
+            units = self.mlp.linears[l].weight.shape[1]
+            self.feedback_biases.append(torch.zeros(units, dtype=first.dtype, device=first.device) if has_bias else None)
         if self.process_group is not None:
             generator_state = self.generator.get_state().to(first.device)
             distributed.broadcast_from_first_rank(
@@ -167,7 +175,7 @@ class TP(LocalOptimizer):
         mults = self.feedback_lr_mults
         backend = self._setting("backend")
         in_kernel_noise = collectives is None and "seeded_noise" in ops.get_backend(
-            backend, "feedback", x.device, x.dtype).capabilities
+            backend, "feedback", x.device, x.dtype, conv=self.mlp.is_conv).capabilities
         steps = self._setting("feedback_steps")
         rows = slice(0, x.shape[0])  # this rank's rows of the (group's) batch
         total = x.shape[0]
@@ -181,8 +189,8 @@ class TP(LocalOptimizer):
                 seed = int(torch.randint(0, 2**62, (), generator=self.generator, device=self.generator.device))
             elif sigma > 0:
                 noise = [
-                    torch.randn(total, w.shape[0], generator=self.generator, dtype=x.dtype, device=x.device)[rows].mul_(sigma)
-                    for w in weights[:-1]
+                    torch.randn(total, *shape, generator=self.generator, dtype=x.dtype, device=x.device)[rows].mul_(sigma)
+                    for shape in activity_shapes(self._net(), x)
                 ]
             result = functional.reconstruction_grads(self._net(), self._feedback(qs, cs), x, noise, noise_seed=seed,
                                                      noise_std=sigma, backend=backend)
@@ -304,8 +312,8 @@ class TP(LocalOptimizer):
             if not self._feedback_has_bias[k]:
                 if c is not None:
                     self._raise_corrupted(f"feedback_biases[{k}]", f"None (layer {k + 2} has no bias)", c)
-            elif not (isinstance(c, Tensor) and c.shape == shape[:1] and c.dtype == dtype):
-                self._raise_corrupted(f"feedback_biases[{k}]", f"shape {tuple(shape[:1])}, dtype {dtype}", c)
+            elif not (isinstance(c, Tensor) and c.shape == self._feedback_bias_shape(k) and c.dtype == dtype):
+                self._raise_corrupted(f"feedback_biases[{k}]", f"shape {tuple(self._feedback_bias_shape(k))}, dtype {dtype}", c)
 
     @staticmethod
     def _raise_corrupted(name: str, expected: str, value: Any) -> None:
@@ -313,8 +321,14 @@ class TP(LocalOptimizer):
                          "was corrupted: build a new optimizer or load a state_dict saved for this model")
 
     def _feedback_shape(self, k: int) -> torch.Size:
-        """Shape of Q_{k+2}: (d_{k+1}, d_{k+2})."""
-        return torch.Size((self.mlp.linears[k].out_features, self.mlp.linears[k + 1].out_features))
+        """Shape of Q_{k+2}: (d_{k+1}, d_{k+2}) — d_{k+1} the input features of linear layer k+2 — or
+        W_{k+2}'s (C_out, C_in, k_h, k_w) for a conv layer (a transposed convolution)."""
+        w = self.mlp.linears[k + 1].weight
+        return torch.Size(w.shape if w.dim() == 4 else (w.shape[1], w.shape[0]))
+
+    def _feedback_bias_shape(self, k: int) -> torch.Size:
+        """Shape of c_{k+2}: layer k+2's input units (features, or channels of a conv layer)."""
+        return torch.Size((self.mlp.linears[k + 1].weight.shape[1],))
 
     def _check_extra(self, state_dict: dict[str, Any]) -> None:
         feedback = state_dict.get("feedback")
@@ -338,8 +352,8 @@ class TP(LocalOptimizer):
             if not has_bias and c is not None:
                 raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected None (layer {k + 2} has no bias), "
                                  f"got {_describe(c)}")
-            if has_bias and (not isinstance(c, Tensor) or c.shape != shape[:1] or c.dtype != like.dtype):
-                raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected shape {tuple(shape[:1])}, dtype "
+            if has_bias and (not isinstance(c, Tensor) or c.shape != self._feedback_bias_shape(k) or c.dtype != like.dtype):
+                raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected shape {tuple(self._feedback_bias_shape(k))}, dtype "
                                  f"{like.dtype} (the model's), got {_describe(c)}")
         for k, act in enumerate(feedback["activations"]):
             check_activation(act, f"state_dict['feedback']['activations'][{k}]")

@@ -576,3 +576,21 @@ def conv_gnt_targets(layers: Sequence[Layer], x: Tensor, target: Tensor, *, beta
             rows.append((beta * torch.linalg.pinv(jac) @ residual[b]).reshape(us[l].shape[1:]))
         deltas.append(torch.stack(rows))
     return deltas
+
+
+def conv_gnt_train_step(layers: Sequence[Layer], x: Tensor, target: Tensor, *, beta: float = 1.0,
+                        loss: str = "mse") -> GradResult:
+    """Local gradients toward the Gauss–Newton targets ``u_l + Δu_l`` (``conv_gnt_targets``): those of
+    ``½‖u_l − (u_l + Δu_l)‖²`` (batch mean) with the target held fixed, ``−Δu_l ⋆ h_{l-1} / B`` for a
+    conv layer, ``−Δu_lᵀ flatten(h_{l-1}) / B`` for a linear one — ``pcfast.reference.gnt`` on a conv net."""
+    deltas = conv_gnt_targets(layers, x, target, beta=beta, loss=loss)
+    copies, params = _with_grad(layers)
+    us, hs = conv_forward(_detached(layers), x)
+    batch = x.shape[0]
+    with torch.enable_grad():  # (optimizers step under no_grad)
+        local = x.new_zeros(())
+        for layer, h, d in zip(copies, hs, deltas):
+            local = local - (layer_map(layer, h.detach()) * d).sum() / batch
+        grads = torch.autograd.grad(local, params)
+    weight_grads, bias_grads = _split(layers, grads)
+    return GradResult(weight_grads, bias_grads, loss_sum(us[-1].detach(), target, loss) / batch)
