@@ -91,8 +91,10 @@ def update_rule(optimizer: str, momentum: float | None = None) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """An MLP ``input_dim``-``width``-…-``num_classes`` with ``hidden_layers`` hidden layers, and what
-    its μP initialisation depends on (``build``'s keywords that are not the optimizer's)."""
+    """An MLP ``input_dim``-``width``-…-``num_classes`` with ``hidden_layers`` hidden layers — or, with
+    ``model="cnn"``, a conv net (``pcfast.mup.make_cnn``) of ``hidden_layers`` conv layers of ``width``
+    channels on images of ``image_shape`` (C, H, W) — and what its μP initialisation depends on
+    (``build``'s keywords that are not the optimizer's)."""
 
     input_dim: int
     width: int
@@ -103,6 +105,30 @@ class ModelSpec:
     readout_scale: float = 1.0
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    model: str = "mlp"
+    image_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        from ..mup.coord import MODEL_KINDS
+
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model: expected one of {MODEL_KINDS}, got {self.model!r}")
+        if self.model == "cnn":
+            shape = self.image_shape
+            if shape is None or len(shape) != 3 or shape[0] * shape[1] * shape[2] != self.input_dim:
+                raise ValueError(f"image_shape: model='cnn' needs the (C, H, W) of the {self.input_dim} input "
+                                 f"features, got {shape!r}")
+
+    def make(self) -> torch.nn.Module:
+        """The model, freshly initialised by torch's defaults (``build`` re-initialises it)."""
+        from ..mup import make_mlp
+        from ..mup.coord import make_cnn
+
+        if self.model == "cnn":
+            return make_cnn(self.image_shape, self.width, self.num_classes, conv_layers=self.hidden_layers,
+                            activation=self.activation)
+        return make_mlp(self.input_dim, self.width, self.num_classes, hidden_layers=self.hidden_layers,
+                        activation=self.activation)
 
 
 MODEL_KEYWORDS = tuple(f.name for f in fields(ModelSpec) if f.name not in ("input_dim", "width", "num_classes"))
@@ -129,7 +155,7 @@ def build(
 
     ``kwargs`` holds the model's keywords (``MODEL_KEYWORDS``: ``base_width=64``,
     ``hidden_layers=2``, ``activation="tanh"``, ``readout_scale=1.0``, ``seed=0``,
-    ``dtype=torch.float32``; see ``ModelSpec``) and the optimizer's (``momentum``, ``loss``,
+    ``dtype=torch.float32``, ``model="mlp"`` or ``"cnn"`` with ``image_shape``; see ``ModelSpec``) and the optimizer's (``momentum``, ``loss``,
     ``backend``, ``optimizer=torch.optim.Adam``, …; those another algorithm takes are dropped)."""
     spec = ModelSpec(input_dim, width, num_classes, **{k: kwargs.pop(k) for k in MODEL_KEYWORDS if k in kwargs})
     return build_model(variant, preset, spec, lr=lr, device=device, **kwargs)
@@ -138,12 +164,11 @@ def build(
 def build_model(variant: Variant, preset: str, spec: ModelSpec, *, lr: float, device: torch.device | str = "cpu",
                 **optimizer_kwargs: Any):
     """``build`` for a ``ModelSpec``."""
-    from ..mup import make_mlp, parametrize
+    from ..mup import parametrize
     from ..mup.coord import make_optimizer
 
     torch.manual_seed(spec.seed)
-    model = make_mlp(spec.input_dim, spec.width, spec.num_classes, hidden_layers=spec.hidden_layers,
-                     activation=spec.activation).to(spec.dtype)
+    model = spec.make().to(spec.dtype)
     par = parametrize(model, preset, algo=variant.parametrize_algo, base_width=spec.base_width,
                       gamma_bar=variant.gamma_bar,
                       readout_scale=spec.readout_scale, generator=torch.Generator().manual_seed(spec.seed))

@@ -36,6 +36,32 @@ def make_mlp(input_dim: int, width: int, num_classes: int, *, hidden_layers: int
     return nn.Sequential(*layers)
 
 
+def make_cnn(image_shape: Sequence[int], width: int, num_classes: int, *, conv_layers: int = 2,
+             activation: str = "tanh", pool: str = "max", bias: bool = True) -> nn.Sequential:
+    """A conv net of ``width`` channels per conv layer: ``(Conv2d(·, width, 3, padding=1), act,
+    Pool2d(2)) × conv_layers`` (the pooling where the image is still at least 2 pixels wide), then
+    ``Flatten(), Linear(width · H' · W', num_classes)``. ``image_shape``: (C, H, W); ``pool``:
+    ``"max"`` or ``"avg"``. Every hidden layer's width is ``width`` (its channels), so μP at
+    ``base_width = width`` is SP."""
+    channels, height, side = (int(v) for v in image_shape)
+    if pool not in ("max", "avg"):
+        raise ValueError(f"pool: expected 'max' or 'avg', got {pool!r}")
+    if conv_layers < 1:
+        raise ValueError(f"conv_layers: expected an int >= 1, got {conv_layers!r}")
+    layers: list[nn.Module] = []
+    for _ in range(conv_layers):
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=bias), MODULES[activation]()]
+        if min(height, side) >= 2:
+            layers.append(nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
+            height, side = height // 2, side // 2
+        channels = width
+    layers += [nn.Flatten(), nn.Linear(width * height * side, num_classes, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+MODEL_KINDS = ("mlp", "cnn")
+
+
 # The algorithms with a pcfast optimizer, which a coordinate check steps.
 _OPTIMIZER_ALGOS = ("bp", "pc", "tp", "dtp")
 
