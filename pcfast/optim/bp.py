@@ -8,6 +8,7 @@ finiteness flag (``LocalOptimizer``: norms read in one host sync) and the inner 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -15,13 +16,15 @@ from torch import Tensor
 
 from .. import reference
 from ..reference.common import forward, loss_sum
+from ..reference.conv import conv_forward
 from .base import LocalOptimizer
 
 _BOUNDED = ("tanh", "sigmoid")  # activations whose values lie in [-1, 1]
 
 
 class BP(LocalOptimizer):
-    r"""Backpropagation SGD over an MLP with μP learning rates — the baseline for PC, TP and DTP.
+    r"""Backpropagation SGD over an MLP or a conv net with μP learning rates — the baseline for PC, TP
+    and DTP.
 
     ``step(x, y)`` writes ``∂(ℓ/B)/∂θ`` to ``.grad`` and applies the update rule (``torch.optim.SGD``
     unless ``optimizer=`` names another) with ``η_l = lr · m^{-c_l}``: at SP (multipliers of one) a
@@ -68,12 +71,20 @@ class BP(LocalOptimizer):
         parameter, which autograd on the live parameter would run, ``reference.bp_train_step``
         computes them on detached copies instead (the step's finiteness flag checks them)."""
         weights, biases, params = self._weights, self._biases, self._live
+        conv = self.mlp.is_conv
         if any(p._backward_hooks for p in params):
-            result = reference.bp_train_step(weights, biases, self.mlp.activations, x, target, loss=self._setting("loss"))
+            if conv:
+                result = reference.conv_bp_train_step(self._net().layers(), x, target, loss=self._setting("loss"))
+            else:
+                result = reference.bp_train_step(weights, biases, self.mlp.activations, x, target,
+                                                 loss=self._setting("loss"))
             return result.weight_grads, result.bias_grads, {"loss": result.loss}, {}
         wanted = [p for p in params if p.requires_grad]
         with torch.enable_grad():
-            us, hs = forward(weights, biases, self.mlp.activations, x)
+            if conv:  # reference.conv_bp_train_step's computation on the live parameters
+                us, hs = conv_forward(self._net().layers(), x)
+            else:
+                us, hs = forward(weights, biases, self.mlp.activations, x)
             value = loss_sum(us[-1], target, self._setting("loss")) / x.shape[0]
             found = torch.autograd.grad(value, wanted + us)
         if len(wanted) == len(params):
@@ -84,7 +95,8 @@ class BP(LocalOptimizer):
         depth = len(weights)
         rest = iter(by_param[depth:])
         bias_grads = [None if b is None else next(rest) for b in biases]
-        pending = {"norm_terms": (list(found[len(wanted):]), hs)}  # this step's bounds, for _grad_norm_terms
+        # this step's bounds, for _grad_norm_terms (an MLP's; a conv net's gradients are normed directly)
+        pending = {} if conv else {"norm_terms": (list(found[len(wanted):]), hs)}
         return list(by_param[:depth]), bias_grads, {"loss": value.detach()}, pending
 
     def _grad_norm_terms(self, stepped, step):
@@ -95,21 +107,32 @@ class BP(LocalOptimizer):
         nothing is certain). In float16/bfloat16, whose rounding is coarse, with groups added by
         ``add_param_group`` or a data-parallel reduction, the gradients' own norms are read instead."""
         found = None if step is None else step.pending.get("norm_terms")
-        slots = self._slots
+        slots = self._slot_params
         if (found is None or self.process_group is not None or len(stepped) != len(slots)
-                or any(p is not q for (_, p, _), (_, _, q) in zip(stepped, slots))
-                or stepped[0][1].dtype in (torch.float16, torch.bfloat16)):
+                or not all(map(operator.is_, map(operator.itemgetter(1), stepped), slots))
+                or slots[0].dtype in (torch.float16, torch.bfloat16)):
             return super()._grad_norm_terms(stepped, step)
         deltas, activities = found
-        depth, root_batch, layers = len(deltas), math.sqrt(activities[0].shape[0]), self._bound_layers
-        normed = self._normed_activities
+        depth, root_batch, normed = len(deltas), math.sqrt(activities[0].shape[0]), self._normed_activities
+        # per slot: its layer and the bound of its activity's norm (None: the first, ‖x‖ read; 0: a bias)
+        factors = self._bound_factors(root_batch)
         terms = [*deltas, activities[0], *(activities[l] for l in normed)]
 
         def combine(norms: list[float]) -> list[float]:
-            delta, activity = norms[:depth], [math.sqrt(h.numel()) for h in activities]
-            activity[0] = norms[depth]
-            for l, value in zip(normed, norms[depth + 1:]):
-                activity[l] = value
-            return [delta[l] * activity[l] if weight else root_batch * delta[l] for l, weight in layers]
+            read = dict(zip(normed, norms[depth + 1:]))
+            return [norms[l] * (root_batch if factor == 0 else norms[depth] if factor is None else read.get(l, factor))
+                    for l, factor in factors]
 
         return terms, combine
+
+    def _bound_factors(self, root_batch: float) -> list[tuple[int, float | None]]:
+        """Per slot (weights and biases in model order), its layer and: 0 for a bias (``‖g_b‖ ≤ √B ‖δ‖``),
+        None for the first weight (times ``‖x‖``), else ``√(B · width)``, the bound of a bounded
+        activity's norm (read instead for the activities in ``_normed_activities``), made once per batch size."""
+        cached = self.__dict__.get("_factors")
+        if cached is None or cached[0] != root_batch:
+            widths = [w.shape[1] for w in self._weights]
+            factors = [(l, 0 if not weight else None if l == 0 else root_batch * math.sqrt(widths[l]))
+                       for l, weight in self._bound_layers]
+            cached = self.__dict__["_factors"] = (root_batch, factors)
+        return cached[1]
