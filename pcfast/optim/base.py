@@ -124,23 +124,17 @@ class _GroupSettings:
     """What a step reads from the parameter groups' settings, derived once per set of values:
     ``inner[i]``, the values ``_sync_inner`` writes into the inner optimizer's group ``i``;
     ``sgd[i]``, the group's (lr, momentum, dampening, weight decay, nesterov) for the certain SGD
-    path (None where it does not apply), ``sgd_worst`` the largest of their factors; ``rates``, the
-    dtypes every group's rates fit (``_check_rates``);
+    path (None where it does not apply); ``rates``, the dtypes every group's rates fit
+    (``_check_rates``);
     ``synced``, whether the inner groups were set from it. ``groups`` and ``writes``: the groups it
     was derived from and ``_GROUP_WRITES`` before they were read — it is reused while the optimizer
     has the same groups and nothing was written into any ``_Group`` since (kept only when every group
     is a ``_Group`` and every setting immutable: a number, bool, string, None or tuple of those)."""
 
-    __slots__ = ("groups", "writes", "inner", "sgd", "sgd_worst", "rates", "synced")
+    __slots__ = ("groups", "writes", "inner", "sgd", "rates", "synced")
 
     def __init__(self, groups: tuple, writes: int, inner: list[dict], sgd: list[tuple | None]) -> None:
         self.groups, self.writes, self.inner, self.sgd = groups, writes, inner, sgd
-        rows = [row for row in sgd if row is not None] or [(0.0, 0.0, 0.0, 0.0, False)]
-        # the largest |η|, |μ|, max(|1 − τ|, 1), |λ| and any Nesterov over the groups: factors of
-        # bounds that hold for every group (|1 − τ| at least 1: a first step's buffer is d itself)
-        self.sgd_worst = (max(abs(r[0]) for r in rows), max(abs(r[1]) for r in rows),
-                          max(max(abs(1 - r[2]) for r in rows), 1.0), max(abs(r[3]) for r in rows),
-                          any(r[4] for r in rows))
         self.rates: set[torch.dtype] = set()
         self.synced = False
 
@@ -811,6 +805,14 @@ class LocalOptimizer(torch.optim.Optimizer):
             values = self._certain_values(stepped, stats, step, settings)
             if values is not None:  # SGD with every new value certainly finite: in place at once
                 self._sgd_in_place(stepped, settings)
+                # the new norms' bounds (_certain_values), kept with the versions and addresses they hold for
+                state, tensors = self.state, []
+                for i, p, _ in stepped:
+                    tensors.append(p)
+                    if settings.sgd[i][1]:
+                        tensors.append(state[p]["momentum_buffer"])
+                self.__dict__["_norm_bounds"] = (tensors, [t._version for t in tensors], [t.data_ptr() for t in tensors],
+                                                 self.__dict__.pop("_new_bounds"))
             else:
                 self._sync_inner(settings)
                 values = self._checked_update(stepped, stats, grads, step)
@@ -884,57 +886,58 @@ class LocalOptimizer(torch.optim.Optimizer):
         step), ``‖d'‖ ≤ ‖d‖ + |μ|‖buf'‖`` (Nesterov) or ``‖buf'‖``, ``‖θ'‖ ≤ ‖θ‖ + |η|‖d'‖``. When every
         norm and bound is below ``finfo.max / 16`` nothing can overflow, and from finite inputs with
         only additions and multiplications nothing becomes NaN either. None is not a divergence, only
-        "not certain": the caller then checks every new value after the update."""
+        "not certain": the caller then checks every new value after the update.
+
+        The bounds of every ``‖θ'‖`` and ``‖buf'‖``, times ``1 + 8 ε`` for the rounding of the update
+        (each new element is within ``(1 + ε/2)³`` of the exact one's bound), are kept with the
+        tensors' versions and addresses after the update (``_update``): while every autograd version
+        counter and address is unchanged — nothing wrote into any of them since, in place or by
+        assignment — the next step takes those bounds for the norms and reads only the terms of its
+        gradients' bounds. Kept bounds that fail the limit are dropped and the norms read."""
         if not stepped:
             return None
         settings = settings or self._group_settings()
-        numbers = settings.sgd
-        state = self.state
+        numbers, state = settings.sgd, self.state
         first = stepped[0][1]
         dtype, device = first.dtype, first.device
-        rows, params, buffers = [], [], []
+        rows, tensors, has_buffer = [], [], []  # tensors: the parameters, then the momentum buffers there are
         for i, p, g in stepped:
             row = numbers[i]  # None unless torch.optim.SGD itself (a subclass may do anything) with plain settings
             if row is None or g.is_sparse or p.dtype != dtype or p.device != device:
                 return None
-            buffer = None
-            if row[1]:
-                entry = state.get(p)
-                buffer = None if entry is None else entry.get("momentum_buffer")
-                if buffer is not None:
-                    buffers.append(buffer)
-            rows.append((row, buffer is not None))
-            params.append(p)
+            rows.append(row)
+            tensors.append(p)
+            entry = state.get(p) if row[1] else None
+            buffer = None if entry is None else entry.get("momentum_buffer")
+            has_buffer.append(buffer is not None)
+            if buffer is not None:
+                tensors.append(buffer)
+        known = self.__dict__.pop("_norm_bounds", None)  # (tensors, versions, addresses, bounds) after the last update
+        kept = (known is not None and len(known[0]) == len(tensors) and all(map(operator.is_, known[0], tensors))
+                and known[1] == [t._version for t in tensors] and known[2] == [t.data_ptr() for t in tensors])
         terms, combine = self._grad_norm_terms(stepped, step)
-        values = self._read([*stats.values(), *self._norms(params + buffers + terms)])
-        count, found = len(params), values[len(stats):]
-        param_norms, buffer_norms = found[:count], iter(found[count:count + len(buffers)])
-        grad_norms = combine(found[count + len(buffers):])
-        limit = _largest(dtype) / _MARGIN
+        values = self._read([*stats.values(), *self._norms(terms if kept else tensors + terms)])
         if not all(map(math.isfinite, values)):
             return None
-        # First the bounds of the largest norms under the largest factors of every group (they
-        # bound every parameter's), then, if those exceed the limit, each parameter's own.
-        rate, momentum, dampening, weight_decay, nesterov = settings.sgd_worst
-        p_norm, g_norm = max(param_norms), max(grad_norms)
-        d_norm = g_norm + weight_decay * p_norm
-        if momentum:
-            d_norm = momentum * max(found[count:count + len(buffers)], default=0.0) + dampening * d_norm
-            d_norm = d_norm + momentum * d_norm if nesterov else d_norm
-        if p_norm + rate * d_norm <= limit and max(p_norm, g_norm, d_norm) <= limit:
-            return values
-        for ((rate, momentum, dampening, weight_decay, nesterov), has_buffer), p_norm, g_norm in zip(
-                rows, param_norms, grad_norms):
+        found = values[len(stats):]
+        norms = iter(known[3] if kept else found)
+        grad_norms = combine(found if kept else found[len(tensors):])
+        limit, grow = _largest(dtype) / _MARGIN, 1 + 8 * torch.finfo(dtype).eps
+        bounds = []
+        for (rate, momentum, dampening, weight_decay, nesterov), buffered, g_norm in zip(rows, has_buffer, grad_norms):
+            p_norm = next(norms)
             d_norm = g_norm + abs(weight_decay) * p_norm
-            if not (p_norm <= limit and g_norm <= limit and d_norm <= limit):  # also False for NaN
-                return None
+            new_buffer = 0.0
             if momentum:
-                new_buffer = abs(momentum) * next(buffer_norms) + abs(1 - dampening) * d_norm if has_buffer else d_norm
+                new_buffer = abs(momentum) * next(norms) + abs(1 - dampening) * d_norm if buffered else d_norm
                 d_norm = d_norm + abs(momentum) * new_buffer if nesterov else new_buffer
-                if not (new_buffer <= limit and d_norm <= limit):
-                    return None
-            if not p_norm + abs(rate) * d_norm <= limit:
-                return None
+            new_param = p_norm + abs(rate) * d_norm
+            if not max(p_norm, g_norm, d_norm, new_param, new_buffer) <= limit:  # (all finite, none negative)
+                return self._certain_values(stepped, stats, step, settings) if kept else None
+            bounds.append(new_param * grow)
+            if momentum:
+                bounds.append(new_buffer * grow)
+        self.__dict__["_new_bounds"] = bounds  # (kept by _update once the update is done)
         return values
 
     def _grad_norm_terms(self, stepped, step: _Step | None) -> tuple[list[Tensor], Callable[[list[float]], list[float]]]:
