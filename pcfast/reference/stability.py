@@ -60,10 +60,19 @@ def pc_stability(net: Net, x: Tensor, target: Tensor, config: PCConfig, *, itera
     x64 = as64(x)
     target64 = target if not target.is_floating_point() else as64(target)
     gammas = list(config.precisions)
-    us, _ = forward(weights, biases, net.activations, x64)
+    if net.is_conv:  # the same on the conv energy (``reference.conv``)
+        from .conv import conv_forward, conv_pc_energy
+
+        layers64 = Net(weights, biases, net.activations, geometry=net.geometry).layers()
+        us, _ = conv_forward(layers64, x64)
+        energy_of = lambda zs: conv_pc_energy(layers64, x64, target64, zs, precisions=gammas, loss=config.loss)
+    else:
+        us, _ = forward(weights, biases, net.activations, x64)
+        energy_of = lambda zs: pc_energy(weights, biases, net.activations, x64, target64, zs, precisions=gammas,
+                                         loss=config.loss)
     with torch.enable_grad():
         zs = [u.detach().clone().requires_grad_(True) for u in us[:-1]]
-        energy = pc_energy(weights, biases, net.activations, x64, target64, zs, precisions=gammas, loss=config.loss)
+        energy = energy_of(zs)
         grads = torch.autograd.grad(energy, zs, create_graph=True)
 
         def hvp(v: list[Tensor]) -> list[Tensor]:
