@@ -314,6 +314,9 @@ class LocalOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model: expected the nn.Module to train (pcfast optimizers read its layers), got "
                             f"{type(model).__name__}; pass the model, not model.parameters()")
         self.mlp: MLP = parse_mlp(model)
+        if self.mlp.is_conv and backend in ("cpp", "triton"):
+            raise ValueError(f"backend={backend!r} runs MLPs only; conv nets run on backend='torch' (explicit, any "
+                             "device), 'reference' (autograd, the specification) or 'auto' (which picks torch)")
         if parametrization is None:
             parametrization = standard(model)
         elif not isinstance(parametrization, Parametrization):

@@ -148,6 +148,9 @@ class IPC(PC):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.mlp.is_conv:
+            raise TypeError("model: IPC trains MLPs only (its interleaved updates are written for dense layers); "
+                            "train a conv net with pcfast.optim.PC")
         if self.process_group is not None:
             raise ValueError("process_group: IPC does not support data parallelism (it would need one all-reduce "
                              "per inference step); pass process_group=None")

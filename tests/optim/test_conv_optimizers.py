@@ -314,3 +314,14 @@ def test_a_diverging_conv_relaxation_raises_and_changes_nothing():
     with pytest.raises(pcfast.DivergenceError, match="PC relaxation diverged"):
         opt.step(x * 20, y)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_mlp_only_backends_are_refused_when_the_optimizer_is_built(backend):
+    with pytest.raises(ValueError, match=f"backend='{backend}' runs MLPs only; conv nets run on backend='torch'"):
+        pcfast.optim.PC(_cnn("max"), backend=backend)
+
+
+def test_ipc_refuses_conv_nets():
+    with pytest.raises(TypeError, match="IPC trains MLPs only"):
+        pcfast.optim.IPC(_cnn("max"))
