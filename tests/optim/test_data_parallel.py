@@ -39,14 +39,22 @@ CASES = {
     # shard, and DTP's noise is drawn as the torch backends draw it (their single-process run is the oracle).
     "pc-triton": (pcfast.optim.PC, dict(inference_steps=2, inference_lr=0.1)),
     "dtp-noise-triton": (pcfast.optim.DTP, dict(feedback_noise=0.1, feedback_steps=1, feedback_lr=0.05, beta=0.3)),
+    # conv nets (the torch backend), on 1×6×6 images
+    "pc-cnn": (pcfast.optim.PC, dict(inference_steps=3, inference_lr=0.1)),
+    "bp-cnn": (pcfast.optim.BP, {}),
+    "dtp-noise-cnn": (pcfast.optim.DTP, dict(feedback_noise=0.1, feedback_steps=2, feedback_lr=0.05, beta=0.3)),
 }
 SINGLE_PROCESS_BACKEND = {"pc-triton": "triton", "dtp-noise-triton": "torch"}
 FAILING = ("pc", "bp", "dtp-noise", "tp-ridge")
 
 
-def make_model(perturb: float = 0.0) -> nn.Module:
+def make_model(perturb: float = 0.0, name: str = "") -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    if name.endswith("-cnn"):
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 4),
+                              nn.Tanh(), nn.Linear(4, 3)).double()
+    else:
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(perturb)
@@ -63,7 +71,7 @@ def batches(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(2)
     out = []
     for _ in range(2 if name.endswith("triton") else STEPS):
-        x = torch.randn(BATCH, 5, generator=gen, dtype=torch.float64)
+        x = torch.randn(BATCH, *((1, 6, 6) if name.endswith("-cnn") else (5,)), generator=gen, dtype=torch.float64)
         y = torch.randint(0, 3, (BATCH,), generator=gen) if name.endswith("-ce") else \
             torch.randn(BATCH, 3, generator=gen, dtype=torch.float64)
         out.append((x, y))
@@ -132,7 +140,7 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
         if name.endswith("triton") and world != 2:
             continue  # the interpreter is slow: one world size is enough
         # Ranks other than the first start from another model and seed: the optimizer takes the first's.
-        model = make_model(perturb=0.01 * rank)
+        model = make_model(perturb=0.01 * rank, name=name)
         extra = {"seed": 7 * rank} if issubclass(CASES[name][0], pcfast.optim.TP) else {}
         if name == "pc-sequential-ce":
             extra["process_group"] = torch.distributed.group.WORLD  # the others detect it ("auto")
@@ -218,7 +226,7 @@ def single_process():
     """Every case on one process and the full batch (no process group)."""
     out = {}
     for name in CASES:
-        model = make_model()
+        model = make_model(name=name)
         backend = SINGLE_PROCESS_BACKEND.get(name, case_backend(name))
         extra = {"process_group": None, "backend": backend} if takes_process_group(name) else {}
         out[name] = train(name, make_optimizer(name, model, **extra), model, slice(None))
