@@ -96,7 +96,9 @@ class Net:
 @dataclass(frozen=True)
 class Feedback:
     """The feedback maps ``g_l(v) = ψ_l(v Q_lᵀ + c_l)`` of layers l = 2 … L: ``weights[k]`` is Q_{k+2}
-    with shape (d_{k+1}, d_{k+2}), ``biases[k]`` is c_{k+2} or None, ``activations[k]`` is ψ_{k+2}."""
+    with shape (d_{k+1}, d_{k+2}) — for a conv layer a transposed convolution with W_{k+2}'s shape
+    (C_out, C_in, k_h, k_w) — ``biases[k]`` is c_{k+2} (layer k+2's input units) or None,
+    ``activations[k]`` is ψ_{k+2}."""
 
     weights: tuple[Tensor, ...]
     biases: tuple[Tensor | None, ...]
