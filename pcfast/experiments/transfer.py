@@ -1,7 +1,8 @@
 """μTransfer: does the optimal learning rate stay put as the network widens?
 
 For every algorithm variant × parametrization (``sp``, ``mup``) × width × learning rate on a factor-2
-grid, train a fresh MLP for a few epochs, once per seed (the seed fixes the init and the batch order,
+grid, train a fresh MLP — or, with ``model="cnn"``, a conv net whose width is its channels
+(``pcfast.mup.make_cnn``, trained on the dataset's (N, C, H, W) images) — for a few epochs, once per seed (the seed fixes the init and the batch order,
 so every configuration sees the same batches), then record the final train loss (feedforward, over
 the whole training subset) and the test accuracy, averaged over seeds. Runs that raise
 ``DivergenceError`` or end non-finite are kept and marked diverged (a configuration counts as
@@ -33,6 +34,7 @@ import torch
 from .common import (
     FIGURE_DPI,
     FIGURE_STYLE,
+    ModelSpec,
     Variant,
     build,
     evaluate,
@@ -102,12 +104,19 @@ class TransferSettings:
     # The update rule (``common.OPTIMIZERS``). Recorded in the results only when it is not SGD, so SGD
     # sweeps keep the files and journal hashes they had before the option existed.
     optimizer: str = "sgd"
+    # "mlp", or "cnn": ``hidden_layers`` conv layers of ``width`` channels (3×3, each followed by a 2×2
+    # max-pool while the image is at least 2 pixels wide), then a linear readout. Recorded in the
+    # results only when it is not the MLP, so MLP sweeps keep their files and journal hashes.
+    model: str = "mlp"
 
     def as_dict(self) -> dict[str, Any]:
-        """The settings as stored in the JSON: every field, ``optimizer`` only when it is not SGD."""
+        """The settings as stored in the JSON: every field, ``optimizer`` only when it is not SGD and
+        ``model`` only when it is not the MLP."""
         values = asdict(self)
         if self.optimizer == "sgd":
             values.pop("optimizer")
+        if self.model == "mlp":
+            values.pop("model")
         return values
 
     def grid(self, variant: str) -> list[int]:
@@ -130,17 +139,45 @@ PRESETS: dict[str, TransferSettings] = {
                              train_size=None, epochs=10, inference_steps=20, inference_lr=0.1),
 }
 
+# The same experiment on conv nets (``model="cnn"``), whose width is the channel count of every conv
+# layer; the file stems say "cnn", so their results sit next to the MLP's without overwriting them.
+CNN_GRIDS = {"bp": (-8, -1), "pc": (-8, -1), "dtp": (-9, -2)}
+CNN_PRESETS: dict[str, TransferSettings] = {
+    # ≤ 10 minutes on 2 CPU cores: scikit-learn's 8×8 digits (1×8×8 images), two conv layers of 8 … 64
+    # channels (8×8 → 4×4 → 2×2, then the readout), 1,024 images, 3 epochs, PC T = 5, 2 seeds.
+    "quick": TransferSettings(name="quick_cnn", model="cnn", dataset="digits", variants=("bp", "pc", "dtp"),
+                              widths=(8, 16, 32, 64), base_width=8, grids=dict(CNN_GRIDS), epochs=3),
+    # CIFAR-10 (3×32×32; its files under ``root``), three conv layers (32 → 16 → 8 → 4) of 16 … 256
+    # channels, all 50,000 images, 10 epochs, PC T = 20: meant for a GPU.
+    "full": TransferSettings(name="full_cnn", model="cnn", dataset="cifar10", variants=("bp", "pc", "dtp"),
+                             widths=(16, 32, 64, 128, 256), base_width=16, hidden_layers=3,
+                             grids=dict(CNN_GRIDS), train_size=None, epochs=10, batch_size=128,
+                             inference_steps=20, inference_lr=0.1),
+}
+MODEL_PRESETS = {"mlp": PRESETS, "cnn": CNN_PRESETS}
 
-def settings_for(preset: str, *, check_device: bool = True, **overrides: Any) -> TransferSettings:
-    """The preset's settings with ``overrides`` (``None`` values ignored), checked. ``check_device``
-    checks that this process can use ``device`` (not wanted when the trials run elsewhere, on Ray)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+
+def settings_for(preset: str, *, check_device: bool = True, model: str | None = None,
+                 **overrides: Any) -> TransferSettings:
+    """The preset's settings with ``overrides`` (``None`` values ignored), checked. ``model``
+    (``"mlp"``, the default, or ``"cnn"``) picks the preset table: ``PRESETS`` or ``CNN_PRESETS``.
+    ``check_device`` checks that this process can use ``device`` (not wanted when the trials run
+    elsewhere, on Ray)."""
+    model = "mlp" if model is None else model
+    if model not in MODEL_PRESETS:
+        raise ValueError(f"model: expected one of {sorted(MODEL_PRESETS)}, got {model!r}")
+    presets = MODEL_PRESETS[model]
+    if preset not in presets:
+        raise ValueError(f"preset: expected one of {sorted(presets)}, got {preset!r}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides.get("optimizer", PRESETS[preset].optimizer) != "sgd":
+    if overrides.get("optimizer", presets[preset].optimizer) != "sgd":
         update_rule(overrides["optimizer"], overrides.get("momentum"))  # no momentum with Adam
         overrides = {"momentum": None, "grids": {v: ADAM_GRID for v in DEFAULT_GRIDS}, **overrides}
-    settings = replace(PRESETS[preset], **overrides)
+    settings = replace(presets[preset], **overrides)
+    if model == "cnn":
+        _check_image_dataset(settings.dataset, "dataset")
+        if settings.fallback_dataset is not None:
+            _check_image_dataset(settings.fallback_dataset, "fallback_dataset")
     update_rule(settings.optimizer, settings.momentum)
     if settings.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule: expected 'cosine' or 'constant', got {settings.schedule!r}")
@@ -149,6 +186,15 @@ def settings_for(preset: str, *, check_device: bool = True, **overrides: Any) ->
     if check_device:
         resolve_device(settings.device)  # a clear error before any data is loaded
     return settings
+
+
+def _check_image_dataset(name: str, what: str) -> None:
+    """``ValueError`` unless the dataset ``name`` has images of a known (C, H, W) shape (a CNN's input)."""
+    from ..data.datasets import IMAGE_SHAPES
+
+    if str(name).lower().replace("-", "_") not in IMAGE_SHAPES:
+        raise ValueError(f"{what}: model='cnn' trains on images of a known shape, from one of "
+                         f"{', '.join(IMAGE_SHAPES)}; got {name!r}")
 
 
 def _load_data(settings: TransferSettings, say) -> tuple[Any, str | None]:
@@ -174,15 +220,17 @@ def _run_key(variant: Variant, par, width: int, log2_lr: int, seed: int) -> tupl
 
 
 def _planned_key(settings: TransferSettings, variant: Variant, preset: str, width: int, log2_lr: int, seed: int,
-                 input_dim: int, num_classes: int) -> tuple:
+                 input_dim: int, num_classes: int, image_shape: tuple[int, int, int] | None = None) -> tuple:
     """``_run_key`` of a configuration without building it: the parametrization of a model whose
     parameters live on the meta device (no memory, no init), so a sweep knows before training
-    which runs are shared and how many it will train."""
-    from ..mup import make_mlp, parametrize
+    which runs are shared and how many it will train. ``image_shape``: (C, H, W) of a CNN's input."""
+    from ..mup import parametrize
 
+    spec = ModelSpec(input_dim, width, num_classes, hidden_layers=settings.hidden_layers,
+                     activation=settings.activation, model=settings.model,
+                     image_shape=image_shape if settings.model == "cnn" else None)
     with torch.device("meta"):
-        model = make_mlp(input_dim, width, num_classes, hidden_layers=settings.hidden_layers,
-                         activation=settings.activation)
+        model = spec.make()
     par = parametrize(model, preset, algo=variant.parametrize_algo, base_width=settings.base_width,
                       gamma_bar=variant.gamma_bar,
                       readout_scale=settings.readout_scale(variant.name), init=False)
@@ -194,15 +242,23 @@ def _mean(values: list[float]) -> float:
 
 
 @functools.lru_cache(maxsize=2)
-def _trial_data(dataset: str, root: str | None, fallback: str | None, train_size: int | None,
-                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _trial_data(dataset: str, root: str | None, fallback: str | None, train_size: int | None, device: str,
+                images: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """``(x, labels, x_test, y_test, num_classes)``, tensors on ``device``, loaded once per process (a
-    Ray worker runs many trials)."""
+    Ray worker runs many trials); with ``images``, ``x`` and ``x_test`` are (N, C, H, W) images."""
     settings = TransferSettings(dataset=dataset, root=root, fallback_dataset=fallback)
     data, _ = _load_data(settings, say=lambda *a: None)
     n = data.num_train if train_size is None else min(train_size, data.num_train)
-    return (data.x_train[:n].to(device), data.y_train[:n].to(device), data.x_test.to(device),
-            data.y_test.to(device), data.num_classes)
+    x, x_test = (_images(data, "train"), _images(data, "test")) if images else (data.x_train, data.x_test)
+    return x[:n].to(device), data.y_train[:n].to(device), x_test.to(device), data.y_test.to(device), data.num_classes
+
+
+def _images(data, split: str) -> torch.Tensor:
+    """``data.images(split)``: a CNN's (N, C, H, W) input, or ``ValueError`` naming the dataset."""
+    if data.image_shape is None:
+        raise ValueError(f"dataset: model='cnn' needs images, but no image shape is known for {data.name} "
+                         f"({data.num_features} features)")
+    return data.images(split)
 
 
 def run_trial(settings: TransferSettings, device: str, trial: Trial) -> dict[str, Any]:
@@ -213,18 +269,20 @@ def run_trial(settings: TransferSettings, device: str, trial: Trial) -> dict[str
     Returns ``{"train_loss", "test_accuracy", "diverged", "steps", "error"}``; the losses are
     ``None`` for a run that raised ``DivergenceError`` or ended non-finite."""
     x, labels, x_test, y_test, num_classes = _trial_data(settings.dataset, settings.root, settings.fallback_dataset,
-                                                         settings.train_size, device)
+                                                         settings.train_size, device, settings.model == "cnn")
     variant, n = parse_variant(trial.variant), x.shape[0]
+    input_dim, image_shape = x[0].numel(), (tuple(x.shape[1:]) if settings.model == "cnn" else None)
     with intra_op_threads(settings.threads):
         model, par, opt = build(
-            variant, trial.parametrization, trial.width, input_dim=x.shape[1], num_classes=num_classes,
+            variant, trial.parametrization, trial.width, input_dim=input_dim, num_classes=num_classes,
+            model=settings.model, image_shape=image_shape,
             lr=2.0**trial.log2_lr, base_width=settings.base_width, hidden_layers=settings.hidden_layers,
             activation=settings.activation, readout_scale=settings.readout_scale(variant.name), seed=trial.seed,
             loss=settings.loss, inference_steps=settings.inference_steps,
             inference_lr=settings.inference_lr, beta=settings.beta, feedback_lr=settings.feedback_lr,
             backend=settings.backend, device=device, **update_rule(settings.optimizer, settings.momentum))
         planned = _planned_key(settings, variant, trial.parametrization, trial.width, trial.log2_lr, trial.seed,
-                               x.shape[1], num_classes)
+                               input_dim, num_classes, image_shape)
         if _run_key(variant, par, trial.width, trial.log2_lr, trial.seed) != planned:
             raise RuntimeError(f"transfer: planned and built parametrizations differ for {trial.label}")
         on_step = None
@@ -244,10 +302,12 @@ def run_trial(settings: TransferSettings, device: str, trial: Trial) -> dict[str
             "diverged": diverged, "steps": outcome["steps"], "error": outcome["error"]}
 
 
-def plan_trials(settings: TransferSettings, input_dim: int, num_classes: int):
+def plan_trials(settings: TransferSettings, input_dim: int, num_classes: int,
+                image_shape: tuple[int, int, int] | None = None):
     """The sweep's configurations (variant × parametrization × width × log2 lr, in table order), the
     trial each (configuration, seed) runs, and the distinct trials in order of first use: runs that
-    are the same computation (see ``_run_key``) are one trial."""
+    are the same computation (see ``_run_key``) are one trial. ``image_shape``: (C, H, W) of a CNN's
+    input."""
     variants = [parse_variant(v) for v in settings.variants]
     configs = [(v, p, w, e) for v in variants for p in settings.parametrizations
                for w in settings.widths for e in settings.grid(v.name)]
@@ -255,7 +315,7 @@ def plan_trials(settings: TransferSettings, input_dim: int, num_classes: int):
     trial_of: dict[tuple, Trial] = {}
     for variant, preset, width, log2_lr in configs:
         for seed in settings.seeds:
-            key = _planned_key(settings, variant, preset, width, log2_lr, seed, input_dim, num_classes)
+            key = _planned_key(settings, variant, preset, width, log2_lr, seed, input_dim, num_classes, image_shape)
             trial = first.setdefault(key, Trial(variant.name, preset, width, log2_lr, seed))
             trial_of[(variant.name, preset, width, log2_lr, seed)] = trial
     return configs, trial_of, list(first.values())
@@ -292,7 +352,8 @@ def run_transfer(settings: TransferSettings, *, executor=None, journal: Path | s
     data, note = _load_data(settings, say)
     n = data.num_train if settings.train_size is None else min(settings.train_size, data.num_train)
     device = executor.device_for(settings.device)
-    configs, trial_of, trials = plan_trials(settings, data.num_features, data.num_classes)
+    image_shape = tuple(_images(data, "train").shape[1:]) if settings.model == "cnn" else None
+    configs, trial_of, trials = plan_trials(settings, data.num_features, data.num_classes, image_shape)
     book = Journal(journal, journal_settings(settings, device)) if journal is not None else None
     entries: dict[Trial, dict] = {}
     if book is not None and resume:
@@ -325,7 +386,8 @@ def run_transfer(settings: TransferSettings, *, executor=None, journal: Path | s
     here = {k: v for k, v in machine().items() if k not in ("date", "torch_threads")}  # not the result's
     result = {
         "experiment": "transfer", "settings": settings.as_dict(), "machine": {**here, "device": device},
-        "data": {"dataset": data.name, "train_size": n, "test_size": data.num_test, "note": note},
+        "data": {"dataset": data.name, "train_size": n, "test_size": data.num_test, "note": note,
+                 **({"image_shape": list(image_shape)} if image_shape else {})},
         "zero_output_loss": zero_loss, "rows": rows,
     }
     result["summary"] = summarize(result)
@@ -501,7 +563,8 @@ def plot_transfer(result: dict[str, Any], path: Path) -> Path:
                 _draw_panel(ax, result, summary[(variant, preset)], colors, cap)
                 _label_panel(ax, summary[(variant, preset)], (low, cap), first_column=j == 0,
                              last_row=i == len(variants) - 1)
-        stack_legends_below(fig, _transfer_legends(widths, colors, cap))
+        title = "width (channels)" if settings.get("model", "mlp") == "cnn" else "width"
+        stack_legends_below(fig, _transfer_legends(widths, colors, cap, title))
         fig.suptitle(_transfer_title(result))
         save_figure(plt, fig, path, dpi=FIGURE_DPI, bbox_inches="tight", pad_inches=0.15)
     return path
@@ -555,8 +618,8 @@ def _label_panel(ax, entry: dict[str, Any], limits: tuple[float, float], *, firs
         ax.set_ylabel("train loss")
 
 
-def _transfer_legends(widths: list[int], colors, cap: float) -> list[dict[str, Any]]:
-    """The two legends below the panels: the widths, then the markers."""
+def _transfer_legends(widths: list[int], colors, cap: float, title: str = "width") -> list[dict[str, Any]]:
+    """The two legends below the panels: the widths (``title``: a CNN's are its channels), then the markers."""
     from matplotlib.lines import Line2D
 
     width_handles = [Line2D([], [], color=colors[k], lw=2.2, marker="o", ms=5, label=f"{w}")
@@ -569,7 +632,7 @@ def _transfer_legends(widths: list[int], colors, cap: float) -> list[dict[str, A
                label=f"loss ≥ {cap:.2g} (drawn at the cap)"),
         Line2D([], [], ls=":", lw=1.2, color="0.5", label=f"cap: loss of the zero output, {cap:.2g}"),
     ]
-    return [dict(handles=width_handles, title="width", ncols=len(widths)), dict(handles=key_handles, ncols=2)]
+    return [dict(handles=width_handles, title=title, ncols=len(widths)), dict(handles=key_handles, ncols=2)]
 
 
 def _update_rule_label(settings: dict[str, Any]) -> str:
@@ -580,11 +643,22 @@ def _update_rule_label(settings: dict[str, Any]) -> str:
     return {"adam": "Adam", "adamw": "AdamW"}.get(rule, rule)
 
 
+def _model_line(result: dict[str, Any]) -> str:
+    """The title's description of a CNN (``""`` for the MLP, whose title predates the option)."""
+    settings, data = result["settings"], result["data"]
+    if settings.get("model", "mlp") != "cnn":
+        return ""
+    shape = "×".join(str(v) for v in data.get("image_shape", ()))
+    return (f"CNN: {settings['hidden_layers']} conv layers (3×3, {settings['activation']}, 2×2 max-pool) of "
+            f"{'/'.join(str(w) for w in settings['widths'])} channels + linear readout, on {shape} images\n")
+
+
 def _transfer_title(result: dict[str, Any]) -> str:
     settings, data = result["settings"], result["data"]
     seeds = len(settings["seeds"])
     return (
         f"μTransfer ({settings['name']}): train loss after {settings['epochs']} epochs against learning rate\n"
+        f"{_model_line(result)}"
         f"{data['dataset']}, {data['train_size']} train images, batch {settings['batch_size']}, "
         f"{_update_rule_label(settings)}, base width {settings['base_width']}, PC T={settings['inference_steps']}, "
         f"mean of {seeds} seed{'s' if seeds != 1 else ''}\n{machine_line(result['machine'])}")
