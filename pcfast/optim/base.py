@@ -809,13 +809,12 @@ class LocalOptimizer(torch.optim.Optimizer):
             if values is not None:  # SGD with every new value certainly finite: in place at once
                 self._sgd_in_place(stepped, settings)
                 # the new norms' bounds (_certain_values), kept with the versions and addresses they hold for
-                state, tensors = self.state, []
-                for i, p, _ in stepped:
-                    tensors.append(p)
-                    if settings.sgd[i][1]:
-                        tensors.append(state[p]["momentum_buffer"])
+                tensors, bounds = self.__dict__.pop("_new_bounds")
+                if tensors is None:  # (the update made momentum buffers)
+                    tensors = [p for _, p, _ in stepped] + [self.state[p]["momentum_buffer"] for i, p, _ in stepped
+                                                            if settings.sgd[i][1]]
                 self.__dict__["_norm_bounds"] = (tensors, [t._version for t in tensors], [t.data_ptr() for t in tensors],
-                                                 self.__dict__.pop("_new_bounds"))
+                                                 bounds)
             else:
                 self._sync_inner(settings)
                 values = self._checked_update(stepped, stats, grads, step)
@@ -896,25 +895,27 @@ class LocalOptimizer(torch.optim.Optimizer):
         tensors' versions and addresses after the update (``_update``): while every autograd version
         counter and address is unchanged — nothing wrote into any of them since, in place or by
         assignment — the next step takes those bounds for the norms and reads only the terms of its
-        gradients' bounds. Kept bounds that fail the limit are dropped and the norms read."""
+        gradients' bounds. Kept bounds that fail the limit are dropped and the norms read. (A write
+        that bypasses autograd's version counter, into ``.data`` or a NumPy view, is not seen.)"""
         if not stepped:
             return None
         settings = settings or self._group_settings()
         numbers, state = settings.sgd, self.state
         first = stepped[0][1]
         dtype, device = first.dtype, first.device
-        rows, tensors, has_buffer = [], [], []  # tensors: the parameters, then the momentum buffers there are
+        rows, params, buffers, has_buffer = [], [], [], []
         for i, p, g in stepped:
             row = numbers[i]  # None unless torch.optim.SGD itself (a subclass may do anything) with plain settings
             if row is None or g.is_sparse or p.dtype != dtype or p.device != device:
                 return None
             rows.append(row)
-            tensors.append(p)
+            params.append(p)
             entry = state.get(p) if row[1] else None
             buffer = None if entry is None else entry.get("momentum_buffer")
             has_buffer.append(buffer is not None)
             if buffer is not None:
-                tensors.append(buffer)
+                buffers.append(buffer)
+        tensors, count = params + buffers, len(params)
         known = self.__dict__.pop("_norm_bounds", None)  # (tensors, versions, addresses, bounds) after the last update
         kept = (known is not None and len(known[0]) == len(tensors) and all(map(operator.is_, known[0], tensors))
                 and known[1] == [t._version for t in tensors] and known[2] == [t.data_ptr() for t in tensors])
@@ -923,24 +924,26 @@ class LocalOptimizer(torch.optim.Optimizer):
         if not all(map(math.isfinite, values)):
             return None
         found = values[len(stats):]
-        norms = iter(known[3] if kept else found)
+        norms = known[3] if kept else found
+        param_norms, buffer_norms = norms[:count], iter(norms[count:len(tensors)])
         grad_norms = combine(found if kept else found[len(tensors):])
         limit, grow = _largest(dtype) / _MARGIN, 1 + 8 * torch.finfo(dtype).eps
-        bounds = []
-        for (rate, momentum, dampening, weight_decay, nesterov), buffered, g_norm in zip(rows, has_buffer, grad_norms):
-            p_norm = next(norms)
+        param_bounds, buffer_bounds = [], []
+        for (rate, momentum, dampening, weight_decay, nesterov), buffered, p_norm, g_norm in zip(
+                rows, has_buffer, param_norms, grad_norms):
             d_norm = g_norm + abs(weight_decay) * p_norm
             new_buffer = 0.0
             if momentum:
-                new_buffer = abs(momentum) * next(norms) + abs(1 - dampening) * d_norm if buffered else d_norm
+                new_buffer = abs(momentum) * next(buffer_norms) + abs(1 - dampening) * d_norm if buffered else d_norm
                 d_norm = d_norm + abs(momentum) * new_buffer if nesterov else new_buffer
+                buffer_bounds.append(new_buffer * grow)
             new_param = p_norm + abs(rate) * d_norm
             if not max(p_norm, g_norm, d_norm, new_param, new_buffer) <= limit:  # (all finite, none negative)
                 return self._certain_values(stepped, stats, step, settings) if kept else None
-            bounds.append(new_param * grow)
-            if momentum:
-                bounds.append(new_buffer * grow)
-        self.__dict__["_new_bounds"] = bounds  # (kept by _update once the update is done)
+            param_bounds.append(new_param * grow)
+        # (kept by _update after the update, which keeps these tensors unless it makes momentum buffers)
+        self.__dict__["_new_bounds"] = (tensors if len(buffer_bounds) == len(buffers) else None,
+                                        param_bounds + buffer_bounds)
         return values
 
     def _grad_norm_terms(self, stepped, step: _Step | None) -> tuple[list[Tensor], Callable[[list[float]], list[float]]]:
