@@ -77,8 +77,8 @@ def trained(dtype, momentum, steps=3, **kwargs):
 def test_kept_bounds_are_at_least_the_float64_norms_over_many_steps(dtype, settings):
     """Oracle: ``torch.linalg.vector_norm`` in float64 of every parameter and momentum buffer after each
     of 150 steps (rates large enough that the norms move) is at most its kept bound, which is finite.
-    Every step after the first reads only the terms of its gradients' bounds (BP in float32: 3 deltas
-    and x; in float16: the 6 gradients) — or, when the kept bounds fail the limit (they only grow,
+    Every step after the first reads only the terms of its gradients' bounds (BP in float32: the
+    3 layers' δ and x; in float16: the 6 gradients) — or, when the kept bounds fail the limit (they only grow,
     and float16's limit is 65504 / 16), those terms and then, once more, every norm."""
     model = make_model(dtype)
     opt = pcfast.optim.BP(model, lr=0.2, **settings)
@@ -104,6 +104,41 @@ def test_kept_bounds_are_at_least_the_float64_norms_over_many_steps(dtype, setti
         for t, bound in zip(tensors, bounds):
             assert math.isfinite(bound)
             assert torch.linalg.vector_norm(t.double()).item() <= bound
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "gelu", ["relu", "tanh"]], ids=str)
+@pytest.mark.parametrize("lr, scale, steps", [(0.2, 1.0, 40), (0.01, 20.0, 3)], ids=["large-rate", "large-inputs"])
+def test_gradient_bounds_are_at_least_the_float64_gradient_norms(activation, lr, scale, steps):
+    """Oracle: ``torch.linalg.vector_norm`` in float64 of every gradient BP writes to ``.grad`` is at most
+    the bound its certificate took for it (``‖δ_l‖ ‖h_{l-1}‖``, ``√B ‖δ_l‖``; ``‖h‖`` read for ReLU and
+    GELU, bounded by ``√(its size)`` for tanh and sigmoid), over 40 steps at a rate large enough
+    that the weights grow and the tanh saturate (where ``‖g_W‖ ≤ ‖δ‖‖h‖`` is attained), and over 3
+    steps with inputs 20 times larger (ReLU and GELU activities beyond 1). The bounds are of the exact values: the computed ones may exceed them by the rounding
+    of float32 sums of at most B · width = 192 terms, a relative γ ≤ 192 ε (which the certificate's
+    margin of 16 covers)."""
+    model = testing.make_model((10, 24, 24, 4), activation=activation, dtype=torch.float32)
+    opt = pcfast.optim.BP(model, lr=lr, momentum=0.9)
+    taken = []
+    terms_of = opt._grad_norm_terms
+
+    def spy(stepped, step):
+        terms, combine = terms_of(stepped, step)
+
+        def combined(norms):
+            taken.append(combine(norms))
+            return taken[-1]
+
+        return terms, combined
+
+    opt._grad_norm_terms = spy
+    for x, y in batches(steps, torch.float32):
+        opt.zero_grad()
+        taken.clear()
+        opt.step(scale * x, 3.0 * nn.functional.one_hot(y, 4).float())
+        assert len(taken) in (1, 2)  # (2: the kept bounds failed the limit, and the norms were read)
+        for bounds in taken:
+            for p, bound in zip(model.parameters(), bounds):  # (weights and biases in model order, as the slots)
+                assert torch.linalg.vector_norm(p.grad.double()).item() <= bound * (1 + 192 * torch.finfo(torch.float32).eps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
