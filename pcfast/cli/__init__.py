@@ -259,7 +259,10 @@ def check_plotting() -> None:
 
 TRAIN_SETTINGS = ("algo", "dataset", "root", "preset", "base_width", "gamma_bar", "width", "depth", "activation",
                   "epochs", "batch_size", "lr", "momentum", "loss", "inference_steps", "inference_lr", "inference_tol",
-                  "beta", "feedback_lr", "backend", "seed", "train_size", "optimizer")
+                  "beta", "feedback_lr", "backend", "seed", "train_size", "optimizer", "model")
+MODEL_HELP = ("network: mlp (--depth hidden layers of --width units, on the flattened images) or cnn (--depth "
+              "3x3 conv layers of --width channels, each with the activation and 2x2 max pooling, then a linear "
+              "readout, on the images (N, C, H, W); needs a dataset with a known image shape)")
 OPTIMIZER_HELP = ("update rule: torch.optim.SGD (with --momentum), Adam or AdamW (torch's betas, eps and weight "
                   "decay); the muP learning-rate multipliers follow the rule")
 
@@ -267,8 +270,16 @@ OPTIMIZER_HELP = ("update rule: torch.optim.SGD (with --momentum), Adam or AdamW
 def _train_parser(sub) -> None:
     from ..experiments.common import OPTIMIZERS
 
+    from ..experiments.train import MODEL_DEFAULTS, MODELS
+
+    mlp, cnn = MODEL_DEFAULTS["mlp"], MODEL_DEFAULTS["cnn"]
+
+    def per_model(key: str) -> str:
+        return f"(default: {mlp[key]:g} with --model mlp, {cnn[key]:g} with --model cnn)"
+
     p = sub.add_parser("train", help="train one or more algorithms on a dataset and report accuracy",
-                       description="Train an MLP with PC, TP, DTP or BP under SP or muP in a plain loop (cosine "
+                       description="Train an MLP (or with --model cnn a conv net, on the images) with PC, TP, DTP "
+                                   "or BP under SP or muP in a plain loop (cosine "
                                    "learning-rate schedule); log loss, accuracy and energy per epoch, and a warning "
                                    "naming the setting most likely at fault when a run collapses (accuracy at "
                                    "chance, loss or reconstruction loss exploding). --save PATH writes a checkpoint "
@@ -278,11 +289,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--algo", nargs="+", choices=ALGOS, default=["pc", "bp"], help="algorithms to train")
     p.add_argument("--dataset", default="mnist5k", help="mnist5k (embedded), digits (embedded), mnist, fashion_mnist, cifar10")
     p.add_argument("--root", default=None, help="directory holding dataset files (mnist, fashion_mnist, cifar10)")
+    p.add_argument("--model", choices=MODELS, default="mlp", help=MODEL_HELP)
     p.add_argument("--preset", choices=("sp", "mup"), default="mup", help="parametrization")
-    p.add_argument("--base-width", type=_positive_int, default=64, help="width at which muP equals SP")
+    p.add_argument("--base-width", type=_positive_int, default=None,
+                   help=f"width at which muP equals SP {per_model('base_width')}")
     p.add_argument("--gamma-bar", type=_gamma_bar, default=0.0, help="PC output-precision exponent in [-1, 0]")
-    p.add_argument("--width", type=_widths, default=256, help="hidden width")
-    p.add_argument("--depth", type=_positive_int, default=2, help="number of hidden layers")
+    p.add_argument("--width", type=_widths, default=None,
+                   help=f"hidden width: units per hidden layer of an MLP, channels per conv layer of a CNN "
+                        f"{per_model('width')}")
+    p.add_argument("--depth", type=_positive_int, default=2,
+                   help="number of hidden layers (of a CNN: conv layers)")
     p.add_argument("--activation", default="tanh", choices=("tanh", "relu", "sigmoid", "gelu"), help="hidden activation")
     p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size")
@@ -294,7 +310,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--loss", choices=("mse", "ce"), default="mse", help="output loss")
     p.add_argument("--inference-steps", type=_count, default=20,
                    help="PC relaxation steps T (the cap, with --inference-tol)")
-    p.add_argument("--inference-lr", type=_positive, default=0.2, help="PC inference rate kappa")
+    p.add_argument("--inference-lr", type=_positive, default=None,
+                   help=f"PC inference rate kappa {per_model('inference_lr')}")
     p.add_argument("--inference-tol", type=_fraction, default=None, metavar="TOL",
                    help="PC adaptive stopping: end a relaxation after the first step whose size is at most TOL times "
                         "the largest step so far (0 <= TOL < 1); the mean steps taken are logged per epoch")
@@ -302,7 +319,8 @@ def _train_parser(sub) -> None:
                    help="write PC's per-step traces (energy per layer after every inference step, activity-gradient "
                         "norms) to this JSON file; costs one host read per step")
     p.add_argument("--beta", type=_non_negative, default=0.5, help="TP/DTP output target step")
-    p.add_argument("--feedback-lr", type=_positive, default=0.1, help="TP/DTP feedback learning rate")
+    p.add_argument("--feedback-lr", type=_positive, default=None,
+                   help=f"TP/DTP feedback learning rate {per_model('feedback_lr')}")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="compute backend")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=_seed, default=0, help="init and batch-order seed, in [0, 2^63 - 1]")
@@ -421,8 +439,12 @@ def _add_sweep_options(p, quick) -> None:
     from ..experiments.common import OPTIMIZERS
     from ..experiments.transfer import ADAM_GRID
 
+    p.add_argument("--model", choices=("mlp", "cnn"), default=None,
+                   help="network swept: mlp (the presets above) or cnn, a conv net whose width is its channels, "
+                        "trained on images, with the conv-net presets of pcfast.experiments.transfer.CNN_PRESETS "
+                        "(result files transfer_<preset>_cnn.*) (default: mlp)")
     p.add_argument("--algo", nargs="+", type=_variant, default=None, metavar="ALGO",
-                   help=f"algorithm variants: {VARIANTS_HELP} (default: bp pc pc:-1 tp dtp)")
+                   help=f"algorithm variants: {VARIANTS_HELP} (default: the preset's; bp pc pc:-1 tp dtp for mlp)")
     p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=None,
                    help="parametrizations (default: sp mup)")
     p.add_argument("--widths", nargs="+", type=_widths, default=None, help="hidden widths (default: the preset's)")
@@ -524,7 +546,8 @@ def _transfer_settings(args, preset: str):
     check_execution(args)
     if not on_ray:
         check_device(args.device)
-    settings = settings_for(preset, check_device=not on_ray, threads=args.cpus_per_trial, **overrides)
+    settings = settings_for(preset, check_device=not on_ray, threads=args.cpus_per_trial, model=args.model,
+                            **overrides)
     if not on_ray:
         check_backend(settings.backend, args.device)
     return settings
@@ -678,6 +701,9 @@ def _coordcheck_parser(sub) -> None:
                      "across widths (pcfast.coord_check, the core test's settings); write coordcheck.json and "
                      "coordcheck.png under --out and print the width slopes. Under muP every slope should be ~0."))
     p.add_argument("--algo", nargs="+", type=_variant, default=list(d.variants), metavar="ALGO", help=VARIANTS_HELP)
+    p.add_argument("--model", choices=("mlp", "cnn"), default=None,
+                   help="network measured: mlp (tanh 784-M-M-10) or cnn, a conv net whose width M is the channels "
+                        "of its conv layers, on images (default: mlp)")
     p.add_argument("--parametrization", nargs="+", choices=("sp", "mup"), default=list(d.parametrizations),
                    help="parametrizations")
     p.add_argument("--widths", nargs="+", type=_widths, default=list(d.widths), help="hidden widths (at least two)")
@@ -707,7 +733,8 @@ def _coordcheck(args) -> int:
         steps=args.steps, seeds=tuple(args.seeds), base_width=args.base_width, lr=args.lr,
         batch_size=args.batch_size, readout_scale=args.readout_scale, inference_steps=args.inference_steps,
         inference_lr=args.inference_lr, backend=args.backend)
-    _run_and_write(run_coordcheck, write_coordcheck, format_coordcheck, settings, args)
+    run = run_coordcheck if args.model is None else functools.partial(run_coordcheck, model=args.model)
+    _run_and_write(run, write_coordcheck, format_coordcheck, settings, args)
     return 0
 
 

@@ -102,6 +102,24 @@ def _to_cpu(value: Any) -> Any:
 DEFAULT_LR = {"sgd": 0.03, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_MOMENTUM = 0.9  # SGD's; Adam and AdamW have none
 
+MODELS = ("mlp", "cnn")
+# The defaults of the settings that depend on the model, for those left unset (None). The MLP's
+# (784-256-256-10) are the README's; the CNN's (pcfast.mup.make_cnn: 3×3 convolutions of ``width``
+# channels, each followed by tanh and 2×2 max pooling, then a linear readout) differ only where the
+# MLP's fail on it, as measured on mnist5k (experiments/results/train_cnn.json):
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"width": 256, "base_width": 64, "inference_lr": 0.2, "feedback_lr": 0.1},
+    "cnn": {
+        "width": 16, "base_width": 16,  # channels; μP equals SP at the trained width
+        # The activity Hessian's curvature grows with the conv weights (a 3×3 kernel's transposed
+        # convolution adds up 9 taps per channel): κ = 0.2 makes the relaxation diverge in epoch 1.
+        "inference_lr": 0.05,
+        # The reconstruction loss sums over every pixel of a feature map, so its gradients are
+        # ~H·W times an MLP's: feedback_lr = 0.1 saturates the tanh feedback maps in one step.
+        "feedback_lr": 0.001,
+    },
+}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -109,15 +127,20 @@ class TrainConfig:
     (``settings()``) and all a resumed run needs. ``algos`` are ``bp``, ``pc``, ``tp``, ``dtp``;
     ``gamma_bar`` is PC's; ``optimizer`` is the update rule (``common.OPTIMIZERS``). ``lr`` and
     ``momentum`` left unset take the update rule's defaults: 0.03 and 0.9 for SGD, 1e-3 and none
-    for Adam and AdamW."""
+    for Adam and AdamW.
+
+    ``model`` is ``"mlp"`` (``depth`` hidden layers of ``width`` units) or ``"cnn"`` (``depth`` conv
+    layers of ``width`` channels, ``pcfast.mup.make_cnn``, trained on the dataset's images (N, C, H, W));
+    ``width``, ``base_width``, ``inference_lr`` and ``feedback_lr`` left unset take the model's
+    defaults (``MODEL_DEFAULTS``)."""
 
     algos: tuple[str, ...]
     dataset: str = "mnist5k"
     root: str | None = None
     preset: str = "mup"
-    base_width: int = 64
+    base_width: int | None = None
     gamma_bar: float = 0.0
-    width: int = 256
+    width: int | None = None
     depth: int = 2
     activation: str = "tanh"
     epochs: int = 8
@@ -126,18 +149,24 @@ class TrainConfig:
     momentum: float | None = None
     loss: str = "mse"
     inference_steps: int = 20
-    inference_lr: float = 0.2
+    inference_lr: float | None = None
     inference_tol: float | None = None
     beta: float = 0.5
-    feedback_lr: float = 0.1
+    feedback_lr: float | None = None
     backend: str = "auto"
     seed: int = 0
     train_size: int | None = None
     optimizer: str = "sgd"
+    model: str = "mlp"  # checkpoints written before conv nets have none: they are MLPs
 
     def __post_init__(self) -> None:
         update_rule(self.optimizer, self.momentum)  # a ValueError for an unknown rule, or momentum with Adam
+        if self.model not in MODELS:
+            raise ValueError(f"model: expected one of {MODELS}, got {self.model!r}")
         object.__setattr__(self, "algos", tuple(self.algos))
+        for key, value in MODEL_DEFAULTS[self.model].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
         if self.momentum is None and self.optimizer == "sgd":
@@ -151,12 +180,31 @@ class TrainConfig:
         """``(model, parametrization, optimizer)`` for ``algo`` on ``data``'s shapes, on ``device``
         (PC keeps each step's trace with ``trace``)."""
         variant = Variant(algo, self.gamma_bar if algo == "pc" else 0.0)
+        shape = {"model": "cnn", "image_shape": image_shape(data)} if self.model == "cnn" else {}
         return build(
             variant, self.preset, self.width, input_dim=data.num_features, num_classes=data.num_classes, lr=self.lr,
             base_width=self.base_width, hidden_layers=self.depth, activation=self.activation, seed=self.seed,
             loss=self.loss, inference_steps=self.inference_steps, inference_lr=self.inference_lr, beta=self.beta,
             feedback_lr=self.feedback_lr, backend=self.backend, device=device, inference_tol=self.inference_tol,
-            trace=trace, **update_rule(self.optimizer, self.momentum))
+            trace=trace, **shape, **update_rule(self.optimizer, self.momentum))
+
+    def inputs(self, data, split: str) -> torch.Tensor:
+        """``data``'s ``split`` as the model takes it: flat features (N, F) for an MLP, images
+        (N, C, H, W) for a CNN (``ValueError`` when the dataset's image shape is unknown)."""
+        if self.model == "cnn":
+            image_shape(data)
+            return data.images(split)
+        return getattr(data, f"x_{split}")
+
+
+def image_shape(data) -> tuple[int, int, int]:
+    """``data``'s image shape (C, H, W); ``ValueError`` naming the dataset when it has none (a CNN needs it)."""
+    if data.image_shape is None:
+        from ..data.datasets import IMAGE_SHAPES
+
+        raise ValueError(f"model: 'cnn' needs images, but no image shape is known for dataset {data.name!r} "
+                         f"({data.num_features} features; known: {', '.join(IMAGE_SHAPES)}); use model 'mlp'")
+    return data.image_shape
 
 
 def run_train(
@@ -251,8 +299,8 @@ class _Trainer:
         data = load_dataset(config.dataset, root=config.root)
         say(f"{data!r}")
         n = data.num_train if config.train_size is None else min(int(config.train_size), data.num_train)
-        self.x_train, self.y_train = data.x_train[:n].to(where), data.y_train[:n].to(where)
-        self.x_test, self.y_test = data.x_test.to(where), data.y_test.to(where)
+        self.x_train, self.y_train = config.inputs(data, "train")[:n].to(where), data.y_train[:n].to(where)
+        self.x_test, self.y_test = config.inputs(data, "test").to(where), data.y_test.to(where)
         if n < data.num_train:
             say(f"training on the first {n} of {data.num_train} training images")
         self.data, self.where = data, where
