@@ -21,7 +21,9 @@ layers' predictions and top-down products and the max-pool routing buffers; conv
 and poolings (no ``out=`` form) bind fresh tensors into the state. A layer's step is one fused update
 ``z_l += φ_l'(z_l) ⊙ t_l − κ ε_l`` with t_l the top-down term computed with W_{l+1} scaled by
 κγ_{l+1}/γ_l (once per call), after which ``ε_l = z_l − μ_l`` is recomputed where the schedule reads
-it. The schedules (``jacobi``: every layer from one state; ``sequential``: one sweep l = L−1 … 1 from
+it. With a max pooling of disjoint windows t_l is zero off the arg-maxes, so φ_l' is taken there only
+and the pooled-size product is added straight into z_l (no full-size t_l or φ'); ReLU then max pooling
+is computed as relu(maxpool(z)), one full-size pass fewer. The schedules (``jacobi``: every layer from one state; ``sequential``: one sweep l = L−1 … 1 from
 the freshest state) are the reference's; the loop, the trajectory and the result are
 ``torch_pc.relax``'s, the MLP backend's driver.
 
@@ -60,8 +62,8 @@ def _transpose_padding(in_size: Sequence[int], out_size: Sequence[int], kernel: 
 
 def _route(out: Tensor, back: Tensor, indices: Tensor) -> Tensor:
     """Max pooling's adjoint: add each value of ``back`` at its window's arg-max (``indices``, flat
-    within each (H, W) plane, as ``max_pool2d`` returns them) into ``out``, zeroed; overlapping windows
-    add up. ``out`` is contiguous or channels-last (a state in either memory format)."""
+    within each (H, W) plane, as ``max_pool2d`` returns them) into ``out``; overlapping windows add up.
+    ``out`` is contiguous or channels-last (a state in either memory format)."""
     batch, channels = out.shape[:2]
     if out.is_contiguous():
         out.view(batch, channels, -1).scatter_add_(2, indices.reshape(batch, channels, -1),
@@ -70,6 +72,18 @@ def _route(out: Tensor, back: Tensor, indices: Tensor) -> Tensor:
         flat = lambda t: t.permute(0, 2, 3, 1).reshape(batch, -1, channels)
         out.permute(0, 2, 3, 1).view(batch, -1, channels).scatter_add_(1, flat(indices), flat(back))
     return out
+
+
+def _gather(t: Tensor, indices: Tensor) -> Tensor:
+    """``t`` at each window's arg-max (``indices`` as in ``_route``): a tensor of the pooled shape, in
+    ``t``'s memory format."""
+    batch, channels = t.shape[:2]
+    if t.is_contiguous():
+        return t.view(batch, channels, -1).gather(2, indices.reshape(batch, channels, -1)).view(indices.shape)
+    height, width = indices.shape[2:]
+    picked = t.permute(0, 2, 3, 1).view(batch, -1, channels).gather(
+        1, indices.permute(0, 2, 3, 1).reshape(batch, -1, channels))
+    return picked.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -102,6 +116,9 @@ class _ConvRelaxation(Refreshing):
         self.topdown_weights = [layers[l + 1].weight * (kappa * gammas[l + 1] / gammas[l])
                                 for l in range(self.hidden)]
         self.slopes_fixed = [config.fpa or layer.activation == "identity" for layer in layers]
+        # a max pooling with disjoint windows (kernel ≤ stride) routes the top-down term straight into z_l
+        self.routes_into_latent = [pool is not None and pool[0] == "max" and pool[1] <= pool[2]
+                                   for pool in self.pools[:self.hidden]]
         self.feedforward(x)
 
     # -- the network's maps ---------------------------------------------------------------------
@@ -116,9 +133,15 @@ class _ConvRelaxation(Refreshing):
             _affine(self.predictions[l], a.reshape(self.batch, -1), layer.weight, layer.bias)
 
     def activity(self, l: int, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        """a(z) = π_l(φ_l(z)) as a tensor of its own, and the arg-max indices of a max pooling."""
-        h = self.phis[l](z)
+        """a(z) = π_l(φ_l(z)) as a tensor of its own, and the arg-max indices of a max pooling. ReLU
+        then max: relu(maxpool(z)), the same values (relu is monotone) with one full-size pass fewer;
+        the indices differ from maxpool(relu(z))'s only in windows with z ≤ 0 throughout, where
+        φ' = 0 at both arg-maxes, so the routed top-down term φ'(z) ⊙ route(v) is the same."""
         pool = self.pools[l]
+        if pool is not None and pool[0] == "max" and self.layers[l].activation == "relu":
+            a, indices = nnf.max_pool2d(z, pool[1], pool[2], return_indices=True)
+            return a.relu_(), indices
+        h = self.phis[l](z)
         if pool is None:
             return (h.clone() if h is z else h), None
         kind, kernel, stride = pool
@@ -150,8 +173,8 @@ class _ConvRelaxation(Refreshing):
         # routed product (z_l's size); the avg pooling's adjoint kernel and output padding
         self.products = [x.new_empty(batch, layers[l + 1].weight.shape[1])
                          if not isinstance(layers[l + 1], ConvLayer) else None for l in range(hidden)]
-        self.routed = [torch.empty_like(self.latents[l]) if self.pools[l] is not None and self.pools[l][0] == "max"
-                       else None for l in range(hidden)]
+        self.routed: list[Tensor | None] = [None] * hidden  # allocated when first needed
+        self.pooled_slopes: list[Tensor | None] = [None] * hidden  # φ'(u_l) at the frozen arg-maxes
         self.avg_kernels: list[Tensor | None] = [None] * hidden
         self.pool_padding: list[tuple[int, int] | None] = [None] * hidden
         self.conv_padding: list[tuple[int, int] | None] = [None] * self.depth
@@ -169,24 +192,40 @@ class _ConvRelaxation(Refreshing):
                                                           layer.weight.shape[2:], layer.stride, layer.padding,
                                                           layer.dilation)
 
-    def topdown(self, l: int) -> Tensor:
-        """``(κγ_{l+1}/γ_l) J_l(z_l)ᵀ ε_{l+1}`` without its factor φ_l'(z_l): ε_{l+1} back through
-        m_{l+1} (with the top-down weights) and the adjoint of π_l."""
+    def pulled_back(self, l: int) -> Tensor:
+        """``(κγ_{l+1}/γ_l) ∂m_{l+1}/∂a_l ᵀ ε_{l+1}`` at a_l's size: ε_{l+1} back through m_{l+1} with
+        the top-down weights (``conv_transpose2d``, or ``ε_{l+1} W_{l+1}`` reshaped to a_l's shape)."""
         layer, eps, weight = self.layers[l + 1], self.errors[l + 1], self.topdown_weights[l]
         if isinstance(layer, ConvLayer):
-            back = nnf.conv_transpose2d(eps, weight, None, layer.stride, layer.padding, self.conv_padding[l + 1],
+            return nnf.conv_transpose2d(eps, weight, None, layer.stride, layer.padding, self.conv_padding[l + 1],
                                         1, layer.dilation)
-        else:
-            back = torch.mm(eps, weight, out=self.products[l]).view(self.acts[l + 1].shape)
+        return torch.mm(eps, weight, out=self.products[l]).view(self.acts[l + 1].shape)
+
+    def unpool(self, l: int, back: Tensor) -> Tensor:
+        """The adjoint of π_l applied to ``back`` (``pulled_back(l)``): z_l's size, the top-down term
+        without its factor φ_l'(z_l)."""
         pool = self.pools[l]
         if pool is None:
             return back
-        batch, channels = back.shape[:2]
         if pool[0] == "max":
+            if self.routed[l] is None:
+                self.routed[l] = torch.empty_like(self.latents[l])
             return _route(self.routed[l].zero_(), back, self.routes[l])
+        batch, channels = back.shape[:2]
         spread = nnf.conv_transpose2d(back.reshape(batch * channels, 1, *back.shape[2:]), self.avg_kernels[l], None,
                                       pool[2], 0, self.pool_padding[l])
         return spread.view(self.latents[l].shape)
+
+    def pooled_slope(self, l: int) -> Tensor | None:
+        """φ_l'(z_l) at the max pooling's arg-maxes (a_l's size; None: φ' = 1). ReLU: a_l > 0, since
+        a_l = relu(z_l) at the arg-max; FPA: φ'(u_l) there, the routing being frozen too."""
+        if self.slopes_fixed[l]:
+            if self.slopes[l] is not None and self.pooled_slopes[l] is None:
+                self.pooled_slopes[l] = _gather(self.slopes[l], self.routes[l])
+            return self.pooled_slopes[l]
+        if self.layers[l].activation == "relu":
+            return self.acts[l + 1] > 0
+        return self.dphis[l](_gather(self.latents[l], self.routes[l]))
 
     # -- the state's updates ----------------------------------------------------------------------
 
@@ -194,20 +233,29 @@ class _ConvRelaxation(Refreshing):
         """acts[l+1] = a(z_l) and its routing (0-based hidden layer l)."""
         self.acts[l + 1], self.routes[l] = self.activity(l, self.latents[l])
 
-    def apply_update(self, l: int, topdown: Tensor) -> None:
-        """z_l ← z_l + φ_l'(z_l) ⊙ topdown − κ ε_l, with ``topdown`` = ``topdown(l)`` (φ' at u_l under
-        FPA; overwritten when the step is gated or measured); ε_l is left as it was."""
-        z = self.latents[l]
+    def apply_update(self, l: int, back: Tensor) -> None:
+        """z_l ← z_l + φ_l'(z_l) ⊙ π_l*(back) − κ ε_l, with ``back`` = ``pulled_back(l)`` (φ' at u_l
+        under FPA; ``back`` is overwritten); ε_l is left as it was. A max pooling with disjoint
+        windows: π_l*(back) is zero off the arg-maxes, so φ' is needed only there and
+        ``back ⊙ φ'(z_l[argmax])`` is added straight into z_l — the same sums, no full-size buffers."""
+        z, kappa = self.latents[l], self.config.inference_lr
+        fused = self.gate is None and self.squares is None
+        if fused and self.routes_into_latent[l]:
+            slope = self.pooled_slope(l)
+            _route(z, back if slope is None else back.mul_(slope), self.routes[l])
+            z.sub_(self.errors[l], alpha=kappa)
+            return
+        topdown = self.unpool(l, back)
         slope = self.slopes[l] if self.slopes_fixed[l] else self.dphis[l](z)
-        if self.gate is None and self.squares is None:  # one fused update
+        if fused:
             if slope is None:
                 z.add_(topdown)
             else:
                 z.addcmul_(topdown, slope)
-            z.sub_(self.errors[l], alpha=self.config.inference_lr)
+            z.sub_(self.errors[l], alpha=kappa)
             return
         step = topdown if slope is None else topdown.mul_(slope)
-        step.sub_(self.errors[l], alpha=self.config.inference_lr)
+        step.sub_(self.errors[l], alpha=kappa)
         if self.gate is not None:
             step.mul_(self.gate)
         if self.squares is not None:
@@ -226,9 +274,9 @@ class _ConvRelaxation(Refreshing):
             self.sequential_step()
 
     def jacobi_step(self) -> None:
-        topdowns = [self.topdown(l) for l in range(self.hidden)]
+        backs = [self.pulled_back(l) for l in range(self.hidden)]
         for l in range(self.hidden):
-            self.apply_update(l, topdowns[l])
+            self.apply_update(l, backs[l])
         if self.config.fpa:  # predictions are frozen: ε_l = z_l − u_l
             for l in range(self.hidden):
                 torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
@@ -245,7 +293,7 @@ class _ConvRelaxation(Refreshing):
                 if l > 0:
                     self.refresh_activity(l - 1)
                 self.refresh_error(l)
-            self.apply_update(l, self.topdown(l))
+            self.apply_update(l, self.pulled_back(l))
             # Layer l's prediction does not depend on z_l: the next layer down reads this fresh ε_l
             torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
 

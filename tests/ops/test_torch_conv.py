@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+import torch.nn.functional as nnf
 
 from pcfast.ops.torch_conv import conv_pc_grads
 from pcfast.reference.conv import ConvLayer, LinearLayer, conv_forward, conv_pc_train_step
@@ -229,6 +230,33 @@ def test_channels_last_input(case):
     z = out.latents[0]
     assert z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
     _compare(out, ref, **TIGHT)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("fpa", [False, True], ids=["nofpa", "fpa"])
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "identity"])
+def test_disjoint_max_pooling_equals_reference(activation, schedule, fpa, channels_last):
+    """Max pooling with disjoint windows (2/2, and 2/3: kernel < stride) adds the top-down term
+    straight into z at the arg-maxes, with φ' taken there (ReLU: pooled before the activation): equal
+    to the reference in both memory formats, both schedules, with and without FPA. ReLU nets have
+    windows that are ≤ 0 throughout (their arg-max changes with the fold; the update must not)."""
+    gen = torch.Generator().manual_seed(5)
+    layers = [_conv(gen, 4, 3, 3, True, padding=1, activation=activation, pool=("max", 2, 2)),
+              _conv(gen, 5, 4, 3, False, padding=1, activation=activation, pool=("max", 2, 3)),
+              _linear(gen, 6, 5 * 2 * 2, True, activation), _linear(gen, CLASSES, 6, True)]
+    x, y = _randn(gen, 3, 3, 12, 12), _randn(gen, 3, CLASSES)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    settings = dict(precisions=_gammas(4), inference_steps=STEPS, inference_lr=RATE,
+                    schedule=schedule, fpa=fpa, return_trajectory=True)
+    ref = conv_pc_train_step(layers, x.contiguous(), y, **settings)
+    out = conv_pc_grads(layers, x, y, PCConfig(tuple(settings.pop("precisions")), **settings))
+    _compare(out, ref, **TIGHT)
+    if activation == "relu":
+        u = conv_forward(layers, x.contiguous())[0][0]
+        windows = nnf.max_pool2d(u, 2, 2)
+        assert bool((windows <= 0).any()) and bool((windows > 0).any())
 
 
 def test_uses_no_autograd(monkeypatch):

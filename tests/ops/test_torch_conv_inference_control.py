@@ -231,6 +231,26 @@ def test_channels_last_input_with_inference_control():
     _assert_result_equal(out, ref)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("schedule,fpa", [("jacobi", False), ("sequential", False), ("jacobi", True)])
+def test_relu_with_disjoint_max_pooling(schedule, fpa, channels_last):
+    """ReLU then max pooling 2/2 (pooled before the activation: the arg-max of a window ≤ 0
+    throughout differs from max_pool2d(relu(z))'s) on the gated and measured path: equal to the
+    reference, stops and traces included."""
+    gen = torch.Generator().manual_seed(6)
+    layers = [_conv(gen, 3, 2, 3, True, padding=1, activation="relu", pool=("max", 2, 2)),
+              _conv(gen, 4, 3, 3, False, padding=1, activation="relu", pool=("max", 2, 2)),
+              _linear(gen, CLASSES, 4 * 2 * 2, True)]
+    x, y = _randn(gen, 3, 2, 8, 8), _randn(gen, 3, CLASSES)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    for tol in (None, 0.3):
+        settings = _settings(layers, inference_steps=8, schedule=schedule, fpa=fpa, inference_tol=tol,
+                             return_trace=True, check_divergence=True, return_trajectory=True)
+        ref = conv_pc_train_step(layers, x, y, **settings)
+        for host_stops in (None, False):
+            _assert_result_equal(_torch(layers, xin, y, host_stops, **settings), ref)
+
+
 @pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
 @pytest.mark.parametrize("depth", [1, 2])
 def test_shallow_nets(depth, schedule):
