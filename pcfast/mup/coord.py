@@ -4,7 +4,10 @@ For every width, build the model, parametrize it, take a few optimizer steps on 
 record, per layer l and step t, the RMS size of ``Δu_l = h_{l-1}^{(0)} (W_l^{(t)} − W_l^{(0)})ᵀ`` (the
 pre-activation change the weight update causes), of the bias step ``b_l^{(t)} − b_l^{(0)}`` (the
 pre-activation change the bias update causes, the same for every sample) and of the activity
-``h_l^{(t)}``. Under a μP preset every layer's Δu and every bias step is width independent (slope ≈ 0
+``h_l^{(t)}``. In a conv net (``model="cnn"``: the width is the channels of every conv layer) a conv
+layer's Δu_l is ``conv2d(h_{l-1}^{(0)}, W_l^{(t)} − W_l^{(0)})`` with the layer's stride, padding and
+dilation and no bias, h_{l-1}^{(0)} being the initial pooled activity, and RMS is over batch,
+channels and pixels. Under a μP preset every layer's Δu and every bias step is width independent (slope ≈ 0
 in log-log); under SP at least one grows or shrinks. The settings of a check are one
 ``CoordCheckConfig`` (or the keywords named like its fields).
 """
@@ -16,12 +19,17 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from ..network import MLP
 from ..reference.common import forward
+from ..reference.conv import conv_forward
+from ..types import Net
 from .presets import exponents, parametrize
 
+MODEL_KINDS = ("mlp", "cnn")  # a coordinate check's models: make_mlp or make_cnn
+POOLS = ("max", "avg")
 MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "identity": nn.Identity}
 
 
@@ -44,7 +52,7 @@ def make_cnn(image_shape: Sequence[int], width: int, num_classes: int, *, conv_l
     ``"max"`` or ``"avg"``. Every hidden layer's width is ``width`` (its channels), so μP at
     ``base_width = width`` is SP."""
     channels, height, side = (int(v) for v in image_shape)
-    if pool not in ("max", "avg"):
+    if pool not in POOLS:
         raise ValueError(f"pool: expected 'max' or 'avg', got {pool!r}")
     if conv_layers < 1:
         raise ValueError(f"conv_layers: expected an int >= 1, got {conv_layers!r}")
@@ -57,9 +65,6 @@ def make_cnn(image_shape: Sequence[int], width: int, num_classes: int, *, conv_l
         channels = width
     layers += [nn.Flatten(), nn.Linear(width * height * side, num_classes, bias=bias)]
     return nn.Sequential(*layers)
-
-
-MODEL_KINDS = ("mlp", "cnn")
 
 
 # The algorithms with a pcfast optimizer, which a coordinate check steps.
@@ -139,7 +144,8 @@ class CoordCheckConfig:
     """Settings of a coordinate check: what is trained, how, and on which batch.
 
     Checked once, when made: ``preset``, ``algo`` and ``gamma_bar`` as :func:`parametrize` checks
-    them, then that ``algo`` has a pcfast optimizer (``ValueError`` naming the setting).
+    them, then that ``algo`` has a pcfast optimizer, then ``model``, ``pool`` and ``image_shape``
+    (``ValueError`` naming the setting).
 
     Attributes:
         algo: ``"bp"``, ``"pc"``, ``"tp"`` or ``"dtp"`` — the optimizer stepped and the algorithm μP
@@ -156,17 +162,24 @@ class CoordCheckConfig:
             starts from SP's Θ(1) random output f_0, which then shrinks as m^{-1/2}; its pull on the
             first gradient makes Δu drift with width at small widths. 0.1 removes that transient
             without changing any exponent; pass 1.0 to see it.
-        input_dim: features of the default batch's inputs.
+        input_dim: features of the default batch's inputs (``model="mlp"``).
         num_classes: outputs of the default model and one-hot classes of the default batch's targets.
-        hidden_layers: hidden layers of the default model (:func:`make_mlp`).
+        hidden_layers: hidden layers of the default model: :func:`make_mlp`'s hidden layers, or
+            :func:`make_cnn`'s conv layers.
         activation: activation of the default model: ``"tanh"``, ``"relu"``, ``"sigmoid"``,
             ``"gelu"`` or ``"identity"``.
+        model: the default model, ``"mlp"`` (:func:`make_mlp`, the width its hidden units) or
+            ``"cnn"`` (:func:`make_cnn`, the width the channels of every conv layer).
+        image_shape: (C, H, W) of the default batch's images (``model="cnn"``). Stored as a tuple.
+        pool: the pooling of the default conv net, ``"max"`` or ``"avg"`` (``model="cnn"``).
         dtype: dtype of the default batch and of every model.
 
-    The default batch is ``batch_size`` pixel-like inputs uniform in [0, 1] of ``input_dim``
-    features with random one-hot targets over ``num_classes``, drawn from a generator seeded 1234;
-    ``input_dim`` and ``batch_size`` are unused when :func:`coord_check` is given ``data``, and
-    ``num_classes``, ``hidden_layers`` and ``activation`` when it is given ``make_model``.
+    The default batch is ``batch_size`` pixel-like inputs uniform in [0, 1] — of ``input_dim``
+    features, or images of ``image_shape`` for ``model="cnn"`` — with random one-hot targets over
+    ``num_classes``, drawn from a generator seeded 1234; ``input_dim``, ``image_shape`` and
+    ``batch_size`` are unused when :func:`coord_check` is given ``data`` (the default model then
+    reads its input size from ``data``'s ``x``), and ``num_classes``, ``hidden_layers``,
+    ``activation``, ``model`` and ``pool`` when it is given ``make_model``.
     """
 
     algo: str = "pc"
@@ -182,12 +195,23 @@ class CoordCheckConfig:
     num_classes: int = 10
     hidden_layers: int = 2
     activation: str = "tanh"
+    model: str = "mlp"
+    image_shape: Sequence[int] = (1, 8, 8)
+    pool: str = "max"
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(self.seeds))
         exponents(self.preset, self.algo, self.gamma_bar)
         _check_optimizer_algo(self.algo)
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model: expected one of {MODEL_KINDS}, got {self.model!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool: expected one of {POOLS}, got {self.pool!r}")
+        shape = tuple(self.image_shape)
+        if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+            raise ValueError(f"image_shape: expected three positive ints (C, H, W), got {self.image_shape!r}")
+        object.__setattr__(self, "image_shape", shape)
 
 
 _SETTINGS = frozenset(f.name for f in fields(CoordCheckConfig))
@@ -205,22 +229,24 @@ def coord_check(
     """Measure per-layer Δu, bias-step and activation sizes across ``widths`` for ``config.steps``
     optimizer steps.
 
-    Each record holds ``delta_u`` (RMS of ``h_{l-1}^{(0)} (W_l^{(t)} − W_l^{(0)})ᵀ``), ``bias_step``
-    (RMS of ``b_l^{(t)} − b_l^{(0)}``; only for layers with a bias) and ``activation`` (RMS of
-    ``h_l^{(t)}``, the output f for the readout).
+    Each record holds ``delta_u`` (RMS of ``h_{l-1}^{(0)} (W_l^{(t)} − W_l^{(0)})ᵀ``; for a conv
+    layer of ``conv2d(h_{l-1}^{(0)}, W_l^{(t)} − W_l^{(0)})``, no bias), ``bias_step`` (RMS of
+    ``b_l^{(t)} − b_l^{(0)}``; only for layers with a bias) and ``activation`` (RMS of ``h_l^{(t)}``,
+    a conv layer's pooled activity, the output f for the readout).
 
     The settings come either as ``config`` or as keywords named like its fields
     (``coord_check(widths, algo="tp", lr=0.05)`` is
     ``coord_check(widths, config=CoordCheckConfig(algo="tp", lr=0.05))``), not both.
 
     Args:
-        widths: the hidden widths, one model each per seed.
+        widths: the hidden widths (a conv net's channels), one model each per seed.
         config: the settings (:class:`CoordCheckConfig`, which documents each); by default made from
             the keywords among ``kwargs`` that name its fields.
         data: a fixed batch ``(x, y)``; by default the config's (pixel-like inputs uniform in [0, 1]
             and random one-hot targets).
-        make_model: ``width -> nn.Sequential``; by default :func:`make_mlp` with the config's
-            ``num_classes``, ``hidden_layers`` and ``activation``.
+        make_model: ``width -> nn.Sequential``; by default :func:`make_mlp` (or, for
+            ``model="cnn"``, :func:`make_cnn`) with the config's ``num_classes``, ``hidden_layers``,
+            ``activation`` (and ``pool``).
         progress: called with (done, total) after every model.
         kwargs: without ``config``, the settings named like :class:`CoordCheckConfig` fields; every
             other keyword is passed to the optimizer (``optimizer``, ``weight_decay``,
@@ -232,9 +258,7 @@ def coord_check(
     total, done = len(widths) * len(config.seeds), 0
     for width in widths:
         for seed in config.seeds:
-            model = (make_model(width) if make_model else make_mlp(
-                x.shape[1], width, config.num_classes, hidden_layers=config.hidden_layers,
-                activation=config.activation)).to(config.dtype)
+            model = (make_model(width) if make_model else _default_model(config, x, width)).to(config.dtype)
             opt = _parametrized_optimizer(model, seed, config, optimizer_kwargs)
             result.records += _measure(opt, x, y, config.steps, width=int(width), seed=int(seed))
             done += 1
@@ -275,10 +299,23 @@ def _settings(config: CoordCheckConfig | None, kwargs: dict[str, Any]) -> tuple[
     return config, optimizer_kwargs
 
 
+def _default_model(config: CoordCheckConfig, x: Tensor, width: int) -> nn.Sequential:
+    """The config's model of ``width`` (hidden units, or channels) for inputs like ``x``'s."""
+    if config.model == "cnn":
+        if x.dim() != 4:
+            raise ValueError(f"data: model='cnn' needs images x of shape (B, C, H, W), got shape {tuple(x.shape)}")
+        return make_cnn(x.shape[1:], width, config.num_classes, conv_layers=config.hidden_layers,
+                        activation=config.activation, pool=config.pool)
+    return make_mlp(x.shape[1], width, config.num_classes, hidden_layers=config.hidden_layers,
+                    activation=config.activation)
+
+
 def _default_batch(config: CoordCheckConfig) -> tuple[Tensor, Tensor]:
-    """``batch_size`` inputs uniform in [0, 1] and one-hot targets, from a generator seeded 1234."""
+    """``batch_size`` inputs uniform in [0, 1] (features, or images for a conv net) and one-hot
+    targets, from a generator seeded 1234."""
     gen = torch.Generator().manual_seed(1234)
-    x = torch.rand(config.batch_size, config.input_dim, generator=gen, dtype=config.dtype)
+    shape = config.image_shape if config.model == "cnn" else (config.input_dim,)
+    x = torch.rand(config.batch_size, *shape, generator=gen, dtype=config.dtype)
     labels = torch.randint(0, config.num_classes, (config.batch_size,), generator=gen)
     y = torch.nn.functional.one_hot(labels, config.num_classes).to(config.dtype)
     return x, y
@@ -300,21 +337,39 @@ def _measure(opt, x: Tensor, y: Tensor, steps: int, *, width: int, seed: int) ->
     with torch.no_grad():
         initial = [w.clone() for w in weights]
         initial_biases = [None if b is None else b.clone() for b in biases]
-        _, inputs = forward(weights, biases, mlp.activations, x)
+        _, inputs = _forward(mlp, x)
     records = []
     for step in range(1, steps + 1):
         opt.zero_grad()
         opt.step(x, y)
         with torch.no_grad():
-            us, hs = forward(weights, biases, mlp.activations, x)
+            us, hs = _forward(mlp, x)
             for l, (w, w0) in enumerate(zip(weights, initial)):
                 record = {"width": width, "seed": seed, "step": step, "layer": l + 1,
-                          "delta_u": _rms(inputs[l] @ (w - w0).T),
+                          "delta_u": _rms(_weight_change_map(mlp, l, inputs[l], w - w0)),
                           "activation": _rms(hs[l + 1] if l + 1 < len(hs) else us[-1])}
                 if biases[l] is not None:
                     record["bias_step"] = _rms(biases[l] - initial_biases[l])
                 records.append(record)
     return records
+
+
+def _forward(mlp: MLP, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Pre-activations ``[u_1 … u_L]`` and layer inputs ``[h_0 = x, h_1 … h_{L-1}]`` (a conv layer's
+    pooled activity) of the model's current parameters."""
+    weights, biases = mlp.weights(), mlp.biases()
+    if not mlp.is_conv:
+        return forward(weights, biases, mlp.activations, x)
+    return conv_forward(Net(tuple(weights), tuple(biases), mlp.activations, geometry=mlp.geometry).layers(), x)
+
+
+def _weight_change_map(mlp: MLP, l: int, h: Tensor, dw: Tensor) -> Tensor:
+    """Layer ``l``'s map (0-based) of ``h`` with weight ``dw`` and no bias: ``h dwᵀ`` (the input
+    flattened), or ``conv2d(h, dw)`` with the conv layer's stride, padding and dilation."""
+    geometry = mlp.geometry[l] if mlp.geometry else None
+    if geometry is None:
+        return h.flatten(1) @ dw.T
+    return nnf.conv2d(h, dw, None, geometry.stride, geometry.padding, geometry.dilation)
 
 
 def _rms(t: Tensor) -> float:
