@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from pcfast.ops.torch_conv import conv_pc_grads
+from pcfast.ops.torch_conv import _ConvRelaxation, conv_pc_grads
+from pcfast.ops.torch_pc import _loss_sum, relax
 from pcfast.reference.conv import ConvLayer, LinearLayer, conv_forward, conv_pc_train_step
 from pcfast.testing import assert_all_close, assert_close
 from pcfast.types import PCConfig
@@ -257,6 +258,35 @@ def test_disjoint_max_pooling_equals_reference(activation, schedule, fpa, channe
         u = conv_forward(layers, x.contiguous())[0][0]
         windows = nnf.max_pool2d(u, 2, 2)
         assert bool((windows <= 0).any()) and bool((windows > 0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_runs_max_pooling_nets_channels_last(dtype):
+    """On the CPU a contiguous input to a net with a max pooling runs the state in channels-last: the
+    result is, to the last bit, that of a channels-last input, and equals the state run in the given
+    format (``_ConvRelaxation`` driven by ``relax`` directly) to the dtype's tolerance; a net without
+    max pooling keeps the input's format."""
+    case = next(c for c in CASES if c.pool == "max" and c.c_hidden > 1)
+    layers, x, y = build(replace(case, c_in=3))
+    layers, x = _cast(layers, dtype), x.to(dtype)
+    y = y.to(dtype) if case.loss == "mse" else y
+    settings = _settings(case, len(layers))
+    config = PCConfig(tuple(settings.pop("precisions")), **settings)
+    auto = conv_pc_grads(layers, x, y, config)
+    last = conv_pc_grads(layers, x.contiguous(memory_format=torch.channels_last), y, config)
+    with torch.no_grad():
+        state = _ConvRelaxation(layers, x, y, config)
+        given = relax(state, config, _loss_sum(state.f0, y, config.loss) / state.batch)
+    assert given.latents[0].is_contiguous() and not auto.latents[0].is_contiguous()
+    assert auto.latents[0].is_contiguous(memory_format=torch.channels_last)
+    for name in ("latents", "errors", "weight_grads", "bias_grads"):
+        for a, b in zip(getattr(auto, name), getattr(last, name)):
+            assert (a is None and b is None) or torch.equal(a, b), name
+    assert torch.equal(auto.energy, last.energy)
+    _compare(auto, given, **(TIGHT if dtype == torch.float64 else {"dtype": dtype}))
+    averaging = [replace(layer, pool=("avg", *layer.pool[1:])) if getattr(layer, "pool", None) else layer
+                 for layer in layers]
+    assert conv_pc_grads(averaging, x, y, config).latents[0].is_contiguous()
 
 
 def test_uses_no_autograd(monkeypatch):
