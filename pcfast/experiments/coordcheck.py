@@ -6,11 +6,15 @@ lr 0.1, readout init × 0.1, two seeds, the optimizers' default hyperparameters 
 The slope of log2 Δu_l (each weight's update) and of log2 RMS(b_l^(t) − b_l^(0)) (each bias's update)
 against log2 width is reported per layer and step; under μP every slope must be ≈ 0 at every step
 (|slope| ≤ 0.15, the test's bound) and under SP some layer's step-1 Δu slope must not (≥ 0.3).
+
+With ``model="cnn"`` the network is :func:`pcfast.mup.make_cnn` (two tanh 3×3 conv layers with 2×2
+max pooling, then the linear readout) on images of ``image_shape`` uniform in [0, 1], the width being
+every conv layer's channels, and a conv layer's Δu_l is ``conv2d(h_{l-1}^(0), W_l^(t) − W_l^(0))``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +38,20 @@ class CoordSettings:
     inference_steps: int = 20
     inference_lr: float = 0.1
     backend: str = "auto"
+    model: str = "mlp"  # "mlp" (784-M-M-10) or "cnn" (pcfast.mup.make_cnn, M channels)
+    image_shape: tuple[int, int, int] = (1, 8, 8)  # (C, H, W) of the conv net's images
 
 
-def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True) -> dict[str, Any]:
+def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True, model: str | None = None) -> dict[str, Any]:
+    """The coordinate check of every variant × parametrization in ``settings``; ``model``
+    (``"mlp"`` or ``"cnn"``), when given, replaces ``settings.model``."""
     from ..mup import coord_check
+    from ..mup.coord import MODEL_KINDS
 
+    if model is not None:
+        if model not in MODEL_KINDS:
+            raise ValueError(f"model: expected one of {MODEL_KINDS}, got {model!r}")
+        settings = replace(settings, model=model)
     start = time.perf_counter()
     variants = [parse_variant(v) for v in settings.variants]
     jobs = [(v, p) for v in variants for p in settings.parametrizations]
@@ -55,8 +68,8 @@ def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True) -> di
         result = coord_check(
             settings.widths, algo=variant.algo, preset=preset, base_width=settings.base_width,
             gamma_bar=variant.gamma_bar, lr=settings.lr, steps=settings.steps, seeds=settings.seeds,
-            batch_size=settings.batch_size, readout_scale=settings.readout_scale,
-            progress=lambda done, total: bar.update(),
+            batch_size=settings.batch_size, readout_scale=settings.readout_scale, model=settings.model,
+            image_shape=tuple(settings.image_shape), progress=lambda done, total: bar.update(),
             **kwargs)
         data = result.to_dict()
         data["variant"] = variant.name
@@ -166,8 +179,13 @@ def plot_coordcheck(result: dict[str, Any], path: Path) -> Path:
     steps = sorted({r["step"] for r in result["panels"][0]["records"]})
     step_handles = [plt.Line2D([], [], color="0.3", ls=styles[s % len(styles)]) for s in range(len(steps))]
     fig.legend(handles + step_handles, labels + [f"step {t}" for t in steps], loc="upper right", ncol=2, fontsize=8)
+    if settings.get("model", "mlp") == "cnn":
+        channels, height, side = settings["image_shape"]
+        network = f"tanh conv net, M channels × 2 conv layers, {channels}×{height}×{side} images"
+    else:
+        network = "tanh 784-M-M-10"
     fig.suptitle(
-        f"Coordinate check: tanh 784-M-M-10, base width {settings['base_width']}, lr {settings['lr']:g}, "
+        f"Coordinate check: {network}, base width {settings['base_width']}, lr {settings['lr']:g}, "
         f"batch {settings['batch_size']}, {len(settings['seeds'])} seed(s), mean shown — weight Δu and bias steps flat in width under μP\n"
         f"{machine_line(result['machine'])}", fontsize=9, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
