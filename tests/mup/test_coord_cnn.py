@@ -98,3 +98,19 @@ def test_cnn_needs_image_data():
     x, y = torch.rand(4, 64), torch.eye(10)[:4]
     with pytest.raises(ValueError, match=r"data: model='cnn' needs images x of shape \(B, C, H, W\), got shape \(4, 64\)"):
         pcfast.coord_check((4, 8), model="cnn", base_width=4, data=(x, y))
+
+
+def test_cnn_experiment_run_coordcheck_takes_model():
+    """``run_coordcheck(settings, model="cnn")`` (the CLI's ``--model cnn``) measures the conv net:
+    its panels hold the records of ``coord_check(model="cnn")`` with the same settings."""
+    from pcfast.experiments.coordcheck import CoordSettings, run_coordcheck
+
+    settings = CoordSettings(variants=("bp",), parametrizations=("mup",), widths=(4, 8), steps=1, seeds=(0,),
+                             base_width=4, batch_size=3, image_shape=(1, 6, 6))
+    result = run_coordcheck(settings, show_progress=False, model="cnn")
+    assert result["settings"]["model"] == "cnn" and settings.model == "mlp"
+    direct = pcfast.coord_check((4, 8), algo="bp", preset="mup", base_width=4, steps=1, seeds=(0,), batch_size=3,
+                                model="cnn", image_shape=(1, 6, 6))
+    assert result["panels"][0]["records"] == direct.records
+    with pytest.raises(ValueError, match=r"model: expected one of \('mlp', 'cnn'\), got 'xx'"):
+        run_coordcheck(settings, show_progress=False, model="xx")
