@@ -167,6 +167,7 @@ class _ConvRelaxation(Refreshing):
         self.f0 = self.predictions[-1].clone()
         output_error = _output_error(torch.empty_like(self.f0), self.f0, self.target, self.config.loss)
         self.errors = [torch.zeros_like(z) for z in self.latents] + [output_error]
+        self.quiet = [True] * hidden + [False]  # ε_l known to be exactly 0 (the Jacobi schedule's)
         # φ'(u_l), frozen under FPA (None: φ' = 1, the identity's)
         self.slopes = [None if layers[l].activation == "identity" else
                        self.dphis[l](self.predictions[l]) if self.config.fpa else None for l in range(hidden)]
@@ -275,14 +276,35 @@ class _ConvRelaxation(Refreshing):
             self.sequential_step()
 
     def jacobi_step(self) -> None:
-        backs = [self.pulled_back(l) for l in range(self.hidden)]
-        for l in range(self.hidden):
-            self.apply_update(l, backs[l])
+        """Every layer from one state. From the forward initialisation the errors below the top are
+        exactly 0 until the output error has come down to them, one layer per step: a layer whose ε_l
+        and ε_{l+1} are both 0 gets an update of exactly 0, so it is not computed (its ‖Δz_l‖² is 0),
+        and what reads only unmoved layers — a_l, μ_{l+1}, ε_{l+1} — is not recomputed. The same
+        numbers as updating and refreshing every layer; at T = 7 on a 4-block VGG it saves 3, 2 and 1
+        of the 7 steps' convolutions of blocks 2, 3 and 4, both ways."""
+        hidden, quiet = self.hidden, self.quiet
+        moves = [not (quiet[l] and quiet[l + 1]) for l in range(hidden)]
+        backs = [self.pulled_back(l) if moves[l] else None for l in range(hidden)]
+        for l in range(hidden):
+            if moves[l]:
+                self.apply_update(l, backs[l])
+            elif self.squares is not None:
+                self.squares[l] = 0
+        for l in range(hidden):
+            quiet[l] = quiet[l] and not moves[l] and not (l > 0 and moves[l - 1])
         if self.config.fpa:  # predictions are frozen: ε_l = z_l − u_l
-            for l in range(self.hidden):
-                torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
-        else:
-            self.refresh()
+            for l in range(hidden):
+                if moves[l]:
+                    torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])
+            return
+        for l in range(hidden):
+            if moves[l]:
+                self.refresh_activity(l)
+        for l in range(self.depth):
+            if l > 0 and moves[l - 1]:
+                self.refresh_error(l)  # a_{l-1} moved: μ_l and ε_l
+            elif l < hidden and moves[l]:
+                torch.sub(self.latents[l], self.predictions[l], out=self.errors[l])  # z_l moved: ε_l
 
     def sequential_step(self) -> None:
         fpa, hidden = self.config.fpa, self.hidden

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
+from pcfast.ops import torch_conv
 from pcfast.ops.torch_conv import _ConvRelaxation, conv_pc_grads
 from pcfast.ops.torch_pc import _loss_sum, relax
 from pcfast.reference.conv import ConvLayer, LinearLayer, conv_forward, conv_pc_train_step
@@ -287,6 +288,33 @@ def test_cpu_runs_max_pooling_nets_channels_last(dtype):
     averaging = [replace(layer, pool=("avg", *layer.pool[1:])) if getattr(layer, "pool", None) else layer
                  for layer in layers]
     assert conv_pc_grads(averaging, x, y, config).latents[0].is_contiguous()
+
+
+@pytest.mark.parametrize("fpa", [False, True])
+def test_jacobi_skips_the_layers_the_output_error_has_not_reached(monkeypatch, fpa):
+    """From the forward initialisation ε_l = 0 below the top until the output error arrives, one layer
+    per step: on 4 conv blocks and a readout, T = 7, the top-down ``conv_transpose2d`` of block k
+    (k = 2, 3, 4) runs in steps 6 − k … 7 only (4, 5, 6 times), and (without FPA) so does the
+    prediction ``conv2d`` of block k, besides the forward pass's — with the reference's numbers."""
+    gen = torch.Generator().manual_seed(8)
+    layers = [_conv(gen, 3, 2, 3, True, padding=1, activation="relu", pool=("max", 2, 2))]
+    layers += [_conv(gen, 3, 3, 3, True, padding=1, activation="tanh") for _ in range(3)]
+    layers.append(_linear(gen, CLASSES, 3 * 4 * 4, True))
+    x, y = _randn(gen, 2, 2, 8, 8), _randn(gen, 2, CLASSES)
+    settings = dict(precisions=(1.0, 0.6, 1.5, 0.7, 0.8), inference_steps=7, inference_lr=RATE, fpa=fpa,
+                    return_trajectory=True)
+    ref = conv_pc_train_step(layers, x, y, **settings)
+    calls = {"conv2d": [], "conv_transpose2d": []}
+    for name, log in calls.items():
+        kernel = getattr(torch_conv.nnf, name)
+        monkeypatch.setattr(torch_conv.nnf, name, lambda a, w, *args, kernel=kernel, log=log, **kwargs:
+                            log.append(id(w)) or kernel(a, w, *args, **kwargs))
+    out = conv_pc_grads(layers, x, y, PCConfig(tuple(settings.pop("precisions")), **settings))
+    _compare(out, ref, **TIGHT)
+    predictions = [calls["conv2d"].count(id(layer.weight)) for layer in layers[:4]]
+    topdowns = len(calls["conv_transpose2d"])
+    assert predictions == ([1, 1, 1, 1] if fpa else [1, 1 + 4, 1 + 5, 1 + 6])
+    assert topdowns == 4 + 5 + 6
 
 
 def test_uses_no_autograd(monkeypatch):
