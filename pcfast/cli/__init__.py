@@ -259,7 +259,7 @@ def check_plotting() -> None:
 
 TRAIN_SETTINGS = ("algo", "dataset", "root", "preset", "base_width", "gamma_bar", "width", "depth", "activation",
                   "epochs", "batch_size", "lr", "momentum", "loss", "inference_steps", "inference_lr", "inference_tol",
-                  "beta", "feedback_lr", "backend", "seed", "train_size", "optimizer", "model")
+                  "beta", "feedback_lr", "backend", "seed", "train_size", "optimizer", "model", "fpa")
 MODEL_HELP = ("network: mlp (--depth hidden layers of --width units, on the flattened images) or cnn (--depth "
               "3x3 conv layers of --width channels, each with the activation and 2x2 max pooling, then a linear "
               "readout, on the images (N, C, H, W); needs a dataset with a known image shape)")
@@ -275,7 +275,8 @@ def _train_parser(sub) -> None:
     mlp, cnn = MODEL_DEFAULTS["mlp"], MODEL_DEFAULTS["cnn"]
 
     def per_model(key: str) -> str:
-        return f"(default: {mlp[key]:g} with --model mlp, {cnn[key]:g} with --model cnn)"
+        return f"(default: {mlp[key]:{'' if isinstance(mlp[key], str) else 'g'}} with --model mlp, " \
+               f"{cnn[key]:{'' if isinstance(cnn[key], str) else 'g'}} with --model cnn)"
 
     p = sub.add_parser("train", help="train one or more algorithms on a dataset and report accuracy",
                        description="Train an MLP (or with --model cnn a conv net, on the images) with PC, TP, DTP "
@@ -302,9 +303,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--activation", default="tanh", choices=("tanh", "relu", "sigmoid", "gelu"), help="hidden activation")
     p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help=OPTIMIZER_HELP)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"{OPTIMIZER_HELP} {per_model('optimizer')}")
     p.add_argument("--lr", type=_positive, default=None,
-                   help="base learning rate (default: 0.03 with --optimizer sgd, 0.001 with adam or adamw)")
+                   help="base learning rate (default: 0.03 with --optimizer sgd; with adam or adamw 0.001 for "
+                        "--model mlp, 0.003 for --model cnn)")
     p.add_argument("--momentum", type=_momentum, default=None,
                    help="SGD momentum in [0, 1) (default: 0.9; not with --optimizer adam or adamw)")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse", help="output loss")
@@ -312,6 +314,9 @@ def _train_parser(sub) -> None:
                    help="PC relaxation steps T (the cap, with --inference-tol)")
     p.add_argument("--inference-lr", type=_positive, default=None,
                    help=f"PC inference rate kappa {per_model('inference_lr')}")
+    p.add_argument("--fpa", action="store_true",
+                   help="PC under the fixed-prediction assumption: predictions, activation derivatives and the "
+                        "pooling's routing stay at their feedforward values during the relaxation")
     p.add_argument("--inference-tol", type=_fraction, default=None, metavar="TOL",
                    help="PC adaptive stopping: end a relaxation after the first step whose size is at most TOL times "
                         "the largest step so far (0 <= TOL < 1); the mean steps taken are logged per epoch")
@@ -340,19 +345,23 @@ def _silent(*_args, **_kwargs) -> None:
     """``say`` for the processes of a torchrun job other than the first."""
 
 
-def _check_update_rule(args) -> None:
-    """SGD's --momentum goes with --optimizer sgd only."""
-    if args.optimizer != "sgd" and args.momentum is not None:
-        raise UsageError(f"--momentum: SGD's momentum, but --optimizer {args.optimizer} has none (it has betas); "
-                         "drop --momentum")
+def _check_update_rule(args, optimizer: str | None = None) -> None:
+    """SGD's --momentum goes with --optimizer sgd only (``optimizer``: the rule in force, when
+    --optimizer was left to a default)."""
+    rule = optimizer or args.optimizer
+    if rule != "sgd" and args.momentum is not None:
+        raise UsageError(f"--momentum: SGD's momentum, but --optimizer {rule} has none (it has betas); "
+                         "drop --momentum" + ("" if args.optimizer else " or give --optimizer sgd"))
 
 
 def _train(args) -> int:
     from ..experiments import run_train
     from ..experiments.train import TrainConfig, join_torchrun, leave_torchrun, load_checkpoint
 
+    from ..experiments.train import MODEL_DEFAULTS
+
     _distinct(args.algo, "--algo")
-    _check_update_rule(args)
+    _check_update_rule(args, args.optimizer or MODEL_DEFAULTS[args.model]["optimizer"])
     resume = None
     if args.resume is not None:
         given = [f"--{dest.replace('_', '-')}" for dest in TRAIN_SETTINGS
