@@ -332,6 +332,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--train-size", type=_positive_int, default=None,
                    help="train on the first N training images (default: all)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the per-epoch log to this JSON file")
+    p.add_argument("--result", type=Path, default=None, metavar="PATH",
+                   help="write the run as a results file (this command, the settings, the machine, the final and "
+                        "per-epoch test accuracies) to this JSON file, and its figure (test accuracy per epoch) "
+                        "next to it as PATH with .png; 'pcfast plot PATH' redraws it")
     p.add_argument("--save", type=Path, default=None, metavar="PATH",
                    help="write a checkpoint to this file after every epoch (torch.save; resume with --resume)")
     p.add_argument("--resume", type=Path, default=None, metavar="PATH",
@@ -339,6 +343,16 @@ def _train_parser(sub) -> None:
                         "being updated there unless --save names another file)")
     _add_common(p, out=False)
     p.set_defaults(func=_train, parser=p)
+
+
+def _write_train_result(args, config, log) -> None:
+    """``--result``: the run's results JSON and its figure."""
+    from ..experiments.common import write_json
+    from ..experiments.train import plot_train, train_result
+
+    result = train_result(" ".join(["pcfast", *map(str, args.argv)]), config.settings(), log)
+    write_json(args.result, result)
+    print(f"result: {args.result}, {plot_train(result, args.result.with_suffix('.png'))}")
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -384,11 +398,12 @@ def _train(args) -> int:
         raise UsageError(str(exc)) from None
     leader = ranks is None or ranks[0] == 0
     if not leader:
-        args.json, save = None, None
-    if not leader:
-        args.trace = None
+        args.json, save, args.trace, args.result = None, None, None, None
+    if args.result is not None:
+        check_plotting()
     for option, path in (("--json", args.json), ("--save" if args.save is not None else "--resume", save),
-                         ("--trace", args.trace)):
+                         ("--trace", args.trace), ("--result", args.result),
+                         ("--result", None if args.result is None else args.result.with_suffix(".png"))):
         if path is not None:
             prepare_output_file(path, option)
     try:
@@ -402,6 +417,8 @@ def _train(args) -> int:
         from ..experiments.common import _clean
 
         args.json.write_text(json.dumps(_clean(log), indent=1))  # a non-finite value is written as null
+    if args.result is not None:
+        _write_train_result(args, TrainConfig(**resume["settings"]) if resume else config, log)
     if save is not None:
         print(f"checkpoint: {save}")
     return EXIT_FAILED if any(e.get("diverged") for e in log) else EXIT_OK
@@ -806,9 +823,10 @@ def _interp(args) -> int:
 
 def _plot_parser(sub) -> None:
     p = sub.add_parser(
-        "plot", help="draw the figure of a results JSON again (transfer, interp, coordcheck, traces), without "
+        "plot", help="draw the figure of a results JSON again (transfer, interp, coordcheck, traces, train), without "
                      "recomputing",
-        description=("Read a results file written by pcfast transfer, interp, coordcheck or traces and draw its figure "
+        description=("Read a results file written by pcfast transfer, interp, coordcheck or traces (or a train result: "
+                     "pcfast.experiments.train.train_result) and draw its figure "
                      "again: the figure is a function of the JSON alone. Writes the PNG next to the JSON, with the "
                      "same stem, or under --out."))
     p.add_argument("result", type=Path, metavar="RESULT.json", help="a results JSON")
@@ -820,6 +838,7 @@ def _plot(args) -> int:
     from ..experiments.coordcheck import plot_coordcheck
     from ..experiments.interp import plot_interp
     from ..experiments.traces import plot_traces
+    from ..experiments.train import plot_train
     from ..experiments.transfer import plot_transfer
 
     path = args.result
@@ -830,7 +849,7 @@ def _plot(args) -> int:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"RESULT.json: cannot read {path} as JSON ({exc})") from None
     plotters = {"transfer": plot_transfer, "interp": plot_interp, "coordcheck": plot_coordcheck,
-                "traces": plot_traces}
+                "traces": plot_traces, "train": plot_train}
     kind = result.get("experiment") if isinstance(result, dict) else None
     if kind not in plotters:
         raise UsageError(f"RESULT.json: {path} is not a result of {', '.join(plotters)} "
@@ -879,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     stderr for every failure, never a traceback (``PCFAST_DEBUG=1`` re-raises instead)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for results files
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_USAGE

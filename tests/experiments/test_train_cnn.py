@@ -188,3 +188,21 @@ def test_a_dataset_without_an_image_shape_is_refused_for_a_cnn(monkeypatch, pcfa
     assert code == 2 and "no image shape is known for dataset 'custom'" in err and "use model 'mlp'" in err
     log = run_train(["bp"], width=8, epochs=1, show_progress=False, say=lambda *_: None)
     assert log[-1]["epoch"] == 1
+
+
+def test_result_writes_the_command_settings_and_figure(tmp_path, pcfast_main):
+    """``--result PATH`` writes the run as a results JSON (the command, the settings, the final
+    accuracy equal to the log's last entry) and its figure; ``pcfast plot`` redraws it from the JSON."""
+    path = tmp_path / "train_cnn.json"
+    argv = ["train", "--model", "cnn", "--algo", "bp", "--epochs", "1", "--width", "4", "--train-size", "128",
+            "--no-progress", "--result", path]
+    code, out, err = pcfast_main(*argv)
+    assert code == 0, err
+    result = json.loads(path.read_text())
+    assert result["experiment"] == "train" and result["command"] == "pcfast " + " ".join(map(str, argv))
+    assert result["settings"]["model"] == "cnn" and result["settings"]["width"] == 4
+    assert result["final_test_accuracy"]["bp"] == pytest.approx(result["log"][-1]["test_accuracy"], abs=1e-6)
+    assert path.with_suffix(".png").stat().st_size > 0
+    path.with_suffix(".png").unlink()
+    code, out, _ = pcfast_main("plot", path)
+    assert code == 0 and path.with_suffix(".png").stat().st_size > 0
