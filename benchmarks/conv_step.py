@@ -14,7 +14,8 @@ and torch.optim.SGD. Every provider's step includes its SGD update; weights keep
 
 Providers, each timed ``--repeats`` times per round, the order rotated round by round:
   pc-nchw / pc-cl      ``pcfast.ops.torch_conv.conv_pc_grads`` with x (and the weights) contiguous /
-                       channels-last, + SGD on the layers' tensors
+                       channels-last, + SGD on the layers' tensors (on the CPU conv_pc_grads runs a
+                       max-pooling net's state in channels-last either way: pc-nchw includes converting x)
   bp-nchw / bp-cl      autograd BP + torch.optim.SGD, model and x contiguous / channels-last
   pcx                  ``benchmarks/peers/run_pcx_cnn.py`` served from ``.peers/pcx`` (``--pcx``),
                        the same weights and batch (an .npz written here), checked before timing
@@ -28,7 +29,11 @@ FLOP model (multiply–adds × 2; pooling, activations and elementwise updates n
 of layer l's forward map, F₂ = the same without layer 1 (whose prediction is constant). PC = F
 (forward init) + T·2·F₂ (per step: the top-down transposed conv and the prediction conv of layers
 2…L — what torch_conv runs) + F (weight gradients). BP = F + F₂ (input gradients of layers 2…L) + F
-(weight gradients). The check against pcx: pcx's F(z_T) from the given weights against pcfast's
+(weight gradients). Executed PC FLOPs: torch_conv's Jacobi steps skip a layer whose error and the
+error above are still exactly 0 from the forward initialisation, so layer k ≥ 2's top-down and
+prediction maps run in T − (L − k) of the T steps (4, 5, 6, 7 for blocks 2–4 and the readout at
+T = 7); "time ÷ FLOP executed" divides by that count. CPU time: this process's, per step, for the
+torch providers (robust to other jobs on the machine; pcx not measured). The check against pcx: pcx's F(z_T) from the given weights against pcfast's
 ``conv_pc_energy`` at ``conv_pc_grads``'s relaxed latents (float32) and at the float64 run's.
 """
 from __future__ import annotations
@@ -90,13 +95,25 @@ def layer_macs(channels, batch, size=32, classes=10):
     return macs
 
 
+def executed_steps(depth, T):
+    """Per layer j = 2…L (1-based), in how many of the T Jacobi steps torch_conv runs its top-down and
+    prediction maps: the output error comes down one layer per step from the forward initialisation
+    (before it arrives a layer's update is exactly 0), so z_i first moves at step L − i and layer j,
+    which reads z_{j-1}, runs in steps L − j + 1 … T."""
+    return [max(0, T - (depth - j)) for j in range(2, depth + 1)]
+
+
 def flop_model(channels, batch, T):
     macs = layer_macs(channels, batch)
     F, F2 = sum(macs), sum(macs[1:])
     pc = {"forward": 2 * F, "inference": 2 * T * 2 * F2, "weight_grads": 2 * F}
     bp = {"forward": 2 * F, "input_grads": 2 * F2, "weight_grads": 2 * F}
+    steps = executed_steps(len(macs), T)
+    executed = 2 * F + 2 * 2 * sum(m * n for m, n in zip(macs[1:], steps)) + 2 * F
     return {"layer_macs": macs, "pc_flops": pc, "bp_flops": bp, "pc_total": sum(pc.values()),
-            "bp_total": sum(bp.values()), "pc_bp_flop_ratio": sum(pc.values()) / sum(bp.values())}
+            "bp_total": sum(bp.values()), "pc_bp_flop_ratio": sum(pc.values()) / sum(bp.values()),
+            "pc_executed_steps": steps, "pc_executed_total": executed,
+            "pc_bp_executed_flop_ratio": executed / sum(bp.values())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,6 +317,7 @@ def main(argv=None):
                 else:
                     fn()
     times = {n: [] for n in names}
+    cpu = {n: [] for n in providers}  # this process's CPU time per step (pcx: not measured)
     loads = []
     for r in range(a.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -310,9 +328,10 @@ def main(argv=None):
                 got, fn = [], providers[name]
                 for _ in range(a.repeats):
                     with torch.set_grad_enabled(name.startswith("bp")):
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         fn()
                         got.append((time.perf_counter() - t0) * 1e3)
+                        cpu[name].append((time.process_time() - c0) * 1e3)
             times[name].append(got)
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}: " + ", ".join(f"{n} {statistics.median(times[n][-1]):.0f}" for n in names)
@@ -330,6 +349,7 @@ def main(argv=None):
         print(f"reference: {times['reference'][0][0]:.0f} ms", file=sys.stderr)
 
     record["times_ms"] = times
+    record["cpu_ms"] = cpu
     record["loadavg_1m_after_rounds"] = loads
     record["summary"] = summarize(record)
     record["machine"] = machine()
@@ -363,11 +383,18 @@ def summarize(rec):
         conv_rate = 2 * sum(macs) / med("conv-fwd") / 1e6  # GFLOP/s of the forward convs
         fwd2 = med("conv-fwd") - med("conv-fwd1")
         model_pc = med("conv-fwd") + T * (fwd2 + med("conv-tr")) + med("conv-wgrad")
+        # the convolutions torch_conv runs (a layer's share of fwd2 + tr taken as its share of the MACs)
+        share = sum(m * n for m, n in zip(macs[1:], fm["pc_executed_steps"])) / (T * sum(macs[1:]))
+        model_pc_executed = med("conv-fwd") + T * share * (fwd2 + med("conv-tr")) + med("conv-wgrad")
         model_bp = med("conv-fwd") + med("conv-tr") + med("conv-wgrad")
         derived[fmt] = {
             "pc_bp_time_ratio": med("pc") / med("bp"),
             "pc_bp_flop_ratio": fm["pc_bp_flop_ratio"],
             "time_over_flop_ratio": med("pc") / med("bp") / fm["pc_bp_flop_ratio"],
+            "time_over_executed_flop_ratio": med("pc") / med("bp") / fm["pc_bp_executed_flop_ratio"],
+            "pc_bp_cpu_time_ratio": statistics.median(rec["cpu_ms"][f"pc-{fmt}"])
+            / statistics.median(rec["cpu_ms"][f"bp-{fmt}"]),
+            "pc_executed_gflops": fm["pc_executed_total"] / med("pc") / 1e6,
             "conv_fwd_gflops": conv_rate,
             "conv_tr_gflops": 2 * sum(macs[1:]) / med("conv-tr") / 1e6,
             "conv_wgrad_gflops": 2 * sum(macs) / med("conv-wgrad") / 1e6,
@@ -376,6 +403,8 @@ def summarize(rec):
             "pc_fraction_of_conv_rate": fm["pc_total"] / med("pc") / 1e6 / conv_rate,
             "bp_fraction_of_conv_rate": fm["bp_total"] / med("bp") / 1e6 / conv_rate,
             "pc_kernel_model_ms": model_pc,
+            "pc_executed_kernel_model_ms": model_pc_executed,
+            "pc_executed_fraction_of_conv_rate": fm["pc_executed_total"] / med("pc") / 1e6 / conv_rate,
             "bp_kernel_model_ms": model_bp,
             "pc_share_in_inference_convs": T * (fwd2 + med("conv-tr")) / med("pc"),
         }
@@ -416,16 +445,28 @@ def markdown(data):
             lines.append(f"| {name} | {v['median_ms']:.1f} | {v['best_round_median_ms']:.1f} | "
                          f"{', '.join(f'{t:.0f}' for t in v['round_medians_ms'])} |")
         lines.append("")
-        lines.append("| layout | PC/BP time | PC/BP FLOP | time ÷ FLOP ratio | PC GFLOP/s | BP GFLOP/s | conv fwd / "
-                     "tr / wgrad GFLOP/s | PC ÷ conv rate | BP ÷ conv rate | kernel-model PC / BP ms | pcx ÷ pcfast PC |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        executed = "pc_executed_total" in fm
+        if executed:
+            lines.append(f"Executed (the Jacobi steps skip the layers the output error has not reached: blocks "
+                         f"2…L run in {fm['pc_executed_steps']} of the {rec['T']} steps): PC "
+                         f"{fm['pc_executed_total'] / 1e9:.2f} GFLOP, PC/BP {fm['pc_bp_executed_flop_ratio']:.3f}.\n")
+        lines.append("| layout | PC/BP time | PC/BP CPU time | PC/BP FLOP full / executed | time ÷ FLOP ratio full / "
+                     "executed | PC GFLOP/s full / executed | BP GFLOP/s | conv fwd / tr / wgrad GFLOP/s | PC ÷ conv "
+                     "rate (executed) | BP ÷ conv rate | kernel-model PC (executed) / BP ms | pcx ÷ pcfast PC |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for fmt, d in s["derived"].items():
             pcx = f"{d['pcx_over_pc_time']:.2f}×" if "pcx_over_pc_time" in d else "—"
-            lines.append(f"| {fmt} | {d['pc_bp_time_ratio']:.2f} | {d['pc_bp_flop_ratio']:.2f} | "
-                         f"{d['time_over_flop_ratio']:.2f} | {d['pc_gflops']:.1f} | {d['bp_gflops']:.1f} | "
+            x = lambda key, f="{:.2f}": f.format(d[key]) if key in d else "—"
+            exe = (lambda key, f="{:.2f}": " / " + x(key, f)) if executed else (lambda key, f="": "")
+            lines.append(f"| {fmt} | {d['pc_bp_time_ratio']:.2f} | {x('pc_bp_cpu_time_ratio')} | "
+                         f"{d['pc_bp_flop_ratio']:.2f}{' / ' + format(fm['pc_bp_executed_flop_ratio'], '.2f') if executed else ''} | "
+                         f"{d['time_over_flop_ratio']:.2f}{exe('time_over_executed_flop_ratio')} | "
+                         f"{d['pc_gflops']:.1f}{exe('pc_executed_gflops', '{:.1f}')} | {d['bp_gflops']:.1f} | "
                          f"{d['conv_fwd_gflops']:.1f} / {d['conv_tr_gflops']:.1f} / {d['conv_wgrad_gflops']:.1f} | "
-                         f"{d['pc_fraction_of_conv_rate']:.2f} | {d['bp_fraction_of_conv_rate']:.2f} | "
-                         f"{d['pc_kernel_model_ms']:.0f} / {d['bp_kernel_model_ms']:.0f} | {pcx} |")
+                         f"{x('pc_executed_fraction_of_conv_rate') if executed else x('pc_fraction_of_conv_rate')} | "
+                         f"{d['bp_fraction_of_conv_rate']:.2f} | "
+                         f"{x('pc_executed_kernel_model_ms', '{:.0f}') if executed else x('pc_kernel_model_ms', '{:.0f}')}"
+                         f" / {d['bp_kernel_model_ms']:.0f} | {pcx} |")
         lines.append("")
         if "pcx_check" in rec:
             c = rec["pcx_check"]

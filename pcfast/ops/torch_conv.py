@@ -219,14 +219,15 @@ class _ConvRelaxation(Refreshing):
         return spread.view(self.latents[l].shape)
 
     def pooled_slope(self, l: int) -> Tensor | None:
-        """φ_l'(z_l) at the max pooling's arg-maxes (a_l's size; None: φ' = 1). ReLU: a_l > 0, since
-        a_l = relu(z_l) at the arg-max; FPA: φ'(u_l) there, the routing being frozen too."""
+        """φ_l'(z_l) at the max pooling's arg-maxes (a_l's size; None: φ' = 1). ReLU: sign(a_l) (a_l ≥ 0;
+        1 where a_l > 0), since a_l = relu(z_l) at the arg-max; FPA: φ'(u_l) there, the routing being
+        frozen too."""
         if self.slopes_fixed[l]:
             if self.slopes[l] is not None and self.pooled_slopes[l] is None:
                 self.pooled_slopes[l] = _gather(self.slopes[l], self.routes[l])
             return self.pooled_slopes[l]
         if self.layers[l].activation == "relu":
-            return self.acts[l + 1] > 0
+            return self.acts[l + 1].sign()  # a float 0/1 mask: half the time of multiplying by a bool one
         return self.dphis[l](_gather(self.latents[l], self.routes[l]))
 
     # -- the state's updates ----------------------------------------------------------------------
