@@ -262,7 +262,8 @@ TRAIN_SETTINGS = ("algo", "dataset", "root", "preset", "base_width", "gamma_bar"
                   "beta", "feedback_lr", "backend", "seed", "train_size", "optimizer", "model", "fpa")
 MODEL_HELP = ("network: mlp (--depth hidden layers of --width units, on the flattened images) or cnn (--depth "
               "3x3 conv layers of --width channels, each with the activation and 2x2 max pooling, then a linear "
-              "readout, on the images (N, C, H, W); needs a dataset with a known image shape)")
+              "readout, on the images (N, C, H, W); needs a dataset with a known image shape; PC trains it "
+              "with --fpa: without FPA its relaxation diverges as the conv weights grow)")
 OPTIMIZER_HELP = ("update rule: torch.optim.SGD (with --momentum), Adam or AdamW (torch's betas, eps and weight "
                   "decay); the muP learning-rate multipliers follow the rule")
 
