@@ -447,7 +447,7 @@ def markdown(data):
         lines.append("")
         executed = "pc_executed_total" in fm
         if executed:
-            lines.append(f"Executed (the Jacobi steps skip the layers the output error has not reached: blocks "
+            lines.append(f"Executed (the Jacobi steps skip the layers the output error has not reached: layers "
                          f"2…L run in {fm['pc_executed_steps']} of the {rec['T']} steps): PC "
                          f"{fm['pc_executed_total'] / 1e9:.2f} GFLOP, PC/BP {fm['pc_bp_executed_flop_ratio']:.3f}.\n")
         lines.append("| layout | PC/BP time | PC/BP CPU time | PC/BP FLOP full / executed | time ÷ FLOP ratio full / "
@@ -458,8 +458,8 @@ def markdown(data):
             pcx = f"{d['pcx_over_pc_time']:.2f}×" if "pcx_over_pc_time" in d else "—"
             x = lambda key, f="{:.2f}": f.format(d[key]) if key in d else "—"
             exe = (lambda key, f="{:.2f}": " / " + x(key, f)) if executed else (lambda key, f="": "")
-            lines.append(f"| {fmt} | {d['pc_bp_time_ratio']:.2f} | {x('pc_bp_cpu_time_ratio')} | "
-                         f"{d['pc_bp_flop_ratio']:.2f}{' / ' + format(fm['pc_bp_executed_flop_ratio'], '.2f') if executed else ''} | "
+            flops = f"{d['pc_bp_flop_ratio']:.2f}" + (f" / {fm['pc_bp_executed_flop_ratio']:.2f}" if executed else "")
+            lines.append(f"| {fmt} | {d['pc_bp_time_ratio']:.2f} | {x('pc_bp_cpu_time_ratio')} | {flops} | "
                          f"{d['time_over_flop_ratio']:.2f}{exe('time_over_executed_flop_ratio')} | "
                          f"{d['pc_gflops']:.1f}{exe('pc_executed_gflops', '{:.1f}')} | {d['bp_gflops']:.1f} | "
                          f"{d['conv_fwd_gflops']:.1f} / {d['conv_tr_gflops']:.1f} / {d['conv_wgrad_gflops']:.1f} | "

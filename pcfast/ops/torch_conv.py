@@ -23,8 +23,8 @@ and poolings (no ``out=`` form) bind fresh tensors into the state. A layer's ste
 κγ_{l+1}/γ_l (once per call), after which ``ε_l = z_l − μ_l`` is recomputed where the schedule reads
 it. With a max pooling of disjoint windows t_l is zero off the arg-maxes, so φ_l' is taken there only
 and the pooled-size product is added straight into z_l (no full-size t_l or φ'); ReLU then max pooling
-is computed as relu(maxpool(z)), one full-size pass fewer. The schedules (``jacobi``: every layer from one state; ``sequential``: one sweep l = L−1 … 1 from
-the freshest state) are the reference's; the loop, the trajectory and the result are
+is computed as relu(maxpool(z)), one full-size pass fewer. The schedules (``jacobi``: every layer
+from one state; ``sequential``: one sweep l = L−1 … 1 from the freshest state) are the reference's; the loop, the trajectory and the result are
 ``torch_pc.relax``'s, the MLP backend's driver.
 
 Runs on any device and dtype, in the memory format of ``x``: an input in ``torch.channels_last``
