@@ -42,9 +42,13 @@ class CoordSettings:
     image_shape: tuple[int, int, int] = (1, 8, 8)  # (C, H, W) of the conv net's images
 
 
+CNN_WIDTHS = (32, 64, 128, 256)  # channels, for model="cnn" left at the MLP's default widths
+
+
 def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True, model: str | None = None) -> dict[str, Any]:
     """The coordinate check of every variant × parametrization in ``settings``; ``model``
-    (``"mlp"`` or ``"cnn"``), when given, replaces ``settings.model``."""
+    (``"mlp"`` or ``"cnn"``), when given, replaces ``settings.model``. A conv net with the default
+    widths and base width is checked at ``CNN_WIDTHS`` channels, base width 32, lr 0.05."""
     from ..mup import coord_check
     from ..mup.coord import MODEL_KINDS
 
@@ -52,6 +56,9 @@ def run_coordcheck(settings: CoordSettings, *, show_progress: bool = True, model
         if model not in MODEL_KINDS:
             raise ValueError(f"model: expected one of {MODEL_KINDS}, got {model!r}")
         settings = replace(settings, model=model)
+    if settings.model == "cnn" and settings.widths == CoordSettings.widths and settings.base_width == 64:
+        # the MLP's widths as channels would take hours on a CPU: the conv net's own (tests/mup/test_coord_cnn.py)
+        settings = replace(settings, widths=CNN_WIDTHS, base_width=CNN_WIDTHS[0], lr=0.05)
     start = time.perf_counter()
     variants = [parse_variant(v) for v in settings.variants]
     jobs = [(v, p) for v in variants for p in settings.parametrizations]
