@@ -406,8 +406,9 @@ class _ChainReader:
                             "(nn.Linear alone would act on the last axis of the image)")
         if previous is None:
             if self.pending is not None:
-                raise TypeError(f"{self.pending[0]}: an activation before the first {type(module).__name__} is not supported; "
-                                "pcfast feeds the input x to the first layer unchanged — apply it to x before the step")
+                raise TypeError(f"{self.pending[0]}: an activation before the first {type(module).__name__} is not "
+                                "supported; pcfast feeds the input x to the first layer unchanged — apply it to x "
+                                "before the step")
         else:
             self.activations.append(self.pending[1] if self.pending else "identity")
             if after_conv and self.pool is not None:

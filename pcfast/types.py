@@ -75,14 +75,19 @@ class Net:
 
     def layers(self) -> list:
         """The network as ``pcfast.reference.conv`` layers (``ConvLayer``/``LinearLayer``, each with
-        its activation; the readout's is the identity), the conv backends' form."""
-        from .reference.conv import ConvLayer, LinearLayer
+        its activation; the readout's is the identity), the conv backends' form; made once per Net
+        (an optimizer's Net lives as long as the optimizer, its step reads them every time)."""
+        cached = self.__dict__.get("_layers")
+        if cached is None:
+            from .reference.conv import ConvLayer, LinearLayer
 
-        acts = (*self.activations, "identity")
-        geometry = self.geometry or (None,) * self.depth
-        return [LinearLayer(w, b, act) if g is None else
-                ConvLayer(w, b, g.stride, g.padding, g.dilation, act, g.pool)
-                for w, b, act, g in zip(self.weights, self.biases, acts, geometry)]
+            acts = (*self.activations, "identity")
+            geometry = self.geometry or (None,) * self.depth
+            cached = [LinearLayer(w, b, act) if g is None else
+                      ConvLayer(w, b, g.stride, g.padding, g.dilation, act, g.pool)
+                      for w, b, act, g in zip(self.weights, self.biases, acts, geometry)]
+            self.__dict__["_layers"] = cached  # (a frozen dataclass: set past __setattr__)
+        return list(cached)
 
     def check_input(self, x: Tensor) -> None:
         """``ValueError`` unless a conv net's layers fit images of ``x``'s size (its shape, dtype and

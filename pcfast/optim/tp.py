@@ -189,7 +189,8 @@ class TP(LocalOptimizer):
                 seed = int(torch.randint(0, 2**62, (), generator=self.generator, device=self.generator.device))
             elif sigma > 0:
                 noise = [
-                    torch.randn(total, *shape, generator=self.generator, dtype=x.dtype, device=x.device)[rows].mul_(sigma)
+                    torch.randn(total, *shape, generator=self.generator, dtype=x.dtype,
+                                device=x.device)[rows].mul_(sigma)
                     for shape in activity_shapes(self._net(), x)
                 ]
             result = functional.reconstruction_grads(self._net(), self._feedback(qs, cs), x, noise, noise_seed=seed,
@@ -313,7 +314,8 @@ class TP(LocalOptimizer):
                 if c is not None:
                     self._raise_corrupted(f"feedback_biases[{k}]", f"None (layer {k + 2} has no bias)", c)
             elif not (isinstance(c, Tensor) and c.shape == self._feedback_bias_shape(k) and c.dtype == dtype):
-                self._raise_corrupted(f"feedback_biases[{k}]", f"shape {tuple(self._feedback_bias_shape(k))}, dtype {dtype}", c)
+                expected = f"shape {tuple(self._feedback_bias_shape(k))}, dtype {dtype}"
+                self._raise_corrupted(f"feedback_biases[{k}]", expected, c)
 
     @staticmethod
     def _raise_corrupted(name: str, expected: str, value: Any) -> None:
@@ -352,8 +354,9 @@ class TP(LocalOptimizer):
             if not has_bias and c is not None:
                 raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected None (layer {k + 2} has no bias), "
                                  f"got {_describe(c)}")
-            if has_bias and (not isinstance(c, Tensor) or c.shape != self._feedback_bias_shape(k) or c.dtype != like.dtype):
-                raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected shape {tuple(self._feedback_bias_shape(k))}, dtype "
+            bias_shape = self._feedback_bias_shape(k)
+            if has_bias and (not isinstance(c, Tensor) or c.shape != bias_shape or c.dtype != like.dtype):
+                raise ValueError(f"state_dict['feedback']['biases'][{k}]: expected shape {tuple(bias_shape)}, dtype "
                                  f"{like.dtype} (the model's), got {_describe(c)}")
         for k, act in enumerate(feedback["activations"]):
             check_activation(act, f"state_dict['feedback']['activations'][{k}]")
